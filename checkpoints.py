@@ -1,0 +1,117 @@
+"""Reading and writing weights: atomic saves, strict loading with one-line errors."""
+import os
+import pickle
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from utils import UserError
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def strip_module(state_dict: dict) -> dict:
+    """Remove DataParallel's ``module.`` parts from every key."""
+    return {k.replace('module.', ''): v for k, v in state_dict.items()}
+
+
+def model_state_dict(model: nn.Module) -> dict:
+    """The model's state dict with the spec's keys, also when the encoder is wrapped in DataParallel."""
+    return strip_module(model.state_dict())
+
+
+def read_file(path: str, what: str, weights_only: bool = True) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} not found')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=weights_only)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f'{what} {path} is not a PyTorch checkpoint ({reason})') from None
+
+
+def load_strict(module: nn.Module, state_dict: dict, path: str, what: str) -> int:
+    """Load every tensor of ``module`` from ``state_dict`` or raise a UserError naming the key at fault.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (older files). Returns the number of
+    tensors loaded.
+    """
+    own = module.state_dict()
+    actual = {k.replace('module.', ''): k for k in own}  # keys of DataParallel-wrapped parts
+    expected = {k: own[a] for k, a in actual.items()}
+    missing = [k for k in expected if k not in state_dict and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        raise UserError(f'{what} {path} lacks key {missing[0]} ({len(missing)} of {len(expected)} tensors missing; '
+                        f'was it written for another network?)')
+    if unexpected:
+        raise UserError(f'{what} {path} has unexpected key {unexpected[0]} ({len(unexpected)} unexpected; '
+                        f'was it written for another network?)')
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f'{what} {path}: key {k} holds a {type(v).__name__}, not a tensor')
+        if v.shape != expected[k].shape:
+            raise UserError(f'{what} {path}: key {k} has shape {tuple(v.shape)}, the model expects '
+                            f'{tuple(expected[k].shape)} (was it written for another network?)')
+    module.load_state_dict({actual[k]: v for k, v in state_dict.items()}, strict=False)
+    return len(state_dict)
+
+
+def tensors_of(obj: Any) -> Optional[dict]:
+    """The state dict inside a file: FEAT's {'params': ...}, a {'state_dict': ...} record, or a bare one."""
+    if isinstance(obj, dict):
+        for key in ('params', 'state_dict', 'model'):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    return None
+
+
+def load_pretrained(encoder: nn.Module, path: str) -> int:
+    """Initialise ``encoder`` from pretrained weights (strictly); the classifier and anything else is dropped.
+
+    Accepts FEAT's ``{'params': {'encoder.<...>': ...}}``, a bare state dict, keys with a DataParallel
+    ``module.`` part, and encoder keys without the ``encoder.`` prefix. Returns the number of tensors loaded.
+    """
+    state = tensors_of(read_file(path, 'pretrained weights'))
+    if state is None:
+        raise UserError(f'pretrained weights {path} hold no state dict (expected a dict of tensors or {{"params": ...}})')
+    state = strip_module(state)
+    own = set(encoder.state_dict())
+    if any(k.startswith('encoder.') for k in state):
+        state = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
+    else:
+        state = {k: v for k, v in state.items() if k in own}
+    if not state:
+        raise UserError(f'pretrained weights {path} hold no encoder tensors (expected keys like '
+                        f'encoder.{next(iter(own))} or {next(iter(own))})')
+    return load_strict(encoder, state, path, 'pretrained weights')
+
+
+def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
+    """Load a checkpoint record ``{'state_dict', 'validating_accuracy', 'epoch'}`` into ``model``.
+
+    When the record carries a ``config`` (network, N, K, ...), it must match ``config``.
+    Returns the record.
+    """
+    record = read_file(path, 'checkpoint')
+    if not isinstance(record, dict) or not isinstance(record.get('state_dict'), dict):
+        raise UserError(f"checkpoint {path} is not a GLoFA checkpoint (expected a dict with a 'state_dict')")
+    saved = record.get('config')
+    if config is not None and isinstance(saved, dict):
+        for key, value in config.items():
+            if key in saved and saved[key] != value:
+                raise UserError(f'checkpoint {path} was trained with {key} = {saved[key]}, '
+                                f'but this run has {key} = {value}')
+    load_strict(model, strip_module(record['state_dict']), path, 'checkpoint')
+    return record

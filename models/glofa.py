@@ -1,0 +1,86 @@
+"""GLoFA: a task mask, one mask per class and two strengths adapt a pretrained embedding per task.
+
+For a task with support set S, class n is compared in its own space
+    T_n(x) = x * (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])      (element-wise)
+with m_task = relu6(f_task(S)) / 6 * delta, m_cls[n] = relu6(f_class(S_n)) / 6 * delta and
+(alpha_task, alpha_cls) = relu(h(S)). Prototype p_n = normalise(mean_k T_n(s_{k,n})); the logit of
+query q for class n is <T_n(q), p_n> / tau.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from networks import advance_forward_counters
+from networks.set_function import SetFunction
+
+ADAPTORS = ('both', 'task', 'class', 'none')
+
+
+class Adaptation(NamedTuple):
+    """What the set functions make of one support set."""
+    m_task: torch.Tensor  # (d,) in [0, delta]
+    m_cls: torch.Tensor   # (N, d) in [0, delta]
+    alpha: torch.Tensor   # (2,) = (alpha_task, alpha_cls) >= 0
+    scale: torch.Tensor   # (N, d) = (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])
+
+
+class GLoFA(nn.Module):
+    """GLoFA on top of an encoder (B, 3, H, W) -> (B, feature_dim).
+
+    ``adaptor`` selects an ablation: 'both' (the method), 'task' (class masks off), 'class' (task
+    mask off), 'none' (no masks: ProtoNet-style normalised prototypes on the same encoder).
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, tau: float = 1.0, delta: float = 1.0,
+                 adaptor: str = 'both'):
+        super().__init__()
+        if adaptor not in ADAPTORS:
+            raise ValueError(f'adaptor must be one of {ADAPTORS}, got {adaptor!r}')
+        self.encoder = encoder
+        self.f_task = SetFunction(feature_dim, feature_dim)
+        self.f_class = SetFunction(feature_dim, feature_dim)
+        self.h = SetFunction(feature_dim, 2)
+        self.tau, self.delta, self.adaptor = tau, delta, adaptor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, d). One forward pass of the encoder (advances its DropBlock ramp once)."""
+        features = self.encoder(images)
+        if isinstance(self.encoder, nn.DataParallel) and len(self.encoder.device_ids) > 1:
+            # replicas count their own passes and are thrown away: count this one on the original
+            advance_forward_counters(self.encoder.module, 1)
+        return features
+
+    def adapt(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
+        """support: (N*K, d), shot-major. Returns the masks, the strengths and the per-class scale."""
+        d = support.size(-1)
+        per_class = support.view(n_shot, n_way, d).transpose(0, 1)  # (N, K, d): class n's support set
+        m_task = F.relu6(self.f_task(support)) / 6 * self.delta  # (d,)
+        m_cls = F.relu6(self.f_class(per_class)) / 6 * self.delta  # (N, d)
+        alpha = F.relu(self.h(support))  # (2,)
+        if self.adaptor in ('class', 'none'):
+            m_task = torch.zeros_like(m_task)
+        if self.adaptor in ('task', 'none'):
+            m_cls = torch.zeros_like(m_cls)
+        scale = (1 + alpha[0] * m_task) * (1 + alpha[1] * m_cls)  # (N, d)
+        return Adaptation(m_task, m_cls, alpha, scale)
+
+    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
+        """features: (N*(K+Q), d), shot-major -> logits (N*Q, N); query j's target is j % N."""
+        d = features.size(-1)
+        support, query = features[:n_way * n_shot], features[n_way * n_shot:]  # (N*K, d), (N*Q, d)
+        scale = self.adapt(support, n_way, n_shot).scale  # (N, d)
+        mean_support = support.view(n_shot, n_way, d).mean(dim=0)  # (N, d)
+        prototypes = F.normalize(mean_support * scale, dim=-1)  # (N, d): p_n = normalise(mean_k T_n(s))
+        # <T_n(q), p_n> = sum_d q_d * scale_{n,d} * p_{n,d}
+        return query @ (scale * prototypes).t() / self.tau  # (N*Q, N)
+
+    def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
+        """images: (N*(K+Q), 3, H, W), shot-major -> logits (N*Q, N)."""
+        return self.logits_from_embeddings(self.encode(images), n_way, n_shot)
+
+
+def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:
+    """Targets of the N*Q queries in shot-major order: j % N."""
+    return torch.arange(n_way * n_query, device=device) % n_way
