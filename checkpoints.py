@@ -98,6 +98,16 @@ def load_pretrained(encoder: nn.Module, path: str) -> int:
     return load_strict(encoder, state, path, 'pretrained weights')
 
 
+def check_config(record: dict, config: dict, path: str) -> None:
+    """Refuse a checkpoint whose recorded configuration (network, N, K, ...) differs from this run's."""
+    saved = record.get('config')
+    if isinstance(saved, dict):
+        for key, value in config.items():
+            if key in saved and saved[key] != value:
+                raise UserError(f'checkpoint {path} was trained with {key} = {saved[key]}, '
+                                f'but this run has {key} = {value}')
+
+
 def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
     """Load a checkpoint record ``{'state_dict', 'validating_accuracy', 'epoch'}`` into ``model``.
 
@@ -107,11 +117,7 @@ def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = 
     record = read_file(path, 'checkpoint')
     if not isinstance(record, dict) or not isinstance(record.get('state_dict'), dict):
         raise UserError(f"checkpoint {path} is not a GLoFA checkpoint (expected a dict with a 'state_dict')")
-    saved = record.get('config')
-    if config is not None and isinstance(saved, dict):
-        for key, value in config.items():
-            if key in saved and saved[key] != value:
-                raise UserError(f'checkpoint {path} was trained with {key} = {saved[key]}, '
-                                f'but this run has {key} = {value}')
+    if config is not None:
+        check_config(record, config, path)
     load_strict(model, strip_module(record['state_dict']), path, 'checkpoint')
     return record

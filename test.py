@@ -30,13 +30,13 @@ def encode_split(model: GLoFA, dataset: FewShotDataset, device: torch.device, ba
     model.eval()
     features = []
     loader = image_loader(dataset, batch_size, n_workers, pin_memory=device.type == 'cuda')
-    for images, _ in tqdm(loader, desc=desc or f'encoding {dataset.split}', leave=False, unit='batch',
-                          disable=desc == ''):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            features.append(model.encoder(images).float())
+    with tqdm(loader, desc=desc or f'encoding {dataset.split}', leave=False, unit='batch', disable=desc == '') as bar:
+        for images, _ in bar:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                features.append(model.encoder(images).float())
     return torch.cat(features)
 
 
@@ -71,16 +71,17 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
                                              pin_memory=device.type == 'cuda',
                                              generator=torch.Generator().manual_seed(0))
         episodes = (images for images, _ in loader)
-    for i, episode in enumerate(tqdm(episodes, total=n_episodes, desc=desc, leave=False, unit='ep')):
-        with autocast(device, amp):
-            if mode == 'cached':
-                logits = model.logits_from_embeddings(features[episode.to(device)], n_way, n_shot)
-            else:
-                images = episode.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                logits = model(images, n_way, n_shot)
-        accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
+    with tqdm(episodes, total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
+        for i, episode in enumerate(bar):
+            with autocast(device, amp):
+                if mode == 'cached':
+                    logits = model.logits_from_embeddings(features[episode.to(device)], n_way, n_shot)
+                else:
+                    images = episode.to(device, non_blocking=True)
+                    if channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    logits = model(images, n_way, n_shot)
+            accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
     return accuracies
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments import parse_args
-from checkpoints import atomic_save, load_model_checkpoint, load_pretrained, model_state_dict, read_file
+from checkpoints import (atomic_save, check_config, load_model_checkpoint, load_pretrained, load_strict,
+                         model_state_dict, read_file, strip_module)
 from dataloader import FewShotDataset, check_episode_flags, eval_transform, generate_data_loader, train_transform
 from models.glofa import GLoFA, query_targets
 from networks import build_encoder, forward_counters, set_forward_counters
@@ -133,7 +134,8 @@ def load_last(path: str, args, model, optimizer, scheduler, scaler, state: RunSt
     record = read_file(path, 'resume checkpoint', weights_only=False)
     if not isinstance(record, dict) or 'optimizer' not in record or 'episode' not in record:
         raise UserError(f'resume checkpoint {path} is not a last-state checkpoint of train.py')
-    load_model_checkpoint(model, path, run_config(args))
+    check_config(record, run_config(args), path)
+    load_strict(model, strip_module(record['state_dict']), path, 'resume checkpoint')
     optimizer.load_state_dict(record['optimizer'])
     scheduler.load_state_dict(record['scheduler'])
     if scaler is not None and record.get('scaler'):
@@ -177,6 +179,48 @@ def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.d
         bar.update(1)
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[1]["lr"]:.2g}')
     return losses
+
+
+def trim_log(path: str, episode: int) -> None:
+    """Keep the log lines of validations up to ``episode`` (none for a new run)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get('episode', 0) <= episode:
+                    kept.append(line)
+            except ValueError:  # a line cut short by a crash
+                pass
+    with open(path, 'w') as f:
+        f.writelines(kept)
+
+
+def validate_and_save(model: GLoFA, val_set: FewShotDataset, losses: list[float], args, device: torch.device,
+                      optimizer, scheduler, scaler, state: RunState, generators: dict,
+                      paths: dict) -> tuple[float, float, bool]:
+    """End of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
+    statistics, the JSON log line and the 'last' checkpoint. Returns (accuracy, its 95% CI, improved)."""
+    accuracy, ci = mean_ci(evaluate_split(model, val_set, args, device, generators['val'], 'validation'))
+    loss = float(np.mean(losses))
+    state.statistics['training_loss'].append(loss)
+    state.statistics['validating_accuracy'].append(accuracy)
+    improved = accuracy > state.best_accuracy
+    if improved:
+        state.best_accuracy = accuracy
+        atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': accuracy,
+                     'epoch': state.episode, 'config': run_config(args)}, paths['model'])
+    scheduler.step()
+    atomic_save(state.statistics, paths['stat'])
+    with open(paths['log'], 'a') as log:
+        log.write(json.dumps({'episode': state.episode, 'training_loss': loss, 'validating_accuracy': accuracy,
+                              'validating_ci': ci, 'best_validating_accuracy': state.best_accuracy,
+                              'lr_network': optimizer.param_groups[0]['lr'],
+                              'lr': optimizer.param_groups[1]['lr']}) + '\n')
+    save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators,
+              finished=state.episode >= args.n_training_episodes)
+    return accuracy, ci, improved
 
 
 def check_args(args, device: torch.device) -> None:
@@ -232,47 +276,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 f"{record.get('episode')}): add --resume to continue it, or move that file to start over")
     elif args.resume:
         print(f"no checkpoint {paths['last']} yet: starting a new run")
+    trim_log(paths['log'], state.episode)
 
     print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
           f'in train / val / test')
 
     # ---------------- meta-training
-    bar = tqdm(total=args.n_training_episodes, initial=min(state.episode, args.n_training_episodes),
-               desc='training', unit='ep', dynamic_ncols=True)
     try:
-        if state.episode == 0:
-            save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators, finished=False)
-        while state.episode < args.n_training_episodes:
-            episodes.n_episodes = min(args.episode_gap, args.n_training_episodes - state.episode)
-            losses = train_one_gap(model, train_loader, optimizer, scaler, args, device, state, bar)
-            state.episode += len(losses)
-            accuracies = evaluate_split(model, val_set, args, device, generators['val'], 'validation')
-            accuracy, ci = mean_ci(accuracies)
-            state.statistics['training_loss'].append(float(np.mean(losses)))
-            state.statistics['validating_accuracy'].append(accuracy)
-            improved = accuracy > state.best_accuracy
-            if improved:
-                state.best_accuracy = accuracy
-                atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': accuracy,
-                             'epoch': state.episode, 'config': run_config(args)}, paths['model'])
-            scheduler.step()
-            atomic_save(state.statistics, paths['stat'])
-            with open(paths['log'], 'a') as log:
-                log.write(json.dumps({'episode': state.episode, 'training_loss': float(np.mean(losses)),
-                                      'validating_accuracy': accuracy, 'validating_ci': ci,
-                                      'best_validating_accuracy': state.best_accuracy,
-                                      'lr_network': optimizer.param_groups[0]['lr'],
-                                      'lr': optimizer.param_groups[1]['lr']}) + '\n')
-            save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators,
-                      finished=state.episode >= args.n_training_episodes)
-            bar.write(f'episode {state.episode}: training loss {np.mean(losses):.4f}, validation accuracy '
-                      f'{100 * accuracy:.2f} ± {100 * ci:.2f} %{" (best, saved)" if improved else ""}')
+        with tqdm(total=args.n_training_episodes, initial=min(state.episode, args.n_training_episodes),
+                  desc='training', unit='ep', dynamic_ncols=True) as bar:
+            if state.episode == 0:
+                save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators, finished=False)
+            while state.episode < args.n_training_episodes:
+                episodes.n_episodes = min(args.episode_gap, args.n_training_episodes - state.episode)
+                losses = train_one_gap(model, train_loader, optimizer, scaler, args, device, state, bar)
+                state.episode += len(losses)
+                accuracy, ci, improved = validate_and_save(model, val_set, losses, args, device, optimizer,
+                                                           scheduler, scaler, state, generators, paths)
+                bar.write(f'episode {state.episode}: training loss {np.mean(losses):.4f}, validation accuracy '
+                          f'{100 * accuracy:.2f} ± {100 * ci:.2f} %{" (best, saved)" if improved else ""}')
     except KeyboardInterrupt:
-        bar.close()
         print(f"\ninterrupted during episode {state.episode + 1}; the state after episode {state.episode} is "
               f"saved in {paths['last']}: run the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
-    bar.close()
 
     # ---------------- test of the best checkpoint
     if not os.path.isfile(paths['model']):
