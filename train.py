@@ -228,6 +228,8 @@ def check_args(args, device: torch.device) -> None:
     for flag in ('n_training_episodes', 'n_validating_episodes', 'n_testing_episodes', 'episode_gap'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    if args.tau <= 0:
+        raise UserError(f'--tau must be positive, got {args.tau}')
     if args.n_workers < 0:
         raise UserError(f'--n_workers must be 0 or more, got {args.n_workers}')
     if args.amp and device.type != 'cuda':
