@@ -88,10 +88,12 @@ def load_pretrained(encoder: nn.Module, path: str) -> int:
         raise UserError(f'pretrained weights {path} hold no state dict (expected a dict of tensors or {{"params": ...}})')
     state = strip_module(state)
     own = set(encoder.state_dict())
-    if any(k.startswith('encoder.') for k in state):
-        state = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
-    else:
-        state = {k: v for k, v in state.items() if k in own}
+    prefixed = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
+    bare = {k: v for k, v in state.items() if k in own}  # an encoder's own keys; a classifier is dropped
+    # the encoder's own keys may start with 'encoder.' too (Conv-4): take the reading that fits best
+    state = max((prefixed, bare), key=lambda s: len(own.intersection(s)))
+    if not own.intersection(state):
+        state = prefixed
     if not state:
         raise UserError(f'pretrained weights {path} hold no encoder tensors (expected keys like '
                         f'encoder.{next(iter(own))} or {next(iter(own))})')
