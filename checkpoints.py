@@ -35,7 +35,8 @@ def read_file(path: str, what: str, weights_only: bool = True) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=weights_only)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as error:
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        reason = text.splitlines()[0].split('. ')[0].rstrip('.') if text else type(error).__name__
         raise UserError(f'{what} {path} is not a PyTorch checkpoint ({reason})') from None
 
 

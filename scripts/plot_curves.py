@@ -1,0 +1,170 @@
+"""Plot a run's training loss and validation accuracy: python scripts/plot_curves.py --stat RUN.stat.
+
+Instead of --stat, the run's own flags (those of train.py, e.g. --N 5 --K 1 --save_dir saves) name
+the statistics file. The x axis counts training episodes: taken from the JSON-lines log beside the
+statistics file when it has one entry per validation, else (i + 1) * --episode_gap.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from arguments import parse_args  # noqa: E402
+from checkpoints import read_file  # noqa: E402
+from utils import UserError, exits_cleanly  # noqa: E402
+
+STAT_SUFFIX = '.stat'
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """This script's own flags; every other flag is train.py's and picks the run."""
+    p = argparse.ArgumentParser(
+        description="Plot the training loss and validation accuracy of a run into one PNG.",
+        epilog="Any other flag is one of train.py's (python train.py --help): without --stat, they "
+               "name the run whose statistics are plotted, e.g. --N 5 --K 1 --save_dir saves.",
+        allow_abbrev=False)
+    p.add_argument('--stat', type=str, default=None,
+                   help="statistics file written by train.py (saves/statistics/<run>.stat); default: the run's")
+    p.add_argument('--episode_gap', type=int, default=None,
+                   help="training episodes between two validations, for files without a log "
+                        "(default: train.py's, 200)")
+    p.add_argument('--out', type=str, default='curves.png', help='PNG file to write')
+    return p
+
+
+def log_path(stat_path: str) -> str:
+    base = stat_path[:-len(STAT_SUFFIX)] if stat_path.endswith(STAT_SUFFIX) else stat_path
+    return f'{base}.log.jsonl'
+
+
+def load_statistics(path: str) -> tuple[list[float], list[float]]:
+    """(training losses, validation accuracies in [0, 1]) of a statistics file; UserError when unusable."""
+    try:
+        record = read_file(path, 'statistics file')
+    except UserError:
+        if not os.path.isfile(path):
+            raise
+        raise UserError(f'statistics file {path} cannot be read by torch.load (expected the .stat file '
+                        f'train.py writes in <save_dir>/statistics/)') from None
+    keys = ('training_loss', 'validating_accuracy')
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), (list, tuple)) for k in keys):
+        raise UserError(f"statistics file {path} is not a statistics record of train.py "
+                        f"(expected a dict with lists 'training_loss' and 'validating_accuracy')")
+    try:
+        losses, accuracies = ([float(v) for v in record[k]] for k in keys)
+    except (TypeError, ValueError):
+        raise UserError(f'statistics file {path} holds values that are not numbers') from None
+    if len(losses) != len(accuracies):
+        raise UserError(f'statistics file {path} has {len(losses)} training losses but '
+                        f'{len(accuracies)} validation accuracies')
+    if not losses:
+        raise UserError(f'statistics file {path} holds no validation yet (one is written every --episode_gap episodes)')
+    return losses, accuracies
+
+
+def read_log(path: str) -> list[dict]:
+    """The log's entries of the latest run: an entry whose episode does not follow the previous one
+    (a run started again, or an interval redone after --resume) replaces the entries it overlaps."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if not isinstance(entry, dict) or not isinstance(entry.get('episode'), int):
+                continue
+            while entries and entries[-1]['episode'] >= entry['episode']:
+                entries.pop()
+            entries.append(entry)
+    return entries
+
+
+def episodes_of(stat_path: str, n: int, episode_gap: int) -> tuple[list[int], Optional[list[dict]]]:
+    """Episode of each of the n validations, and the matching log entries when the log has them."""
+    path = log_path(stat_path)
+    if os.path.isfile(path):
+        entries = read_log(path)
+        if len(entries) == n:
+            return [e['episode'] for e in entries], entries
+        print(f'note: {path} has {len(entries)} validations, the statistics {n}: episodes computed from '
+              f'--episode_gap {episode_gap}')
+    return [(i + 1) * episode_gap for i in range(n)], None
+
+
+def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
+         title: str, out: str) -> None:
+    """Two panels, training loss and validation accuracy (%) against episodes, saved as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=120, layout='constrained')
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    marker = 'o' if len(episodes) <= 60 else None
+    percent = [100 * a for a in accuracies]
+
+    ax_loss.plot(episodes, losses, marker=marker, markersize=3, color='tab:blue')
+    ax_loss.set_title('training loss (mean over each interval)')
+    ax_loss.set_xlabel('training episode')
+    ax_loss.set_ylabel('cross-entropy')
+
+    if entries is not None and all(isinstance(e.get('validating_ci'), (int, float)) for e in entries):
+        ci = [100 * e['validating_ci'] for e in entries]
+        ax_acc.fill_between(episodes, [p - c for p, c in zip(percent, ci)], [p + c for p, c in zip(percent, ci)],
+                            color='tab:orange', alpha=0.2, label='95 % confidence interval')
+    ax_acc.plot(episodes, percent, marker=marker, markersize=3, color='tab:orange', label='validation accuracy')
+    best = max(range(len(percent)), key=lambda i: (percent[i], -i))  # the first best, as train.py keeps it
+    ax_acc.plot([episodes[best]], [percent[best]], marker='*', markersize=14, color='tab:red', linestyle='none',
+                label=f'best {percent[best]:.2f} % (episode {episodes[best]})')
+    ax_acc.set_title('validation accuracy')
+    ax_acc.set_xlabel('training episode')
+    ax_acc.set_ylabel('accuracy (%)')
+
+    if entries is not None:  # learning-rate drops of the schedule
+        drops = [e['episode'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
+        for i, episode in enumerate(drops):
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(episode, color='grey', linestyle=':', linewidth=1,
+                           label='learning-rate drop' if i == 0 and ax is ax_acc else None)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc='lower right', fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    folder = os.path.dirname(out)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(out)
+
+
+@exits_cleanly
+def main(argv: Optional[list[str]] = None) -> str:
+    own, rest = get_parser().parse_known_args(argv)
+    if own.stat is not None:
+        if rest:
+            raise UserError(f'--stat names the file; the run flags {" ".join(rest)} would be ignored: give one or the other')
+        stat_path, episode_gap = own.stat, own.episode_gap or 200
+    else:
+        args = parse_args(rest)
+        stat_path, episode_gap = train.run_paths(args)['stat'], own.episode_gap or args.episode_gap
+    if episode_gap < 1:
+        raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
+    losses, accuracies = load_statistics(stat_path)
+    episodes, entries = episodes_of(stat_path, len(losses), episode_gap)
+    name = os.path.basename(stat_path)
+    draw(losses, accuracies, episodes, entries, name[:-len(STAT_SUFFIX)] if name.endswith(STAT_SUFFIX) else name,
+         own.out)
+    best = max(accuracies)
+    print(f'wrote {own.out}: {len(losses)} validations up to episode {episodes[-1]}, best validation accuracy '
+          f'{100 * best:.2f} % at episode {episodes[accuracies.index(best)]}, last training loss {losses[-1]:.4f}')
+    return own.out
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

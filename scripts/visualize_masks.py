@@ -1,0 +1,165 @@
+"""Draw the masks GLoFA makes for one episode: python scripts/visualize_masks.py --N 5 --K 1 [--out masks.png].
+
+Loads a trained model (the run's best checkpoint, or --model_path), samples one N-way K-shot episode
+of --split with --episode_seed, and draws the support images, the task mask, the class masks (all
+over the feature dimensions, sorted by the task mask) and the two strengths alpha_task, alpha_cls.
+The same numbers are printed, one line per mask.
+"""
+import argparse
+import os
+import sys
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from arguments import parse_args  # noqa: E402
+from checkpoints import load_model_checkpoint  # noqa: E402
+from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, EpisodeSampler, FewShotDataset,  # noqa: E402
+                        check_episode_flags, eval_transform)
+from models.glofa import Adaptation  # noqa: E402
+from utils import exits_cleanly, select_device  # noqa: E402
+
+CAPTION = (
+    'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
+    'mask, one column per feature dimension; the columns are sorted by the task mask, largest first, so the top row '
+    'falls from left to right and every row uses the same order. A class n scales feature d of every image by '
+    '(1 + alpha_task * m_task[d]) * (1 + alpha_cls * m_cls[n, d]): 0 (dark) leaves the feature as it is, delta '
+    '(bright) amplifies it most. The task mask is shared by all classes and should pick the coarse patterns useful '
+    'for the whole task; where a class row departs from the task row are the details that class adds. The strengths '
+    'at right say how much each mask acts.')
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """This script's own flags; every other flag is train.py's / test.py's and picks the model."""
+    p = argparse.ArgumentParser(
+        description="Draw the task mask, the class masks and the strengths a trained GLoFA model makes "
+                    "for one episode.",
+        epilog="Any other flag is one of train.py's / test.py's (python test.py --help): --N, --K, "
+               "--network_name, --save_dir, --model_path, --data_path ... pick the model and the data.",
+        allow_abbrev=False)
+    p.add_argument('--split', type=str, default='test', choices=list(SPLITS), help='split the episode is drawn from')
+    p.add_argument('--episode_seed', type=int, default=0, help='seed of the episode sampler')
+    p.add_argument('--out', type=str, default='masks.png', help='PNG file to write')
+    return p
+
+
+def denormalise(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalised -> (H, W, 3) in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def feature_order(adaptation: Adaptation) -> torch.Tensor:
+    """Feature dimensions sorted by the task mask, largest first (by the mean class mask when the task mask is off)."""
+    key = adaptation.m_task if bool(adaptation.m_task.any()) else adaptation.m_cls.mean(dim=0)
+    return torch.argsort(key, descending=True, stable=True)
+
+
+def mask_line(name: str, mask: torch.Tensor, delta: float) -> str:
+    above = (mask > delta / 2).float().mean().item()
+    return (f'{name}: mean {mask.mean().item():.4f}, min {mask.min().item():.4f}, max {mask.max().item():.4f}, '
+            f'{100 * above:.1f} % of {mask.numel()} features above delta/2 = {delta / 2:g}')
+
+
+def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n_way: int, n_shot: int,
+         delta: float, title: str, out: str) -> None:
+    """images: (N*K, 3, H, W) normalised, shot-major. One PNG: support grid, mask heat map, strengths, caption."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = feature_order(adaptation)
+    rows = torch.cat([adaptation.m_task[None], adaptation.m_cls])[:, order].cpu().numpy()  # (1 + N, d)
+    d = rows.shape[1]
+    alpha = adaptation.alpha.cpu().tolist()
+
+    image_height = min(1.7, 9.0 / n_shot)
+    heat_height = 0.9 + 0.32 * (n_way + 1)
+    fig = Figure(figsize=(12, 0.5 + n_shot * image_height + heat_height + 0.8), dpi=120, layout='constrained')
+    FigureCanvasAgg(fig)
+    top, bottom, caption = fig.subfigures(3, 1, height_ratios=[n_shot * image_height, heat_height, 0.8])
+
+    # ---------------- support images: K rows of N, shot-major
+    axes = top.subplots(n_shot, n_way, squeeze=False)
+    for i in range(n_shot * n_way):
+        k, n = divmod(i, n_way)
+        ax = axes[k][n]
+        ax.imshow(denormalise(images[i]).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k == 0:
+            ax.set_title(class_names[n], fontsize=9)
+    top.suptitle(title, fontsize=11)
+
+    # ---------------- masks, one row each, columns sorted by the task mask; strengths beside them
+    ax_heat, ax_alpha = bottom.subplots(1, 2, width_ratios=[6, 1])
+    heat = ax_heat.imshow(rows, aspect='auto', interpolation='nearest', cmap='viridis', vmin=0, vmax=delta)
+    ax_heat.axhline(0.5, color='white', linewidth=2)
+    labels = ['task mask'] + [f'class {name}' for name in class_names]
+    ax_heat.set_yticks(range(n_way + 1), [f'{label} (max {row.max():.2f})' for label, row in zip(labels, rows)],
+                       fontsize=8)
+    ax_heat.set_xlabel(f'feature dimension ({d}), sorted by the task mask (largest first)')
+    ax_heat.set_title('masks (colour: mask value in [0, delta])', fontsize=10)
+    bottom.colorbar(heat, ax=ax_heat, label=f'mask value (delta = {delta:g})', fraction=0.04, pad=0.01)
+    bars = ax_alpha.bar([0, 1], alpha, color=['tab:blue', 'tab:orange'])
+    ax_alpha.set_xticks([0, 1], ['alpha_task', 'alpha_cls'], fontsize=8)
+    ax_alpha.bar_label(bars, fmt='%.3f', fontsize=8)
+    ax_alpha.set_ylim(0, max(max(alpha) * 1.25, 1e-3))
+    ax_alpha.set_title('strengths', fontsize=10)
+
+    caption.text(0.01, 0.95, CAPTION, ha='left', va='top', wrap=True, fontsize=8.5)
+    folder = os.path.dirname(out)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(out)
+
+
+@exits_cleanly
+def main(argv: Optional[list[str]] = None) -> Adaptation:
+    own, rest = get_parser().parse_known_args(argv)
+    args = parse_args(rest)
+    check_episode_flags(args.N, args.K, args.Q)
+    device = select_device(args.device, args.devices)
+    model_path = args.model_path or train.run_paths(args)['model']
+
+    # ---------------- model and episode
+    model = train.build_model(args, pretrained=False)
+    record = load_model_checkpoint(model, model_path, train.run_config(args))
+    model.to(device).eval()
+    dataset = FewShotDataset(train.data_path(args), own.split, eval_transform())
+    sampler = EpisodeSampler(dataset.labels, 1, args.N, args.K, generator=torch.Generator().manual_seed(own.episode_seed),
+                             class_names=dataset.class_names, split=f'{own.split} split ({dataset.csv_path})')
+    indices = sampler.sample()  # (K*N,), shot-major: the support set
+    images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
+    class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]
+    with torch.no_grad():
+        support = model.encode(images.to(device))  # (N*K, d)
+        adaptation = Adaptation(*(t.float().cpu() for t in model.adapt(support, args.N, args.K)))
+
+    # ---------------- numbers, then the picture
+    accuracy = record.get('validating_accuracy')
+    accuracy_text = f'{100 * float(accuracy):.2f} %' if isinstance(accuracy, (int, float)) else 'unknown'
+    print(f'model {model_path} (validation accuracy {accuracy_text}, episode {record.get("epoch")}); '
+          f'{own.split} episode with seed {own.episode_seed}, {args.N}-way {args.K}-shot: {", ".join(class_names)}')
+    alpha_task, alpha_cls = adaptation.alpha.tolist()
+    print(f'alpha_task = {alpha_task:.4f}, alpha_cls = {alpha_cls:.4f}')
+    print(mask_line('task mask', adaptation.m_task, args.delta))
+    width = max(len(name) for name in class_names)
+    for name, mask in zip(class_names, adaptation.m_cls):
+        print(mask_line(f'class {name:<{width}} mask', mask, args.delta))
+    print(f'resulting scale (1 + alpha_task m_task)(1 + alpha_cls m_cls): min {adaptation.scale.min().item():.4f}, '
+          f'max {adaptation.scale.max().item():.4f}')
+    title = (f'GLoFA masks: {own.split} split, {args.N}-way {args.K}-shot, episode seed {own.episode_seed}; '
+             f'alpha_task = {alpha_task:.3f}, alpha_cls = {alpha_cls:.3f}')
+    draw(images, class_names, adaptation, args.N, args.K, args.delta, title, own.out)
+    print(f'wrote {own.out}')
+    return adaptation
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

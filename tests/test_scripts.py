@@ -1,0 +1,392 @@
+"""The helper scripts: the Colab notebook, check_dataset.py, plot_curves.py and visualize_masks.py."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from arguments import get_parser, parse_args
+from checkpoints import model_state_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, 'scripts')
+NOTEBOOK = os.path.join(SCRIPTS, 'glofa_colab.ipynb')
+# what the notebook's steps do, in the order they must come
+STEP_KEYS = ['nvidia-smi', 'drive.mount', 'sample_data/GLoFA', 'mini_imagenet.tar', 'pretrained_weights.pth',
+             'pip install', 'train.py', 'test.py', 'plot_curves', 'visualize_masks']
+# scripts whose flags other than their own are train.py's
+RUN_FLAG_SCRIPTS = ('plot_curves', 'visualize_masks')
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f'scripts_{name}', os.path.join(SCRIPTS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_dataset = load_script('check_dataset')
+plot_curves = load_script('plot_curves')
+visualize_masks = load_script('visualize_masks')
+SCRIPT_MODULES = {'check_dataset': check_dataset, 'plot_curves': plot_curves, 'visualize_masks': visualize_masks}
+
+
+def option_strings(parser) -> set[str]:
+    return set(parser._option_string_actions)
+
+
+# ------------------------------------------------------------------ the notebook
+@pytest.fixture(scope='module')
+def notebook() -> dict:
+    with open(NOTEBOOK) as f:
+        return json.load(f)
+
+
+def source(cell: dict) -> str:
+    return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+
+
+def code_cells(notebook: dict) -> list[str]:
+    return [source(c) for c in notebook['cells'] if c['cell_type'] == 'code']
+
+
+def shell_lines(notebook: dict) -> list[str]:
+    return [line.strip()[1:].strip() for cell in code_cells(notebook) for line in cell.splitlines()
+            if line.strip().startswith('!')]
+
+
+def as_python(cell: str) -> str:
+    """The cell with its shell (!) and magic (%) lines replaced by ``pass`` at the same indentation."""
+    lines = []
+    for line in cell.splitlines():
+        stripped = line.lstrip()
+        lines.append(line[:len(line) - len(stripped)] + 'pass' if stripped.startswith(('!', '%')) else line)
+    return '\n'.join(lines) + '\n'
+
+
+def test_notebook_is_nbformat_4(notebook):
+    assert notebook['nbformat'] == 4
+    assert isinstance(notebook['cells'], list) and notebook['cells']
+    for cell in notebook['cells']:
+        assert cell['cell_type'] in ('markdown', 'code')
+        assert isinstance(cell['source'], (list, str)) and source(cell).strip()
+        if cell['cell_type'] == 'code':
+            assert cell['outputs'] == [] and 'execution_count' in cell
+
+
+def test_notebook_code_cells_compile(notebook):
+    for i, cell in enumerate(code_cells(notebook)):
+        compile(as_python(cell), f'code cell {i}', 'exec')
+
+
+def test_notebook_steps_come_in_order(notebook):
+    cells = code_cells(notebook)
+    first = []
+    for key in STEP_KEYS:
+        where = [i for i, cell in enumerate(cells) if key in cell]
+        assert where, f'no code cell contains {key!r}'
+        first.append(where[0])
+    assert all(a < b for a, b in zip(first, first[1:])), dict(zip(STEP_KEYS, first))
+
+
+def test_notebook_markdown_explains_each_step_and_5_shot(notebook):
+    assert notebook['cells'][0]['cell_type'] == 'markdown'
+    markdown = [source(c) for c in notebook['cells'] if c['cell_type'] == 'markdown']
+    assert len(markdown) >= len(STEP_KEYS)
+    for i, text in enumerate(markdown):
+        assert '5-shot' in text, f'markdown cell {i} does not say what to change for 5-shot'
+
+
+def test_notebook_flags_exist(notebook):
+    run_flags = option_strings(get_parser())
+    checked = set()
+    for line in shell_lines(notebook):
+        match = re.match(r'python\s+(\S+\.py)\b(.*)', line)
+        if not match:
+            continue
+        script, rest = match.groups()
+        flags = set(re.findall(r'(?<!\S)(--[A-Za-z_]+)', rest))
+        name = os.path.splitext(os.path.basename(script))[0]
+        if script in ('train.py', 'test.py'):
+            known = run_flags
+        else:
+            assert script == f'scripts/{name}.py' and name in SCRIPT_MODULES, line
+            known = option_strings(SCRIPT_MODULES[name].get_parser())
+            if name in RUN_FLAG_SCRIPTS:
+                known |= run_flags
+        assert flags <= known, f'{line}: unknown {sorted(flags - known)}'
+        checked.add(script)
+    assert checked == {'train.py', 'test.py', 'scripts/check_dataset.py', 'scripts/plot_curves.py',
+                       'scripts/visualize_masks.py'}
+
+
+def test_notebook_shell_variables_are_defined_before_use(notebook):
+    defined = set()
+    for cell in code_cells(notebook):
+        defined |= set(re.findall(r'^\s*([A-Za-z_]\w*)\s*=', cell, flags=re.M))
+        for line in cell.splitlines():
+            if line.strip().startswith(('!', '%')):
+                used = set(re.findall(r'\{([A-Za-z_]\w*)\}', line))
+                assert used <= defined, f'{line.strip()}: {sorted(used - defined)} not defined yet'
+
+
+def test_notebook_trains_from_local_data_and_saves_to_drive(notebook):
+    config = {}
+    exec(as_python(code_cells(notebook)[0]), config)
+    assert config['SAVE_DIR'].startswith('/content/drive/') and config['K'] == 1 and config['N'] == 5
+    lines = shell_lines(notebook)
+    train_line = next(line for line in lines if line.startswith('python train.py'))
+    assert '--resume' in train_line and '--save_dir {SAVE_DIR}' in train_line
+    assert not any('--data_path /content/drive' in line for line in lines)
+    assert any('/content/mini_imagenet.tar' in line for line in lines)
+    assert any(line.startswith('python scripts/check_dataset.py --data_path datasets/mini_imagenet') for line in lines)
+
+
+# ------------------------------------------------------------------ check_dataset.py
+@pytest.fixture
+def dataset_copy(tiny_dataset, tmp_path):
+    """A fresh copy of the tiny dataset (4 / 3 / 3 classes of 6 images) to break."""
+    return shutil.copytree(tiny_dataset, tmp_path / 'copy')
+
+
+EPISODE = ['--N', '3', '--K', '1', '--Q', '5']
+
+
+def run_check(capsys, root, *flags) -> tuple[int, str]:
+    code = check_dataset.main(['--data_path', str(root), *(flags or EPISODE)])
+    out, err = capsys.readouterr()
+    assert 'Traceback' not in out + err
+    return code, out
+
+
+def rows(root, split: str) -> list[str]:
+    with open(os.path.join(root, 'split', f'{split}.csv')) as f:
+        return f.read().splitlines()
+
+
+def write_rows(root, split: str, lines: list[str]) -> None:
+    with open(os.path.join(root, 'split', f'{split}.csv'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def test_check_dataset_accepts_a_good_dataset(capsys, tiny_dataset):
+    code, out = run_check(capsys, tiny_dataset)
+    assert code == 0
+    assert 'no problems found' in out
+    assert 'train: 4 classes, 24 images, min 6 / max 6 images per class' in out
+    assert 'test: 3 classes, 18 images' in out
+    assert '100x90' in out  # image size read from the headers
+    summary, problems = check_dataset.check_dataset(tiny_dataset, 3, 1, 5, decode=True)
+    assert problems == [] and any('decoded' in line for line in summary)
+
+
+def break_missing_split(root):
+    os.remove(os.path.join(root, 'split', 'val.csv'))
+    return ['val.csv', 'not found']
+
+
+def break_malformed_row(root):
+    lines = rows(root, 'train')
+    write_rows(root, 'train', lines[:3] + ['lonely_field'] + lines[3:])
+    return [os.path.join('split', 'train.csv') + ', line 4', 'lonely_field']
+
+
+def break_missing_image(root):
+    name = rows(root, 'test')[1].split(',')[0]
+    os.remove(os.path.join(root, 'images', name))
+    return [f'image {name} listed in', 'is missing']
+
+
+def break_undecodable_image(root):
+    name = rows(root, 'val')[2].split(',')[0]
+    with open(os.path.join(root, 'images', name), 'wb') as f:
+        f.write(b'this is not a JPEG at all' * 10)
+    return [name, 'cannot be read']
+
+
+def break_too_few_images(root):
+    lines = rows(root, 'test')
+    label = lines[1].split(',')[1]
+    kept = [line for line in lines[1:] if not line.endswith(label)] + [line for line in lines[1:] if line.endswith(label)][:2]
+    write_rows(root, 'test', lines[:1] + kept)
+    return [f'class {label} has 2 images, fewer than K + Q = 6']
+
+
+def break_shared_class(root):
+    write_rows(root, 'val', rows(root, 'val') + [rows(root, 'train')[1]])
+    label = rows(root, 'train')[1].split(',')[1]
+    return [f'class {label} appears in more than one split: train, val', 'listed in more than one split']
+
+
+def break_duplicate_filename(root):
+    write_rows(root, 'test', rows(root, 'test') + [rows(root, 'test')[3]])
+    return [f"{rows(root, 'test')[3].split(',')[0]} is listed 2 times"]
+
+
+def break_images_folder(root):
+    shutil.rmtree(os.path.join(root, 'images'))
+    return ['image folder', 'not found']
+
+
+@pytest.mark.parametrize('breaker', [break_missing_split, break_malformed_row, break_missing_image,
+                                     break_undecodable_image, break_too_few_images, break_shared_class,
+                                     break_duplicate_filename, break_images_folder])
+def test_check_dataset_reports_each_problem(capsys, dataset_copy, breaker):
+    expected = breaker(dataset_copy)
+    code, out = run_check(capsys, dataset_copy)
+    assert code == 2
+    problems = out.split('found:', 1)[1]
+    for text in expected:
+        assert text in problems, out
+
+
+def test_check_dataset_reports_missing_folder_and_small_splits(capsys, tmp_path, tiny_dataset):
+    code, out = run_check(capsys, tmp_path / 'nowhere')
+    assert code == 2 and 'data folder' in out and 'not found' in out
+    code, out = run_check(capsys, tiny_dataset, '--N', '4', '--K', '1', '--Q', '5')
+    assert code == 2
+    assert 'val: 3 classes, fewer than N = 4' in out and 'test: 3 classes, fewer than N = 4' in out
+    assert 'train: 4 classes, fewer' not in out
+
+
+def test_check_dataset_decode_finds_truncated_images(dataset_copy):
+    name = rows(dataset_copy, 'train')[5].split(',')[0]
+    path = os.path.join(dataset_copy, 'images', name)
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])  # the header is intact: only decoding fails
+    assert check_dataset.check_dataset(str(dataset_copy), 3, 1, 5)[1] == []
+    problems = check_dataset.check_dataset(str(dataset_copy), 3, 1, 5, decode=True)[1]
+    assert len(problems) == 1 and name in problems[0] and 'cannot be decoded' in problems[0]
+
+
+def test_check_dataset_command_exits_2_without_traceback(dataset_copy):
+    break_malformed_row(dataset_copy)
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'check_dataset.py'), '--data_path',
+                             str(dataset_copy), *EPISODE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr + result.stdout
+    assert 'line 4' in result.stdout
+
+
+# ------------------------------------------------------------------ plot_curves.py
+def write_stat(path, n: int = 6) -> dict:
+    stat = {'training_loss': [1.5 - 0.1 * i for i in range(n)], 'validating_accuracy': [0.4 + 0.03 * i for i in range(n)]}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(stat, path)
+    return stat
+
+
+def assert_png(path):
+    assert os.path.getsize(path) > 1000
+    with Image.open(path) as image:
+        assert image.format == 'PNG' and image.size[0] > 500 and image.size[1] > 200
+
+
+def test_plot_curves_writes_a_png(capsys, tmp_path):
+    stat = tmp_path / 'run.stat'
+    write_stat(stat)
+    out = tmp_path / 'figures' / 'curves.png'
+    plot_curves.main(['--stat', str(stat), '--episode_gap', '50', '--out', str(out)])
+    assert_png(out)
+    printed = capsys.readouterr().out
+    assert '6 validations up to episode 300' in printed and 'best validation accuracy 55.00 % at episode 300' in printed
+
+
+def test_plot_curves_takes_episodes_from_the_log(capsys, tmp_path):
+    stat = tmp_path / 'run.stat'
+    write_stat(stat, n=3)
+    entries = [{'episode': e, 'training_loss': 1.0, 'validating_accuracy': 0.5, 'validating_ci': 0.01,
+                'best_validating_accuracy': 0.5, 'lr_network': 1e-4, 'lr': lr}
+               for e, lr in ((70, 0.01), (140, 0.01), (70, 0.01), (140, 0.01), (210, 0.002))]  # a restarted run
+    with open(tmp_path / 'run.log.jsonl', 'w') as f:
+        f.write(''.join(json.dumps(e) + '\n' for e in entries))
+    assert plot_curves.episodes_of(str(stat), 3, 200)[0] == [70, 140, 210]
+    assert plot_curves.episodes_of(str(stat), 4, 200)[0] == [200, 400, 600, 800]  # log does not match: the gap
+    plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'c.png')])
+    assert_png(tmp_path / 'c.png')
+    assert 'up to episode 210' in capsys.readouterr().out
+
+
+def test_plot_curves_finds_the_run_from_its_flags(capsys, tmp_path):
+    flags = ['--save_dir', str(tmp_path / 'saves'), '--N', '2', '--K', '1', '--episode_gap', '25']
+    write_stat(train.run_paths(parse_args(flags))['stat'])
+    plot_curves.main([*flags, '--out', str(tmp_path / 'c.png')])
+    assert_png(tmp_path / 'c.png')
+    assert 'up to episode 150' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('content', [None, b'not a torch file', {'training_loss': [1.0]},
+                                     {'training_loss': [], 'validating_accuracy': []}])
+def test_plot_curves_rejects_bad_statistics(capsys, tmp_path, content):
+    stat = tmp_path / 'bad.stat'
+    if isinstance(content, bytes):
+        stat.write_bytes(content)
+    elif content is not None:
+        torch.save(content, stat)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'c.png')])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and len(err.strip().splitlines()) == 1 and str(stat) in err
+    assert not os.path.exists(tmp_path / 'c.png')
+
+
+# ------------------------------------------------------------------ visualize_masks.py
+@pytest.fixture(scope='module')
+def checkpoint_flags(tiny_dataset, tmp_path_factory):
+    """Flags of a 2-way 1-shot ResNet-12 run whose best checkpoint holds random weights."""
+    flags = ['--network_name', 'resnet', '--pretrained', 'none', '--N', '2', '--K', '1', '--Q', '1',
+             '--data_path', tiny_dataset, '--save_dir', str(tmp_path_factory.mktemp('saves')), '--device', 'cpu']
+    args = parse_args(flags)
+    torch.manual_seed(0)
+    model = train.build_model(args, pretrained=False)
+    path = train.run_paths(args)['model']
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,
+                'config': train.run_config(args)}, path)
+    return flags
+
+
+def test_visualize_masks_draws_and_prints_the_masks(capsys, tmp_path, checkpoint_flags):
+    out = tmp_path / 'masks.png'
+    adaptation = visualize_masks.main([*checkpoint_flags, '--split', 'val', '--episode_seed', '3', '--out', str(out)])
+    assert_png(out)
+    assert adaptation.m_task.shape == (640,) and adaptation.m_cls.shape == (2, 640) and adaptation.alpha.shape == (2,)
+    printed = capsys.readouterr().out
+    assert re.search(r'alpha_task = \d+\.\d{4}, alpha_cls = \d+\.\d{4}', printed)
+    mask_lines = [line for line in printed.splitlines() if re.search(r'mask: mean .* features above delta/2', line)]
+    assert len(mask_lines) == 3 and mask_lines[0].startswith('task mask:')
+    assert all(re.match(r'class n\d{8} +mask:', line) for line in mask_lines[1:])
+    assert f'wrote {out}' in printed
+
+
+def test_visualize_masks_episode_depends_on_the_seed_only(capsys, tmp_path, checkpoint_flags):
+    first = visualize_masks.main([*checkpoint_flags, '--episode_seed', '5', '--out', str(tmp_path / 'a.png')])
+    again = visualize_masks.main([*checkpoint_flags, '--episode_seed', '5', '--out', str(tmp_path / 'b.png')])
+    assert torch.equal(first.m_cls, again.m_cls) and torch.equal(first.alpha, again.alpha)
+
+
+def test_visualize_masks_feature_order_follows_the_task_mask():
+    adaptation = visualize_masks.Adaptation(torch.tensor([0.1, 0.9, 0.0, 0.5]), torch.rand(3, 4), torch.ones(2),
+                                            torch.ones(3, 4))
+    assert visualize_masks.feature_order(adaptation).tolist() == [1, 3, 0, 2]
+    line = visualize_masks.mask_line('task mask', adaptation.m_task, 1.0)
+    assert line == 'task mask: mean 0.3750, min 0.0000, max 0.9000, 25.0 % of 4 features above delta/2 = 0.5'
+
+
+def test_visualize_masks_without_checkpoint_is_a_user_error(capsys, tmp_path, tiny_dataset):
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_masks.main(['--network_name', 'resnet', '--N', '2', '--K', '1', '--data_path', tiny_dataset,
+                              '--save_dir', str(tmp_path), '--device', 'cpu', '--out', str(tmp_path / 'm.png')])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: checkpoint ') and 'not found' in err
