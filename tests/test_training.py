@@ -1,0 +1,158 @@
+"""Optimiser, schedule, command-line flags and run names of train.py."""
+import argparse
+import os
+import re
+
+import pytest
+import torch
+
+import train
+from arguments import get_parser, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def model():
+    return train.build_model(parse_args(['--pretrained', 'none']))
+
+
+def ids(params) -> list[int]:
+    return [id(p) for p in params]
+
+
+def test_optimizer_groups(model):
+    args = parse_args([])
+    optimizer = train.build_optimizer(args, model)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert len(optimizer.param_groups) == 2
+    encoder_group, set_group = optimizer.param_groups
+    assert ids(encoder_group['params']) == ids(model.encoder.parameters())
+    set_params = [p for f in (model.f_task, model.f_class, model.h) for p in f.parameters()]
+    assert sorted(ids(set_group['params'])) == sorted(ids(set_params))
+    assert len(set_group['params']) == 3 * 8
+    # every parameter of the model in exactly one group
+    assert sorted(ids(encoder_group['params']) + ids(set_group['params'])) == sorted(ids(model.parameters()))
+    assert encoder_group['lr'] == pytest.approx(1e-4, rel=1e-12)
+    assert set_group['lr'] == pytest.approx(1e-2, rel=1e-12)
+    for group in optimizer.param_groups:
+        assert group['momentum'] == pytest.approx(0.9, rel=1e-12)
+        assert group['nesterov'] is True
+        assert group['weight_decay'] == pytest.approx(5e-4, rel=1e-12)
+        assert group['dampening'] == 0
+
+
+def test_optimizer_follows_the_flags(model):
+    args = parse_args(['--lr_network', '0.003', '--lr', '0.07', '--mo', '0.8', '--wd', '0.001'])
+    optimizer = train.build_optimizer(args, model)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.003, 0.07])
+    assert [g['momentum'] for g in optimizer.param_groups] == pytest.approx([0.8, 0.8])
+    assert [g['weight_decay'] for g in optimizer.param_groups] == pytest.approx([0.001, 0.001])
+
+
+def test_multistep_schedule_counts_validations():
+    args = parse_args([])
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{'params': [weights[0]], 'lr': args.lr_network},
+                                 {'params': [weights[1]], 'lr': args.lr}], lr=args.lr, momentum=0.9, nesterov=True)
+    scheduler = train.build_scheduler(args, optimizer)
+    expected = {0: 1e-2, 19: 1e-2, 20: 2e-3, 29: 2e-3, 30: 4e-4, 39: 4e-4, 40: 8e-5, 60: 8e-5}
+    for step in range(61):
+        if step in expected:
+            assert optimizer.param_groups[1]['lr'] == pytest.approx(expected[step], rel=1e-9), step
+            assert optimizer.param_groups[0]['lr'] == pytest.approx(expected[step] / 100, rel=1e-9), step
+        optimizer.step()
+        scheduler.step()
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def test_every_flag_has_help():
+    for action in flag_actions(get_parser()):
+        assert action.help and action.help.strip(), f'{action.option_strings} has no help text'
+
+
+@pytest.mark.parametrize('dest, value', [
+    ('data_name', 'mini_imagenet'), ('network_name', 'resnet'), ('model_name', 'glofa'),
+    ('N', 5), ('K', 1), ('Q', 15), ('devices', [0]), ('lr_network', 0.0001), ('lr', 0.01),
+    ('point', [20, 30, 40]), ('gamma', 0.2), ('wd', 0.0005), ('mo', 0.9),
+    ('n_training_episodes', 10000), ('n_validating_episodes', 200), ('n_testing_episodes', 10000),
+    ('episode_gap', 200), ('tau', 1.0), ('delta', 1.0), ('seed', 960402), ('save_dir', 'saves'),
+    ('pretrained', 'pretrained_weights.pth'), ('adaptor', 'both'),
+])
+def test_default_values(dest, value):
+    args = parse_args([])
+    assert getattr(args, dest) == value
+    assert type(getattr(args, dest)) is type(value) or isinstance(value, float)
+
+
+def test_original_flag_names_are_accepted():
+    args = parse_args(['--data_name', 'x', '--network_name', 'resnet', '--model_name', 'glofa', '--N', '3',
+                       '--K', '2', '--Q', '4', '--devices', '0', '1', '--lr_network', '0.5', '--lr', '0.25',
+                       '--point', '2', '3', '--gamma', '0.5', '--wd', '0', '--mo', '0.5',
+                       '--n_training_episodes', '7', '--n_validating_episodes', '8', '--n_testing_episodes', '9',
+                       '--episode_gap', '6', '--tau', '0.5', '--delta', '0.3', '--seed', '1',
+                       '--save_dir', 'elsewhere', '--pretrained', 'w.pth', '--flag_debug'])
+    assert (args.N, args.K, args.Q, args.devices, args.point) == (3, 2, 4, [0, 1], [2, 3])
+    assert (args.tau, args.delta, args.lr, args.lr_network) == (0.5, 0.3, 0.25, 0.5)
+    # explicit flags win over the debug preset
+    assert (args.n_training_episodes, args.episode_gap, args.n_validating_episodes,
+            args.n_testing_episodes) == (7, 6, 8, 9)
+
+
+def source_files() -> dict[str, str]:
+    """The non-test Python files of the repository."""
+    files = {}
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('tests', '__pycache__', 'datasets',
+                                                                          'saves', 'venv', '.venv')]
+        for name in names:
+            if name.endswith('.py'):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    files[os.path.relpath(path, REPO)] = f.read()
+    return files
+
+
+def test_every_flag_is_read():
+    files = source_files()
+    assert 'train.py' in files and 'test.py' in files
+    for action in flag_actions(get_parser()):
+        dest = action.dest
+        pattern = re.compile(rf'\bargs\.{re.escape(dest)}\b|getattr\(args, [\'"]{re.escape(dest)}[\'"]')
+        readers = [name for name, text in files.items() if pattern.search(text)]
+        if dest not in ('flag_debug', 'demo'):  # these two change the defaults inside parse_args
+            readers = [name for name in readers if name != 'arguments.py']
+        assert readers, f'--{dest} is parsed but never read'
+
+
+def test_run_name_encodes_the_flags():
+    base = ['--N', '5', '--K', '1', '--Q', '15']
+    name = train.run_name(parse_args(base))
+    variants = [['--N', '3'], ['--K', '5'], ['--Q', '10'], ['--lr_network', '0.001'], ['--lr', '0.1'],
+                ['--point', '20', '30'], ['--point', '10', '30', '40'], ['--gamma', '0.1'], ['--tau', '0.5'],
+                ['--delta', '0.3'], ['--network_name', 'convnet'], ['--data_name', 'other'],
+                ['--adaptor', 'task'], ['--adaptor', 'none']]
+    names = {name}
+    for extra in variants:
+        other = train.run_name(parse_args(base + extra))
+        assert other != name, extra
+        names.add(other)
+    assert len(names) == len(variants) + 1, 'each flag value gives its own name'
+    assert train.run_name(parse_args(base)) == name
+    assert train.run_name(parse_args(base + ['--seed', '3', '--n_workers', '0'])) == name
+    for text in ('N5', 'K1', 'Q15'):
+        assert text in name
+
+
+def test_run_paths_lie_under_save_dir(tmp_path):
+    args = parse_args(['--save_dir', str(tmp_path)])
+    paths = train.run_paths(args)
+    assert len(set(paths.values())) == len(paths)
+    for path in paths.values():
+        assert os.path.commonpath([path, str(tmp_path)]) == str(tmp_path)
+        assert train.run_name(args) in os.path.basename(path)
+    other = train.run_paths(parse_args(['--save_dir', str(tmp_path), '--tau', '0.5']))
+    assert other['model'] != paths['model'] and other['stat'] != paths['stat']
