@@ -1,0 +1,171 @@
+"""Speed of evaluation, loading and training, two ways side by side in one process.
+
+    python scripts/benchmark.py [--network convnet|resnet] [--json bench.json]
+
+(a) evaluation, cached vs episodic, at mini-ImageNet's test proportions: 10000 5-way 1-shot
+    episodes of 80 images over a 12000-image split encode each image 66.7 times (83.3 times for
+    5-shot); the split and the episode count are shrunk together so that the proportion stays;
+(b) loader episodes per second with 0 and with --n_workers workers;
+(c) seconds per training episode, the model alone (one episode kept in memory) and with the loader;
+(d) the same on CUDA when present.
+Data is generated in the real on-disk format under --work_dir.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from arguments import default_workers, parse_args  # noqa: E402
+from dataloader import FewShotDataset, eval_transform, generate_data_loader  # noqa: E402
+from test import evaluate  # noqa: E402
+
+# mini-ImageNet's test split and the reference protocol
+FULL_IMAGES, FULL_EPISODES = 12000, 10000
+
+
+def write_dataset(root: str, n_classes: int, images_per_class: int, image_size: int, seed: int = 0) -> str:
+    """A split of random-texture JPEGs in mini-ImageNet's format, the same classes in train, val and test."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'split'), exist_ok=True)
+    rows = ['filename,label']
+    for c in range(n_classes):
+        for i in range(images_per_class):
+            name = f'n{c:08d}_{i:04d}.jpg'
+            pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, 'images', name), quality=90)
+            rows.append(f'{name},n{c:08d}')
+    for split in ('train', 'val', 'test'):
+        with open(os.path.join(root, 'split', f'{split}.csv'), 'w') as f:
+            f.write('\n'.join(rows) + '\n')
+    return root
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def bench_device(device: torch.device, opts, root: str) -> dict:
+    N, K, Q = 5, opts.K, 15
+    flags = ['--data_path', root, '--network_name', opts.network, '--pretrained', 'none', '--N', str(N),
+             '--K', str(K), '--Q', str(Q), '--n_workers', str(opts.n_workers)]
+    args = parse_args(flags)
+    torch.manual_seed(0)
+    model = train.place_model(train.build_model(args, pretrained=False), args, device)
+    test_set = FewShotDataset(root, 'test', eval_transform())
+    images_per_episode = N * (K + Q)
+    n_episodes = round(len(test_set) * FULL_EPISODES / FULL_IMAGES)  # same encodes per image as the full test
+    row = {'device': str(device), 'network': opts.network, 'shot': K, 'split_images': len(test_set),
+           'eval_episodes': n_episodes, 'encodes_per_image_episodic': n_episodes * images_per_episode / len(test_set)}
+
+    # (a) evaluation, cached vs episodic, same episodes
+    results = {}
+    for mode in ('cached', 'episodic'):
+        seconds, accs = timed(lambda: evaluate(model, test_set, n_episodes, N, K, Q, device,
+                                               generator=torch.Generator().manual_seed(1), mode=mode,
+                                               n_workers=opts.n_workers, desc=f'eval {mode}'), device)
+        results[mode] = (seconds, accs)
+    row['eval_cached_s'], row['eval_episodic_s'] = results['cached'][0], results['episodic'][0]
+    row['eval_speedup'] = row['eval_episodic_s'] / row['eval_cached_s']
+    row['eval_episodic_s_per_ep'] = row['eval_episodic_s'] / n_episodes
+    row['eval_same_accuracies'] = bool(np.array_equal(results['cached'][1], results['episodic'][1]))
+    row['full_test_cached_s_estimate'] = row['eval_cached_s'] * FULL_IMAGES / len(test_set)
+
+    # (b) loader episodes per second, 0 vs n workers
+    for workers in (0, opts.n_workers):
+        loader = generate_data_loader(root, 'train', opts.loader_episodes, N, K + Q, n_workers=workers, seed=0,
+                                      pin_memory=device.type == 'cuda')
+        iterator = iter(loader)
+        next(iterator)  # worker start-up is not counted
+        seconds, count = timed(lambda: sum(1 for _ in iterator), device)
+        row[f'loader_eps_per_s_{workers}_workers'] = count / seconds
+        del iterator, loader
+
+    # (c) seconds per training episode: model alone vs with the loader
+    optimizer = train.build_optimizer(args, model)
+    targets = torch.arange(N * Q, device=device) % N
+    loader = generate_data_loader(root, 'train', opts.train_episodes + 1, N, K + Q, n_workers=opts.n_workers,
+                                  seed=0, pin_memory=device.type == 'cuda')
+
+    def step(images):
+        loss = torch.nn.functional.cross_entropy(model(images.to(device, non_blocking=True), N, K), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    iterator = iter(loader)
+    kept, _ = next(iterator)
+    step(kept)  # warm-up
+    seconds, _ = timed(lambda: [step(kept) for _ in range(opts.train_episodes)], device)
+    row['train_model_only_s_per_ep'] = seconds / opts.train_episodes
+    seconds, _ = timed(lambda: [step(images) for images, _ in iterator], device)
+    row['train_with_loader_s_per_ep'] = seconds / opts.train_episodes
+    row['loader_bound'] = row['train_with_loader_s_per_ep'] > 1.2 * row['train_model_only_s_per_ep']
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"\n== {row['device']}, {row['network']}, 5-way {row['shot']}-shot ==")
+        print(f"(a) evaluation at mini-ImageNet's test proportions ({row['eval_episodes']} episodes over "
+              f"{row['split_images']} images, {row['encodes_per_image_episodic']:.1f} encodes per image episodic)")
+        print(f"    episodic {row['eval_episodic_s']:8.2f} s | cached {row['eval_cached_s']:8.2f} s | "
+              f"cached is {row['eval_speedup']:.1f}x faster | same accuracies: {row['eval_same_accuracies']}")
+        print(f"    episodic: {row['eval_episodic_s_per_ep']:.3f} s per episode | full 10000-episode test, "
+              f"cached, estimated: {row['full_test_cached_s_estimate']:.0f} s")
+        workers = [k for k in row if k.startswith('loader_eps_per_s_')]
+        print('(b) loader, training episodes per second: ' +
+              ' | '.join(f"{k.split('_')[4]} workers {row[k]:.2f}" for k in workers))
+        print(f"(c) training, seconds per episode: model alone {row['train_model_only_s_per_ep']:.3f} | "
+              f"with loader {row['train_with_loader_s_per_ep']:.3f} | loader-bound: {row['loader_bound']}")
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--network', default='convnet', choices=['convnet', 'resnet'], help='encoder to time')
+    p.add_argument('--K', type=int, default=1, help='shots of the 5-way episodes (15 queries per class)')
+    p.add_argument('--classes', type=int, default=5, help='classes of the shrunk split (5-way needs 5)')
+    p.add_argument('--images_per_class', type=int, default=None,
+                   help='images per class (default: K + 15, the fewest an episode needs)')
+    p.add_argument('--image_size', type=int, default=84, help='side of the generated JPEGs')
+    p.add_argument('--n_workers', type=int, default=default_workers(), help='workers for the n-worker figures')
+    p.add_argument('--loader_episodes', type=int, default=20, help='episodes timed for the loader')
+    p.add_argument('--train_episodes', type=int, default=5, help='episodes timed for training')
+    p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where to run')
+    p.add_argument('--work_dir', default=None, help='where to write the data (default: a temporary folder)')
+    p.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    opts = p.parse_args(argv)
+    opts.images_per_class = opts.images_per_class or opts.K + 15
+    torch.backends.cudnn.benchmark = True
+    devices = [torch.device('cpu')] if opts.device != 'cuda' else []
+    if opts.device != 'cpu' and torch.cuda.is_available():
+        devices.append(torch.device('cuda'))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_dataset(os.path.join(opts.work_dir or tmp, 'bench_data'), opts.classes,
+                             opts.images_per_class, opts.image_size)
+        rows = [bench_device(device, opts, root) for device in devices]
+    print_table(rows)
+    if opts.json:
+        with open(opts.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

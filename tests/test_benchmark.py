@@ -1,0 +1,22 @@
+"""The benchmark script runs and reports both ways side by side (no timing is asserted)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+
+import benchmark  # noqa: E402
+
+
+def test_benchmark_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    rows = benchmark.main(['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
+                           '--work_dir', str(tmp_path), '--json', str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row == json.loads(json.dumps(rows[0]))
+    assert row['split_images'] == 80 and row['eval_episodes'] == 67  # 10000 * 80 / 12000 episodes
+    assert row['eval_same_accuracies'] is True
+    for key in ('eval_cached_s', 'eval_episodic_s', 'loader_eps_per_s_0_workers', 'train_model_only_s_per_ep',
+                'train_with_loader_s_per_ep'):
+        assert row[key] > 0
+    assert 'faster' in capsys.readouterr().out
