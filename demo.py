@@ -1,0 +1,282 @@
+"""Procedural toy dataset in mini-ImageNet's on-disk format, for a quick CPU demo.
+
+Layout written under ``root``::
+
+    images/<label><8-digit index>.jpg      e.g. images/n9000000100000001.jpg
+    split/{train,val,test}.csv             header ``filename,label``
+    .demo_complete                         JSON of the generation parameters
+
+Every class is a combination of a background *texture* covering the whole
+image (horizontal, vertical or diagonal stripes, checks or dots, each at two
+scales, or soft blobs) and a *foreground*: one to three objects of a per-class
+shape and saturated hue.  These properties survive random crops, flips and
+brightness / contrast / saturation jitter.  The background colour is drawn
+afresh for every image and carries no class information; within a class the
+texture phase, angle and period, the object hue, count, positions, sizes and
+rotations, an optional distractor object and the pixel noise vary too.
+Foregrounds (hue, shape) are never shared between splits, so validation and
+test classes are new combinations of attribute values that all occur in
+training.  Inside a split classes come in pairs that share a texture and differ
+only in their foreground, which keeps the task from being trivial.
+"""
+import argparse
+import colorsys
+import csv
+import json
+import math
+import os
+import re
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEMO_SPLITS: Dict[str, int] = {'train': 20, 'val': 8, 'test': 10}
+
+_FORMAT_VERSION = 2
+_MARKER = '.demo_complete'
+_JPEG_QUALITY = 90
+_LABEL_PREFIX = 'n9'
+_FILE_RE = re.compile(r'^n9\d{7}\d{8}\.jpg$')
+
+# Background textures: (kind, parameter); lengths are in pixels at 84x84 and
+# scale with the image size.  Only flip-invariant orientations are used, since
+# training applies random horizontal flips.
+_TEXTURES: List[Tuple[str, object]] = [
+    ('stripes_h', 6.0), ('stripes_h', 12.0),
+    ('stripes_v', 6.0), ('stripes_v', 12.0),
+    ('stripes_d', 6.0), ('stripes_d', 12.0),
+    ('checks', 7.0), ('checks', 14.0),
+    ('dots', 9.0), ('dots', 16.0),
+    ('blobs', 6),
+]
+_FG_HUES = [i / 8.0 for i in range(8)]
+_SHAPES = ['circle', 'square', 'triangle', 'cross', 'star', 'ring']
+
+
+def _class_label(index: int) -> str:
+    """WordNet-like class id (``n`` and eight digits), e.g. ``n90000001`` for index 1."""
+    return f'{_LABEL_PREFIX}{index:07d}'
+
+
+def _design_classes(seed: int) -> Dict[str, List[dict]]:
+    """Assign a texture and a foreground (hue, shape) to every class of every split.
+
+    Foregrounds are never shared between splits; inside a split, classes come in
+    pairs that share a texture.
+    """
+    rng = np.random.default_rng([seed, 0])
+    foregrounds = [(h, s) for h in range(len(_FG_HUES)) for s in range(len(_SHAPES))]
+    fg_order = rng.permutation(len(foregrounds))
+    if sum(DEMO_SPLITS.values()) > len(foregrounds):
+        raise ValueError('DEMO_SPLITS asks for more classes than there are foregrounds')
+
+    design: Dict[str, List[dict]] = {}
+    fg_pos = 0
+    class_index = 1
+    for split, n_classes in DEMO_SPLITS.items():
+        n_groups = (n_classes + 1) // 2
+        textures = [int(t) for t in rng.permutation(len(_TEXTURES))]
+        textures = (textures * (n_groups // len(textures) + 1))[:n_groups]
+        classes = []
+        for k in range(n_classes):
+            fg_hue, shape = foregrounds[fg_order[fg_pos]]
+            fg_pos += 1
+            classes.append({
+                'index': class_index,
+                'label': _class_label(class_index),
+                'texture': textures[k // 2],
+                'fg_hue': fg_hue,
+                'shape': shape,
+            })
+            class_index += 1
+        design[split] = classes
+    return design
+
+
+def _hsv255(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
+
+
+def _texture_mask(kind: str, param: object, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Float mask in [0, 1] of shape (size, size) for one background texture."""
+    scale = size / 84.0
+    if kind == 'blobs':
+        k = int(param)
+        grid = rng.random((k, k)).astype(np.float32)
+        up = Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
+        g = np.asarray(up, dtype=np.float32)
+        return np.clip((g - 0.5) * 4.0 + 0.5, 0.0, 1.0)
+
+    period = float(param) * scale * rng.uniform(0.85, 1.15)
+    if kind == 'stripes_h':
+        angle = 90.0
+    elif kind == 'stripes_v':
+        angle = 0.0
+    elif kind == 'stripes_d':
+        angle = 45.0 if rng.random() < 0.5 else 135.0
+    else:
+        angle = rng.uniform(0.0, 90.0)
+    angle = math.radians(angle + rng.uniform(-8.0, 8.0))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    v = -xx * math.sin(angle) + yy * math.cos(angle)
+    phase_u, phase_v = rng.uniform(0.0, 2.0 * math.pi, size=2)
+    w = 2.0 * math.pi / period
+    if kind.startswith('stripes'):
+        return np.clip(0.5 + 1.5 * np.sin(w * u + phase_u), 0.0, 1.0)
+    if kind == 'checks':
+        return np.clip(0.5 + 1.5 * np.sin(w * u + phase_u) * np.sin(w * v + phase_v), 0.0, 1.0)
+    if kind == 'dots':
+        du = np.mod(u + phase_u / w, period) - period / 2.0
+        dv = np.mod(v + phase_v / w, period) - period / 2.0
+        dist = np.sqrt(du * du + dv * dv)
+        return np.clip(0.3 * period - dist + 0.5, 0.0, 1.0)
+    raise ValueError(f'unknown texture kind {kind!r}')
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> List[Tuple[float, float]]:
+    if shape == 'square':
+        angles = [rot + math.pi / 4 + i * math.pi / 2 for i in range(4)]
+        radii = [r] * 4
+    elif shape == 'triangle':
+        angles = [rot + i * 2 * math.pi / 3 for i in range(3)]
+        radii = [r] * 3
+    elif shape == 'star':
+        angles = [rot + i * math.pi / 5 for i in range(10)]
+        radii = [r if i % 2 == 0 else 0.42 * r for i in range(10)]
+    elif shape == 'cross':
+        a = 0.33
+        base = [(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1),
+                (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in base]
+    else:
+        raise ValueError(f'unknown polygon shape {shape!r}')
+    return [(cx + rr * math.cos(t), cy + rr * math.sin(t)) for t, rr in zip(angles, radii)]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+                rot: float, color: Tuple[int, int, int]) -> None:
+    if shape == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == 'ring':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(2, int(round(0.35 * r))))
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r, rot), fill=color)
+
+
+def _render_image(cls: dict, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one image of class ``cls`` as an RGB PIL image of shape (size, size)."""
+    kind, param = _TEXTURES[cls['texture']]
+    mask = _texture_mask(kind, param, size, rng)[..., None]
+
+    bg_h = rng.random()  # the background hue carries no class information
+    bg_s = rng.uniform(0.2, 0.5)
+    light = _hsv255(bg_h, bg_s, rng.uniform(0.8, 0.92))
+    dark = _hsv255(bg_h, min(1.0, bg_s + 0.1), rng.uniform(0.4, 0.55))
+    canvas = mask * light + (1.0 - mask) * dark
+
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    shape = _SHAPES[cls['shape']]
+    fg_h = _FG_HUES[cls['fg_hue']]
+    for _ in range(int(rng.integers(1, 4))):
+        r = rng.uniform(0.11, 0.22) * size
+        cx, cy = rng.uniform(0.12, 0.88, size=2) * size
+        color = _hsv255(fg_h + rng.uniform(-0.03, 0.03), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+        _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi),
+                    tuple(int(c) for c in color))
+    if rng.random() < 0.3:  # distractor object of a random shape and hue
+        r = rng.uniform(0.07, 0.13) * size
+        cx, cy = rng.uniform(0.1, 0.9, size=2) * size
+        color = _hsv255(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+        _draw_shape(draw, _SHAPES[int(rng.integers(len(_SHAPES)))], cx, cy, r,
+                    rng.uniform(0, 2 * math.pi), tuple(int(c) for c in color))
+
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.normal(0.0, rng.uniform(3.0, 10.0), size=arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+
+
+def _params(seed: int, images_per_class: int, image_size: int) -> dict:
+    return {'format': _FORMAT_VERSION, 'seed': int(seed), 'images_per_class': int(images_per_class),
+            'image_size': int(image_size), 'splits': dict(DEMO_SPLITS)}
+
+
+def _is_complete(root: str, params: dict) -> bool:
+    try:
+        with open(os.path.join(root, _MARKER)) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if stored != params:
+        return False
+    return all(os.path.isfile(os.path.join(root, 'split', f'{s}.csv')) for s in DEMO_SPLITS)
+
+
+def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
+                          image_size: int = 84, force: bool = False) -> str:
+    """Write the demo dataset under ``root`` (mini-ImageNet layout) and return ``root``.
+
+    Returns at once when ``root`` already holds a completed dataset made with the
+    same parameters, unless ``force``.  Output is byte-identical for a given seed.
+    """
+    if images_per_class < 1:
+        raise ValueError('images_per_class must be >= 1')
+    if image_size < 16:
+        raise ValueError('image_size must be >= 16')
+    params = _params(seed, images_per_class, image_size)
+    if not force and _is_complete(root, params):
+        return root
+
+    image_dir = os.path.join(root, 'images')
+    split_dir = os.path.join(root, 'split')
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(split_dir, exist_ok=True)
+    marker = os.path.join(root, _MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    for name in os.listdir(image_dir):  # stale images of an earlier demo dataset only
+        if _FILE_RE.match(name):
+            os.remove(os.path.join(image_dir, name))
+
+    design = _design_classes(seed)
+    for split, classes in design.items():
+        rows = []
+        for cls in classes:
+            rng = np.random.default_rng([seed, 1, cls['index']])
+            for j in range(1, images_per_class + 1):
+                filename = f"{cls['label']}{j:08d}.jpg"
+                _render_image(cls, image_size, rng).save(
+                    os.path.join(image_dir, filename), format='JPEG', quality=_JPEG_QUALITY)
+                rows.append((filename, cls['label']))
+        with open(os.path.join(split_dir, f'{split}.csv'), 'w', newline='') as f:
+            writer = csv.writer(f, lineterminator='\n')
+            writer.writerow(['filename', 'label'])
+            writer.writerows(rows)
+
+    with open(marker, 'w') as f:
+        json.dump(params, f, sort_keys=True)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description='Generate the procedural demo dataset.')
+    parser.add_argument('--root', default='datasets/demo')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--images-per-class', type=int, default=50)
+    parser.add_argument('--force', action='store_true')
+    args = parser.parse_args()
+    start = time.time()
+    generate_demo_dataset(args.root, seed=args.seed, images_per_class=args.images_per_class,
+                          force=args.force)
+    n_classes = sum(DEMO_SPLITS.values())
+    print(f'demo dataset at {args.root}: {n_classes} classes '
+          f"({', '.join(f'{k} {v}' for k, v in DEMO_SPLITS.items())}) x "
+          f'{args.images_per_class} images, {time.time() - start:.1f} s')
+
+
+if __name__ == '__main__':
+    main()

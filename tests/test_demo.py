@@ -1,0 +1,113 @@
+"""Tests for the procedural demo dataset generator."""
+import csv
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from demo import DEMO_SPLITS, generate_demo_dataset
+
+N_IMAGES = 3
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    return generate_demo_dataset(str(tmp_path_factory.mktemp('demo') / 'a'), seed=0, images_per_class=N_IMAGES)
+
+
+def read_split(root, split):
+    with open(os.path.join(root, 'split', f'{split}.csv'), newline='') as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def all_files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_splits_constant():
+    assert set(DEMO_SPLITS) == {'train', 'val', 'test'}
+    assert all(n >= 5 for n in DEMO_SPLITS.values())
+
+
+def test_miniimagenet_format(demo_root):
+    labels = {}
+    listed = set()
+    for split in ('train', 'val', 'test'):
+        header, rows = read_split(demo_root, split)
+        assert header == ['filename', 'label']
+        counts = {}
+        for filename, label in rows:
+            assert filename.endswith('.jpg') and filename.startswith(label)
+            assert len(label) == 9 and label[0] == 'n' and label[1:].isdigit()
+            counts[label] = counts.get(label, 0) + 1
+            listed.add(filename)
+        assert len(counts) == DEMO_SPLITS[split]
+        assert all(c == N_IMAGES for c in counts.values())
+        labels[split] = set(counts)
+    assert not labels['train'] & labels['val']
+    assert not labels['train'] & labels['test']
+    assert not labels['val'] & labels['test']
+    image_dir = os.path.join(demo_root, 'images')
+    assert set(os.listdir(image_dir)) == listed
+    for filename in sorted(listed)[::7]:
+        with Image.open(os.path.join(image_dir, filename)) as img:
+            assert img.format == 'JPEG' and img.mode == 'RGB' and img.size == (84, 84)
+
+
+def test_requested_image_size(tmp_path):
+    root = generate_demo_dataset(str(tmp_path / 'small'), images_per_class=1, image_size=32)
+    _, rows = read_split(root, 'val')
+    with Image.open(os.path.join(root, 'images', rows[0][0])) as img:
+        assert img.size == (32, 32)
+
+
+def test_deterministic(demo_root, tmp_path):
+    same = all_files(generate_demo_dataset(str(tmp_path / 'b'), seed=0, images_per_class=N_IMAGES))
+    assert same == all_files(demo_root)
+    other = all_files(generate_demo_dataset(str(tmp_path / 'c'), seed=1, images_per_class=N_IMAGES))
+    assert set(other) == set(same)
+    images = [k for k in same if k.endswith('.jpg')]
+    assert all(other[k] != same[k] for k in images)
+
+
+def test_idempotent_and_force(tmp_path):
+    root = str(tmp_path / 'd')
+    generate_demo_dataset(root, images_per_class=2)
+    with open(os.path.join(root, '.demo_complete')) as f:
+        assert json.load(f)['images_per_class'] == 2
+    stamp = 1_000_000_000
+    paths = [os.path.join(dp, n) for dp, _, ns in os.walk(root) for n in ns]
+    for p in paths:
+        os.utime(p, (stamp, stamp))
+    generate_demo_dataset(root, images_per_class=2)
+    assert all(os.stat(p).st_mtime == stamp for p in paths)
+    generate_demo_dataset(root, images_per_class=2, force=True)
+    assert all(os.stat(p).st_mtime != stamp for p in paths)
+
+
+def test_changed_parameters_regenerate_without_stale_files(tmp_path):
+    root = str(tmp_path / 'e')
+    generate_demo_dataset(root, images_per_class=3)
+    generate_demo_dataset(root, images_per_class=1)
+    _, rows = read_split(root, 'train')
+    assert len(rows) == DEMO_SPLITS['train']
+    n_listed = sum(len(read_split(root, s)[1]) for s in DEMO_SPLITS)
+    assert len(os.listdir(os.path.join(root, 'images'))) == n_listed
+
+
+def test_incomplete_dataset_is_regenerated(tmp_path):
+    root = str(tmp_path / 'f')
+    generate_demo_dataset(root, images_per_class=1)
+    os.remove(os.path.join(root, '.demo_complete'))
+    os.remove(os.path.join(root, 'split', 'test.csv'))
+    generate_demo_dataset(root, images_per_class=1)
+    assert os.path.isfile(os.path.join(root, 'split', 'test.csv'))
+    assert os.path.isfile(os.path.join(root, '.demo_complete'))
