@@ -15,8 +15,12 @@ def atomic_save(obj: Any, path: str) -> None:
     if folder:
         os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def strip_module(state_dict: dict) -> dict:

@@ -1,0 +1,74 @@
+"""The demo preset, Conv-4 weight loading, and a shortened demo run through the command line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from arguments import DEMO_PRESET, parse_args
+from checkpoints import load_pretrained
+from models.glofa import GLoFA
+from networks.convnet import ConvNet
+from utils import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_preset_and_explicit_flags_win():
+    args = parse_args(['--demo'])
+    for key, value in DEMO_PRESET.items():
+        assert getattr(args, key) == value
+    args = parse_args(['--demo', '--Q', '3', '--network_name', 'resnet'])
+    assert args.Q == 3 and args.network_name == 'resnet' and args.lr_network == DEMO_PRESET['lr_network']
+    default = parse_args([])  # the paper's defaults stay the defaults
+    assert (default.network_name, default.Q, default.lr_network, default.pretrained) == \
+        ('resnet', 15, 0.0001, 'pretrained_weights.pth')
+
+
+@pytest.mark.parametrize('prefix', ['encoder.', '', 'module.encoder.'])
+def test_conv4_loads_feat_weights_with_or_without_prefix(tmp_path, prefix):
+    source = ConvNet()
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    state = {prefix + k: v for k, v in source.state_dict().items()}
+    state.update({'fc.weight': torch.zeros(64, 64), 'fc.bias': torch.zeros(64)})  # a classifier, dropped
+    path = tmp_path / 'con-pre.pth'
+    torch.save({'params': state}, path)
+    target = ConvNet()
+    assert load_pretrained(target, str(path)) == len(source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_conv4_refuses_resnet_weights(tmp_path):
+    from networks.resnet import ResNet12
+    path = tmp_path / 'res12.pth'
+    torch.save({'params': {'encoder.' + k: v for k, v in ResNet12().state_dict().items()}}, path)
+    with pytest.raises(UserError, match='lacks key encoder.0.0.weight'):
+        load_pretrained(ConvNet(), str(path))
+
+
+def test_channels_last_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = GLoFA(ConvNet(), 64).eval()
+    images = torch.randn(2 * 3, 3, 84, 84)
+    with torch.no_grad():
+        plain = model(images, 2, 1)
+        model.encoder.to(memory_format=torch.channels_last)
+        fast = model(images.contiguous(memory_format=torch.channels_last), 2, 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_shortened_demo_runs_end_to_end(tmp_path):
+    flags = ['--demo', '--data_path', str(tmp_path / 'demo'), '--save_dir', str(tmp_path / 'saves'),
+             '--n_training_episodes', '20', '--episode_gap', '10', '--n_validating_episodes', '10',
+             '--n_testing_episodes', '30', '--n_workers', '0']
+    run = subprocess.run([sys.executable, 'train.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert os.path.isfile(tmp_path / 'demo' / 'split' / 'test.csv')
+    line = [s for s in run.stdout.splitlines() if s.startswith('test accuracy:')]
+    assert line and line[0].endswith('(5-way 1-shot, 30 episodes)')
+    again = subprocess.run([sys.executable, 'test.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert line[0] in again.stdout.splitlines()  # test.py --demo re-evaluates the same checkpoint, same episodes
