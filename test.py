@@ -1,4 +1,5 @@
 """Evaluate a trained GLoFA model over test episodes: python test.py [--N 5 --K 1 ...]."""
+import os
 import sys
 from typing import Optional
 
@@ -12,7 +13,7 @@ from dataloader import EpisodeSampler, FewShotDataset, eval_transform, image_loa
 from checkpoints import load_model_checkpoint
 from models.glofa import GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
-from utils import accuracy_line, autocast, exits_cleanly, git_revision, select_device, set_seed
+from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, select_device, set_seed
 
 
 def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
@@ -92,7 +93,11 @@ def main(argv: Optional[list[str]] = None) -> np.ndarray:
         train.prepare_demo(args)
     set_seed(args.seed)
     device = select_device(args.device, args.devices)
+    train.check_args(args, device)
     model_path = args.model_path or train.run_paths(args)['model']
+    if not os.path.isfile(model_path):
+        raise UserError(f'checkpoint {model_path} not found: train this run first (train.py with the same flags) '
+                        f'or pass --model_path')
     dataset = FewShotDataset(train.data_path(args), 'test', eval_transform())
     model = train.build_model(args, pretrained=False)
     record = load_model_checkpoint(model, model_path, train.run_config(args))
