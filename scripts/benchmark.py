@@ -73,7 +73,9 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
     row = {'device': str(device), 'network': opts.network, 'shot': K, 'split_images': len(test_set),
            'eval_episodes': n_episodes, 'encodes_per_image_episodic': n_episodes * images_per_episode / len(test_set)}
 
-    # (a) evaluation, cached vs episodic, same episodes
+    # (a) evaluation, cached vs episodic, same episodes (after one warm-up episode of each)
+    for mode in ('cached', 'episodic'):
+        evaluate(model, test_set, 1, N, K, Q, device, mode=mode, n_workers=0, desc='warm-up')
     results = {}
     for mode in ('cached', 'episodic'):
         seconds, accs = timed(lambda: evaluate(model, test_set, n_episodes, N, K, Q, device,
