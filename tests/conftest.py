@@ -35,3 +35,21 @@ def make_dataset(root, classes_per_split=(4, 3, 3), images_per_class=6, size=(10
 def tiny_dataset(tmp_path_factory):
     """4 / 3 / 3 classes of 6 images: enough for 3-way episodes with K + Q <= 6."""
     return make_dataset(tmp_path_factory.mktemp('data') / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def spec_model_keys() -> set:
+    """The state-dict keys of GLoFA on the ResNet-12, as the spec lists them."""
+    keys = set()
+    for i in range(1, 5):
+        for conv in ('conv1', 'conv2', 'conv3', 'downsample.0'):
+            keys.add(f'encoder.layer{i}.0.{conv}.weight')
+        for bn in ('bn1', 'bn2', 'bn3', 'downsample.1'):
+            for name in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
+                keys.add(f'encoder.layer{i}.0.{bn}.{name}')
+    for f in ('f_task', 'f_class', 'h'):
+        for part in ('psi', 'rho'):
+            for layer in (0, 2):
+                for name in ('weight', 'bias'):
+                    keys.add(f'{f}.{part}.{layer}.{name}')
+    return keys

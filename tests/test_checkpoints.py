@@ -178,22 +178,6 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------ what train.py and test.py write
-def spec_model_keys() -> set[str]:
-    keys = set()
-    for i in range(1, 5):
-        for conv in ('conv1', 'conv2', 'conv3', 'downsample.0'):
-            keys.add(f'encoder.layer{i}.0.{conv}.weight')
-        for bn in ('bn1', 'bn2', 'bn3', 'downsample.1'):
-            for name in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
-                keys.add(f'encoder.layer{i}.0.{bn}.{name}')
-    for f in ('f_task', 'f_class', 'h'):
-        for part in ('psi', 'rho'):
-            for layer in (0, 2):
-                for name in ('weight', 'bias'):
-                    keys.add(f'{f}.{part}.{layer}.{name}')
-    return keys
-
-
 def run_flags(data: str, save_dir: str) -> list[str]:
     return ['--data_path', data, '--device', 'cpu', '--network_name', 'resnet', '--pretrained', 'none',
             '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '2', '--episode_gap', '1',
@@ -212,13 +196,13 @@ def trained(tiny_dataset, tmp_path_factory):
     return flags, result
 
 
-def test_checkpoint_record(trained):
+def test_checkpoint_record(trained, spec_model_keys):
     flags, result = trained
     paths = result['paths']
     record = torch.load(paths['model'], map_location='cpu', weights_only=True)
     assert {'state_dict', 'validating_accuracy', 'epoch'} <= set(record) <= {'state_dict', 'validating_accuracy',
                                                                                'epoch', 'config'}
-    assert set(record['state_dict']) == spec_model_keys()
+    assert set(record['state_dict']) == spec_model_keys
     accuracies = result['statistics']['validating_accuracy']
     # the checkpoint is written when validation accuracy strictly beats the best so far (from 0)
     best = int(np.argmax(accuracies))
