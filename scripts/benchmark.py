@@ -7,7 +7,8 @@
     5-shot); the split and the episode count are shrunk together so that the proportion stays;
 (b) loader episodes per second with 0 and with --n_workers workers;
 (c) seconds per training episode, the model alone (one episode kept in memory) and with the loader;
-(d) the same on CUDA when present.
+(d) the same on CUDA when present;
+(e) training with --channels_last (and --amp on CUDA), the model alone.
 Data is generated in the real on-disk format under --work_dir.
 """
 import argparse
@@ -27,6 +28,7 @@ import train  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
 from dataloader import FewShotDataset, eval_transform, generate_data_loader  # noqa: E402
 from test import evaluate  # noqa: E402
+from utils import autocast  # noqa: E402
 
 # mini-ImageNet's test split and the reference protocol
 FULL_IMAGES, FULL_EPISODES = 12000, 10000
@@ -70,7 +72,9 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
     test_set = FewShotDataset(root, 'test', eval_transform())
     images_per_episode = N * (K + Q)
     n_episodes = round(len(test_set) * FULL_EPISODES / FULL_IMAGES)  # same encodes per image as the full test
-    row = {'device': str(device), 'network': opts.network, 'shot': K, 'split_images': len(test_set),
+    n_episodes = opts.eval_episodes or n_episodes
+    row = {'at_test_proportions': opts.eval_episodes is None, 'device': str(device), 'network': opts.network,
+           'shot': K, 'split_images': len(test_set),
            'eval_episodes': n_episodes, 'encodes_per_image_episodic': n_episodes * images_per_episode / len(test_set)}
 
     # (a) evaluation, cached vs episodic, same episodes (after one warm-up episode of each)
@@ -104,8 +108,10 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
     loader = generate_data_loader(root, 'train', opts.train_episodes + 1, N, K + Q, n_workers=opts.n_workers,
                                   seed=0, pin_memory=device.type == 'cuda')
 
-    def step(images):
-        loss = torch.nn.functional.cross_entropy(model(images.to(device, non_blocking=True), N, K), targets)
+    def step(images, amp=False):
+        with autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True), N, K)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,13 +125,26 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
     seconds, _ = timed(lambda: [step(images) for images, _ in iterator], device)
     row['train_with_loader_s_per_ep'] = seconds / opts.train_episodes
     row['loader_bound'] = row['train_with_loader_s_per_ep'] > 1.2 * row['train_model_only_s_per_ep']
+
+    # (e) the optional speed-ups, model alone: --channels_last anywhere, --amp on CUDA
+    model.encoder.to(memory_format=torch.channels_last)
+    kept_cl = kept.contiguous(memory_format=torch.channels_last)
+    step(kept_cl)
+    seconds, _ = timed(lambda: [step(kept_cl) for _ in range(opts.train_episodes)], device)
+    row['train_channels_last_s_per_ep'] = seconds / opts.train_episodes
+    model.encoder.to(memory_format=torch.contiguous_format)
+    if device.type == 'cuda':
+        step(kept, amp=True)
+        seconds, _ = timed(lambda: [step(kept, amp=True) for _ in range(opts.train_episodes)], device)
+        row['train_amp_s_per_ep'] = seconds / opts.train_episodes
     return row
 
 
 def print_table(rows: list[dict]) -> None:
     for row in rows:
         print(f"\n== {row['device']}, {row['network']}, 5-way {row['shot']}-shot ==")
-        print(f"(a) evaluation at mini-ImageNet's test proportions ({row['eval_episodes']} episodes over "
+        at = "at mini-ImageNet's test proportions" if row['at_test_proportions'] else 'NOT at test proportions'
+        print(f"(a) evaluation {at} ({row['eval_episodes']} episodes over "
               f"{row['split_images']} images, {row['encodes_per_image_episodic']:.1f} encodes per image episodic)")
         print(f"    episodic {row['eval_episodic_s']:8.2f} s | cached {row['eval_cached_s']:8.2f} s | "
               f"cached is {row['eval_speedup']:.1f}x faster | same accuracies: {row['eval_same_accuracies']}")
@@ -136,6 +155,9 @@ def print_table(rows: list[dict]) -> None:
               ' | '.join(f"{k.split('_')[4]} workers {row[k]:.2f}" for k in workers))
         print(f"(c) training, seconds per episode: model alone {row['train_model_only_s_per_ep']:.3f} | "
               f"with loader {row['train_with_loader_s_per_ep']:.3f} | loader-bound: {row['loader_bound']}")
+        extra = f" | --amp {row['train_amp_s_per_ep']:.3f}" if 'train_amp_s_per_ep' in row else ''
+        print(f"(e) training, model alone, seconds per episode: --channels_last "
+              f"{row['train_channels_last_s_per_ep']:.3f}{extra}")
 
 
 def main(argv=None) -> list[dict]:
@@ -149,6 +171,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument('--n_workers', type=int, default=default_workers(), help='workers for the n-worker figures')
     p.add_argument('--loader_episodes', type=int, default=20, help='episodes timed for the loader')
     p.add_argument('--train_episodes', type=int, default=5, help='episodes timed for training')
+    p.add_argument('--eval_episodes', type=int, default=None,
+                   help="episodes timed in (a) (default: mini-ImageNet's proportion; another count gives "
+                        "per-episode times, not a fair ratio)")
     p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where to run')
     p.add_argument('--work_dir', default=None, help='where to write the data (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')

@@ -17,6 +17,6 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert row['split_images'] == 80 and row['eval_episodes'] == 67  # 10000 * 80 / 12000 episodes
     assert row['eval_same_accuracies'] is True
     for key in ('eval_cached_s', 'eval_episodic_s', 'loader_eps_per_s_0_workers', 'train_model_only_s_per_ep',
-                'train_with_loader_s_per_ep'):
+                'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep'):
         assert row[key] > 0
     assert 'faster' in capsys.readouterr().out
