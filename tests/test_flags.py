@@ -1,0 +1,35 @@
+"""Flags of the speed issue through the entry points: --channels_last, --eval_mode, --amp, --flag_debug."""
+import pytest
+import torch
+
+import test as test_script
+import train
+
+
+def flags(data, save_dir, *extra):
+    return ['--data_path', data, '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained', 'none',
+            '--N', '3', '--K', '1', '--Q', '2', '--n_training_episodes', '4', '--episode_gap', '2',
+            '--n_validating_episodes', '3', '--n_testing_episodes', '6', '--n_workers', '0', *extra]
+
+
+def test_channels_last_run_and_both_eval_modes_agree(tiny_dataset, tmp_path):
+    trained = train.main(flags(tiny_dataset, tmp_path, '--channels_last', '--eval_mode', 'episodic'))
+    cached = test_script.main(flags(tiny_dataset, tmp_path, '--eval_mode', 'cached'))
+    assert list(cached) == list(trained['test_accuracies'])
+
+
+def test_amp_needs_cuda(tiny_dataset, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(tiny_dataset, tmp_path, '--amp'))
+    assert exit_info.value.code == 2
+    assert '--amp needs a CUDA device' in capsys.readouterr().err
+
+
+def test_flag_debug_preset(tiny_dataset, tmp_path):
+    args = train.parse_args(['--flag_debug'])
+    assert (args.n_training_episodes, args.episode_gap, args.n_validating_episodes, args.n_testing_episodes) == \
+        (10, 5, 5, 10)
+    args = train.parse_args(['--flag_debug', '--episode_gap', '2'])
+    assert args.episode_gap == 2 and args.n_training_episodes == 10
