@@ -5,7 +5,6 @@ a checkpoint when it beats the best so far, then one step of the learning-rate s
 After training, the best checkpoint is evaluated on the test split.
 """
 import json
-import math
 import os
 import random
 import sys
@@ -150,6 +149,12 @@ def load_last(path: str, args, model, optimizer, scheduler, scaler, state: RunSt
 
 
 # ------------------------------------------------------------------ phases
+class NonFiniteLoss(Exception):
+    def __init__(self, value: float, episode: int):
+        super().__init__(f'training loss became {value} at episode {episode}')
+        self.value, self.episode = value, episode
+
+
 def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.device, state: RunState,
                   bar: tqdm) -> list[float]:
     """Train on the loader's episodes (one gap); returns their losses. A non-finite loss stops the run."""
@@ -164,9 +169,7 @@ def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.d
             logits = model(images, args.N, args.K)  # (N*Q, N)
             loss = F.cross_entropy(logits.float(), targets)
         if not torch.isfinite(loss):
-            raise UserError(f'training loss became {loss.item()} at episode {state.episode + len(losses) + 1}; '
-                            f'stopped. The last good checkpoint is kept (continue with --resume, '
-                            f'perhaps with a lower --lr or --lr_network)')
+            raise NonFiniteLoss(loss.item(), state.episode + len(losses) + 1)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -297,6 +300,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                            scheduler, scaler, state, generators, paths)
                 bar.write(f'episode {state.episode}: training loss {np.mean(losses):.4f}, validation accuracy '
                           f'{100 * accuracy:.2f} ± {100 * ci:.2f} %{" (best, saved)" if improved else ""}')
+    except NonFiniteLoss as error:
+        raise UserError(f"{error}; stopped. The last good state (episode {state.episode}) is kept in {paths['last']}; "
+                        f"runs are deterministic, so resuming with the same flags meets the same loss: "
+                        f"try a lower --lr or --lr_network") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted during episode {state.episode + 1}; the state after episode {state.episode} is "
               f"saved in {paths['last']}: run the same command with --resume to continue", file=sys.stderr)
