@@ -182,6 +182,13 @@ class SeededEpisodes:
             yield list(zip(indices.tolist(), seeds.tolist()))
 
 
+def episode_sampler(dataset: 'FewShotDataset', n_episodes: int, N: int, S: int,
+                    generator: Optional[torch.Generator] = None) -> EpisodeSampler:
+    """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class."""
+    return EpisodeSampler(dataset.labels, n_episodes, N, S, generator=generator, class_names=dataset.class_names,
+                          split=f'{dataset.split} split ({dataset.csv_path})')
+
+
 def check_episode_flags(N: int, K: int, Q: int) -> None:
     for flag, value in (('N', N), ('K', K), ('Q', Q)):
         if value < 1:
@@ -201,9 +208,7 @@ def generate_data_loader(data_path: str, flag_mode: str, n_episodes: int, N: int
         raise ValueError(f'flag_mode must be one of {SPLITS}, got {flag_mode!r}')
     if dataset is None:
         dataset = FewShotDataset(data_path, flag_mode, train_transform() if flag_mode == 'train' else eval_transform())
-    generator = torch.Generator().manual_seed(seed)
-    sampler = EpisodeSampler(dataset.labels, n_episodes, N, S, generator=generator,
-                             class_names=dataset.class_names, split=f'{flag_mode} split ({dataset.csv_path})')
+    sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed))
     batch_sampler = SeededEpisodes(sampler) if flag_mode == 'train' else sampler
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
                       persistent_workers=n_workers > 0,

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import train
 from arguments import parse_args
-from dataloader import EpisodeSampler, FewShotDataset, eval_transform, image_loader
+from dataloader import FewShotDataset, episode_sampler, eval_transform, image_loader
 from checkpoints import load_model_checkpoint
 from models.glofa import GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
@@ -55,8 +55,7 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
     """
     model.eval()
     n_per_class = n_shot + n_query
-    sampler = EpisodeSampler(dataset.labels, n_episodes, n_way, n_per_class, generator=generator,
-                             class_names=dataset.class_names, split=f'{dataset.split} split ({dataset.csv_path})')
+    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator)
     mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
     targets = query_targets(n_way, n_query, device)
     accuracies = np.empty(n_episodes)

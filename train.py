@@ -19,7 +19,8 @@ from tqdm import tqdm
 from arguments import parse_args
 from checkpoints import (atomic_save, check_config, load_model_checkpoint, load_pretrained, load_strict,
                          model_state_dict, read_file, strip_module)
-from dataloader import FewShotDataset, check_episode_flags, eval_transform, generate_data_loader, train_transform
+from dataloader import (FewShotDataset, check_episode_flags, episode_sampler, eval_transform, generate_data_loader,
+                        train_transform)
 from models.glofa import GLoFA, query_targets
 from networks import build_encoder, forward_counters, set_forward_counters
 from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed
@@ -259,8 +260,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                         n_workers=args.n_workers, seed=args.seed, pin_memory=pin, dataset=train_set)
     episodes = train_loader.batch_sampler.sampler
     generators = {'train': episodes.generator, 'val': torch.Generator().manual_seed(args.seed + 1)}
-    for split, dataset in (('val', val_set), ('test', test_set)):  # fail now, not after hours of training
-        generate_data_loader(root, split, 1, args.N, args.K + args.Q, dataset=dataset)
+    for dataset in (val_set, test_set):  # fail now, not after hours of training
+        episode_sampler(dataset, 1, args.N, args.K + args.Q)
 
     # ---------------- model
     model = build_model(args, pretrained=not (args.resume and os.path.isfile(paths['last'])))
@@ -271,8 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     state = RunState()
     if os.path.isfile(paths['last']):
         if args.resume:
-            record = load_last(paths['last'], args, model, optimizer, scheduler, scaler,
-                               state, generators)
+            load_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators)
             print(f"resumed {paths['last']} at episode {state.episode}")
         else:
             record = read_file(paths['last'], 'resume checkpoint', weights_only=False)
