@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
-from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, EpisodeSampler, FewShotDataset,  # noqa: E402
+from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, FewShotDataset, episode_sampler,  # noqa: E402
                         check_episode_flags, eval_transform)
 from models.glofa import Adaptation  # noqa: E402
 from utils import exits_cleanly, select_device  # noqa: E402
@@ -132,8 +132,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     record = load_model_checkpoint(model, model_path, train.run_config(args))
     model.to(device).eval()
     dataset = FewShotDataset(train.data_path(args), own.split, eval_transform())
-    sampler = EpisodeSampler(dataset.labels, 1, args.N, args.K, generator=torch.Generator().manual_seed(own.episode_seed),
-                             class_names=dataset.class_names, split=f'{own.split} split ({dataset.csv_path})')
+    sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed))
     indices = sampler.sample()  # (K*N,), shot-major: the support set
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
     class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]
