@@ -68,7 +68,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', action='store_true',
                    help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
     g.add_argument('--channels_last', action='store_true',
-                   help='CUDA only: channels-last memory format for the encoder')
+                   help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
     g.add_argument('--demo', action='store_true',
                    help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
                         'Conv-4 from scratch, short schedule; explicit flags override the preset')
