@@ -13,7 +13,7 @@ from dataloader import FewShotDataset, episode_sampler, eval_transform, image_lo
 from checkpoints import load_model_checkpoint
 from models.glofa import GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
-from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, select_device, set_seed
+from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, select_device, set_seed, to_device
 
 
 def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
@@ -33,11 +33,8 @@ def encode_split(model: GLoFA, dataset: FewShotDataset, device: torch.device, ba
     loader = image_loader(dataset, batch_size, n_workers, pin_memory=device.type == 'cuda')
     with tqdm(loader, desc=desc or f'encoding {dataset.split}', leave=False, unit='batch', disable=desc == '') as bar:
         for images, _ in bar:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                features.append(model.encoder(images).float())
+                features.append(model.encoder(to_device(images, device, channels_last)).float())
     return torch.cat(features)
 
 
@@ -77,10 +74,7 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
                 if mode == 'cached':
                     logits = model.logits_from_embeddings(features[episode.to(device)], n_way, n_shot)
                 else:
-                    images = episode.to(device, non_blocking=True)
-                    if channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    logits = model(images, n_way, n_shot)
+                    logits = model(to_device(episode, device, channels_last), n_way, n_shot)
             accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
     return accuracies
 

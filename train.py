@@ -23,7 +23,8 @@ from dataloader import (FewShotDataset, check_episode_flags, episode_sampler, ev
                         train_transform)
 from models.glofa import GLoFA, query_targets
 from networks import build_encoder, forward_counters, set_forward_counters
-from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed
+from utils import (UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed,
+                   to_device)
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 
@@ -163,11 +164,8 @@ def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.d
     targets = query_targets(args.N, args.Q, device)
     losses = []
     for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, args.amp):
-            logits = model(images, args.N, args.K)  # (N*Q, N)
+            logits = model(to_device(images, device, args.channels_last), args.N, args.K)  # (N*Q, N)
             loss = F.cross_entropy(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item(), state.episode + len(losses) + 1)

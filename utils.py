@@ -95,3 +95,9 @@ def autocast(device: torch.device, enabled: bool):
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type='cuda', dtype=dtype)
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch of images on ``device`` (asynchronously from pinned memory), channels-last if asked."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
