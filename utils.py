@@ -101,3 +101,11 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = 
     """A batch of images on ``device`` (asynchronously from pinned memory), channels-last if asked."""
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def save_figure(figure, path: str) -> None:
+    """Write a matplotlib figure to ``path``, creating its folder (matplotlib is imported by the caller)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    figure.savefig(path)

@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 import train  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import read_file  # noqa: E402
-from utils import UserError, exits_cleanly  # noqa: E402
+from utils import UserError, exits_cleanly, save_figure  # noqa: E402
 
 STAT_SUFFIX = '.stat'
 
@@ -137,10 +137,7 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
         ax.grid(alpha=0.3)
     ax_acc.legend(loc='lower right', fontsize=8)
     fig.suptitle(title, fontsize=9)
-    folder = os.path.dirname(out)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
 
 
 @exits_cleanly

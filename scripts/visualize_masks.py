@@ -22,7 +22,7 @@ from checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, FewShotDataset, episode_sampler,  # noqa: E402
                         check_episode_flags, eval_transform)
 from models.glofa import Adaptation  # noqa: E402
-from utils import exits_cleanly, select_device  # noqa: E402
+from utils import exits_cleanly, save_figure, select_device  # noqa: E402
 
 CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
@@ -113,10 +113,7 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
     ax_alpha.set_title('strengths', fontsize=10)
 
     caption.text(0.01, 0.95, CAPTION, ha='left', va='top', wrap=True, fontsize=8.5)
-    folder = os.path.dirname(out)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
 
 
 @exits_cleanly
