@@ -83,7 +83,7 @@ class FewShotDataset(Dataset):
                  check_files: bool = True):
         if not os.path.isdir(data_path):
             raise UserError(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv; '
-                            f'see --data_path)')
+                            f'see --data_path, or --demo for the built-in demo data)')
         self.image_dir = os.path.join(data_path, 'images')
         if not os.path.isdir(self.image_dir):
             raise UserError(f'image folder {self.image_dir} not found (expected {data_path}/images/<file>)')
