@@ -6,6 +6,7 @@ appearance. The sampler yields episodes in *shot-major* order (see ``EpisodeSamp
 """
 import csv
 import os
+import signal
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -210,14 +211,38 @@ def generate_data_loader(data_path: str, flag_mode: str, n_episodes: int, N: int
         dataset = FewShotDataset(data_path, flag_mode, train_transform() if flag_mode == 'train' else eval_transform())
     sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed))
     batch_sampler = SeededEpisodes(sampler) if flag_mode == 'train' else sampler
+    return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
+
+
+def iterate(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, with Ctrl-C held back while worker processes start: it is delivered just
+    after, to the main process alone (the workers inherit the block and ignore it)."""
+    if loader.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,
+                   persistent: bool = False) -> DataLoader:
+    """A loader of whole episodes: each batch is one episode from ``batch_sampler``."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
-                      persistent_workers=n_workers > 0,
+                      persistent_workers=persistent, worker_init_fn=ignore_interrupts,
                       # worker seeds come from their own generator, never from the global random state
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(0))
 
 
 def image_loader(dataset: FewShotDataset, batch_size: int = 128, n_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """Every image of a split once, in order: for encoding a split in batches."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=n_workers,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+                      pin_memory=pin_memory, worker_init_fn=ignore_interrupts,
+                      generator=torch.Generator().manual_seed(0))

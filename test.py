@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import train
 from arguments import parse_args
-from dataloader import FewShotDataset, episode_sampler, eval_transform, image_loader
+from dataloader import FewShotDataset, episode_loader, episode_sampler, eval_transform, image_loader, iterate
 from checkpoints import load_model_checkpoint
 from models.glofa import GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
@@ -31,7 +31,8 @@ def encode_split(model: GLoFA, dataset: FewShotDataset, device: torch.device, ba
     model.eval()
     features = []
     loader = image_loader(dataset, batch_size, n_workers, pin_memory=device.type == 'cuda')
-    with tqdm(loader, desc=desc or f'encoding {dataset.split}', leave=False, unit='batch', disable=desc == '') as bar:
+    with tqdm(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
+              unit='batch', disable=desc == '') as bar:
         for images, _ in bar:
             with autocast(device, amp):
                 features.append(model.encoder(to_device(images, device, channels_last)).float())
@@ -64,10 +65,8 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
         advance_forward_counters(model.encoder, n_episodes)  # one pass per episode, as the reference counts
         episodes = sampler
     else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=n_workers,
-                                             pin_memory=device.type == 'cuda',
-                                             generator=torch.Generator().manual_seed(0))
-        episodes = (images for images, _ in loader)
+        loader = episode_loader(dataset, sampler, n_workers, pin_memory=device.type == 'cuda')
+        episodes = (images for images, _ in iterate(loader))
     with tqdm(episodes, total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
         for i, episode in enumerate(bar):
             with autocast(device, amp):

@@ -20,7 +20,7 @@ from arguments import parse_args
 from checkpoints import (atomic_save, check_config, load_model_checkpoint, load_pretrained, load_strict,
                          model_state_dict, read_file, strip_module)
 from dataloader import (FewShotDataset, check_episode_flags, episode_sampler, eval_transform, generate_data_loader,
-                        train_transform)
+                        iterate, train_transform)
 from models.glofa import GLoFA, query_targets
 from networks import build_encoder, forward_counters, set_forward_counters
 from utils import (UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed,
@@ -163,7 +163,7 @@ def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.d
     model.train()
     targets = query_targets(args.N, args.Q, device)
     losses = []
-    for images, _ in loader:
+    for images, _ in iterate(loader):
         with autocast(device, args.amp):
             logits = model(to_device(images, device, args.channels_last), args.N, args.K)  # (N*Q, N)
             loss = F.cross_entropy(logits.float(), targets)
@@ -305,6 +305,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     except KeyboardInterrupt:
         print(f"\ninterrupted during episode {state.episode + 1}; the state after episode {state.episode} is "
               f"saved in {paths['last']}: run the same command with --resume to continue", file=sys.stderr)
+        # a loader interrupted while starting its workers complains when it is torn down: nothing to report
+        sys.unraisablehook = lambda unraisable: None
         sys.exit(130)
 
     # ---------------- test of the best checkpoint

@@ -85,3 +85,33 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
     log = os.path.join(tmp_path, 'statistics', train.run_name(train.parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
     with open(log) as f:
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
+
+
+def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) to train.py with loader workers:
+    exit 130, a hint to resume, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
+            'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
+            '--n_validating_episodes', '2', '--n_workers', '2']
+    log = train.run_paths(train.parse_args(argv))['log']
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (os.path.isfile(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+            time.sleep(0.2)  # wait for the first validation
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert 'Traceback' not in err
+    assert 'with --resume to continue' in err
+    assert torch.load(train.run_paths(train.parse_args(argv))['last'], weights_only=False)['episode'] >= 5
