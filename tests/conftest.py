@@ -38,15 +38,22 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def spec_model_keys() -> set:
-    """The state-dict keys of GLoFA on the ResNet-12, as the spec lists them."""
+def spec_encoder_keys() -> set:
+    """The state-dict keys of the ResNet-12, as the spec lists them."""
     keys = set()
     for i in range(1, 5):
         for conv in ('conv1', 'conv2', 'conv3', 'downsample.0'):
-            keys.add(f'encoder.layer{i}.0.{conv}.weight')
+            keys.add(f'layer{i}.0.{conv}.weight')
         for bn in ('bn1', 'bn2', 'bn3', 'downsample.1'):
             for name in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
-                keys.add(f'encoder.layer{i}.0.{bn}.{name}')
+                keys.add(f'layer{i}.0.{bn}.{name}')
+    return keys
+
+
+@pytest.fixture(scope='session')
+def spec_model_keys(spec_encoder_keys) -> set:
+    """The state-dict keys of GLoFA on the ResNet-12, as the spec lists them."""
+    keys = {f'encoder.{k}' for k in spec_encoder_keys}
     for f in ('f_task', 'f_class', 'h'):
         for part in ('psi', 'rho'):
             for layer in (0, 2):

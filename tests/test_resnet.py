@@ -11,17 +11,6 @@ from networks.resnet import BasicBlock, ResNet12, dropblock, dropblock_gamma, dr
 WIDTHS = (64, 160, 320, 640)
 
 
-def spec_encoder_keys() -> set[str]:
-    keys = set()
-    for i in range(1, 5):
-        for conv in ('conv1', 'conv2', 'conv3', 'downsample.0'):
-            keys.add(f'layer{i}.0.{conv}.weight')
-        for bn in ('bn1', 'bn2', 'bn3', 'downsample.1'):
-            for name in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
-                keys.add(f'layer{i}.0.{bn}.{name}')
-    return keys
-
-
 @pytest.fixture(scope='module')
 def net():
     torch.manual_seed(0)
@@ -44,9 +33,9 @@ def test_output_and_intermediate_sizes(net):
     assert ResNet12.out_dim == 640
 
 
-def test_state_dict_keys_and_shapes(net):
+def test_state_dict_keys_and_shapes(net, spec_encoder_keys):
     sd = net.state_dict()
-    assert set(sd) == spec_encoder_keys()
+    assert set(sd) == spec_encoder_keys
     in_planes = 3
     for i, planes in enumerate(WIDTHS, start=1):
         p = f'layer{i}.0.'
