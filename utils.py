@@ -25,7 +25,11 @@ def user_message(error: BaseException) -> str:
 
 
 def exits_cleanly(main: Callable) -> Callable:
-    """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback."""
+    """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback.
+
+    A UserError raised in a DataLoader worker is re-raised in the main process as a UserError whose
+    message carries the worker's traceback; ``user_message`` keeps its last line.
+    """
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -33,11 +37,6 @@ def exits_cleanly(main: Callable) -> Callable:
         except UserError as error:
             print(f'error: {user_message(error)}', file=sys.stderr)
             sys.exit(2)
-        except RuntimeError as error:  # a UserError raised in a DataLoader worker arrives wrapped
-            if 'UserError' in str(error):
-                print(f'error: {user_message(error)}', file=sys.stderr)
-                sys.exit(2)
-            raise
     return wrapper
 
 
