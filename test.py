@@ -5,97 +5,33 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import train
 from arguments import parse_args
-from dataloader import FewShotDataset, episode_loader, episode_sampler, eval_transform, image_loader, iterate
 from checkpoints import load_model_checkpoint
-from models.glofa import GLoFA, query_targets
-from networks import advance_forward_counters, forward_counters, set_forward_counters
-from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, select_device, set_seed, to_device
-
-
-def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
-    """'auto': cached when encoding the split once costs fewer images than encoding every episode."""
-    if mode != 'auto':
-        return mode
-    return 'cached' if n_images < n_episodes * images_per_episode else 'episodic'
-
-
-@torch.no_grad()
-def encode_split(model: GLoFA, dataset: FewShotDataset, device: torch.device, batch_size: int = 128,
-                 n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-                 desc: Optional[str] = None) -> torch.Tensor:
-    """Embeddings of every image of the split, in the model's eval mode: (len(dataset), d) on ``device``."""
-    model.eval()
-    features = []
-    loader = image_loader(dataset, batch_size, n_workers, pin_memory=device.type == 'cuda')
-    with tqdm(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
-              unit='batch', disable=desc == '') as bar:
-        for images, _ in bar:
-            with autocast(device, amp):
-                features.append(model.encoder(to_device(images, device, channels_last)).float())
-    return torch.cat(features)
-
-
-@torch.no_grad()
-def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
-             device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'cached',
-             n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-             desc: str = 'test') -> np.ndarray:
-    """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]) in eval mode.
-
-    mode 'episodic' encodes each episode's images, as the reference does; 'cached' encodes every
-    image of the split once and runs only the adaptors and logits per episode; 'auto' picks the one
-    that encodes fewer images. Both draw the same episodes from ``generator`` and give the same
-    answers. Either way the encoder's DropBlock counters advance by one per episode, as in the reference.
-    """
-    model.eval()
-    n_per_class = n_shot + n_query
-    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator)
-    mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
-    targets = query_targets(n_way, n_query, device)
-    accuracies = np.empty(n_episodes)
-    if mode == 'cached':
-        counters = forward_counters(model.encoder)
-        features = encode_split(model, dataset, device, n_workers=n_workers, amp=amp,
-                                channels_last=channels_last, desc=f'encoding {dataset.split}')
-        set_forward_counters(model.encoder, counters)
-        advance_forward_counters(model.encoder, n_episodes)  # one pass per episode, as the reference counts
-        episodes = sampler
-    else:
-        loader = episode_loader(dataset, sampler, n_workers, pin_memory=device.type == 'cuda')
-        episodes = (images for images, _ in iterate(loader))
-    with tqdm(episodes, total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
-        for i, episode in enumerate(bar):
-            with autocast(device, amp):
-                if mode == 'cached':
-                    logits = model.logits_from_embeddings(features[episode.to(device)], n_way, n_shot)
-                else:
-                    logits = model(to_device(episode, device, channels_last), n_way, n_shot)
-            accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
-    return accuracies
+from dataloader import FewShotDataset, eval_transform
+from evaluation import evaluate
+from runs import build_model, check_args, data_path, place_model, prepare_demo, run_config, run_paths
+from utils import UserError, accuracy_line, exits_cleanly, git_revision, select_device, set_seed
 
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> np.ndarray:
     args = parse_args(argv)
     if args.demo:
-        train.prepare_demo(args)
+        prepare_demo(args)
     set_seed(args.seed)
     device = select_device(args.device, args.devices)
-    train.check_args(args, device)
-    model_path = args.model_path or train.run_paths(args)['model']
+    check_args(args, device)
+    model_path = args.model_path or run_paths(args)['model']
     if not os.path.isfile(model_path):
-        raise UserError(f'checkpoint {model_path} not found: train this run first (train.py with the same flags) '
+        raise UserError(f'checkpoint {model_path} not found: train this run first (py with the same flags) '
                         f'or pass --model_path')
-    dataset = FewShotDataset(train.data_path(args), 'test', eval_transform())
-    model = train.build_model(args, pretrained=False)
-    record = load_model_checkpoint(model, model_path, train.run_config(args))
+    dataset = FewShotDataset(data_path(args), 'test', eval_transform())
+    model = build_model(args, pretrained=False)
+    record = load_model_checkpoint(model, model_path, run_config(args))
     print(f"loaded {model_path} (validation accuracy {100 * float(record.get('validating_accuracy', float('nan'))):.2f} %, "
           f"episode {record.get('epoch')})")
-    model = train.place_model(model, args, device)
+    model = place_model(model, args, device)
     accuracies = evaluate(model, dataset, args.n_testing_episodes, args.N, args.K, args.Q, device,
                           generator=torch.Generator().manual_seed(args.seed), mode=args.eval_mode,
                           n_workers=args.n_workers, amp=args.amp, channels_last=args.channels_last)

@@ -12,78 +12,20 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments import parse_args
-from checkpoints import (atomic_save, check_config, load_model_checkpoint, load_pretrained, load_strict,
-                         model_state_dict, read_file, strip_module)
-from dataloader import (FewShotDataset, check_episode_flags, episode_sampler, eval_transform, generate_data_loader,
-                        iterate, train_transform)
+from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
+from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, train_transform
+from evaluation import evaluate
 from models.glofa import GLoFA, query_targets
-from networks import build_encoder, forward_counters, set_forward_counters
-from utils import (UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed,
-                   to_device)
-
-FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
-
-
-# ------------------------------------------------------------------ configuration
-def data_path(args) -> str:
-    return args.data_path or os.path.join('datasets', args.data_name)
-
-
-def run_name(args) -> str:
-    """The flags that define a run, e.g. mini_imagenet-resnet-glofa-N5-K1-Q15-lrn0.0001-lr0.01-point20_30_40-gamma0.2-tau1-delta1."""
-    name = (f'{args.data_name}-{args.network_name}-{args.model_name}-N{args.N}-K{args.K}-Q{args.Q}'
-            f'-lrn{args.lr_network:g}-lr{args.lr:g}-point{"_".join(map(str, args.point))}-gamma{args.gamma:g}'
-            f'-tau{args.tau:g}-delta{args.delta:g}')
-    return name if args.adaptor == 'both' else f'{name}-{args.adaptor}'
-
-
-def run_paths(args) -> dict:
-    name = run_name(args)
-    models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
-    return {'model': os.path.join(models, f'{name}.model'), 'last': os.path.join(models, f'{name}.last.model'),
-            'stat': os.path.join(stats, f'{name}.stat'), 'log': os.path.join(stats, f'{name}.log.jsonl')}
-
-
-def run_config(args) -> dict:
-    """What a checkpoint must agree with to be loaded into this run's model."""
-    return {'network_name': args.network_name, 'N': args.N, 'K': args.K, 'adaptor': args.adaptor}
-
-
-def prepare_demo(args) -> None:
-    """Generate the built-in demo dataset once (deterministic), where --data_path points."""
-    from demo import generate_demo_dataset
-    generate_demo_dataset(data_path(args))
+from networks import forward_counters, set_forward_counters
+from runs import build_model, check_args, data_path, place_model, prepare_demo, run_config, run_name, run_paths
+from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
 
 
 # ------------------------------------------------------------------ model and optimisation
-def build_model(args, pretrained: bool = True) -> GLoFA:
-    """GLoFA on the chosen encoder; with ``pretrained``, the encoder starts from --pretrained."""
-    encoder = build_encoder(args.network_name)
-    if pretrained and args.pretrained.lower() != 'none':
-        if not os.path.isfile(args.pretrained):
-            raise UserError(f'pretrained weights {args.pretrained} not found: download FEAT\'s '
-                            f'{FEAT_WEIGHTS[args.network_name]} (github.com/Sha-Lab/FEAT) and pass --pretrained PATH, '
-                            f'or use --pretrained none to train from scratch')
-        n = load_pretrained(encoder, args.pretrained)
-        print(f'loaded {n} encoder tensors from {args.pretrained}')
-    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor)
-
-
-def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:
-    """Move the model to ``device``; several --devices wrap the encoder in DataParallel."""
-    model.to(device)
-    if args.channels_last:
-        model.encoder.to(memory_format=torch.channels_last)
-    if device.type == 'cuda' and len(args.devices) > 1:
-        model.encoder = nn.DataParallel(model.encoder, device_ids=args.devices)
-    return model
-
-
 def build_optimizer(args, model: GLoFA) -> torch.optim.SGD:
     """SGD with Nesterov momentum: the encoder at --lr_network, the three set functions at --lr."""
     set_functions = [p for m in (model.f_task, model.f_class, model.h) for p in m.parameters()]
@@ -225,19 +167,6 @@ def validate_and_save(model: GLoFA, val_set: FewShotDataset, losses: list[float]
     return accuracy, ci, improved
 
 
-def check_args(args, device: torch.device) -> None:
-    check_episode_flags(args.N, args.K, args.Q)
-    for flag in ('n_training_episodes', 'n_validating_episodes', 'n_testing_episodes', 'episode_gap'):
-        if getattr(args, flag) < 1:
-            raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
-    if args.tau <= 0:
-        raise UserError(f'--tau must be positive, got {args.tau}')
-    if args.n_workers < 0:
-        raise UserError(f'--n_workers must be 0 or more, got {args.n_workers}')
-    if args.amp and device.type != 'cuda':
-        raise UserError('--amp needs a CUDA device (this run is on the CPU)')
-
-
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
@@ -325,7 +254,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def evaluate_split(model: GLoFA, dataset: FewShotDataset, args, device: torch.device,
                    generator: torch.Generator, desc: str, mode: Optional[str] = None) -> np.ndarray:
     """Per-episode accuracies on the validation or test split with this run's flags."""
-    from test import evaluate  # test.py builds on this module: import it when first needed
     if mode is None:  # validation: cached when it encodes fewer images, unless --eval_mode episodic
         mode = 'episodic' if args.eval_mode == 'episodic' else 'auto'
     n_episodes = args.n_validating_episodes if desc == 'validation' else args.n_testing_episodes

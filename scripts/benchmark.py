@@ -24,10 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402
+import runs  # noqa: E402
+from train import build_optimizer  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
 from dataloader import FewShotDataset, eval_transform, generate_data_loader  # noqa: E402
-from test import evaluate  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from utils import autocast  # noqa: E402
 
 # mini-ImageNet's test split and the reference protocol
@@ -68,7 +69,7 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
              '--K', str(K), '--Q', str(Q), '--n_workers', str(opts.n_workers)]
     args = parse_args(flags)
     torch.manual_seed(0)
-    model = train.place_model(train.build_model(args, pretrained=False), args, device)
+    model = runs.place_model(runs.build_model(args, pretrained=False), args, device)
     test_set = FewShotDataset(root, 'test', eval_transform())
     images_per_episode = N * (K + Q)
     n_episodes = round(len(test_set) * FULL_EPISODES / FULL_IMAGES)  # same encodes per image as the full test
@@ -103,7 +104,7 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
         del iterator, loader
 
     # (c) seconds per training episode: model alone vs with the loader
-    optimizer = train.build_optimizer(args, model)
+    optimizer = build_optimizer(args, model)
     targets = torch.arange(N * Q, device=device) % N
     loader = generate_data_loader(root, 'train', opts.train_episodes + 1, N, K + Q, n_workers=opts.n_workers,
                                   seed=0, pin_memory=device.type == 'cuda')

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import train  # noqa: E402
+import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import read_file  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         stat_path, episode_gap = own.stat, own.episode_gap or 200
     else:
         args = parse_args(rest)
-        stat_path, episode_gap = train.run_paths(args)['stat'], own.episode_gap or args.episode_gap
+        stat_path, episode_gap = runs.run_paths(args)['stat'], own.episode_gap or args.episode_gap
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     losses, accuracies = load_statistics(stat_path)

@@ -16,7 +16,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
+import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, FewShotDataset, episode_sampler,  # noqa: E402
@@ -122,13 +122,13 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     args = parse_args(rest)
     check_episode_flags(args.N, args.K, args.Q)
     device = select_device(args.device, args.devices)
-    model_path = args.model_path or train.run_paths(args)['model']
+    model_path = args.model_path or runs.run_paths(args)['model']
 
     # ---------------- model and episode
-    model = train.build_model(args, pretrained=False)
-    record = load_model_checkpoint(model, model_path, train.run_config(args))
+    model = runs.build_model(args, pretrained=False)
+    record = load_model_checkpoint(model, model_path, runs.run_config(args))
     model.to(device).eval()
-    dataset = FewShotDataset(train.data_path(args), own.split, eval_transform())
+    dataset = FewShotDataset(runs.data_path(args), own.split, eval_transform())
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed))
     indices = sampler.sample()  # (K*N,), shot-major: the support set
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import test as test_script
+import runs
 import train
 from arguments import parse_args
 from checkpoints import atomic_save, load_pretrained
@@ -269,4 +270,4 @@ def test_command_line_end_to_end(tiny_dataset, tmp_path):
     assert lines[0].startswith('error:') and missing in lines[0]
     assert 'Traceback' not in failed.stderr + failed.stdout
     # nothing that a rerun would take for an unfinished run is left behind
-    assert not os.path.exists(train.run_paths(parse_args(flags))['last'])
+    assert not os.path.exists(runs.run_paths(parse_args(flags))['last'])

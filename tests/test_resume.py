@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import runs
 import train
 
 
@@ -15,7 +16,7 @@ def flags(data, save_dir, episodes):
 
 
 def last_record(save_dir, data, episodes):
-    path = train.run_paths(train.parse_args(flags(data, save_dir, episodes)))['last']
+    path = runs.run_paths(train.parse_args(flags(data, save_dir, episodes)))['last']
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
@@ -82,7 +83,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
     monkeypatch.setattr(train, 'train_one_gap', real_gap)
     train.main(flags(tiny_dataset, tmp_path, 3) + ['--resume'])
     assert_same_run(last_record(tmp_path, tiny_dataset, 3), uninterrupted[0])
-    log = os.path.join(tmp_path, 'statistics', train.run_name(train.parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
+    log = os.path.join(tmp_path, 'statistics', runs.run_name(train.parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
     with open(log) as f:
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
 
@@ -98,7 +99,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path):
     argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
             '--n_validating_episodes', '2', '--n_workers', '2']
-    log = train.run_paths(train.parse_args(argv))['log']
+    log = runs.run_paths(train.parse_args(argv))['log']
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -114,4 +115,4 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path):
     assert process.returncode == 130
     assert 'Traceback' not in err
     assert 'with --resume to continue' in err
-    assert torch.load(train.run_paths(train.parse_args(argv))['last'], weights_only=False)['episode'] >= 5
+    assert torch.load(runs.run_paths(train.parse_args(argv))['last'], weights_only=False)['episode'] >= 5

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import runs
 from arguments import get_parser, parse_args
 from checkpoints import model_state_dict
 
@@ -318,7 +318,7 @@ def test_plot_curves_takes_episodes_from_the_log(capsys, tmp_path):
 
 def test_plot_curves_finds_the_run_from_its_flags(capsys, tmp_path):
     flags = ['--save_dir', str(tmp_path / 'saves'), '--N', '2', '--K', '1', '--episode_gap', '25']
-    write_stat(train.run_paths(parse_args(flags))['stat'])
+    write_stat(runs.run_paths(parse_args(flags))['stat'])
     plot_curves.main([*flags, '--out', str(tmp_path / 'c.png')])
     assert_png(tmp_path / 'c.png')
     assert 'up to episode 150' in capsys.readouterr().out
@@ -348,11 +348,11 @@ def checkpoint_flags(tiny_dataset, tmp_path_factory):
              '--data_path', tiny_dataset, '--save_dir', str(tmp_path_factory.mktemp('saves')), '--device', 'cpu']
     args = parse_args(flags)
     torch.manual_seed(0)
-    model = train.build_model(args, pretrained=False)
-    path = train.run_paths(args)['model']
+    model = runs.build_model(args, pretrained=False)
+    path = runs.run_paths(args)['model']
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,
-                'config': train.run_config(args)}, path)
+                'config': runs.run_config(args)}, path)
     return flags
 
 

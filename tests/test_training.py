@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import runs
 import train
 from arguments import get_parser, parse_args
 
@@ -14,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def model():
-    return train.build_model(parse_args(['--pretrained', 'none']))
+    return runs.build_model(parse_args(['--pretrained', 'none']))
 
 
 def ids(params) -> list[int]:
@@ -130,29 +131,29 @@ def test_every_flag_is_read():
 
 def test_run_name_encodes_the_flags():
     base = ['--N', '5', '--K', '1', '--Q', '15']
-    name = train.run_name(parse_args(base))
+    name = runs.run_name(parse_args(base))
     variants = [['--N', '3'], ['--K', '5'], ['--Q', '10'], ['--lr_network', '0.001'], ['--lr', '0.1'],
                 ['--point', '20', '30'], ['--point', '10', '30', '40'], ['--gamma', '0.1'], ['--tau', '0.5'],
                 ['--delta', '0.3'], ['--network_name', 'convnet'], ['--data_name', 'other'],
                 ['--adaptor', 'task'], ['--adaptor', 'none']]
     names = {name}
     for extra in variants:
-        other = train.run_name(parse_args(base + extra))
+        other = runs.run_name(parse_args(base + extra))
         assert other != name, extra
         names.add(other)
     assert len(names) == len(variants) + 1, 'each flag value gives its own name'
-    assert train.run_name(parse_args(base)) == name
-    assert train.run_name(parse_args(base + ['--seed', '3', '--n_workers', '0'])) == name
+    assert runs.run_name(parse_args(base)) == name
+    assert runs.run_name(parse_args(base + ['--seed', '3', '--n_workers', '0'])) == name
     for text in ('N5', 'K1', 'Q15'):
         assert text in name
 
 
 def test_run_paths_lie_under_save_dir(tmp_path):
     args = parse_args(['--save_dir', str(tmp_path)])
-    paths = train.run_paths(args)
+    paths = runs.run_paths(args)
     assert len(set(paths.values())) == len(paths)
     for path in paths.values():
         assert os.path.commonpath([path, str(tmp_path)]) == str(tmp_path)
-        assert train.run_name(args) in os.path.basename(path)
-    other = train.run_paths(parse_args(['--save_dir', str(tmp_path), '--tau', '0.5']))
+        assert runs.run_name(args) in os.path.basename(path)
+    other = runs.run_paths(parse_args(['--save_dir', str(tmp_path), '--tau', '0.5']))
     assert other['model'] != paths['model'] and other['stat'] != paths['stat']
