@@ -7,11 +7,23 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def get_parser() -> argparse.ArgumentParser:
-    """Return the argparse parser of train.py and test.py (every flag documented and used)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not for flags that are off, have none, or state their default in the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or '(default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
+    """Return the argparse parser of train.py and test.py (every flag documented and used).
+
+    With ``several_settings`` (test.py), --N and --K take several values: every (N, K) pair is evaluated.
+    """
     p = argparse.ArgumentParser(
         description='GLoFA: global and local feature adaptors for few-shot classification.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
 
     g = p.add_argument_group('data and model')
     g.add_argument('--data_name', type=str, default='mini_imagenet',
@@ -31,8 +43,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--delta', type=float, default=1.0, help='upper bound of the mask values')
 
     g = p.add_argument_group('episodes')
-    g.add_argument('--N', type=int, default=5, help='classes per episode (way)')
-    g.add_argument('--K', type=int, default=1, help='support images per class (shot)')
+    several = dict(nargs='+') if several_settings else {}
+    g.add_argument('--N', type=int, default=5, **several,
+                   help='classes per episode (way); test.py takes several values, e.g. --N 5 10')
+    g.add_argument('--K', type=int, default=1, **several,
+                   help='support images per class (shot); test.py takes several values, e.g. --K 1 5')
     g.add_argument('--Q', type=int, default=15, help='query images per class')
     g.add_argument('--n_training_episodes', type=int, default=10000, help='training episodes in all')
     g.add_argument('--n_validating_episodes', type=int, default=200, help='validation episodes at each validation')
@@ -60,11 +75,16 @@ def get_parser() -> argparse.ArgumentParser:
                    help='root of trained_models/ and statistics/')
     g.add_argument('--model_path', type=str, default=None,
                    help='checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags)')
-    g.add_argument('--eval_mode', type=str, default='cached', choices=['cached', 'episodic'],
+    g.add_argument('--eval_mode', type=str, default='auto', choices=['auto', 'cached', 'episodic'],
                    help='cached: encode each image of the split once, then adapt per episode; '
-                        'episodic: encode every episode anew as the reference does (same answers)')
+                        'episodic: encode every episode anew as the reference does (same answers); '
+                        'auto: whichever encodes fewer images, for validation and test alike')
+    g.add_argument('--json', type=str, default=None,
+                   help='write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')
     g.add_argument('--resume', action='store_true',
                    help="continue training from the run's 'last' checkpoint when it exists")
+    g.add_argument('--overwrite', action='store_true',
+                   help="train.py: replace the files of a run with the same identity (finished or not) instead of stopping")
     g.add_argument('--amp', action='store_true',
                    help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
     g.add_argument('--channels_last', action='store_true',
@@ -87,9 +107,9 @@ DEMO_PRESET = dict(
 DEBUG_PRESET = dict(n_training_episodes=10, episode_gap=5, n_validating_episodes=5, n_testing_episodes=10)
 
 
-def parse_args(argv: list[str] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] = None, several_settings: bool = False) -> argparse.Namespace:
     """Parse the command line; --demo and --flag_debug change the defaults, explicit flags still win."""
-    parser = get_parser()
+    parser = get_parser(several_settings)
     args = parser.parse_args(argv)
     if args.demo or args.flag_debug:
         parser.set_defaults(**{**(DEMO_PRESET if args.demo else {}), **(DEBUG_PRESET if args.flag_debug else {})})

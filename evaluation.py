@@ -3,6 +3,9 @@
 Two ways give the same answers: 'episodic' encodes every episode's images, as the reference does;
 'cached' encodes each image of the split once and runs only the adaptors and logits per episode.
 """
+import json
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -11,16 +14,29 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dataloader import FewShotDataset, episode_loader, episode_sampler, image_loader, iterate
-from models.glofa import GLoFA, query_targets
+from models.glofa import Adaptation, GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
-from utils import autocast, to_device
+from utils import autocast, mean_ci, to_device
+
+
+MODES = ('auto', 'cached', 'episodic')
 
 
 def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
     """'auto': cached when encoding the split once costs fewer images than encoding every episode."""
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     if mode != 'auto':
         return mode
     return 'cached' if n_images < n_episodes * images_per_episode else 'episodic'
+
+
+def describe_eval_mode(mode: str, chosen: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
+    """'cached evaluation (auto: the split's 12000 images once, not 10000 episodes x 80 images)'."""
+    how = 'auto' if mode == 'auto' else 'forced by --eval_mode'
+    once, each = f"the split's {n_images} images once", f'{n_episodes} episodes x {images_per_episode} images'
+    reason = f'{once}, not {each}' if chosen == 'cached' else f'{each}, not {once}'
+    return f'{chosen} evaluation ({how}: {reason})'
 
 
 @torch.no_grad()
@@ -39,40 +55,132 @@ def encode_split(encoder: nn.Module, dataset: FewShotDataset, device: torch.devi
     return torch.cat(features)
 
 
+class SplitFeatures:
+    """The embeddings of a split, encoded on first use and then shared (e.g. by several (N, K) settings).
+
+    Encoding leaves the encoder's DropBlock counters as they were: evaluation counts one pass per episode.
+    """
+
+    def __init__(self, encoder: nn.Module, dataset: FewShotDataset, device: torch.device, n_workers: int = 0,
+                 amp: bool = False, channels_last: bool = False):
+        self.encoder, self.dataset, self.device = encoder, dataset, device
+        self.n_workers, self.amp, self.channels_last = n_workers, amp, channels_last
+        self.features: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self.features is None:
+            counters = forward_counters(self.encoder)
+            self.features = encode_split(self.encoder, self.dataset, self.device, n_workers=self.n_workers,
+                                         amp=self.amp, channels_last=self.channels_last,
+                                         desc=f'encoding {self.dataset.split}')
+            set_forward_counters(self.encoder, counters)
+        return self.features
+
+
+@dataclass
+class EpisodeResults:
+    """What evaluation measured on each episode, in order."""
+    mode: str                 # 'cached' or 'episodic': the way that ran
+    accuracies: np.ndarray    # (E,) in [0, 1]
+    alphas: np.ndarray        # (E, 2): (alpha_task, alpha_cls) = relu(h(S))
+    mask_task: np.ndarray     # (E,): mean of m_task over the d features
+    mask_cls: np.ndarray      # (E,): mean of m_cls over the N classes and d features
+
+    def diagnostics(self) -> dict:
+        """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks."""
+        active = self.alphas > 0
+        return {'alpha_task': float(self.alphas[:, 0].mean()), 'alpha_cls': float(self.alphas[:, 1].mean()),
+                'alpha_task_active': float(active[:, 0].mean()), 'alpha_cls_active': float(active[:, 1].mean()),
+                'mask_task': float(self.mask_task.mean()), 'mask_cls': float(self.mask_cls.mean())}
+
+    def adaptors_off(self) -> bool:
+        """Both strengths are 0 on every episode: the model is normalised-prototype ProtoNet."""
+        return bool((self.alphas == 0).all())
+
+
+def diagnostics_line(results: EpisodeResults) -> str:
+    """'adaptors: alpha_task 0.412 (> 0 in 100 % of episodes), alpha_cls ..., mean masks task 0.31, class 0.12'."""
+    d = results.diagnostics()
+    return (f"adaptors: alpha_task {d['alpha_task']:.4f} (> 0 in {100 * d['alpha_task_active']:.0f} % of episodes), "
+            f"alpha_cls {d['alpha_cls']:.4f} (> 0 in {100 * d['alpha_cls_active']:.0f} %); "
+            f"mean mask values: task {d['mask_task']:.4f}, class {d['mask_cls']:.4f}")
+
+
+def adaptors_off_warning(results: EpisodeResults, where: str) -> str:
+    return (f'warning: alpha_task = alpha_cls = 0 on all {len(results.accuracies)} {where} episodes: the adaptors '
+            f'are switched off and the model is normalised-prototype ProtoNet at this point')
+
+
 @torch.no_grad()
-def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
-             device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'cached',
-             n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-             desc: str = 'test') -> np.ndarray:
-    """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]) in eval mode.
+def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
+                 device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
+                 n_workers: int = 0, amp: bool = False, channels_last: bool = False, desc: str = 'test',
+                 features: Optional[SplitFeatures] = None) -> EpisodeResults:
+    """Evaluate ``n_episodes`` episodes in eval mode; per-episode accuracies and adaptor diagnostics.
 
     mode 'episodic' encodes each episode's images, as the reference does; 'cached' encodes every
-    image of the split once and runs only the adaptors and logits per episode; 'auto' picks the one
-    that encodes fewer images. Both draw the same episodes from ``generator`` and give the same
-    answers. Either way the encoder's DropBlock counters advance by one per episode, as in the reference.
+    image of the split once (or takes ``features``, already encoded) and runs only the adaptors and
+    logits per episode; 'auto' picks the one that encodes fewer images. Both draw the same episodes
+    from ``generator`` and give the same answers. Either way the encoder's DropBlock counters
+    advance by one per episode, as in the reference.
     """
     model.eval()
     n_per_class = n_shot + n_query
     sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator)
     mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
     targets = query_targets(n_way, n_query, device)
-    accuracies = np.empty(n_episodes)
+    accuracies, alphas = np.empty(n_episodes), np.empty((n_episodes, 2))
+    mask_task, mask_cls = np.empty(n_episodes), np.empty(n_episodes)
     if mode == 'cached':
-        counters = forward_counters(model.encoder)
-        features = encode_split(model.encoder, dataset, device, n_workers=n_workers, amp=amp,
-                                channels_last=channels_last, desc=f'encoding {dataset.split}')
-        set_forward_counters(model.encoder, counters)
+        if features is None:
+            features = SplitFeatures(model.encoder, dataset, device, n_workers, amp, channels_last)
+        cache = features.get()  # (len(dataset), d)
         advance_forward_counters(model.encoder, n_episodes)  # one pass per episode, as the reference counts
-        episodes = sampler
+        episodes = iter(sampler)  # index tensors
     else:
         loader = episode_loader(dataset, sampler, n_workers, pin_memory=device.type == 'cuda')
-        episodes = (images for images, _ in iterate(loader))
-    with tqdm(episodes, total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
-        for i, episode in enumerate(bar):
+        episodes = (images for images, _ in iterate(loader))  # image tensors
+    with tqdm(total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
+        for i, episode in enumerate(episodes):
             with autocast(device, amp):
                 if mode == 'cached':
-                    logits = model.logits_from_embeddings(features[episode.to(device)], n_way, n_shot)
+                    embeddings = cache[episode.to(device)]  # (N*(K+Q), d), shot-major
                 else:
-                    logits = model(to_device(episode, device, channels_last), n_way, n_shot)
+                    embeddings = model.encode(to_device(episode, device, channels_last))
+                logits, adaptation = model.episode(embeddings, n_way, n_shot)  # (N*Q, N)
             accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
-    return accuracies
+            record_adaptation(adaptation, i, alphas, mask_task, mask_cls)
+            bar.update(1)
+    return EpisodeResults(mode, accuracies, alphas, mask_task, mask_cls)
+
+
+def record_adaptation(adaptation: Adaptation, i: int, alphas: np.ndarray, mask_task: np.ndarray,
+                      mask_cls: np.ndarray) -> None:
+    values = torch.stack([adaptation.alpha[0], adaptation.alpha[1], adaptation.m_task.mean(),
+                          adaptation.m_cls.mean()]).float().cpu().numpy()  # one transfer per episode
+    alphas[i], mask_task[i], mask_cls[i] = values[:2], values[2], values[3]
+
+
+def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
+             device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
+             n_workers: int = 0, amp: bool = False, channels_last: bool = False,
+             desc: str = 'test') -> np.ndarray:
+    """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]); see ``run_episodes``."""
+    return run_episodes(model, dataset, n_episodes, n_way, n_shot, n_query, device, generator, mode, n_workers,
+                        amp, channels_last, desc).accuracies
+
+
+def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
+    """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
+    mean, ci = mean_ci(results.accuracies)
+    return {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
+            'mode': results.mode, **results.diagnostics()}
+
+
+def write_figures(path: str, settings: list[dict], **extra) -> None:
+    """Write the figures of one or more settings to a JSON file (its folder is created)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump({**extra, 'settings': settings}, f, indent=1)

@@ -2,12 +2,14 @@
 
 train.py, test.py and the scripts import this module; it imports none of them.
 """
+import hashlib
+import json
 import os
 
 import torch
 import torch.nn as nn
 
-from checkpoints import load_pretrained
+from checkpoints import load_pretrained, read_file
 from dataloader import check_episode_flags
 from models.glofa import GLoFA
 from networks import build_encoder
@@ -16,28 +18,109 @@ from utils import UserError
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 
 
+def data_roots(args) -> list[str]:
+    """The dataset root(s) of the run: --data_path, else datasets/<data_name>."""
+    paths = args.data_path or os.path.join('datasets', args.data_name)
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
 def data_path(args) -> str:
-    return args.data_path or os.path.join('datasets', args.data_name)
+    return data_roots(args)[0]
+
+
+def run_identity(args) -> dict:
+    """Everything that defines a run's result: the data (names and locations), the model, the
+    optimisation, the schedule and the seed. Execution options (device, workers, --amp,
+    --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
+    return {
+        'data': [os.path.normpath(os.path.abspath(root)) for root in data_roots(args)],
+        'network_name': args.network_name, 'model_name': args.model_name, 'adaptor': args.adaptor,
+        'pretrained': os.path.basename(args.pretrained), 'tau': args.tau, 'delta': args.delta,
+        'N': args.N, 'K': args.K, 'Q': args.Q,
+        'n_training_episodes': args.n_training_episodes, 'episode_gap': args.episode_gap,
+        'n_validating_episodes': args.n_validating_episodes,
+        'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
+        'wd': args.wd, 'mo': args.mo, 'seed': args.seed,
+    }
 
 
 def run_name(args) -> str:
-    """The flags that define a run, e.g. mini_imagenet-resnet-glofa-N5-K1-Q15-lrn0.0001-lr0.01-point20_30_40-gamma0.2-tau1-delta1."""
-    name = (f'{args.data_name}-{args.network_name}-{args.model_name}-N{args.N}-K{args.K}-Q{args.Q}'
-            f'-lrn{args.lr_network:g}-lr{args.lr:g}-point{"_".join(map(str, args.point))}-gamma{args.gamma:g}'
-            f'-tau{args.tau:g}-delta{args.delta:g}')
-    return name if args.adaptor == 'both' else f'{name}-{args.adaptor}'
+    """A readable name plus a short hash of the run's whole identity, so distinct runs never share
+    files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
+    identity = run_identity(args)
+    data = '+'.join(os.path.basename(root) or 'data' for root in identity['data'])
+    adaptor = '' if args.adaptor == 'both' else f'-{args.adaptor}'
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f'{data}-{args.network_name}-{args.model_name}{adaptor}-N{args.N}-K{args.K}-seed{args.seed}-{digest}'
 
 
 def run_paths(args) -> dict:
+    """The run's files under --save_dir: best checkpoint, last state, statistics, JSON log, identity."""
     name = run_name(args)
     models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
     return {'model': os.path.join(models, f'{name}.model'), 'last': os.path.join(models, f'{name}.last.model'),
-            'stat': os.path.join(stats, f'{name}.stat'), 'log': os.path.join(stats, f'{name}.log.jsonl')}
+            'stat': os.path.join(stats, f'{name}.stat'), 'log': os.path.join(stats, f'{name}.log.jsonl'),
+            'identity': os.path.join(stats, f'{name}.run.json')}
+
+
+def check_existing_run(args, paths: dict) -> bool:
+    """Whether this run resumes its saved state. No run's files are replaced silently: a finished run
+    stops here unless --overwrite is given, an unfinished one unless --resume or --overwrite is."""
+    existing = [paths[k] for k in ('model', 'last', 'stat', 'log') if os.path.isfile(paths[k])]
+    if args.overwrite:
+        for path in existing + [paths['identity']] * os.path.isfile(paths['identity']):
+            os.remove(path)
+        if existing:
+            print(f'--overwrite: removed the {len(existing)} files of the earlier run {run_name(args)}')
+        return False
+    if os.path.isfile(paths['last']):
+        record = read_file(paths['last'], 'resume checkpoint', weights_only=False)
+        finished = not isinstance(record, dict) or record.get('finished', True)
+        if args.resume and not finished:
+            return True
+        if not finished:
+            raise UserError(f"an unfinished run with these flags is saved in {paths['last']} (episode "
+                            f"{record.get('episode')}): add --resume to continue it, or --overwrite to start over")
+    elif not existing:
+        if args.resume:
+            print(f"no checkpoint {paths['last']} yet: starting a new run")
+        return False
+    where = paths['model'] if os.path.isfile(paths['model']) else existing[0]
+    raise UserError(f'this run is already finished: its files are {where} and the rest under {args.save_dir}; '
+                    f'evaluate them with test.py and the same flags, or add --overwrite to train it again')
 
 
 def run_config(args) -> dict:
-    """What a checkpoint must agree with to be loaded into this run's model."""
+    """What a checkpoint records of the model it holds: network, way, shot and adaptor ablation."""
     return {'network_name': args.network_name, 'N': args.N, 'K': args.K, 'adaptor': args.adaptor}
+
+
+def model_config(args) -> dict:
+    """What a checkpoint must agree with to be loaded into this model. GLoFA's parameters do not
+    depend on N or K (the set functions take sets of any size), so any way and shot may be evaluated."""
+    return {'network_name': args.network_name, 'adaptor': args.adaptor}
+
+
+def list_runs(save_dir: str, suffix: str) -> list[str]:
+    """Files ending in ``suffix`` under ``save_dir``'s trained_models/ and statistics/, sorted."""
+    found = []
+    for folder in ('trained_models', 'statistics'):
+        path = os.path.join(save_dir, folder)
+        if os.path.isdir(path):
+            found += [os.path.join(path, f) for f in sorted(os.listdir(path))
+                      if f.endswith(suffix) and not f.endswith('.last' + suffix)]
+    return found
+
+
+def missing_run_message(what: str, path: str, save_dir: str, suffix: str) -> str:
+    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...')."""
+    found = list_runs(save_dir, suffix)
+    if not found:
+        return f'{what} {path} not found, and there are no runs under {save_dir}: train one first (train.py)'
+    names = ', '.join(os.path.basename(f)[:-len(suffix)] for f in found[:5])
+    more = f' and {len(found) - 5} more' if len(found) > 5 else ''
+    return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
+            f'(give the flags of one of them, or its file with --model_path)')
 
 
 def prepare_demo(args) -> None:

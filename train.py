@@ -8,6 +8,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -18,10 +19,12 @@ from tqdm import tqdm
 from arguments import parse_args
 from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, train_transform
-from evaluation import evaluate
+from evaluation import (EpisodeResults, adaptors_off_warning, choose_eval_mode, describe_eval_mode, diagnostics_line,
+                        run_episodes, setting_figures, write_figures)
 from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
-from runs import build_model, check_args, data_path, place_model, prepare_demo, run_config, run_name, run_paths
+from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
+                  run_identity, run_name, run_paths)
 from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
 
 
@@ -40,13 +43,27 @@ def build_scheduler(args, optimizer: torch.optim.Optimizer) -> torch.optim.lr_sc
 
 
 # ------------------------------------------------------------------ training state
+@dataclass
 class RunState:
     """Everything a resumed run needs besides the model, optimizer and scheduler."""
+    episode: int = 0          # training episodes done
+    saved_episode: int = 0    # the episode whose state the 'last' checkpoint holds
+    best_accuracy: float = 0.0
+    statistics: dict = field(default_factory=lambda: {'training_loss': [], 'validating_accuracy': []})
 
-    def __init__(self):
-        self.episode = 0
-        self.best_accuracy = 0.0
-        self.statistics = {'training_loss': [], 'validating_accuracy': []}
+
+@dataclass
+class Run:
+    """One training run: its flags, files, model, optimisation and state, handed from phase to phase."""
+    args: object
+    device: torch.device
+    paths: dict
+    model: GLoFA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: Optional[torch.amp.GradScaler]
+    generators: dict          # 'train' (episodes and augmentation) and 'val' (validation episodes)
+    state: RunState = field(default_factory=RunState)
 
 
 def random_states() -> dict:
@@ -62,32 +79,35 @@ def set_random_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def save_last(path: str, args, model, optimizer, scheduler, scaler, state: RunState, generators: dict,
-              finished: bool) -> None:
-    atomic_save({'state_dict': model_state_dict(model), 'optimizer': optimizer.state_dict(),
-                 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
+def save_last(run: Run, finished: bool) -> None:
+    """The whole state of the run after ``run.state.episode`` episodes, written atomically."""
+    state = run.state
+    atomic_save({'state_dict': model_state_dict(run.model), 'optimizer': run.optimizer.state_dict(),
+                 'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
                  'random_states': random_states(),
-                 'generators': {k: g.get_state() for k, g in generators.items()},
+                 'generators': {k: g.get_state() for k, g in run.generators.items()},
                  'episode': state.episode, 'statistics': state.statistics, 'best_accuracy': state.best_accuracy,
-                 'forward_counters': forward_counters(model.encoder), 'config': run_config(args),
-                 'finished': finished}, path)
+                 'forward_counters': forward_counters(run.model.encoder), 'config': run_config(run.args),
+                 'finished': finished}, run.paths['last'])
+    state.saved_episode = state.episode
 
 
-def load_last(path: str, args, model, optimizer, scheduler, scaler, state: RunState, generators: dict) -> dict:
+def load_last(run: Run) -> dict:
+    path = run.paths['last']
     record = read_file(path, 'resume checkpoint', weights_only=False)
     if not isinstance(record, dict) or 'optimizer' not in record or 'episode' not in record:
         raise UserError(f'resume checkpoint {path} is not a last-state checkpoint of train.py')
-    check_config(record, run_config(args), path)
-    load_strict(model, strip_module(record['state_dict']), path, 'resume checkpoint')
-    optimizer.load_state_dict(record['optimizer'])
-    scheduler.load_state_dict(record['scheduler'])
-    if scaler is not None and record.get('scaler'):
-        scaler.load_state_dict(record['scaler'])
-    for k, g in generators.items():
+    check_config(record, run_config(run.args), path)
+    load_strict(run.model, strip_module(record['state_dict']), path, 'resume checkpoint')
+    run.optimizer.load_state_dict(record['optimizer'])
+    run.scheduler.load_state_dict(record['scheduler'])
+    if run.scaler is not None and record.get('scaler'):
+        run.scaler.load_state_dict(record['scaler'])
+    for k, g in run.generators.items():
         g.set_state(record['generators'][k])
-    set_forward_counters(model.encoder, record['forward_counters'])
-    state.episode, state.statistics = record['episode'], record['statistics']
-    state.best_accuracy = record['best_accuracy']
+    set_forward_counters(run.model.encoder, record['forward_counters'])
+    run.state = RunState(episode=record['episode'], saved_episode=record['episode'],
+                         best_accuracy=record['best_accuracy'], statistics=record['statistics'])
     set_random_states(record['random_states'])
     return record
 
@@ -99,9 +119,9 @@ class NonFiniteLoss(Exception):
         self.value, self.episode = value, episode
 
 
-def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.device, state: RunState,
-                  bar: tqdm) -> list[float]:
+def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
     """Train on the loader's episodes (one gap); returns their losses. A non-finite loss stops the run."""
+    model, optimizer, scaler, args, device = run.model, run.optimizer, run.scaler, run.args, run.device
     model.train()
     targets = query_targets(args.N, args.Q, device)
     losses = []
@@ -110,7 +130,7 @@ def train_one_gap(model: GLoFA, loader, optimizer, scaler, args, device: torch.d
             logits = model(to_device(images, device, args.channels_last), args.N, args.K)  # (N*Q, N)
             loss = F.cross_entropy(logits.float(), targets)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(loss.item(), state.episode + len(losses) + 1)
+            raise NonFiniteLoss(loss.item(), run.state.episode + len(losses) + 1)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -141,30 +161,59 @@ def trim_log(path: str, episode: int) -> None:
         f.writelines(kept)
 
 
-def validate_and_save(model: GLoFA, val_set: FewShotDataset, losses: list[float], args, device: torch.device,
-                      optimizer, scheduler, scaler, state: RunState, generators: dict,
-                      paths: dict) -> tuple[float, float, bool]:
+def evaluate_split(run: Run, dataset: FewShotDataset, generator: torch.Generator, n_episodes: int,
+                   desc: str) -> EpisodeResults:
+    """The episodes of the validation or test split with this run's flags and --eval_mode."""
+    args = run.args
+    return run_episodes(run.model, dataset, n_episodes, args.N, args.K, args.Q, run.device, generator=generator,
+                        mode=args.eval_mode, n_workers=args.n_workers, amp=args.amp,
+                        channels_last=args.channels_last, desc=desc)
+
+
+def validate_and_save(run: Run, val_set: FewShotDataset, losses: list[float]) -> tuple[EpisodeResults, bool]:
     """End of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
-    statistics, the JSON log line and the 'last' checkpoint. Returns (accuracy, its 95% CI, improved)."""
-    accuracy, ci = mean_ci(evaluate_split(model, val_set, args, device, generators['val'], 'validation'))
+    statistics, the JSON log line and the 'last' checkpoint. Returns the validation and whether it improved."""
+    args, state, paths = run.args, run.state, run.paths
+    results = evaluate_split(run, val_set, run.generators['val'], args.n_validating_episodes, 'validation')
+    accuracy, ci = mean_ci(results.accuracies)
     loss = float(np.mean(losses))
     state.statistics['training_loss'].append(loss)
     state.statistics['validating_accuracy'].append(accuracy)
     improved = accuracy > state.best_accuracy
     if improved:
         state.best_accuracy = accuracy
-        atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': accuracy,
+        atomic_save({'state_dict': model_state_dict(run.model), 'validating_accuracy': accuracy,
                      'epoch': state.episode, 'config': run_config(args)}, paths['model'])
-    scheduler.step()
+    run.scheduler.step()
     atomic_save(state.statistics, paths['stat'])
     with open(paths['log'], 'a') as log:
         log.write(json.dumps({'episode': state.episode, 'training_loss': loss, 'validating_accuracy': accuracy,
                               'validating_ci': ci, 'best_validating_accuracy': state.best_accuracy,
-                              'lr_network': optimizer.param_groups[0]['lr'],
-                              'lr': optimizer.param_groups[1]['lr']}) + '\n')
-    save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators,
-              finished=state.episode >= args.n_training_episodes)
-    return accuracy, ci, improved
+                              'lr_network': run.optimizer.param_groups[0]['lr'],
+                              'lr': run.optimizer.param_groups[1]['lr'], **results.diagnostics()}) + '\n')
+    save_last(run, finished=state.episode >= args.n_training_episodes)
+    return results, improved
+
+
+def validation_line(episode: int, losses: list[float], results: EpisodeResults, improved: bool) -> str:
+    accuracy, ci = mean_ci(results.accuracies)
+    d = results.diagnostics()
+    return (f'episode {episode}: training loss {np.mean(losses):.4f}, validation accuracy '
+            f'{100 * accuracy:.2f} ± {100 * ci:.2f} %, alpha_task {d["alpha_task"]:.3f}, alpha_cls '
+            f'{d["alpha_cls"]:.3f}{" (best, saved)" if improved else ""}')
+
+
+def interrupted_message(run: Run, during: str) -> str:
+    state = run.state
+    return (f"\ninterrupted during {during}; the state after episode {state.saved_episode} is saved in "
+            f"{run.paths['last']}: run the same command with --resume to continue")
+
+
+def write_identity(run: Run) -> None:
+    """<run>.run.json: the flags that define the run (what its name's hash stands for)."""
+    os.makedirs(os.path.dirname(run.paths['identity']), exist_ok=True)
+    with open(run.paths['identity'], 'w') as f:
+        json.dump({'run': run_name(run.args), **run_identity(run.args)}, f, indent=1)
 
 
 @exits_cleanly
@@ -191,49 +240,49 @@ def main(argv: Optional[list[str]] = None) -> dict:
         episode_sampler(dataset, 1, args.N, args.K + args.Q)
 
     # ---------------- model
-    model = build_model(args, pretrained=not (args.resume and os.path.isfile(paths['last'])))
+    resuming = check_existing_run(args, paths)
+    model = build_model(args, pretrained=not resuming)
     model = place_model(model, args, device)
     optimizer = build_optimizer(args, model)
-    scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler('cuda') if args.amp and not torch.cuda.is_bf16_supported() else None
-    state = RunState()
-    if os.path.isfile(paths['last']):
-        if args.resume:
-            load_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators)
-            print(f"resumed {paths['last']} at episode {state.episode}")
-        else:
-            record = read_file(paths['last'], 'resume checkpoint', weights_only=False)
-            if isinstance(record, dict) and not record.get('finished', True):
-                raise UserError(f"an unfinished run with these flags is saved in {paths['last']} (episode "
-                                f"{record.get('episode')}): add --resume to continue it, or move that file to start over")
-    elif args.resume:
-        print(f"no checkpoint {paths['last']} yet: starting a new run")
-    trim_log(paths['log'], state.episode)
+    run = Run(args, device, paths, model, optimizer, build_scheduler(args, optimizer), scaler, generators)
+    if resuming:
+        load_last(run)
+        print(f"resumed {paths['last']} at episode {run.state.episode}")
+    trim_log(paths['log'], run.state.episode)
+    write_identity(run)
 
+    per_episode = args.N * (args.K + args.Q)
+    mode = choose_eval_mode(args.eval_mode, len(val_set), args.n_validating_episodes, per_episode)
     print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
-          f'in train / val / test')
+          f'in train / val / test; validation: '
+          f'{describe_eval_mode(args.eval_mode, mode, len(val_set), args.n_validating_episodes, per_episode)}')
 
     # ---------------- meta-training
+    state, phase, bar = run.state, 'start-up', None
     try:
         with tqdm(total=args.n_training_episodes, initial=min(state.episode, args.n_training_episodes),
                   desc='training', unit='ep', dynamic_ncols=True) as bar:
             if state.episode == 0:
-                save_last(paths['last'], args, model, optimizer, scheduler, scaler, state, generators, finished=False)
+                save_last(run, finished=False)
             while state.episode < args.n_training_episodes:
                 episodes.n_episodes = min(args.episode_gap, args.n_training_episodes - state.episode)
-                losses = train_one_gap(model, train_loader, optimizer, scaler, args, device, state, bar)
+                phase = 'training'
+                losses = train_one_gap(run, train_loader, bar)
                 state.episode += len(losses)
-                accuracy, ci, improved = validate_and_save(model, val_set, losses, args, device, optimizer,
-                                                           scheduler, scaler, state, generators, paths)
-                bar.write(f'episode {state.episode}: training loss {np.mean(losses):.4f}, validation accuracy '
-                          f'{100 * accuracy:.2f} ± {100 * ci:.2f} %{" (best, saved)" if improved else ""}')
+                phase = 'validation'
+                results, improved = validate_and_save(run, val_set, losses)
+                bar.write(validation_line(state.episode, losses, results, improved))
+                if results.adaptors_off() and args.adaptor != 'none':
+                    bar.write(adaptors_off_warning(results, 'validation'))
     except NonFiniteLoss as error:
-        raise UserError(f"{error}; stopped. The last good state (episode {state.episode}) is kept in {paths['last']}; "
-                        f"runs are deterministic, so resuming with the same flags meets the same loss: "
-                        f"try a lower --lr or --lr_network") from None
+        raise UserError(f"{error}; stopped. The last good state (episode {state.saved_episode}) is kept in "
+                        f"{paths['last']}; runs are deterministic, so resuming with the same flags meets the same "
+                        f"loss: try a lower --lr or --lr_network") from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted during episode {state.episode + 1}; the state after episode {state.episode} is "
-              f"saved in {paths['last']}: run the same command with --resume to continue", file=sys.stderr)
+        during = {'training': f'episode {int(bar.n) + 1 if bar is not None else state.episode + 1}',
+                  'validation': f'the validation after episode {state.episode}'}.get(phase, phase)
+        print(interrupted_message(run, during), file=sys.stderr)
         # a loader interrupted while starting its workers complains when it is torn down: nothing to report
         sys.unraisablehook = lambda unraisable: None
         sys.exit(130)
@@ -244,21 +293,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     record = load_model_checkpoint(model, paths['model'], run_config(args))
     print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
           f"checkpoint {paths['model']}")
-    accuracies = evaluate_split(model, test_set, args, device, torch.Generator().manual_seed(args.seed), 'test',
-                                mode=args.eval_mode)
-    print(accuracy_line('test', accuracies, args.N, args.K))
-    print(f'seed {args.seed}, {args.eval_mode} evaluation, revision {git_revision()}')
-    return {'statistics': state.statistics, 'test_accuracies': accuracies, 'paths': paths}
-
-
-def evaluate_split(model: GLoFA, dataset: FewShotDataset, args, device: torch.device,
-                   generator: torch.Generator, desc: str, mode: Optional[str] = None) -> np.ndarray:
-    """Per-episode accuracies on the validation or test split with this run's flags."""
-    if mode is None:  # validation: cached when it encodes fewer images, unless --eval_mode episodic
-        mode = 'episodic' if args.eval_mode == 'episodic' else 'auto'
-    n_episodes = args.n_validating_episodes if desc == 'validation' else args.n_testing_episodes
-    return evaluate(model, dataset, n_episodes, args.N, args.K, args.Q, device, generator=generator, mode=mode,
-                    n_workers=args.n_workers, amp=args.amp, channels_last=args.channels_last, desc=desc)
+    try:
+        results = evaluate_split(run, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
+                                 'test')
+    except KeyboardInterrupt:
+        print(f'\ninterrupted during the test; training is finished and saved: python test.py with the same '
+              f'flags evaluates {paths["model"]}', file=sys.stderr)
+        sys.exit(130)
+    print(accuracy_line('test', results.accuracies, args.N, args.K))
+    print(diagnostics_line(results))
+    print(f'seed {args.seed}, {results.mode} evaluation, revision {git_revision()}')
+    if args.json:
+        write_figures(args.json, [setting_figures(args.N, args.K, results)])
+    return {'statistics': state.statistics, 'test_accuracies': results.accuracies, 'test': results, 'paths': paths}
 
 
 if __name__ == '__main__':

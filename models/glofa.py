@@ -66,15 +66,23 @@ class GLoFA(nn.Module):
         scale = (1 + alpha[0] * m_task) * (1 + alpha[1] * m_cls)  # (N, d)
         return Adaptation(m_task, m_cls, alpha, scale)
 
-    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """features: (N*(K+Q), d), shot-major -> logits (N*Q, N); query j's target is j % N."""
+    def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Adaptation]:
+        """features: (N*(K+Q), d), shot-major -> (logits (N*Q, N), the episode's Adaptation).
+
+        Query j's target is j % N.
+        """
         d = features.size(-1)
         support, query = features[:n_way * n_shot], features[n_way * n_shot:]  # (N*K, d), (N*Q, d)
-        scale = self.adapt(support, n_way, n_shot).scale  # (N, d)
+        adaptation = self.adapt(support, n_way, n_shot)
+        scale = adaptation.scale  # (N, d)
         mean_support = support.view(n_shot, n_way, d).mean(dim=0)  # (N, d)
         prototypes = F.normalize(mean_support * scale, dim=-1)  # (N, d): p_n = normalise(mean_k T_n(s))
         # <T_n(q), p_n> = sum_d q_d * scale_{n,d} * p_{n,d}
-        return query @ (scale * prototypes).t() / self.tau  # (N*Q, N)
+        return query @ (scale * prototypes).t() / self.tau, adaptation  # (N*Q, N)
+
+    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
+        """features: (N*(K+Q), d), shot-major -> logits (N*Q, N); query j's target is j % N."""
+        return self.episode(features, n_way, n_shot)[0]
 
     def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
         """images: (N*(K+Q), 3, H, W), shot-major -> logits (N*Q, N)."""

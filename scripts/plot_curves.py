@@ -100,13 +100,16 @@ def episodes_of(stat_path: str, n: int, episode_gap: int) -> tuple[list[int], Op
 
 def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
          title: str, out: str) -> None:
-    """Two panels, training loss and validation accuracy (%) against episodes, saved as a PNG."""
+    """Training loss and validation accuracy (%) against episodes, and the adaptors' strengths when
+    the log has them, saved as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5), dpi=120, layout='constrained')
+    strengths = entries is not None and all(isinstance(e.get('alpha_task'), (int, float)) for e in entries)
+    fig = Figure(figsize=(18 if strengths else 12, 4.5), dpi=120, layout='constrained')
     FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if strengths else 2)
+    ax_loss, ax_acc = axes[:2]
     marker = 'o' if len(episodes) <= 60 else None
     percent = [100 * a for a in accuracies]
 
@@ -133,7 +136,16 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
             for ax in (ax_loss, ax_acc):
                 ax.axvline(episode, color='grey', linestyle=':', linewidth=1,
                            label='learning-rate drop' if i == 0 and ax is ax_acc else None)
-    for ax in (ax_loss, ax_acc):
+    if strengths:
+        ax_alpha = axes[2]
+        for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
+            ax_alpha.plot(episodes, [e[key] for e in entries], marker=marker, markersize=3, color=colour,
+                          label=f'{key} (mean over the validation episodes)')
+        ax_alpha.set_title('adaptor strengths relu(h(S)); 0 = adaptor switched off')
+        ax_alpha.set_xlabel('training episode')
+        ax_alpha.set_ylabel('strength')
+        ax_alpha.legend(loc='upper right', fontsize=8)
+    for ax in axes:
         ax.grid(alpha=0.3)
     ax_acc.legend(loc='lower right', fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -148,8 +160,11 @@ def main(argv: Optional[list[str]] = None) -> str:
             raise UserError(f'--stat names the file; the run flags {" ".join(rest)} would be ignored: give one or the other')
         stat_path, episode_gap = own.stat, own.episode_gap or 200
     else:
-        args = parse_args(rest)
-        stat_path, episode_gap = runs.run_paths(args)['stat'], own.episode_gap or args.episode_gap
+        # --episode_gap is also one of the run's flags: it names the run as well
+        args = parse_args(rest + (['--episode_gap', str(own.episode_gap)] if own.episode_gap else []))
+        stat_path, episode_gap = runs.run_paths(args)['stat'], args.episode_gap
+        if not os.path.isfile(stat_path):
+            raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX))
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     losses, accuracies = load_statistics(stat_path)

@@ -22,7 +22,7 @@ from checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, FewShotDataset, episode_sampler,  # noqa: E402
                         check_episode_flags, eval_transform)
 from models.glofa import Adaptation  # noqa: E402
-from utils import exits_cleanly, save_figure, select_device  # noqa: E402
+from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
 
 CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
@@ -123,10 +123,12 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     check_episode_flags(args.N, args.K, args.Q)
     device = select_device(args.device, args.devices)
     model_path = args.model_path or runs.run_paths(args)['model']
+    if not args.model_path and not os.path.isfile(model_path):
+        raise UserError(runs.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
 
     # ---------------- model and episode
     model = runs.build_model(args, pretrained=False)
-    record = load_model_checkpoint(model, model_path, runs.run_config(args))
+    record = load_model_checkpoint(model, model_path, runs.model_config(args))
     model.to(device).eval()
     dataset = FewShotDataset(runs.data_path(args), own.split, eval_transform())
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed))

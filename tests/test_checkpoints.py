@@ -235,7 +235,7 @@ def test_statistics_record_and_log(trained):
 def test_test_script_reproduces_the_training_run_test(trained, capsys):
     flags, result = trained
     capsys.readouterr()
-    accuracies = test_script.main(flags)
+    accuracies = next(iter(test_script.main(flags).values())).accuracies
     out = capsys.readouterr().out
     match = ACCURACY_LINE.search(out)
     assert match, out

@@ -144,10 +144,11 @@ def test_checkpoint_not_a_checkpoint(data, tmp_path, capsys):
     assert 'bad.model' in line and 'not a GLoFA checkpoint' in line
 
 
-def test_checkpoint_of_another_way(data, tmp_path, capsys):
+def test_checkpoint_of_another_way_is_evaluated_and_said(data, tmp_path, capsys):
     path = save_checkpoint(tmp_path, data, '--N', '3')
-    line = fails(test_script.main, base_flags(data, tmp_path, '--model_path', path), capsys)
-    assert 'N = 3' in line and 'N = 2' in line
+    results = test_script.main(base_flags(data, tmp_path, '--model_path', path))
+    assert list(results) == [(2, 1)]
+    assert 'trained as 3-way 1-shot; evaluating 2-way 1-shot' in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_network(data, tmp_path, capsys):

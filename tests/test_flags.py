@@ -14,8 +14,9 @@ def flags(data, save_dir, *extra):
 
 def test_channels_last_run_and_both_eval_modes_agree(tiny_dataset, tmp_path):
     trained = train.main(flags(tiny_dataset, tmp_path, '--channels_last', '--eval_mode', 'episodic'))
-    cached = test_script.main(flags(tiny_dataset, tmp_path, '--eval_mode', 'cached'))
-    assert list(cached) == list(trained['test_accuracies'])
+    cached = test_script.main(flags(tiny_dataset, tmp_path, '--eval_mode', 'cached'))[(3, 1)]
+    assert cached.mode == 'cached' and trained['test'].mode == 'episodic'
+    assert list(cached.accuracies) == list(trained['test_accuracies'])
 
 
 def test_amp_needs_cuda(tiny_dataset, tmp_path, capsys):

@@ -129,13 +129,16 @@ def test_every_flag_is_read():
         assert readers, f'--{dest} is parsed but never read'
 
 
-def test_run_name_encodes_the_flags():
+def test_run_name_encodes_the_flags(tmp_path):
     base = ['--N', '5', '--K', '1', '--Q', '15']
     name = runs.run_name(parse_args(base))
     variants = [['--N', '3'], ['--K', '5'], ['--Q', '10'], ['--lr_network', '0.001'], ['--lr', '0.1'],
                 ['--point', '20', '30'], ['--point', '10', '30', '40'], ['--gamma', '0.1'], ['--tau', '0.5'],
                 ['--delta', '0.3'], ['--network_name', 'convnet'], ['--data_name', 'other'],
-                ['--adaptor', 'task'], ['--adaptor', 'none']]
+                ['--adaptor', 'task'], ['--adaptor', 'none'], ['--seed', '3'], ['--n_training_episodes', '5000'],
+                ['--episode_gap', '100'], ['--n_validating_episodes', '50'], ['--wd', '0.001'], ['--mo', '0.8'],
+                ['--pretrained', 'other.pth'], ['--data_path', 'datasets/mini_imagenet2'],
+                ['--data_path', str(tmp_path / 'mini_imagenet')]]
     names = {name}
     for extra in variants:
         other = runs.run_name(parse_args(base + extra))
@@ -143,9 +146,13 @@ def test_run_name_encodes_the_flags():
         names.add(other)
     assert len(names) == len(variants) + 1, 'each flag value gives its own name'
     assert runs.run_name(parse_args(base)) == name
-    assert runs.run_name(parse_args(base + ['--seed', '3', '--n_workers', '0'])) == name
-    for text in ('N5', 'K1', 'Q15'):
-        assert text in name
+    # how a run is executed is not what it is
+    same = ['--n_workers', '0', '--device', 'cpu', '--save_dir', str(tmp_path), '--channels_last', '--amp',
+            '--n_testing_episodes', '3', '--eval_mode', 'episodic', '--resume', '--overwrite',
+            '--data_path', os.path.join('datasets', 'mini_imagenet')]
+    assert runs.run_name(parse_args(base + same)) == name
+    assert re.fullmatch(r'mini_imagenet-resnet-glofa-N5-K1-seed960402-[0-9a-f]{8}', name), name
+    assert runs.run_name(parse_args(base + ['--adaptor', 'task'])).startswith('mini_imagenet-resnet-glofa-task-N5-K1')
 
 
 def test_run_paths_lie_under_save_dir(tmp_path):

@@ -1,0 +1,184 @@
+"""test.py as researchers use it: the auto evaluation rule, any way and shot from one checkpoint,
+several settings in one command, --json, and the adaptor diagnostics."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import runs
+import test as test_script
+import train
+from conftest import make_dataset
+from dataloader import FewShotDataset, eval_transform
+from evaluation import choose_eval_mode, run_episodes
+from models.glofa import GLoFA
+from networks.convnet import ConvNet
+
+LINE = re.compile(r'^test accuracy: (\d+\.\d\d) ± (\d+\.\d\d) % \((\d+)-way (\d+)-shot, (\d+) episodes\)$', re.M)
+
+
+def test_auto_rule():
+    # mini-ImageNet's test split: 12000 images; a 5-way 1-shot 15-query episode has 80 images
+    assert choose_eval_mode('auto', 12000, 3, 80) == 'episodic'
+    assert choose_eval_mode('auto', 12000, 10000, 80) == 'cached'
+    assert choose_eval_mode('auto', 12000, 150, 80) == 'episodic'   # 12000 images either way: episodic
+    assert choose_eval_mode('auto', 12000, 151, 80) == 'cached'
+    assert choose_eval_mode('cached', 12000, 3, 80) == 'cached'
+    assert choose_eval_mode('episodic', 12000, 10000, 80) == 'episodic'
+    with pytest.raises(ValueError):
+        choose_eval_mode('fast', 1, 1, 1)
+
+
+@pytest.fixture(scope='module')
+def wide_data(tmp_path_factory):
+    """10 test classes of 7 images: 10-way and 5-shot episodes with 2 queries."""
+    return make_dataset(tmp_path_factory.mktemp('wide') / 'wide', classes_per_split=(4, 3, 10),
+                        images_per_class=7, size=(40, 36))
+
+
+def flags(data, save_dir, *extra):
+    return ['--data_path', data, '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained', 'none',
+            '--N', '3', '--K', '1', '--Q', '2', '--n_training_episodes', '2', '--episode_gap', '1',
+            '--n_validating_episodes', '2', '--n_testing_episodes', '4', '--n_workers', '0', *extra]
+
+
+@pytest.fixture(scope='module')
+def one_shot_run(wide_data, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp('saves')
+    train.main(flags(wide_data, save_dir))
+    return save_dir
+
+
+def run_test(argv, capsys):
+    capsys.readouterr()
+    results = test_script.main(argv)
+    return results, capsys.readouterr().out
+
+
+def test_one_shot_checkpoint_in_five_shot_and_ten_way(wide_data, one_shot_run, capsys):
+    _, out = run_test(flags(wide_data, one_shot_run, '--N', '3', '--K', '1'), capsys)
+    assert 'trained as' not in out
+    for n, k in ((3, 5), (10, 1), (10, 5)):
+        results, out = run_test(flags(wide_data, one_shot_run, '--N', str(n), '--K', str(k),
+                                      '--model_path', runs.run_paths(train.parse_args(flags(
+                                          wide_data, one_shot_run)))['model']), capsys)
+        assert f'trained as 3-way 1-shot; evaluating {n}-way {k}-shot' in out
+        (line,) = LINE.findall(out)
+        assert (int(line[2]), int(line[3]), int(line[4])) == (n, k, 4)
+        assert list(results) == [(n, k)]
+
+
+def test_several_settings_equal_single_runs(wide_data, one_shot_run, capsys, tmp_path):
+    base = flags(wide_data, one_shot_run, '--model_path',
+                 runs.run_paths(train.parse_args(flags(wide_data, one_shot_run)))['model'])
+    both, out = run_test(base + ['--K', '1', '5', '--json', str(tmp_path / 'figures.json')], capsys)
+    lines = LINE.findall(out)
+    assert [(int(l[2]), int(l[3])) for l in lines] == [(3, 1), (3, 5)]
+    assert '| 3 | 1 |' in out and '| 3 | 5 |' in out  # the summary table
+    for (n, k), line in zip(((3, 1), (3, 5)), lines):
+        alone, alone_out = run_test(base + ['--K', str(k)], capsys)
+        assert LINE.findall(alone_out) == [line]
+        np.testing.assert_array_equal(alone[(n, k)].accuracies, both[(n, k)].accuracies)
+    figures = json.loads((tmp_path / 'figures.json').read_text())
+    assert [(s['N'], s['K']) for s in figures['settings']] == [(3, 1), (3, 5)]
+    for s, line in zip(figures['settings'], lines):
+        assert f"{s['accuracy']:.2f}" == line[0] and f"{s['ci95']:.2f}" == line[1]
+        assert s['episodes'] == 4 and 0 <= s['alpha_task_active'] <= 1
+
+
+def test_several_settings_encode_the_split_once(wide_data, one_shot_run, capsys, monkeypatch):
+    calls = []
+    real = evaluation.encode_split
+    monkeypatch.setattr(evaluation, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = runs.run_paths(train.parse_args(flags(wide_data, one_shot_run)))['model']
+    _, out = run_test(flags(wide_data, one_shot_run, '--model_path', path, '--N', '3', '5', '--K', '1', '2',
+                            '--eval_mode', 'cached'), capsys)
+    assert len(LINE.findall(out)) == 4 and len(calls) == 1
+
+
+def test_default_checkpoint_of_several_settings_is_named(wide_data, one_shot_run, capsys):
+    _, out = run_test(flags(wide_data, one_shot_run, '--N', '3', '4'), capsys)
+    assert 'several settings: evaluating the checkpoint of the 3-way 1-shot run' in out
+
+
+def test_missing_checkpoint_lists_the_runs(wide_data, one_shot_run, capsys):
+    with pytest.raises(SystemExit):
+        test_script.main(flags(wide_data, one_shot_run, '--seed', '5'))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    name = runs.run_name(train.parse_args(flags(wide_data, one_shot_run)))
+    assert 'not found; runs under' in err and name in err
+
+
+# ------------------------------------------------------------------ diagnostics
+@pytest.fixture(scope='module')
+def small_test_split(wide_data):
+    return FewShotDataset(wide_data, 'test', eval_transform())
+
+
+def model_with_h_bias(bias: float) -> GLoFA:
+    torch.manual_seed(0)
+    model = GLoFA(ConvNet(), 64)
+    with torch.no_grad():
+        model.h.rho[2].bias.fill_(bias)
+    return model.eval()
+
+
+def test_diagnostics_equal_in_both_ways(small_test_split):
+    model = model_with_h_bias(0.5)  # strengths above zero
+    results = {mode: run_episodes(model, small_test_split, 3, 4, 1, 2, torch.device('cpu'),
+                                  generator=torch.Generator().manual_seed(1), mode=mode)
+               for mode in ('cached', 'episodic')}
+    cached, episodic = results['cached'], results['episodic']
+    assert cached.mode == 'cached' and episodic.mode == 'episodic'
+    np.testing.assert_array_equal(cached.accuracies, episodic.accuracies)
+    np.testing.assert_allclose(cached.alphas, episodic.alphas, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached.mask_task, episodic.mask_task, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cached.mask_cls, episodic.mask_cls, rtol=1e-4, atol=1e-6)
+    assert (cached.alphas > 0).all() and not cached.adaptors_off()
+    d = cached.diagnostics()
+    assert d['alpha_task_active'] == 1.0 and d['alpha_cls_active'] == 1.0
+    assert d['alpha_task'] == pytest.approx(cached.alphas[:, 0].mean())
+
+
+def test_diagnostics_are_the_adaptations(small_test_split):
+    """Each episode's recorded strengths and mask means are those of model.adapt on its support set."""
+    model = model_with_h_bias(0.3)
+    results = run_episodes(model, small_test_split, 2, 3, 2, 1, torch.device('cpu'),
+                           generator=torch.Generator().manual_seed(4), mode='cached')
+    features = evaluation.encode_split(model.encoder, small_test_split, torch.device('cpu'), desc='')
+    sampler = evaluation.episode_sampler(small_test_split, 2, 3, 3, torch.Generator().manual_seed(4))
+    for i, indices in enumerate(sampler):
+        with torch.no_grad():
+            a = model.adapt(features[indices][:6], 3, 2)
+        np.testing.assert_allclose(results.alphas[i], a.alpha.numpy(), rtol=1e-6)
+        assert results.mask_task[i] == pytest.approx(a.m_task.mean().item(), rel=1e-6)
+        assert results.mask_cls[i] == pytest.approx(a.m_cls.mean().item(), rel=1e-6)
+
+
+def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys, monkeypatch):
+    """A model whose h bias is very negative has both strengths at 0: the log says so, and a warning is printed."""
+    real_build = train.build_model
+
+    def build_switched_off(args, pretrained=True):
+        model = real_build(args, pretrained)
+        with torch.no_grad():
+            model.h.rho[2].bias.fill_(-1e4)
+        return model
+
+    monkeypatch.setattr(train, 'build_model', build_switched_off)
+    result = train.main(flags(wide_data, tmp_path))
+    out = capsys.readouterr().out
+    assert out.count('warning: alpha_task = alpha_cls = 0 on all 2 validation episodes') == 2
+    assert 'normalised-prototype ProtoNet' in out
+    assert 'adaptors: alpha_task 0.0000 (> 0 in 0 % of episodes), alpha_cls 0.0000 (> 0 in 0 %)' in out
+    with open(result['paths']['log']) as f:
+        entries = [json.loads(line) for line in f]
+    assert len(entries) == 2
+    for entry in entries:
+        assert entry['alpha_task'] == 0.0 and entry['alpha_cls'] == 0.0
+        assert entry['alpha_task_active'] == 0.0 and entry['alpha_cls_active'] == 0.0
+        assert 0 <= entry['mask_task'] <= 1 and 0 <= entry['mask_cls'] <= 1
