@@ -68,10 +68,11 @@ def check_existing_run(args, paths: dict) -> bool:
     stops here unless --overwrite is given, an unfinished one unless --resume or --overwrite is."""
     existing = [paths[k] for k in ('model', 'last', 'stat', 'log') if os.path.isfile(paths[k])]
     if args.overwrite:
-        for path in existing + [paths['identity']] * os.path.isfile(paths['identity']):
+        removed = [path for path in existing + [paths['identity']] if os.path.isfile(path)]
+        for path in removed:
             os.remove(path)
-        if existing:
-            print(f'--overwrite: removed the {len(existing)} files of the earlier run {run_name(args)}')
+        if removed:
+            print(f'--overwrite: removed the {len(removed)} files of the earlier run {run_name(args)}')
         return False
     if os.path.isfile(paths['last']):
         record = read_file(paths['last'], 'resume checkpoint', weights_only=False)
