@@ -390,3 +390,49 @@ def test_visualize_masks_without_checkpoint_is_a_user_error(capsys, tmp_path, ti
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: checkpoint ') and 'not found' in err
+
+
+def test_missing_runs_are_listed_by_plot_curves_and_visualize_masks(capsys, tmp_path, checkpoint_flags):
+    save_dir = checkpoint_flags[checkpoint_flags.index('--save_dir') + 1]
+    existing = os.path.basename(runs.run_paths(parse_args(checkpoint_flags))['model'])[:-len('.model')]
+    write_stat(runs.run_paths(parse_args(checkpoint_flags))['stat'])
+    other = [f if f != '2' else '3' for f in checkpoint_flags]  # --N 3: a run that does not exist
+    for main in (plot_curves.main, visualize_masks.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*other, '--out', str(tmp_path / 'x.png')])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f'not found; runs under {save_dir}: {existing}' in err, err
+    with pytest.raises(SystemExit):
+        plot_curves.main(['--save_dir', str(tmp_path / 'empty'), '--out', str(tmp_path / 'x.png')])
+    assert 'there are no runs under' in capsys.readouterr().err
+
+
+def test_plot_curves_draws_the_strengths(capsys, tmp_path):
+    stat = tmp_path / 'run.stat'
+    write_stat(stat, n=3)
+    entries = [{'episode': 50 * (i + 1), 'validating_ci': 0.01, 'lr': 0.01, 'alpha_task': a, 'alpha_cls': a / 2}
+               for i, a in enumerate((0.3, 0.1, 0.0))]
+    with open(tmp_path / 'run.log.jsonl', 'w') as f:
+        f.write(''.join(json.dumps(e) + '\n' for e in entries))
+    plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'c.png')])
+    with Image.open(tmp_path / 'c.png') as image:
+        assert image.size[0] == 18 * 120  # a third panel: the strengths
+    plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'd.png')])
+    (tmp_path / 'run.log.jsonl').unlink()
+    plot_curves.main(['--stat', str(stat), '--episode_gap', '50', '--out', str(tmp_path / 'e.png')])
+    with Image.open(tmp_path / 'e.png') as image:
+        assert image.size[0] == 12 * 120  # no log, no strengths
+
+
+def test_help_shows_each_default_once():
+    parser = get_parser()
+    text = parser.format_help()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest != 'help':
+            assert formatter._get_help_string(action).count('(default:') == (
+                action.default not in (None, False) or '(default:' in action.help), action.dest
+    assert '(default: None)' not in text and '(default: False)' not in text
+    assert 'datasets/<data_name>) (default' not in ' '.join(text.split())
