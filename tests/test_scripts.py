@@ -20,7 +20,7 @@ SCRIPTS = os.path.join(ROOT, 'scripts')
 NOTEBOOK = os.path.join(SCRIPTS, 'glofa_colab.ipynb')
 # what the notebook's steps do, in the order they must come
 STEP_KEYS = ['nvidia-smi', 'drive.mount', 'sample_data/GLoFA', 'mini_imagenet.tar', 'pretrained_weights.pth',
-             'pip install', 'train.py', 'test.py', 'plot_curves', 'visualize_masks']
+             'pip install', 'python train.py', 'python test.py', 'plot_curves', 'visualize_masks']
 # scripts whose flags other than their own are train.py's
 RUN_FLAG_SCRIPTS = ('plot_curves', 'visualize_masks')
 
@@ -137,9 +137,45 @@ def test_notebook_shell_variables_are_defined_before_use(notebook):
                 assert used <= defined, f'{line.strip()}: {sorted(used - defined)} not defined yet'
 
 
+def filled_config(notebook, code_source: str) -> str:
+    cell = code_cells(notebook)[0]
+    assert "CODE_SOURCE = 'https://github.com/<user>/GLoFA.git'" in cell
+    return cell.replace('https://github.com/<user>/GLoFA.git', code_source)
+
+
+def test_notebook_stops_at_a_placeholder(notebook):
+    with pytest.raises(Exception) as error:
+        exec(as_python(code_cells(notebook)[0]), {})
+    assert type(error.value).__name__ == 'FillInThisCell'
+    assert 'CODE_SOURCE still holds a placeholder' in str(error.value)
+    exec(as_python(filled_config(notebook, 'https://example.org/GLoFA.git')), {})  # filled in: no stop
+
+
+def test_notebook_takes_the_code_from_a_folder_or_a_git_address(notebook, tmp_path, monkeypatch):
+    cell = next(c for c in code_cells(notebook) if 'REPO_DIR =' in c)
+    repo_dir = tmp_path / 'sample_data' / 'GLoFA'
+    cell = cell.replace("'/content/sample_data/GLoFA'", repr(str(repo_dir)))
+    monkeypatch.chdir(tmp_path)
+    code = tmp_path / 'drive' / 'code'  # a copy of the repository on Drive
+    code.mkdir(parents=True)
+    (code / 'train.py').write_text('# the code\n')
+    exec(as_python(cell), {'CODE_SOURCE': str(code)})
+    assert (repo_dir / 'train.py').read_text() == '# the code\n' and os.getcwd() == str(repo_dir)
+    clones = []
+    monkeypatch.setattr(subprocess, 'run', lambda argv, check: clones.append(argv) or os.makedirs(argv[-1]))
+    os.chdir(tmp_path)
+    shutil.rmtree(repo_dir)
+    exec(as_python(cell), {'CODE_SOURCE': 'https://example.org/GLoFA.git'})
+    assert clones == [['git', 'clone', 'https://example.org/GLoFA.git', str(repo_dir)]]
+    os.chdir(tmp_path)
+    shutil.rmtree(repo_dir)
+    with pytest.raises(FileNotFoundError, match='neither a git address nor a folder'):
+        exec(as_python(cell), {'CODE_SOURCE': str(tmp_path / 'not_mounted')})
+
+
 def test_notebook_trains_from_local_data_and_saves_to_drive(notebook):
     config = {}
-    exec(as_python(code_cells(notebook)[0]), config)
+    exec(as_python(filled_config(notebook, 'https://example.org/GLoFA.git')), config)
     assert config['SAVE_DIR'].startswith('/content/drive/') and config['K'] == 1 and config['N'] == 5
     lines = shell_lines(notebook)
     train_line = next(line for line in lines if line.startswith('python train.py'))
