@@ -72,8 +72,12 @@ def test_another_data_path_is_another_run(tmp_path):
 
 def test_identity_file_names_the_run(tiny_dataset, tmp_path):
     import json
-    result = train.main(flags(tiny_dataset, tmp_path, '--seed', '7'))
+    result = train.main(flags(tiny_dataset, tmp_path, '--seed', '7', '--json', str(tmp_path / 'test.json')))
     with open(result['paths']['identity']) as f:
         identity = json.load(f)
+    with open(tmp_path / 'test.json') as f:
+        (figures,) = json.load(f)['settings']  # train.py --json: the final test's figures
+    assert (figures['N'], figures['K'], figures['episodes']) == (2, 1, 2)
+    assert figures['accuracy'] == pytest.approx(100 * result['test_accuracies'].mean())
     assert identity['seed'] == 7 and identity['data'] == [os.path.abspath(tiny_dataset)]
     assert identity['run'] == os.path.basename(result['paths']['model'])[:-len('.model')]
