@@ -20,3 +20,12 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
                 'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep'):
         assert row[key] > 0
     assert 'faster' in capsys.readouterr().out
+
+
+def test_settings_benchmark_runs_and_compares_lines(capsys):
+    import benchmark_settings
+    figures = benchmark_settings.main(['--episodes', '4', '--n_workers', '0'])
+    assert figures['b']['identical_lines'] is True
+    assert figures['a']['auto_s'] > 0 and figures['a']['cached_s'] > 0
+    out = capsys.readouterr().out
+    assert '(a) 3 test episodes' in out and '(b) --K 1 5' in out
