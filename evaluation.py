@@ -43,7 +43,7 @@ def encode_split(encoder: nn.Module, dataset: FewShotDataset, device: torch.devi
 def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
              device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'cached',
              n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-             desc: str = 'test') -> np.ndarray:
+             desc: str = 'test', task_mix: str = 'class') -> np.ndarray:
     """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]) in eval mode.
 
     mode 'episodic' encodes each episode's images, as the reference does; 'cached' encodes every
@@ -53,7 +53,7 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
     """
     model.eval()
     n_per_class = n_shot + n_query
-    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator)
+    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator, task_mix)
     mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
     targets = query_targets(n_way, n_query, device)
     accuracies = np.empty(n_episodes)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_pretrained
-from dataloader import check_episode_flags
+from dataloader import check_episode_flags, root_names
 from models.glofa import GLoFA
 from networks import build_encoder
 from utils import UserError
@@ -16,16 +16,30 @@ from utils import UserError
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 
 
-def data_path(args) -> str:
-    return args.data_path or os.path.join('datasets', args.data_name)
+def data_path(args) -> list[str]:
+    """The dataset roots: --data_path, else datasets/<data_name>."""
+    return list(args.data_path) if args.data_path else [os.path.join('datasets', args.data_name)]
+
+
+def data_label(args) -> str:
+    """The data part of a run name: --data_name for one root; for several, the roots' names joined
+    by '+' and the task mix, e.g. demo+demo_fine-mixclass."""
+    roots = data_path(args)
+    if len(roots) == 1:
+        return args.data_name
+    return '+'.join(name.replace('/', '_') for name in root_names(roots)) + f'-mix{args.task_mix}'
 
 
 def run_name(args) -> str:
     """The flags that define a run, e.g. mini_imagenet-resnet-glofa-N5-K1-Q15-lrn0.0001-lr0.01-point20_30_40-gamma0.2-tau1-delta1."""
-    name = (f'{args.data_name}-{args.network_name}-{args.model_name}-N{args.N}-K{args.K}-Q{args.Q}'
+    name = (f'{data_label(args)}-{args.network_name}-{args.model_name}-N{args.N}-K{args.K}-Q{args.Q}'
             f'-lrn{args.lr_network:g}-lr{args.lr:g}-point{"_".join(map(str, args.point))}-gamma{args.gamma:g}'
             f'-tau{args.tau:g}-delta{args.delta:g}')
-    return name if args.adaptor == 'both' else f'{name}-{args.adaptor}'
+    if args.adaptor != 'both':
+        name += f'-{args.adaptor}'
+    if args.h_bias_init is not None:
+        name += f'-hbias{args.h_bias_init:g}'
+    return name
 
 
 def run_paths(args) -> dict:
@@ -41,9 +55,20 @@ def run_config(args) -> dict:
 
 
 def prepare_demo(args) -> None:
-    """Generate the built-in demo dataset once (deterministic), where --data_path points."""
-    from demo import generate_demo_dataset
-    generate_demo_dataset(data_path(args))
+    """Generate the built-in demo data once (deterministic), where --data_path points: one root for
+    --demo, two (coarse, then fine) for --demo mixed."""
+    from demo import generate_demo_dataset, generate_fine_dataset
+    roots = data_path(args)
+    if args.demo == 'mixed':
+        if len(roots) != 2:
+            raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '
+                            f'COARSE FINE (got {len(roots)} root{"s" if len(roots) > 1 else ""})')
+        generate_demo_dataset(roots[0])
+        generate_fine_dataset(roots[1])
+    else:
+        if len(roots) != 1:
+            raise UserError(f'--demo writes one root, got {len(roots)} in --data_path (--demo mixed writes two)')
+        generate_demo_dataset(roots[0])
 
 
 
@@ -58,7 +83,8 @@ def build_model(args, pretrained: bool = True) -> GLoFA:
                             f'or use --pretrained none to train from scratch')
         n = load_pretrained(encoder, args.pretrained)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
-    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor)
+    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
+                 h_bias_init=args.h_bias_init)
 
 
 def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:
