@@ -2,7 +2,6 @@
 import os
 import pickle
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -10,47 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataloader
-from conftest import make_dataset
+from conftest import PER_CLASS, make_dataset, write_tiered
 from dataloader import (EpisodeSampler, MultiSourceDataset, TieredDataset, dataset_format, episode_group,
                         episode_sampler, eval_transform, generate_data_loader, open_split, read_split,
                         read_tiered_labels, root_names, train_transform)
 from utils import UserError
 
-SPLIT_CLASSES = {'train': 4, 'val': 3, 'test': 3}
-PER_CLASS = 6
-
-
-# ------------------------------------------------------------------ tiered-ImageNet files written here
-def python2_pickle(labels) -> bytes:
-    """The bytes Python 2's cPickle (protocol 2) writes for {'labels': int64 array}: the array's data
-    is a Python 2 str, which Python 3 only reads with encoding='latin1' once a byte is >= 0x80."""
-    raw = np.asarray(labels).astype('<i8').tobytes()
-
-    def short(b: bytes) -> bytes:
-        return b'U' + bytes([len(b)]) + b  # SHORT_BINSTRING: a Python 2 str
-
-    return (b'\x80\x02}' + short(b'labels')
-            + b'cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85' + short(b'b') + b'\x87R'
-            + b'(K\x01M' + struct.pack('<H', len(labels)) + b'\x85cnumpy\ndtype\n' + short(b'i8') + b'K\x00K\x01\x87R'
-            + b'(K\x03' + short(b'<') + b'NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89'
-            + b'T' + struct.pack('<i', len(raw)) + raw + b'tbs.')
-
-
-def write_tiered(root, compressed=False, python2=False, seed=0):
-    """{split}_images.npz (uint8, (n, 84, 84, 3)) and {split}_labels.pkl; labels are numbers from 200,
-    interleaved and descending, so that numbering in order of first appearance is visible. Returns root."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    first = 200
-    for split, n_classes in SPLIT_CLASSES.items():
-        values = np.tile(np.arange(first + n_classes - 1, first - 1, -1), PER_CLASS)  # interleaved, descending
-        first += n_classes
-        colours = {v: rng.integers(0, 256, 3) for v in np.unique(values)}
-        images = np.stack([np.clip(colours[v] + rng.normal(0, 30, (84, 84, 3)), 0, 255) for v in values]).astype(np.uint8)
-        (np.savez_compressed if compressed else np.savez)(os.path.join(root, f'{split}_images.npz'), images=images)
-        with open(os.path.join(root, f'{split}_labels.pkl'), 'wb') as f:
-            f.write(python2_pickle(values) if python2 else pickle.dumps({'labels': values}))
-    return str(root)
 
 
 def npz_images(root, split):
