@@ -139,9 +139,10 @@ def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[
                            f'max {max(per_class)} images per class ({os.path.basename(labels_path)})')
         if info is None:
             continue
-        size = info.member_size / 2 ** 30
-        how = (f'compressed: an uncompressed copy of {size:.2f} GiB is written once at the first run' if info.compressed
-               else f'stored: memory-mapped in place, {size:.2f} GiB')
+        size = (f'{info.member_size / 2 ** 30:.2f} GiB' if info.member_size >= 2 ** 30
+                else f'{info.member_size / 2 ** 20:.1f} MiB')
+        how = (f'compressed: an uncompressed copy of {size} is written once at the first run' if info.compressed
+               else f'stored: memory-mapped in place, {size}')
         summary.append(f'{split}: images {info.dtype} of shape {info.shape} ({os.path.basename(images_path)}, {how})')
         if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != 'uint8':
             problems.append(f"{split}: {images_path}: 'images' is {info.dtype} of shape {info.shape}, "

@@ -286,7 +286,7 @@ def test_check_dataset_reads_the_tiered_format(capsys, tmp_path):
     assert code == 0 and out.count('no problems found') == 2
     assert 'train: 4 classes, 24 images, min 6 / max 6 images per class (train_labels.pkl)' in out
     assert 'test: images uint8 of shape (18, 84, 84, 3) (test_images.npz, stored: memory-mapped in place' in out
-    assert 'compressed: an uncompressed copy of 0.00 GiB is written once' in out
+    assert 'compressed: an uncompressed copy of 0.4 MiB is written once' in out
     assert not os.path.exists(os.path.join(compressed, 'train_images.npy'))  # checking writes nothing
     summary, problems = check_dataset.check_dataset(compressed, 3, 1, 5, decode=True)
     assert problems == [] and sum('zip checksum correct' in line for line in summary) == 3
