@@ -20,3 +20,18 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
                 'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep'):
         assert row[key] > 0
     assert 'faster' in capsys.readouterr().out
+
+
+def test_format_benchmark_runs_and_reports_both_layouts(tmp_path, capsys):
+    import benchmark_formats
+    out = tmp_path / 'formats.json'
+    figures = benchmark_formats.main(['--images', '40', '--reads', '10', '--workers', '1', '--contexts', 'fork',
+                                      '--work_dir', str(tmp_path), '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    assert all(v > 0 for v in figures['read_cost'].values())
+    rows = {row['reader']: row for row in figures['memory']}
+    assert set(rows) == {'memmap', 'naive np.load'}
+    assert rows['memmap']['pickled_bytes'] < 5000 < rows['naive np.load']['pickled_bytes']
+    assert rows['memmap']['workers_Pss'] > 0
+    printed = capsys.readouterr().out
+    assert 'JPEG folder' in printed and 'tiered memmap' in printed and 'ratio' in printed
