@@ -106,8 +106,8 @@ def test_tiered_dataset_pickles_small_and_workers_map_the_file(tiered):
     blob = pickle.dumps(dataset)
     assert len(blob) < 5000, len(blob)  # labels and paths only: no pixels (this split holds 24 * 21168 bytes)
     assert pickle.loads(blob)._images is None
-    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context='spawn')
-    rows = list(loader)  # spawn pickles the dataset into each worker
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context='spawn')
+    rows = list(loader)  # spawn pickles the dataset into the worker
     assert {pid for pid, _, _ in rows} - {os.getpid()} and all(mapped for _, mapped, _ in rows)
     assert [s for _, _, s in rows] == [int(dataset.images[i].sum()) for i in range(len(dataset))]
 
