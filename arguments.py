@@ -28,8 +28,13 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group('data and model')
     g.add_argument('--data_name', type=str, default='mini_imagenet',
                    help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
-    g.add_argument('--data_path', type=str, default=None,
-                   help='dataset root holding images/ and split/{train,val,test}.csv (default: datasets/<data_name>)')
+    g.add_argument('--data_path', type=str, nargs='+', default=None,
+                   help='dataset root holding images/ and split/{train,val,test}.csv, or tiered-ImageNet\'s '
+                        '{split}_images.npz and {split}_labels.pkl (default: datasets/<data_name>); several roots '
+                        'make one benchmark whose splits are the unions of theirs')
+    g.add_argument('--task_mix', type=str, default='class', choices=['class', 'source'],
+                   help='with several roots: class draws the N classes of an episode from all roots\' classes '
+                        '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')
     g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
                    help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
     g.add_argument('--model_name', type=str, default='glofa', choices=['glofa'],
@@ -41,6 +46,9 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
                    help="encoder weights to start from (FEAT's Res12-pre.pth or con-pre.pth); 'none' trains from scratch")
     g.add_argument('--tau', type=float, default=1.0, help='temperature dividing the logits')
     g.add_argument('--delta', type=float, default=1.0, help='upper bound of the mask values')
+    g.add_argument('--h_bias_init', type=float, default=None,
+                   help='start the bias of h\'s last layer (both strengths) at this value, so that relu(h(S)) '
+                        'starts above 0 and the adaptors get gradients (default: the reference initialisation)')
 
     g = p.add_argument_group('episodes')
     several = dict(nargs='+') if several_settings else {}
@@ -89,9 +97,10 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
                    help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
     g.add_argument('--channels_last', action='store_true',
                    help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
-    g.add_argument('--demo', action='store_true',
+    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=list(DEMO_PRESETS),
                    help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
-                        'Conv-4 from scratch, short schedule; explicit flags override the preset')
+                        'Conv-4 from scratch, short schedule; explicit flags override the preset. --demo mixed '
+                        'adds fine-grained classes (datasets/demo_fine) and trains on both roots, --task_mix class')
     g.add_argument('--flag_debug', action='store_true',
                    help='debug run: a few episodes of everything, to check that the pipeline runs')
     return p
@@ -103,6 +112,10 @@ DEMO_PRESET = dict(
     Q=10, lr_network=0.01, lr=0.01, point=[4, 6], gamma=0.2,
     n_training_episodes=300, episode_gap=50, n_validating_episodes=100, n_testing_episodes=1000,
 )
+# The mix-grained demo: the coarse demo plus a fine-grained root, classes drawn from both.
+MIXED_DEMO_PRESET = dict(DEMO_PRESET, data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
+                         task_mix='class')
+DEMO_PRESETS = {'coarse': DEMO_PRESET, 'mixed': MIXED_DEMO_PRESET}
 # A few episodes of everything, to check that the pipeline runs end to end.
 DEBUG_PRESET = dict(n_training_episodes=10, episode_gap=5, n_validating_episodes=5, n_testing_episodes=10)
 
@@ -112,6 +125,7 @@ def parse_args(argv: list[str] = None, several_settings: bool = False) -> argpar
     parser = get_parser(several_settings)
     args = parser.parse_args(argv)
     if args.demo or args.flag_debug:
-        parser.set_defaults(**{**(DEMO_PRESET if args.demo else {}), **(DEBUG_PRESET if args.flag_debug else {})})
+        parser.set_defaults(**{**(DEMO_PRESETS[args.demo] if args.demo else {}),
+                               **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
     return args

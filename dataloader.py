@@ -1,16 +1,33 @@
-"""Episodic N-way K-shot Q-query data loading in mini-ImageNet's on-disk format.
+"""Episodic N-way K-shot Q-query data loading, whatever the dataset's on-disk format.
 
-A dataset root holds ``images/<file>`` and ``split/{train,val,test}.csv``; each CSV has a header
-line and rows ``filename,label`` (label = WordNet id). Classes are numbered in order of first
-appearance. The sampler yields episodes in *shot-major* order (see ``EpisodeSampler``).
+Each format is a reader (a ``SplitDataset``) with one interface: ``dataset[i]`` -> (image
+(3, 84, 84), label), ``dataset[(i, seed)]`` with the augmentation seeded, and the attributes
+``split``, ``labels``, ``class_names``, ``location``, ``sources``, ``source_names``:
+
+- ``FewShotDataset``: ``images/<file>`` and ``split/{train,val,test}.csv``, a header line then rows
+  ``filename,label[,...]`` (mini-ImageNet; CUB with FEAT's split files);
+- ``TieredDataset``: ``{split}_images.npz`` and ``{split}_labels.pkl`` (tiered-ImageNet), memory-mapped;
+- ``MultiSourceDataset``: the union of one split of several roots.
+
+``open_split(paths, split, transform)`` detects each root's format. Classes are numbered in order of
+first appearance. The sampler sees labels (and roots, for the 'source' mix) only and yields
+episodes in *shot-major* order (see ``EpisodeSampler``).
 """
+import bisect
 import csv
+import hashlib
 import os
+import pickle
+import shutil
 import signal
-from typing import Iterator, Optional, Sequence, Union
+import struct
+import zipfile
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
@@ -20,6 +37,8 @@ SPLITS = ('train', 'val', 'test')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 84
+TASK_MIXES = ('class', 'source')
+LABEL_KEYS = ('labels', 'label_specific')  # tiered-ImageNet pickles: FEAT's key, then Ren et al.'s
 
 
 # ------------------------------------------------------------------ transforms
@@ -44,13 +63,18 @@ def eval_transform() -> transforms.Compose:
     ])
 
 
-# ------------------------------------------------------------------ split files
+# ------------------------------------------------------------------ split files (folder format)
 def split_csv_path(data_path: str, split: str) -> str:
     return os.path.join(data_path, 'split', f'{split}.csv')
 
 
 def read_split(csv_path: str) -> tuple[list[str], list[int], list[str]]:
-    """Read a split CSV: (filenames, integer labels, class names in order of first appearance)."""
+    """Read a split CSV: (filenames, integer labels, class names in order of first appearance).
+
+    The first line is a header and is skipped. A row holds at least two fields, filename and label;
+    further fields (FEAT's CUB split: ``filename, label, concept_label, ...``) are ignored, and so
+    are spaces around fields.
+    """
     if not os.path.isfile(csv_path):
         raise UserError(f'split file {csv_path} not found (expected a CSV with rows filename,label)')
     filenames, labels, class_names = [], [], []
@@ -59,7 +83,7 @@ def read_split(csv_path: str) -> tuple[list[str], list[int], list[str]]:
         for line_no, row in enumerate(csv.reader(f), start=1):
             if line_no == 1 or not row or (len(row) == 1 and not row[0].strip()):
                 continue  # header line and blank lines
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
                 raise UserError(f"{csv_path}, line {line_no}: expected 'filename,label', got {','.join(row)!r}")
             name, label = row[0].strip(), row[1].strip()
             if label not in index:
@@ -72,42 +96,167 @@ def read_split(csv_path: str) -> tuple[list[str], list[int], list[str]]:
     return filenames, labels, class_names
 
 
-# ------------------------------------------------------------------ dataset
-class FewShotDataset(Dataset):
-    """The images of one split. ``dataset[i]`` -> (image (3, 84, 84), label).
+# ------------------------------------------------------------------ tiered-ImageNet files
+def tiered_paths(root: str, split: str) -> tuple[str, str]:
+    """(images, labels) files of a split in tiered-ImageNet's format: {split}_images.npz, {split}_labels.pkl."""
+    return os.path.join(root, f'{split}_images.npz'), os.path.join(root, f'{split}_labels.pkl')
+
+
+def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
+    """Integer labels numbered in order of first appearance, and the class names (the values as text)."""
+    labels, class_names, index = [], [], {}
+    for value in values:
+        if value not in index:
+            index[value] = len(class_names)
+            class_names.append(value.decode('latin1') if isinstance(value, bytes) else str(value))
+        labels.append(index[value])
+    return labels, class_names
+
+
+def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
+    """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
+    label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
+    Python 3 pickles unchanged). Returns (integer labels, class names in order of first appearance)."""
+    if not os.path.isfile(pkl_path):
+        raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')
+    try:
+        with open(pkl_path, 'rb') as f:
+            record = pickle.load(f, encoding='latin1')
+    except Exception as error:  # a truncated or foreign file: any unpickling failure
+        raise UserError(f'label file {pkl_path} cannot be unpickled ({type(error).__name__})') from None
+    keys = [k for k in LABEL_KEYS if isinstance(record, dict) and k in record]
+    if not keys:
+        what = f'keys {sorted(map(str, record))}' if isinstance(record, dict) else f'a {type(record).__name__}'
+        raise UserError(f"label file {pkl_path} holds {what}, expected a dict with 'labels' (one label per image)")
+    values = record[keys[0]]
+    values = values.ravel().tolist() if isinstance(values, np.ndarray) else list(values)
+    return number_labels(values)
+
+
+class ArrayInfo(NamedTuple):
+    """Where an .npy array lies inside an .npz file."""
+    shape: tuple
+    dtype: np.dtype
+    fortran_order: bool
+    compressed: bool
+    member_size: int  # bytes of the whole .npy member, header included, uncompressed
+    header_size: int  # bytes of the .npy header
+    offset: int       # position of the .npy member in the .npz file (meaningful for stored members)
+
+
+def read_npy_header(f: BinaryIO, path: str) -> tuple[tuple, np.dtype, bool]:
+    """(shape, dtype, fortran order) from the header of an .npy stream positioned at its start."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except ValueError as error:
+        raise UserError(f'{path} does not hold an .npy array ({error})') from None
+    return shape, dtype, fortran_order
+
+
+def npz_array_info(npz_path: str, key: str = 'images') -> ArrayInfo:
+    """Shape, dtype and position of array ``key`` inside an .npz file, reading only its header."""
+    if not os.path.isfile(npz_path):
+        raise UserError(f'image file {npz_path} not found (expected an .npz whose {key!r} has shape (n, 84, 84, 3))')
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            try:
+                member = archive.getinfo(f'{key}.npy')
+            except KeyError:
+                names = ', '.join(n[:-4] if n.endswith('.npy') else n for n in archive.namelist())
+                raise UserError(f'{npz_path} has no array {key!r} (it holds: {names or "nothing"})') from None
+            with archive.open(member) as f:
+                shape, dtype, fortran_order = read_npy_header(f, npz_path)
+                header_size = f.tell()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f'{npz_path} is not a readable .npz file ({type(error).__name__}: {error})') from None
+    with open(npz_path, 'rb') as f:  # the stored member starts after its local header
+        f.seek(member.header_offset)
+        local = f.read(30)
+    name_length, extra_length = struct.unpack('<HH', local[26:30])
+    return ArrayInfo(tuple(shape), dtype, fortran_order, member.compress_type != zipfile.ZIP_STORED,
+                     member.file_size, header_size, member.header_offset + 30 + name_length + extra_length)
+
+
+def is_writable(folder: str) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def cache_dir() -> str:
+    """Where uncompressed copies go when a dataset folder is read-only: $GLOFA_CACHE, else
+    $XDG_CACHE_HOME/glofa, else ~/.cache/glofa."""
+    if os.environ.get('GLOFA_CACHE'):
+        return os.environ['GLOFA_CACHE']
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'glofa')
+
+
+def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
+    """Path of an uncompressed .npy copy of a compressed .npz member, written once (with a progress
+    bar) beside the .npz, or under ``cache_dir()`` when that folder is read-only."""
+    folder = os.path.dirname(os.path.abspath(npz_path))
+    name = os.path.splitext(os.path.basename(npz_path))[0] + '.npy'
+    if not is_writable(folder):
+        digest = hashlib.sha1(os.path.abspath(npz_path).encode()).hexdigest()[:12]
+        folder = os.path.join(cache_dir(), 'tiered', digest)
+        os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, name)
+    if os.path.isfile(target) and os.path.getsize(target) == info.member_size \
+            and os.path.getmtime(target) >= os.path.getmtime(npz_path):
+        with open(target, 'rb') as f:
+            if read_npy_header(f, target) == (info.shape, info.dtype, info.fortran_order):
+                return target
+    free = shutil.disk_usage(folder).free
+    if free < info.member_size:
+        raise UserError(f'{npz_path} is compressed and its uncompressed copy needs {info.member_size / 2 ** 30:.1f} GiB '
+                        f'in {folder}, which has {free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to another folder)')
+    print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
+    partial = f'{target}.part{os.getpid()}'
+    try:
+        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, open(partial, 'wb') as out, \
+                tqdm(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
+                     leave=False) as bar:
+            while chunk := source.read(1 << 24):
+                out.write(chunk)
+                bar.update(len(chunk))
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+# ------------------------------------------------------------------ readers
+class SplitDataset(Dataset):
+    """The images of one split, whatever the format: ``dataset[i]`` -> (image (3, 84, 84), label).
 
     ``dataset[(i, seed)]`` applies the (random) transform under ``torch.manual_seed(seed)``, so
     training augmentation depends on the episode sampler alone, not on the number of workers.
+    A reader sets ``root``, ``split``, ``labels`` (one int per image, classes numbered from 0 in
+    order of first appearance), ``class_names``, ``location`` (the file that error messages name)
+    and ``transform``, and implements ``load_image(i)``. ``sources`` and ``source_names`` say which
+    root each image comes from (a single one here; see ``MultiSourceDataset``).
     """
-
-    def __init__(self, data_path: str, split: str, transform: Optional[transforms.Compose] = None,
-                 check_files: bool = True):
-        if not os.path.isdir(data_path):
-            raise UserError(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv; '
-                            f'see --data_path, or --demo for the built-in demo data)')
-        self.image_dir = os.path.join(data_path, 'images')
-        if not os.path.isdir(self.image_dir):
-            raise UserError(f'image folder {self.image_dir} not found (expected {data_path}/images/<file>)')
-        self.split = split
-        self.csv_path = split_csv_path(data_path, split)
-        self.filenames, self.labels, self.class_names = read_split(self.csv_path)
-        self.transform = transform if transform is not None else eval_transform()
-        if check_files:
-            present = set(os.listdir(self.image_dir))
-            for name in self.filenames:
-                if name not in present and not os.path.isfile(os.path.join(self.image_dir, name)):
-                    raise UserError(f'image {name} listed in {self.csv_path} is missing from {self.image_dir}')
-
-    def __len__(self) -> int:
-        return len(self.filenames)
+    root: str
+    split: str
+    labels: list[int]
+    class_names: list[str]
+    location: str
+    transform: Callable
 
     def load_image(self, i: int) -> Image.Image:
-        path = os.path.join(self.image_dir, self.filenames[i])
-        try:
-            with Image.open(path) as image:
-                return image.convert('RGB')
-        except (OSError, ValueError, SyntaxError) as error:
-            raise UserError(f'image {path} cannot be read or decoded ({type(error).__name__})') from None
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def source_names(self) -> list[str]:
+        return root_names([self.root])
+
+    @property
+    def sources(self) -> torch.Tensor:
+        return torch.zeros(len(self), dtype=torch.long)
 
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
         i, seed = item if isinstance(item, tuple) else (item, None)
@@ -125,6 +274,190 @@ class FewShotDataset(Dataset):
         return x, self.labels[i]
 
 
+class FewShotDataset(SplitDataset):
+    """A folder of images with split files, as mini-ImageNet and CUB (FEAT's split) are distributed:
+    ``images/<file>`` and ``split/{train,val,test}.csv`` (header, then rows ``filename,label[,...]``)."""
+
+    def __init__(self, data_path: str, split: str, transform: Optional[Callable] = None,
+                 check_files: bool = True):
+        if not os.path.isdir(data_path):
+            raise UserError(missing_root_message(data_path))
+        self.root = data_path
+        self.image_dir = os.path.join(data_path, 'images')
+        if not os.path.isdir(self.image_dir):
+            raise UserError(f'image folder {self.image_dir} not found (expected {data_path}/images/<file>)')
+        self.split = split
+        self.csv_path = self.location = split_csv_path(data_path, split)
+        self.filenames, self.labels, self.class_names = read_split(self.csv_path)
+        self.transform = transform if transform is not None else eval_transform()
+        if check_files:
+            present = set(os.listdir(self.image_dir))
+            for name in self.filenames:
+                if name not in present and not os.path.isfile(os.path.join(self.image_dir, name)):
+                    raise UserError(f'image {name} listed in {self.csv_path} is missing from {self.image_dir}')
+
+    def load_image(self, i: int) -> Image.Image:
+        path = os.path.join(self.image_dir, self.filenames[i])
+        try:
+            with Image.open(path) as image:
+                return image.convert('RGB')
+        except (OSError, ValueError, SyntaxError) as error:
+            raise UserError(f'image {path} cannot be read or decoded ({type(error).__name__})') from None
+
+
+class TieredDataset(SplitDataset):
+    """tiered-ImageNet as FEAT reads it: ``{split}_images.npz`` (array ``images``, uint8, (n, 84, 84, 3))
+    and ``{split}_labels.pkl`` (a dict whose ``labels`` holds one label per image).
+
+    The pixels are memory-mapped, never loaded: straight from the .npz when its member is stored
+    (np.savez), else from an uncompressed .npy copy written once (np.savez_compressed). Each
+    process opens its own map on first use, and pickling leaves it out, so loader workers share
+    the operating system's page cache instead of holding copies.
+    """
+
+    def __init__(self, root: str, split: str, transform: Optional[Callable] = None):
+        if not os.path.isdir(root):
+            raise UserError(missing_root_message(root))
+        self.root, self.split = root, split
+        self.images_path, self.labels_path = tiered_paths(root, split)
+        self.location = self.labels_path
+        self.transform = transform if transform is not None else eval_transform()
+        self.labels, self.class_names = read_tiered_labels(self.labels_path)
+        info = npz_array_info(self.images_path, 'images')
+        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != np.uint8:
+            raise UserError(f"{self.images_path}: 'images' is {info.dtype} of shape {info.shape}, "
+                            f'expected uint8 of shape (n, height, width, 3)')
+        if info.shape[0] != len(self.labels):
+            raise UserError(f'{self.labels_path} lists {len(self.labels)} labels but {self.images_path} '
+                            f'holds {info.shape[0]} images')
+        self.shape, self.dtype, self.fortran_order = info.shape, info.dtype, info.fortran_order
+        if info.compressed:
+            self.array_path = uncompressed_copy(self.images_path, 'images', info)
+            self.array_offset = info.header_size
+        else:
+            self.array_path, self.array_offset = self.images_path, info.offset + info.header_size
+        self._images = None
+
+    @property
+    def images(self) -> np.memmap:
+        """(n, H, W, 3) uint8, memory-mapped read-only; opened on first use in each process."""
+        if self._images is None:
+            self._images = np.memmap(self.array_path, dtype=self.dtype, mode='r', offset=self.array_offset,
+                                     shape=self.shape, order='F' if self.fortran_order else 'C')
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state['_images'] = None  # a worker maps the file itself
+        return state
+
+    def load_image(self, i: int) -> Image.Image:
+        return Image.fromarray(np.array(self.images[i]))
+
+
+def missing_root_message(root: str) -> str:
+    return (f'data folder {root} not found (expected images/ and split/{{train,val,test}}.csv, or tiered-ImageNet\'s '
+            f'{{train,val,test}}_images.npz and _labels.pkl; see --data_path, or --demo for the built-in demo data)')
+
+
+FORMATS = {'folder': FewShotDataset, 'tiered': TieredDataset}
+
+
+def dataset_format(root: str) -> str:
+    """'tiered' when the root holds {split}_images.npz or {split}_labels.pkl files, 'folder' when it holds
+    images/ or split/; a UserError otherwise."""
+    if not os.path.isdir(root):
+        raise UserError(missing_root_message(root))
+    if any(os.path.isfile(path) for split in SPLITS for path in tiered_paths(root, split)):
+        return 'tiered'
+    if os.path.isdir(os.path.join(root, 'images')) or os.path.isdir(os.path.join(root, 'split')):
+        return 'folder'
+    raise UserError(f'no dataset recognised in {root}: expected images/ and split/{{train,val,test}}.csv '
+                    f'(mini-ImageNet, CUB), or {{train,val,test}}_images.npz with {{train,val,test}}_labels.pkl '
+                    f'(tiered-ImageNet)')
+
+
+def root_names(paths: Sequence[str]) -> list[str]:
+    """A short distinct name per root: its folder name, with parent folders added while two coincide."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep)[1:] or [os.sep] for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = ['/'.join(p[-d:]) for p, d in zip(parts, depth)]
+        clashes = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashes:
+            return names
+        for i in clashes:
+            depth[i] += 1
+
+
+# ------------------------------------------------------------------ several roots
+class MultiSourceDataset(Dataset):
+    """The union of one split of several roots, as one dataset.
+
+    Images are numbered root after root; classes too, so classes of different roots stay different
+    even when their names coincide (``class_names`` are prefixed with the root's name,
+    e.g. ``fine_set/n0123``). ``sources[i]`` is the root index of image i, ``source_names[k]`` the
+    name of root k. Items are read, and seeded, by the root's own reader.
+    """
+
+    def __init__(self, datasets: Sequence[SplitDataset], names: Sequence[str]):
+        if len({d.split for d in datasets}) != 1:
+            raise ValueError('the datasets of a union must be of one split')
+        self.datasets, self.source_names = list(datasets), list(names)
+        self.roots = [d.root for d in datasets]
+        self.split = datasets[0].split
+        self.location = ' + '.join(d.location for d in datasets)
+        self.starts = [0]
+        self.labels, self.class_names = [], []
+        for name, d in zip(self.source_names, datasets):
+            first = len(self.class_names)
+            self.labels.extend(first + label for label in d.labels)
+            self.class_names.extend(f'{name}/{c}' for c in d.class_names)
+            self.starts.append(self.starts[-1] + len(d))
+        self.sources = torch.cat([torch.full((len(d),), k, dtype=torch.long) for k, d in enumerate(datasets)])
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(root index, index inside that root's dataset) of image i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f'image {i} of a dataset of {len(self)}')
+        k = bisect.bisect_right(self.starts, i) - 1
+        return k, i - self.starts[k]
+
+    def load_image(self, i: int) -> Image.Image:
+        k, j = self.locate(int(i))
+        return self.datasets[k].load_image(j)
+
+    def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        k, j = self.locate(int(i))
+        x, _ = self.datasets[k][(j, seed) if seed is not None else j]
+        return x, self.labels[int(i)]
+
+
+def open_split(paths: Union[str, Sequence[str]], split: str,
+               transform: Optional[Callable] = None) -> Union[SplitDataset, MultiSourceDataset]:
+    """The images of ``split`` under one root or several, each in whichever format it holds.
+
+    One root: its reader (``FewShotDataset`` or ``TieredDataset``). Several: their union
+    (``MultiSourceDataset``). Errors (root not found, no recognised format, unreadable or
+    inconsistent files) are one-line UserErrors naming the file.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError('open_split needs at least one root')
+    seen = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f'--data_path lists the same root twice: {seen[real]} and {path}')
+        seen[real] = path
+    readers = [FORMATS[dataset_format(path)](path, split, transform) for path in paths]
+    return readers[0] if len(readers) == 1 else MultiSourceDataset(readers, root_names(paths))
+
+
 # ------------------------------------------------------------------ episodes
 class EpisodeSampler:
     """Yields ``n_episodes`` episodes, each an index tensor of n_way * n_per_class images.
@@ -132,7 +465,7 @@ class EpisodeSampler:
     N distinct classes are drawn uniformly, then n_per_class = K + Q distinct images of each. The
     (N, S) grid is transposed and flattened: position ``s * N + n`` holds image ``s`` of class ``n``
     ("shot-major"). The first N*K positions are the support set (K rows of N), the remaining N*Q
-    the queries, and the target of query j is ``j % N``.
+    the queries, and the target of query j is ``j % N``. Every draw comes from ``generator``.
     """
 
     def __init__(self, labels: Sequence[int], n_episodes: int, n_way: int, n_per_class: int,
@@ -154,17 +487,48 @@ class EpisodeSampler:
     def __len__(self) -> int:
         return self.n_episodes
 
-    def sample(self) -> torch.Tensor:
-        """One episode: (N * S,) indices, shot-major."""
+    def episode(self, classes: torch.Tensor) -> torch.Tensor:
+        """(N,) classes -> (N * S,) indices, shot-major: S distinct images of each class."""
         g = self.generator
-        classes = torch.randperm(len(self.class_indices), generator=g)[:self.n_way]
         grid = torch.stack([self.class_indices[c][torch.randperm(len(self.class_indices[c]), generator=g)
                                                   [:self.n_per_class]] for c in classes])  # (N, S)
         return grid.t().reshape(-1)  # (S * N,): position s*N + n = image s of class n
 
+    def sample(self) -> torch.Tensor:
+        """One episode: (N * S,) indices, shot-major; N classes drawn uniformly from all."""
+        classes = torch.randperm(len(self.class_indices), generator=self.generator)[:self.n_way]
+        return self.episode(classes)
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         for _ in range(self.n_episodes):
             yield self.sample()
+
+
+class SourceEpisodeSampler(EpisodeSampler):
+    """Episodes from one root at a time: each draws a root uniformly, then N of its classes
+    uniformly, then K + Q images of each (same layout as ``EpisodeSampler``, same generator)."""
+
+    def __init__(self, labels: Sequence[int], sources: Sequence[int], n_episodes: int, n_way: int,
+                 n_per_class: int, generator: Optional[torch.Generator] = None,
+                 class_names: Optional[Sequence[str]] = None, split: str = 'split',
+                 roots: Optional[Sequence[str]] = None):
+        super().__init__(labels, n_episodes, n_way, n_per_class, generator, class_names, split)
+        sources = torch.as_tensor(sources, dtype=torch.long)
+        class_source = torch.stack([sources[indices[0]] for indices in self.class_indices])  # (C,)
+        n_sources = int(sources.max()) + 1
+        self.source_classes = [torch.nonzero(class_source == k).flatten() for k in range(n_sources)]
+        for k, classes in enumerate(self.source_classes):
+            if len(classes) < n_way:
+                root = roots[k] if roots is not None else f'root {k}'
+                raise UserError(f'--task_mix source: {root} has {len(classes)} classes in the {split}, '
+                                f'fewer than N = {n_way} classes per episode')
+
+    def sample(self) -> torch.Tensor:
+        """One episode: a root, then N of its classes, then S images of each: (N * S,), shot-major."""
+        g = self.generator
+        k = int(torch.randint(len(self.source_classes), (1,), generator=g))
+        chosen = self.source_classes[k]
+        return self.episode(chosen[torch.randperm(len(chosen), generator=g)[:self.n_way]])
 
 
 class SeededEpisodes:
@@ -183,11 +547,38 @@ class SeededEpisodes:
             yield list(zip(indices.tolist(), seeds.tolist()))
 
 
-def episode_sampler(dataset: 'FewShotDataset', n_episodes: int, N: int, S: int,
-                    generator: Optional[torch.Generator] = None) -> EpisodeSampler:
-    """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class."""
+def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
+                    generator: Optional[torch.Generator] = None, task_mix: str = 'class') -> EpisodeSampler:
+    """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class.
+
+    ``task_mix`` matters for several roots only: 'class' draws the N classes from the union of the
+    roots' classes, 'source' draws a root per episode, then N of its classes.
+    """
+    if task_mix not in TASK_MIXES:
+        raise ValueError(f'task_mix must be one of {TASK_MIXES}, got {task_mix!r}')
+    split = f'{dataset.split} split ({dataset.location})'
+    if task_mix == 'source' and len(dataset.source_names) > 1:
+        return SourceEpisodeSampler(dataset.labels, dataset.sources, n_episodes, N, S, generator,
+                                    class_names=dataset.class_names, split=split,
+                                    roots=getattr(dataset, 'roots', dataset.source_names))
     return EpisodeSampler(dataset.labels, n_episodes, N, S, generator=generator, class_names=dataset.class_names,
-                          split=f'{dataset.split} split ({dataset.csv_path})')
+                          split=split)
+
+
+def episode_group(dataset: Dataset, indices: Union[torch.Tensor, Sequence[int]], task_mix: str) -> Optional[str]:
+    """Which group an episode's accuracy is reported under, by where its images come from.
+
+    None for a dataset of one root. With several: under the 'source' mix, the name of the episode's
+    root (``dataset.source_names``); under the 'class' mix, 'single-source' when all its images come
+    from one root and 'mixed' otherwise.
+    """
+    names = getattr(dataset, 'source_names', None)
+    if names is None or len(names) < 2:
+        return None
+    roots = torch.as_tensor(dataset.sources)[torch.as_tensor(indices, dtype=torch.long)].unique()
+    if len(roots) > 1:
+        return 'mixed'
+    return names[int(roots[0])] if task_mix == 'source' else 'single-source'
 
 
 def check_episode_flags(N: int, K: int, Q: int) -> None:
@@ -196,10 +587,10 @@ def check_episode_flags(N: int, K: int, Q: int) -> None:
             raise UserError(f'--{flag} must be at least 1, got {value}')
 
 
-def generate_data_loader(data_path: str, flag_mode: str, n_episodes: int, N: int, S: int,
+def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n_episodes: int, N: int, S: int,
                          n_workers: int = 0, seed: int = 0, pin_memory: bool = False,
-                         dataset: Optional[FewShotDataset] = None) -> DataLoader:
-    """Episode loader for split ``flag_mode`` ('train', 'val' or 'test').
+                         dataset: Optional[Dataset] = None, task_mix: str = 'class') -> DataLoader:
+    """Episode loader for split ``flag_mode`` ('train', 'val' or 'test') of one root or several.
 
     Each batch is one episode of N * S images in shot-major order: (images (N*S, 3, 84, 84), labels).
     'train' uses the training augmentation, seeded per image by the sampler; the others the
@@ -208,8 +599,8 @@ def generate_data_loader(data_path: str, flag_mode: str, n_episodes: int, N: int
     if flag_mode not in SPLITS:
         raise ValueError(f'flag_mode must be one of {SPLITS}, got {flag_mode!r}')
     if dataset is None:
-        dataset = FewShotDataset(data_path, flag_mode, train_transform() if flag_mode == 'train' else eval_transform())
-    sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed))
+        dataset = open_split(data_path, flag_mode, train_transform() if flag_mode == 'train' else eval_transform())
+    sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed), task_mix)
     batch_sampler = SeededEpisodes(sampler) if flag_mode == 'train' else sampler
     return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
 
@@ -240,7 +631,7 @@ def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memo
                       generator=torch.Generator().manual_seed(0))
 
 
-def image_loader(dataset: FewShotDataset, batch_size: int = 128, n_workers: int = 0,
+def image_loader(dataset: Dataset, batch_size: int = 128, n_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """Every image of a split once, in order: for encoding a split in batches."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=n_workers,

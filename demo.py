@@ -1,10 +1,13 @@
-"""Procedural toy dataset in mini-ImageNet's on-disk format, for a quick CPU demo.
+"""Procedural toy datasets in mini-ImageNet's on-disk format, for a quick CPU demo.
 
 Layout written under ``root``::
 
     images/<label><8-digit index>.jpg      e.g. images/n9000000100000001.jpg
     split/{train,val,test}.csv             header ``filename,label``
     .demo_complete                         JSON of the generation parameters
+
+Two datasets: the coarse demo (``generate_demo_dataset``, datasets/demo) and a fine-grained
+sibling (``generate_fine_dataset``, datasets/demo_fine); ``--demo mixed`` trains on both.
 
 Every class is a combination of a background *texture* covering the whole
 image (horizontal, vertical or diagonal stripes, checks or dots, each at two
@@ -18,6 +21,13 @@ Foregrounds (hue, shape) are never shared between splits, so validation and
 test classes are new combinations of attribute values that all occur in
 training.  Inside a split classes come in pairs that share a texture and differ
 only in their foreground, which keeps the task from being trivial.
+
+In the fine-grained dataset, classes come in families of FINE_FAMILY_SIZE that share the
+texture and the shape and differ only in a subtle hue shift of the objects (FINE_HUE_STEP
+apart, 18 degrees, with a jitter of FINE_HUE_JITTER inside a class).  Hue is the detail that
+survives the training augmentation: RandomResizedCrop can crop away a small mark or change the
+count of objects, and ColorJitter changes brightness, contrast and saturation but not hue.
+Families (texture, shape, band of hues) are never shared between splits.
 """
 import argparse
 import colorsys
@@ -27,7 +37,7 @@ import math
 import os
 import re
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,6 +49,15 @@ _MARKER = '.demo_complete'
 _JPEG_QUALITY = 90
 _LABEL_PREFIX = 'n9'
 _FILE_RE = re.compile(r'^n9\d{7}\d{8}\.jpg$')
+
+# The fine-grained sibling: families of classes told apart by the objects' hue only.
+FINE_SPLITS: Dict[str, int] = {'train': 4, 'val': 2, 'test': 2}  # families per split
+FINE_FAMILY_SIZE = 5
+FINE_HUE_STEP = 0.05
+FINE_HUE_JITTER = 0.008
+_FINE_FORMAT_VERSION = 1
+_FINE_LABEL_PREFIX = 'n8'
+_FINE_FILE_RE = re.compile(r'^n8\d{7}\d{8}\.jpg$')
 
 # Background textures: (kind, parameter); lengths are in pixels at 84x84 and
 # scale with the image size.  Only flip-invariant orientations are used, since
@@ -55,9 +74,9 @@ _FG_HUES = [i / 8.0 for i in range(8)]
 _SHAPES = ['circle', 'square', 'triangle', 'cross', 'star', 'ring']
 
 
-def _class_label(index: int) -> str:
+def _class_label(index: int, prefix: str = _LABEL_PREFIX) -> str:
     """WordNet-like class id (``n`` and eight digits), e.g. ``n90000001`` for index 1."""
-    return f'{_LABEL_PREFIX}{index:07d}'
+    return f'{prefix}{index:07d}'
 
 
 def _design_classes(seed: int) -> Dict[str, List[dict]]:
@@ -91,6 +110,31 @@ def _design_classes(seed: int) -> Dict[str, List[dict]]:
                 'shape': shape,
             })
             class_index += 1
+        design[split] = classes
+    return design
+
+
+def _design_fine_classes(seed: int) -> Dict[str, List[dict]]:
+    """Families of FINE_FAMILY_SIZE classes: one texture, one shape and a band of hues FINE_HUE_STEP
+    apart per family; no (texture, shape) pair and no starting hue is used twice."""
+    rng = np.random.default_rng([seed, 10])
+    n_families = sum(FINE_SPLITS.values())
+    pairs = [(t, s) for t in range(len(_TEXTURES)) for s in range(len(_SHAPES))]
+    chosen = rng.permutation(len(pairs))[:n_families]
+    first_hues = (np.arange(n_families) / n_families)[rng.permutation(n_families)]
+    design: Dict[str, List[dict]] = {}
+    family, class_index = 0, 1
+    for split, n in FINE_SPLITS.items():
+        classes = []
+        for _ in range(n):
+            texture, shape = pairs[chosen[family]]
+            for j in range(FINE_FAMILY_SIZE):
+                classes.append({'index': class_index, 'label': _class_label(class_index, _FINE_LABEL_PREFIX),
+                                'texture': texture, 'shape': shape, 'family': family,
+                                'hue': float(first_hues[family] + j * FINE_HUE_STEP) % 1.0,
+                                'hue_jitter': FINE_HUE_JITTER})
+                class_index += 1
+            family += 1
         design[split] = classes
     return design
 
@@ -181,14 +225,15 @@ def _render_image(cls: dict, size: int, rng: np.random.Generator) -> Image.Image
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     shape = _SHAPES[cls['shape']]
-    fg_h = _FG_HUES[cls['fg_hue']]
+    fg_h = cls['hue'] if 'hue' in cls else _FG_HUES[cls['fg_hue']]
+    jitter = cls.get('hue_jitter', 0.03)
     for _ in range(int(rng.integers(1, 4))):
         r = rng.uniform(0.11, 0.22) * size
         cx, cy = rng.uniform(0.12, 0.88, size=2) * size
-        color = _hsv255(fg_h + rng.uniform(-0.03, 0.03), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+        color = _hsv255(fg_h + rng.uniform(-jitter, jitter), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
         _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi),
                     tuple(int(c) for c in color))
-    if rng.random() < 0.3:  # distractor object of a random shape and hue
+    if rng.random() < cls.get('distractor', 0.3):  # distractor object of a random shape and hue
         r = rng.uniform(0.07, 0.13) * size
         cx, cy = rng.uniform(0.1, 0.9, size=2) * size
         color = _hsv255(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
@@ -205,6 +250,13 @@ def _params(seed: int, images_per_class: int, image_size: int) -> dict:
             'image_size': int(image_size), 'splits': dict(DEMO_SPLITS)}
 
 
+def _fine_params(seed: int, images_per_class: int, image_size: int) -> dict:
+    return {'kind': 'fine', 'format': _FINE_FORMAT_VERSION, 'seed': int(seed),
+            'images_per_class': int(images_per_class), 'image_size': int(image_size),
+            'families': dict(FINE_SPLITS), 'family_size': FINE_FAMILY_SIZE, 'hue_step': FINE_HUE_STEP,
+            'hue_jitter': FINE_HUE_JITTER}
+
+
 def _is_complete(root: str, params: dict) -> bool:
     try:
         with open(os.path.join(root, _MARKER)) as f:
@@ -216,21 +268,21 @@ def _is_complete(root: str, params: dict) -> bool:
     return all(os.path.isfile(os.path.join(root, 'split', f'{s}.csv')) for s in DEMO_SPLITS)
 
 
-def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
-                          image_size: int = 84, force: bool = False) -> str:
-    """Write the demo dataset under ``root`` (mini-ImageNet layout) and return ``root``.
+def _write_dataset(root: str, design: Dict[str, List[dict]], params: dict, file_re: re.Pattern,
+                   stream: int, force: bool, what: str, verbose: bool) -> str:
+    """Write ``design`` under ``root`` unless a completed dataset with ``params`` is there already.
 
-    Returns at once when ``root`` already holds a completed dataset made with the
-    same parameters, unless ``force``.  Output is byte-identical for a given seed.
+    Class ``index`` draws from ``default_rng([seed, stream, index])``, so files are byte-identical
+    for given parameters. Says what it wrote (or kept) in one line when ``verbose``.
     """
-    if images_per_class < 1:
-        raise ValueError('images_per_class must be >= 1')
-    if image_size < 16:
-        raise ValueError('image_size must be >= 16')
-    params = _params(seed, images_per_class, image_size)
+    seed, images_per_class, image_size = params['seed'], params['images_per_class'], params['image_size']
+    n_images = images_per_class * sum(len(classes) for classes in design.values())
+    counts = ' / '.join(str(len(design[s])) for s in ('train', 'val', 'test'))
     if not force and _is_complete(root, params):
+        if verbose:
+            print(f'{what} in {root}: {counts} classes (train / val / test), {n_images} images, already generated')
         return root
-
+    start = time.time()
     image_dir = os.path.join(root, 'images')
     split_dir = os.path.join(root, 'split')
     os.makedirs(image_dir, exist_ok=True)
@@ -239,14 +291,13 @@ def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
     if os.path.exists(marker):
         os.remove(marker)
     for name in os.listdir(image_dir):  # stale images of an earlier demo dataset only
-        if _FILE_RE.match(name):
+        if file_re.match(name):
             os.remove(os.path.join(image_dir, name))
 
-    design = _design_classes(seed)
     for split, classes in design.items():
         rows = []
         for cls in classes:
-            rng = np.random.default_rng([seed, 1, cls['index']])
+            rng = np.random.default_rng([seed, stream, cls['index']])
             for j in range(1, images_per_class + 1):
                 filename = f"{cls['label']}{j:08d}.jpg"
                 _render_image(cls, image_size, rng).save(
@@ -259,23 +310,53 @@ def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
 
     with open(marker, 'w') as f:
         json.dump(params, f, sort_keys=True)
+    if verbose:
+        print(f'{what}: wrote {n_images} images of {image_size}x{image_size} ({counts} classes in train / val / test, '
+              f'{images_per_class} each) to {root} in {time.time() - start:.1f} s')
     return root
 
 
-def main() -> None:
+def _check_sizes(images_per_class: int, image_size: int) -> None:
+    if images_per_class < 1:
+        raise ValueError('images_per_class must be >= 1')
+    if image_size < 16:
+        raise ValueError('image_size must be >= 16')
+
+
+def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
+                          image_size: int = 84, force: bool = False, verbose: bool = True) -> str:
+    """Write the demo dataset under ``root`` (mini-ImageNet layout) and return ``root``.
+
+    Returns at once when ``root`` already holds a completed dataset made with the
+    same parameters, unless ``force``.  Output is byte-identical for a given seed.
+    """
+    _check_sizes(images_per_class, image_size)
+    return _write_dataset(root, _design_classes(seed), _params(seed, images_per_class, image_size), _FILE_RE,
+                          1, force, 'demo data', verbose)
+
+
+def generate_fine_dataset(root: str, seed: int = 0, images_per_class: int = 50,
+                          image_size: int = 84, force: bool = False, verbose: bool = True) -> str:
+    """Write the fine-grained demo dataset under ``root`` (mini-ImageNet layout) and return ``root``:
+    families of FINE_FAMILY_SIZE classes that differ only in the objects' hue (20 / 10 / 10 classes).
+    Deterministic and idempotent like ``generate_demo_dataset``; its labels start with ``n8``."""
+    _check_sizes(images_per_class, image_size)
+    return _write_dataset(root, _design_fine_classes(seed), _fine_params(seed, images_per_class, image_size),
+                          _FINE_FILE_RE, 2, force, 'fine-grained demo data', verbose)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description='Generate the procedural demo dataset.')
-    parser.add_argument('--root', default='datasets/demo')
+    parser.add_argument('--kind', choices=['coarse', 'fine'], default='coarse',
+                        help='coarse: the demo of --demo; fine: the fine-grained sibling --demo mixed adds')
+    parser.add_argument('--root', default=None, help='default: datasets/demo, or datasets/demo_fine with --kind fine')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--images-per-class', type=int, default=50)
     parser.add_argument('--force', action='store_true')
-    args = parser.parse_args()
-    start = time.time()
-    generate_demo_dataset(args.root, seed=args.seed, images_per_class=args.images_per_class,
-                          force=args.force)
-    n_classes = sum(DEMO_SPLITS.values())
-    print(f'demo dataset at {args.root}: {n_classes} classes '
-          f"({', '.join(f'{k} {v}' for k, v in DEMO_SPLITS.items())}) x "
-          f'{args.images_per_class} images, {time.time() - start:.1f} s')
+    args = parser.parse_args(argv)
+    generate = generate_fine_dataset if args.kind == 'fine' else generate_demo_dataset
+    root = args.root or os.path.join('datasets', 'demo_fine' if args.kind == 'fine' else 'demo')
+    generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)
 
 
 if __name__ == '__main__':

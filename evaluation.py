@@ -115,7 +115,7 @@ def adaptors_off_warning(results: EpisodeResults, where: str) -> str:
 def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
                  device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
                  n_workers: int = 0, amp: bool = False, channels_last: bool = False, desc: str = 'test',
-                 features: Optional[SplitFeatures] = None) -> EpisodeResults:
+                 features: Optional[SplitFeatures] = None, task_mix: str = 'class') -> EpisodeResults:
     """Evaluate ``n_episodes`` episodes in eval mode; per-episode accuracies and adaptor diagnostics.
 
     mode 'episodic' encodes each episode's images, as the reference does; 'cached' encodes every
@@ -126,7 +126,7 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: 
     """
     model.eval()
     n_per_class = n_shot + n_query
-    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator)
+    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator, task_mix)
     mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
     targets = query_targets(n_way, n_query, device)
     accuracies, alphas = np.empty(n_episodes), np.empty((n_episodes, 2))
@@ -164,10 +164,10 @@ def record_adaptation(adaptation: Adaptation, i: int, alphas: np.ndarray, mask_t
 def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
              device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
              n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-             desc: str = 'test') -> np.ndarray:
+             desc: str = 'test', task_mix: str = 'class') -> np.ndarray:
     """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]); see ``run_episodes``."""
     return run_episodes(model, dataset, n_episodes, n_way, n_shot, n_query, device, generator, mode, n_workers,
-                        amp, channels_last, desc).accuracies
+                        amp, channels_last, desc, task_mix=task_mix).accuracies
 
 
 def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_pretrained, read_file
-from dataloader import check_episode_flags
+from dataloader import check_episode_flags, root_names
 from models.glofa import GLoFA
 from networks import build_encoder
 from utils import UserError
@@ -18,14 +18,19 @@ from utils import UserError
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 
 
-def data_roots(args) -> list[str]:
-    """The dataset root(s) of the run: --data_path, else datasets/<data_name>."""
+def data_path(args) -> list[str]:
+    """The dataset roots: --data_path, else datasets/<data_name>."""
     paths = args.data_path or os.path.join('datasets', args.data_name)
     return [paths] if isinstance(paths, str) else list(paths)
 
 
-def data_path(args) -> str:
-    return data_roots(args)[0]
+def data_label(args) -> str:
+    """The data part of a run name: the root's folder name; for several roots, their names joined by
+    '+' and the task mix, e.g. demo+demo_fine-mixclass."""
+    roots = data_path(args)
+    if len(roots) == 1:
+        return os.path.basename(os.path.normpath(roots[0])) or 'data'
+    return '+'.join(name.replace('/', '_') for name in root_names(roots)) + f'-mix{args.task_mix}'
 
 
 def run_identity(args) -> dict:
@@ -33,25 +38,27 @@ def run_identity(args) -> dict:
     optimisation, the schedule and the seed. Execution options (device, workers, --amp,
     --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
     return {
-        'data': [os.path.normpath(os.path.abspath(root)) for root in data_roots(args)],
+        'data': [os.path.normpath(os.path.abspath(root)) for root in data_path(args)],
+        'task_mix': args.task_mix if len(data_path(args)) > 1 else None,  # one root: the mix changes nothing
         'network_name': args.network_name, 'model_name': args.model_name, 'adaptor': args.adaptor,
         'pretrained': os.path.basename(args.pretrained), 'tau': args.tau, 'delta': args.delta,
         'N': args.N, 'K': args.K, 'Q': args.Q,
         'n_training_episodes': args.n_training_episodes, 'episode_gap': args.episode_gap,
         'n_validating_episodes': args.n_validating_episodes,
         'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
-        'wd': args.wd, 'mo': args.mo, 'seed': args.seed,
+        'wd': args.wd, 'mo': args.mo, 'seed': args.seed, 'h_bias_init': args.h_bias_init,
     }
 
 
 def run_name(args) -> str:
     """A readable name plus a short hash of the run's whole identity, so distinct runs never share
     files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
-    identity = run_identity(args)
-    data = '+'.join(os.path.basename(root) or 'data' for root in identity['data'])
-    adaptor = '' if args.adaptor == 'both' else f'-{args.adaptor}'
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f'{data}-{args.network_name}-{args.model_name}{adaptor}-N{args.N}-K{args.K}-seed{args.seed}-{digest}'
+    digest = hashlib.sha256(json.dumps(run_identity(args), sort_keys=True).encode()).hexdigest()[:8]
+    variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
+    if args.h_bias_init is not None:
+        variant += f'-hbias{args.h_bias_init:g}'
+    return (f'{data_label(args)}-{args.network_name}-{args.model_name}{variant}-N{args.N}-K{args.K}-seed{args.seed}'
+            f'-{digest}')
 
 
 def run_paths(args) -> dict:
@@ -125,10 +132,20 @@ def missing_run_message(what: str, path: str, save_dir: str, suffix: str) -> str
 
 
 def prepare_demo(args) -> None:
-    """Generate the built-in demo dataset once (deterministic), where --data_path points."""
-    from demo import generate_demo_dataset
-    generate_demo_dataset(data_path(args))
-
+    """Generate the built-in demo data once (deterministic), where --data_path points: one root for
+    --demo, two (coarse, then fine) for --demo mixed."""
+    from demo import generate_demo_dataset, generate_fine_dataset
+    roots = data_path(args)
+    if args.demo == 'mixed':
+        if len(roots) != 2:
+            raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '
+                            f'COARSE FINE (got {len(roots)} root{"s" if len(roots) > 1 else ""})')
+        generate_demo_dataset(roots[0])
+        generate_fine_dataset(roots[1])
+    else:
+        if len(roots) != 1:
+            raise UserError(f'--demo writes one root, got {len(roots)} in --data_path (--demo mixed writes two)')
+        generate_demo_dataset(roots[0])
 
 
 # ------------------------------------------------------------------ model
@@ -142,7 +159,8 @@ def build_model(args, pretrained: bool = True) -> GLoFA:
                             f'or use --pretrained none to train from scratch')
         n = load_pretrained(encoder, args.pretrained)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
-    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor)
+    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
+                 h_bias_init=args.h_bias_init)
 
 
 def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:

@@ -13,7 +13,7 @@ import torch
 
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
-from dataloader import FewShotDataset, eval_transform
+from dataloader import eval_transform, open_split
 from evaluation import (SplitFeatures, adaptors_off_warning, choose_eval_mode, describe_eval_mode, diagnostics_line,
                         evaluate, run_episodes, setting_figures, write_figures)
 from runs import (build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for n, k in settings:
         check_args(with_setting(args, n, k), device)
     model_path = checkpoint_path(args, settings)
-    dataset = FewShotDataset(data_path(args), 'test', eval_transform())
+    dataset = open_split(data_path(args), 'test', eval_transform())
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
     record = load_model_checkpoint(model, model_path, model_config(args))
     print(f"loaded {model_path} (validation accuracy {100 * float(record.get('validating_accuracy', float('nan'))):.2f} %, "
@@ -102,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result = run_episodes(model, dataset, args.n_testing_episodes, n, k, args.Q, device,
                               generator=torch.Generator().manual_seed(args.seed), mode=mode,
                               n_workers=args.n_workers, amp=args.amp, channels_last=args.channels_last,
-                              desc=f'test {n}-way {k}-shot', features=features)
+                              desc=f'test {n}-way {k}-shot', features=features, task_mix=args.task_mix)
         print(accuracy_line('test', result.accuracies, n, k))
         print(diagnostics_line(result))
         if result.adaptors_off() and args.adaptor != 'none':

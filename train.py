@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from arguments import parse_args
 from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
-from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, train_transform
+from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
 from evaluation import (EpisodeResults, adaptors_off_warning, choose_eval_mode, describe_eval_mode, diagnostics_line,
                         run_episodes, setting_figures, write_figures)
 from models.glofa import GLoFA, query_targets
@@ -167,7 +167,7 @@ def evaluate_split(run: Run, dataset: FewShotDataset, generator: torch.Generator
     args = run.args
     return run_episodes(run.model, dataset, n_episodes, args.N, args.K, args.Q, run.device, generator=generator,
                         mode=args.eval_mode, n_workers=args.n_workers, amp=args.amp,
-                        channels_last=args.channels_last, desc=desc)
+                        channels_last=args.channels_last, desc=desc, task_mix=args.task_mix)
 
 
 def validate_and_save(run: Run, val_set: FewShotDataset, losses: list[float]) -> tuple[EpisodeResults, bool]:
@@ -228,16 +228,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     root = data_path(args)
 
     # ---------------- data
-    train_set = FewShotDataset(root, 'train', train_transform())
-    val_set = FewShotDataset(root, 'val', eval_transform())
-    test_set = FewShotDataset(root, 'test', eval_transform())
+    train_set = open_split(root, 'train', train_transform())
+    val_set = open_split(root, 'val', eval_transform())
+    test_set = open_split(root, 'test', eval_transform())
     pin = device.type == 'cuda'
     train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
-                                        n_workers=args.n_workers, seed=args.seed, pin_memory=pin, dataset=train_set)
+                                        n_workers=args.n_workers, seed=args.seed, pin_memory=pin, dataset=train_set,
+                                        task_mix=args.task_mix)
     episodes = train_loader.batch_sampler.sampler
     generators = {'train': episodes.generator, 'val': torch.Generator().manual_seed(args.seed + 1)}
     for dataset in (val_set, test_set):  # fail now, not after hours of training
-        episode_sampler(dataset, 1, args.N, args.K + args.Q)
+        episode_sampler(dataset, 1, args.N, args.K + args.Q, task_mix=args.task_mix)
 
     # ---------------- model
     resuming = check_existing_run(args, paths)

@@ -6,7 +6,7 @@ with m_task = relu6(f_task(S)) / 6 * delta, m_cls[n] = relu6(f_class(S_n)) / 6 *
 (alpha_task, alpha_cls) = relu(h(S)). Prototype p_n = normalise(mean_k T_n(s_{k,n})); the logit of
 query q for class n is <T_n(q), p_n> / tau.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -31,10 +31,13 @@ class GLoFA(nn.Module):
 
     ``adaptor`` selects an ablation: 'both' (the method), 'task' (class masks off), 'class' (task
     mask off), 'none' (no masks: ProtoNet-style normalised prototypes on the same encoder).
+    ``h_bias_init`` (opt-in; None keeps the reference initialisation) starts the bias of h's last
+    layer, the two strengths' offset, at that value: with B > 0 larger than the rest of h's output,
+    alpha = relu(h(S)) starts above 0 and f_task, f_class and h receive gradients from the first episode.
     """
 
     def __init__(self, encoder: nn.Module, feature_dim: int, tau: float = 1.0, delta: float = 1.0,
-                 adaptor: str = 'both'):
+                 adaptor: str = 'both', h_bias_init: Optional[float] = None):
         super().__init__()
         if adaptor not in ADAPTORS:
             raise ValueError(f'adaptor must be one of {ADAPTORS}, got {adaptor!r}')
@@ -42,6 +45,8 @@ class GLoFA(nn.Module):
         self.f_task = SetFunction(feature_dim, feature_dim)
         self.f_class = SetFunction(feature_dim, feature_dim)
         self.h = SetFunction(feature_dim, 2)
+        if h_bias_init is not None:
+            nn.init.constant_(self.h.rho[2].bias, h_bias_init)  # (2,): alpha_task, alpha_cls before relu
         self.tau, self.delta, self.adaptor = tau, delta, adaptor
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

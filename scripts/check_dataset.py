@@ -1,10 +1,18 @@
-"""Check a few-shot dataset folder before training: python scripts/check_dataset.py [--data_path ...].
+"""Check few-shot dataset roots before training: python scripts/check_dataset.py [--data_path ROOT ...].
 
-Reads the three split files, counts classes and images, opens the header of a sample of images
-(every image, fully decoded, with --decode) and lists the problems that would stop or spoil a
-run: missing folders or split files, malformed rows, missing or undecodable images, classes with
-fewer than K + Q images, N larger than a split's classes, classes shared between splits and
-filenames listed twice. Exit code 0 when nothing is wrong, 2 otherwise.
+A folder of images (images/ and split/{train,val,test}.csv: mini-ImageNet, CUB): reads the three
+split files, counts classes and images, opens the header of a sample of images (every image, fully
+decoded, with --decode) and lists the problems that would stop or spoil a run: missing folders or
+split files, malformed rows, missing or undecodable images, classes with fewer than K + Q images,
+N larger than a split's classes, classes shared between splits and filenames listed twice.
+
+tiered-ImageNet ({split}_images.npz and {split}_labels.pkl): counts classes and images per split
+from the labels and the array's header (the pixels are not read; --decode reads them all and checks
+the zip checksum), checks shape (n, H, W, 3) and dtype uint8, labels against images, classes with
+fewer than K + Q images and N larger than a split's classes, and says whether the array is stored
+(memory-mapped in place) or compressed (copied once, uncompressed, at the first run).
+
+Each root given is checked in turn. Exit code 0 when nothing is wrong, 2 otherwise.
 """
 import argparse
 import collections
@@ -21,17 +29,20 @@ if ROOT not in sys.path:
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import SPLITS, read_split, split_csv_path  # noqa: E402
+from dataloader import (SPLITS, dataset_format, npz_array_info, read_split, read_tiered_labels,  # noqa: E402
+                        split_csv_path, tiered_paths)
 from utils import UserError  # noqa: E402
 
 LIST_LIMIT = 10  # problems of one kind listed one by one per split; the rest are counted
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Check a dataset folder (images/ and split/{train,val,test}.csv) '
-                                            'and list what is wrong with it.')
-    p.add_argument('--data_path', type=str, default=os.path.join('datasets', 'mini_imagenet'),
-                   help='dataset root holding images/ and split/{train,val,test}.csv')
+    p = argparse.ArgumentParser(description='Check dataset roots (images/ and split/{train,val,test}.csv, or '
+                                            "tiered-ImageNet's {split}_images.npz and {split}_labels.pkl) and list "
+                                            'what is wrong with them.')
+    p.add_argument('--data_path', type=str, nargs='+', default=[os.path.join('datasets', 'mini_imagenet')],
+                   help='dataset root(s) holding images/ and split/{train,val,test}.csv, or {split}_images.npz '
+                        'and {split}_labels.pkl; each is checked in turn')
     p.add_argument('--N', type=int, default=5, help='classes per episode: every split needs at least N classes')
     p.add_argument('--K', type=int, default=1, help='support images per class')
     p.add_argument('--Q', type=int, default=15, help='query images per class: every class needs K + Q images')
@@ -81,6 +92,76 @@ def size_summary(sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> str:
     return f'{text}; smallest {w0}x{h0}, largest {w1}x{h1}; modes {mode_text}'
 
 
+def check_classes(split: str, labels: Sequence[int], class_names: Sequence[str], N: int, K: int, Q: int,
+                  problems: list[str]) -> list[int]:
+    """Problems of a split's classes for N-way episodes of K + Q images a class; returns the counts."""
+    counts = collections.Counter(labels)
+    per_class = [counts[c] for c in range(len(class_names))]
+    if N > len(class_names):
+        problems.append(f'{split}: {len(class_names)} classes, fewer than N = {N} classes per episode')
+    capped(problems, [f'{split}: class {name} has {per_class[c]} images, fewer than K + Q = {K + Q}'
+                      for c, name in enumerate(class_names) if per_class[c] < K + Q],
+           f'classes of {split} with fewer than K + Q = {K + Q} images')
+    return per_class
+
+
+def read_member(npz_path: str, key: str = 'images') -> Optional[str]:
+    """Read a member of an .npz to its end, which checks its zip checksum: None, or what went wrong."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as member, \
+                tqdm(total=archive.getinfo(f'{key}.npy').file_size, unit='B', unit_scale=True,
+                     desc=f'reading {os.path.basename(npz_path)}', leave=False) as bar:
+            while chunk := member.read(1 << 24):
+                bar.update(len(chunk))
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f'{type(error).__name__}: {error}'
+    return None
+
+
+def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[str], problems: list[str]) -> None:
+    """Check tiered-ImageNet's {split}_images.npz and {split}_labels.pkl: counts, shapes, dtype, episodes."""
+    for split in SPLITS:
+        images_path, labels_path = tiered_paths(root, split)
+        try:
+            labels, class_names = read_tiered_labels(labels_path)
+        except UserError as error:
+            problems.append(f'{split}: {error}')
+            labels = class_names = None
+        try:
+            info = npz_array_info(images_path, 'images')
+        except UserError as error:
+            problems.append(f'{split}: {error}')
+            info = None
+        if labels is not None:
+            per_class = check_classes(split, labels, class_names, N, K, Q, problems)
+            summary.append(f'{split}: {len(class_names)} classes, {len(labels)} images, min {min(per_class)} / '
+                           f'max {max(per_class)} images per class ({os.path.basename(labels_path)})')
+        if info is None:
+            continue
+        size = (f'{info.member_size / 2 ** 30:.2f} GiB' if info.member_size >= 2 ** 30
+                else f'{info.member_size / 2 ** 20:.1f} MiB')
+        how = (f'compressed: an uncompressed copy of {size} is written once at the first run' if info.compressed
+               else f'stored: memory-mapped in place, {size}')
+        summary.append(f'{split}: images {info.dtype} of shape {info.shape} ({os.path.basename(images_path)}, {how})')
+        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != 'uint8':
+            problems.append(f"{split}: {images_path}: 'images' is {info.dtype} of shape {info.shape}, "
+                            f'expected uint8 of shape (n, height, width, 3)')
+        elif info.shape[1:3] != (84, 84):
+            summary.append(f'{split}: images are {info.shape[2]}x{info.shape[1]}, resized to 84x84 by the transforms')
+        if labels is not None and info.shape[0] != len(labels):
+            problems.append(f'{split}: {labels_path} lists {len(labels)} labels but {images_path} '
+                            f'holds {info.shape[0]} images')
+        if decode:
+            error = read_member(images_path)
+            if error:
+                problems.append(f'{split}: {images_path} cannot be read to its end ({error})')
+            else:
+                summary.append(f'{split}: every byte of the images read, zip checksum correct')
+    if not decode:
+        summary.append('(the pixels were not read; --decode reads them all and checks the zip checksums)')
+
+
 def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: bool = False,
                   sample: int = 50, n_threads: int = 1) -> tuple[list[str], list[str]]:
     """Check the dataset at ``data_path`` for N-way K-shot Q-query episodes.
@@ -89,8 +170,15 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
     """
     summary, problems = [f'dataset {data_path} (checked for {N}-way {K}-shot {Q}-query episodes)'], []
     if not os.path.isdir(data_path):
-        problems.append(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv '
-                        f'inside it; see --data_path)')
+        problems.append(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv, '
+                        f'or {{train,val,test}}_images.npz and _labels.pkl, inside it; see --data_path)')
+        return summary, problems
+    try:
+        if dataset_format(data_path) == 'tiered':
+            check_tiered(data_path, N, K, Q, decode, summary, problems)
+            return summary, problems
+    except UserError as error:
+        problems.append(str(error))
         return summary, problems
     image_dir = os.path.join(data_path, 'images')
     present = None
@@ -117,15 +205,9 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
     to_read = []  # (split, path) of images whose header (or pixels) are read
     rng = random.Random(0)
     for split, (csv_path, filenames, labels, class_names) in splits.items():
-        counts = collections.Counter(labels)
-        per_class = [counts[c] for c in range(len(class_names))]
+        per_class = check_classes(split, labels, class_names, N, K, Q, problems)
         summary.append(f'{split}: {len(class_names)} classes, {len(filenames)} images, '
                        f'min {min(per_class)} / max {max(per_class)} images per class ({os.path.basename(csv_path)})')
-        if N > len(class_names):
-            problems.append(f'{split}: {len(class_names)} classes, fewer than N = {N} classes per episode')
-        capped(problems, [f'{split}: class {name} has {per_class[c]} images, fewer than K + Q = {K + Q}'
-                          for c, name in enumerate(class_names) if per_class[c] < K + Q],
-               f'classes of {split} with fewer than K + Q = {K + Q} images')
         for name in class_names:
             owners[name].append(split)
         repeated = [name for name, n in collections.Counter(filenames).items() if n > 1]
@@ -180,16 +262,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     for flag in ('N', 'K', 'Q'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag} must be at least 1, got {getattr(args, flag)}')
-    summary, problems = check_dataset(args.data_path, args.N, args.K, args.Q, args.decode,
-                                      max(args.sample, 0), args.n_threads)
-    print('\n'.join(summary))
-    if not problems:
-        print('no problems found')
-        return 0
-    print(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found:')
-    for problem in problems:
-        print(f'  - {problem}')
-    return 2
+    code = 0
+    for root in args.data_path:
+        summary, problems = check_dataset(root, args.N, args.K, args.Q, args.decode, max(args.sample, 0),
+                                          args.n_threads)
+        print('\n'.join(summary))
+        if not problems:
+            print('no problems found')
+            continue
+        print(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found:')
+        for problem in problems:
+            print(f'  - {problem}')
+        code = 2
+    return code
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
-from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, FewShotDataset, episode_sampler,  # noqa: E402
-                        check_episode_flags, eval_transform)
+from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, check_episode_flags, episode_sampler,  # noqa: E402
+                        eval_transform, open_split)
 from models.glofa import Adaptation  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
 
@@ -130,8 +130,9 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     model = runs.build_model(args, pretrained=False)
     record = load_model_checkpoint(model, model_path, runs.model_config(args))
     model.to(device).eval()
-    dataset = FewShotDataset(runs.data_path(args), own.split, eval_transform())
-    sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed))
+    dataset = open_split(runs.data_path(args), own.split, eval_transform())
+    sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed),
+                              args.task_mix)
     indices = sampler.sample()  # (K*N,), shot-major: the support set
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
     class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]

@@ -29,3 +29,18 @@ def test_settings_benchmark_runs_and_compares_lines(capsys):
     assert figures['a']['auto_s'] > 0 and figures['a']['cached_s'] > 0
     out = capsys.readouterr().out
     assert '(a) 3 test episodes' in out and '(b) --K 1 5' in out
+
+
+def test_format_benchmark_runs_and_reports_both_layouts(tmp_path, capsys):
+    import benchmark_formats
+    out = tmp_path / 'formats.json'
+    figures = benchmark_formats.main(['--images', '40', '--reads', '10', '--workers', '1', '--contexts', 'fork',
+                                      '--work_dir', str(tmp_path), '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    assert all(v > 0 for v in figures['read_cost'].values())
+    rows = {row['reader']: row for row in figures['memory']}
+    assert set(rows) == {'memmap', 'naive np.load'}
+    assert rows['memmap']['pickled_bytes'] < 5000 < rows['naive np.load']['pickled_bytes']
+    assert rows['memmap']['workers_Pss'] > 0
+    printed = capsys.readouterr().out
+    assert 'JPEG folder' in printed and 'tiered memmap' in printed and 'ratio' in printed

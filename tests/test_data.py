@@ -158,3 +158,23 @@ def test_eval_transform_is_resize_92_and_centre_crop_84(tiny_dataset, odd_shapes
         np.testing.assert_allclose(x.numpy(), expected, atol=1e-5, rtol=0)
         x_seeded, _ = dataset[(i, 5)]  # the evaluation transform ignores the seed
         assert torch.equal(x, x_seeded)
+
+
+@pytest.mark.parametrize('layout', ['tiered', 'union'])
+def test_every_reader_seeds_items_alike(tiny_dataset, tmp_path, layout):
+    """The seeded-item logic is shared: the tiered reader and a union of roots behave as the folder reader."""
+    from conftest import write_tiered
+    from dataloader import open_split
+    tiered = write_tiered(tmp_path / 'tiered')
+    dataset = open_split(tiered if layout == 'tiered' else [tiny_dataset, tiered], 'train', train_transform())
+    i = len(dataset) - 2  # in the tiered root either way
+    torch.manual_seed(2024)
+    state = torch.get_rng_state()
+    a, label = dataset[(i, 77)]
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a, dataset[(i, 77)][0]) and not torch.equal(a, dataset[(i, 78)][0])
+    assert label == dataset.labels[i]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(77)
+        expected = train_transform()(dataset.load_image(i))
+    assert torch.equal(a, expected)

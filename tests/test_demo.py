@@ -1,12 +1,15 @@
 """Tests for the procedural demo dataset generator."""
 import csv
+import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from demo import DEMO_SPLITS, generate_demo_dataset
+import demo
+from demo import DEMO_SPLITS, FINE_FAMILY_SIZE, FINE_SPLITS, generate_demo_dataset, generate_fine_dataset
 
 N_IMAGES = 3
 
@@ -111,3 +114,75 @@ def test_incomplete_dataset_is_regenerated(tmp_path):
     generate_demo_dataset(root, images_per_class=1)
     assert os.path.isfile(os.path.join(root, 'split', 'test.csv'))
     assert os.path.isfile(os.path.join(root, '.demo_complete'))
+
+
+# ------------------------------------------------------------------ the coarse demo stays what it was
+PINNED_PIXELS = '8519108e283ef31187ba48653682479eb5b6e84d5c49f2eb51585afd8108f804'
+PINNED_TEXT_FILES = 'f3314632b46a498f916026accfdd9e9ee61a806bf042969d5a93cb37fe862945'
+
+
+def test_coarse_demo_is_unchanged(tmp_path, monkeypatch):
+    """Pixels (as drawn, before JPEG encoding), split files and marker of a 2-image-per-class demo,
+    pinned from the generator as it was before the fine-grained sibling was added."""
+    pixels = hashlib.sha256()
+    render = demo._render_image
+
+    def recording(cls, size, rng):
+        image = render(cls, size, rng)
+        pixels.update(np.asarray(image).tobytes())
+        return image
+
+    monkeypatch.setattr(demo, '_render_image', recording)
+    root = generate_demo_dataset(str(tmp_path / 'coarse'), images_per_class=2)
+    assert pixels.hexdigest() == PINNED_PIXELS
+    files = hashlib.sha256()
+    for name in ('split/train.csv', 'split/val.csv', 'split/test.csv', '.demo_complete'):
+        with open(os.path.join(root, name), 'rb') as f:
+            files.update(f.read())
+    assert files.hexdigest() == PINNED_TEXT_FILES
+
+
+# ------------------------------------------------------------------ the fine-grained sibling
+@pytest.fixture(scope='module')
+def fine_root(tmp_path_factory):
+    return generate_fine_dataset(str(tmp_path_factory.mktemp('fine') / 'a'), images_per_class=N_IMAGES)
+
+
+def test_fine_dataset_format_and_families(fine_root):
+    design = demo._design_fine_classes(0)
+    coarse_labels = {c['label'] for classes in demo._design_classes(0).values() for c in classes}
+    families = {}
+    for split in ('train', 'val', 'test'):
+        header, rows = read_split(fine_root, split)
+        assert header == ['filename', 'label']
+        labels = [c['label'] for c in design[split]]
+        assert sorted({label for _, label in rows}) == labels
+        assert len(labels) == FINE_SPLITS[split] * FINE_FAMILY_SIZE and len(rows) == len(labels) * N_IMAGES
+        assert not set(labels) & coarse_labels
+        for c in design[split]:
+            families.setdefault(c['family'], set()).add((split, c['texture'], c['shape']))
+    # a family: one split, one texture, one shape; its classes differ by the hue only
+    assert all(len(v) == 1 for v in families.values())
+    assert len({next(iter(v))[1:] for v in families.values()}) == len(families)
+    for classes in design.values():
+        for start in range(0, len(classes), FINE_FAMILY_SIZE):
+            hues = [c['hue'] for c in classes[start:start + FINE_FAMILY_SIZE]]
+            steps = np.diff(np.unwrap(np.array(hues) * 2 * np.pi) / (2 * np.pi))
+            assert np.allclose(steps, demo.FINE_HUE_STEP)
+            assert 2 * demo.FINE_HUE_JITTER < demo.FINE_HUE_STEP  # classes do not overlap in hue
+    name = rows[0][0]
+    with Image.open(os.path.join(fine_root, 'images', name)) as img:
+        assert img.format == 'JPEG' and img.size == (84, 84)
+
+
+def test_fine_dataset_deterministic_and_idempotent(fine_root, tmp_path, capsys):
+    assert all_files(generate_fine_dataset(str(tmp_path / 'b'), images_per_class=N_IMAGES)) == all_files(fine_root)
+    out = capsys.readouterr().out
+    assert 'wrote 120 images' in out and str(tmp_path / 'b') in out and ' s' in out
+    with open(os.path.join(fine_root, '.demo_complete')) as f:
+        assert json.load(f)['kind'] == 'fine'
+    stamp = os.stat(os.path.join(fine_root, 'split', 'train.csv')).st_mtime_ns
+    generate_fine_dataset(fine_root, images_per_class=N_IMAGES)
+    assert os.stat(os.path.join(fine_root, 'split', 'train.csv')).st_mtime_ns == stamp
+    assert 'already generated' in capsys.readouterr().out
+

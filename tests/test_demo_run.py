@@ -1,12 +1,14 @@
 """The demo preset, Conv-4 weight loading, and a shortened demo run through the command line."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from arguments import DEMO_PRESET, parse_args
+import runs
+from arguments import DEMO_PRESET, MIXED_DEMO_PRESET, parse_args
 from checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
@@ -21,6 +23,7 @@ def test_demo_preset_and_explicit_flags_win():
         assert getattr(args, key) == value
     args = parse_args(['--demo', '--Q', '3', '--network_name', 'resnet'])
     assert args.Q == 3 and args.network_name == 'resnet' and args.lr_network == DEMO_PRESET['lr_network']
+    assert parse_args(['--demo', 'coarse']) == parse_args(['--demo'])
     default = parse_args([])  # the paper's defaults stay the defaults
     assert (default.network_name, default.Q, default.lr_network, default.pretrained) == \
         ('resnet', 15, 0.0001, 'pretrained_weights.pth')
@@ -72,3 +75,38 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, 'test.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert line[0] in again.stdout.splitlines()  # test.py --demo re-evaluates the same checkpoint, same episodes
+
+
+def test_mixed_demo_preset_and_run_names():
+    args = parse_args(['--demo', 'mixed'])
+    for key, value in MIXED_DEMO_PRESET.items():
+        assert getattr(args, key) == value
+    assert runs.data_path(args) == [os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')]
+    assert re.fullmatch(r'demo\+demo_fine-mixclass-convnet-glofa-N5-K1-seed960402-[0-9a-f]{8}', runs.run_name(args))
+    args = parse_args(['--demo', 'mixed', '--task_mix', 'source', '--adaptor', 'task', '--h_bias_init', '1'])
+    assert runs.run_name(args).startswith('demo+demo_fine-mixsource-convnet-glofa-task-hbias1-N5-K1-seed960402-')
+    assert runs.run_name(args) != runs.run_name(parse_args(['--demo', 'mixed', '--task_mix', 'source',
+                                                            '--adaptor', 'task', '--h_bias_init', '2']))
+    # one root: the data path is a list, and the mix changes nothing, so not the run either
+    names = set()
+    for argv in ([], ['--task_mix', 'source']):
+        args = parse_args(argv)
+        assert len(runs.data_path(args)) == 1
+        names.add(runs.run_name(args))
+    assert len(names) == 1 and names.pop().startswith('mini_imagenet-resnet-glofa-N5-K1-seed960402-')
+    assert runs.run_name(parse_args(['--data_path', 'somewhere/else'])).startswith('else-resnet-glofa-N5-K1-')
+    assert runs.run_name(parse_args(['--data_path', 'x/data', 'y/data'])).startswith('x_data+y_data-mixclass-')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--demo', 'mixed', '--data_path', 'only_one'], '--demo mixed writes two roots'),
+    (['--demo', '--data_path', 'a', 'b'], '--demo writes one root, got 2'),
+])
+def test_demo_refuses_the_wrong_number_of_roots(argv, message):
+    with pytest.raises(UserError, match=message):
+        runs.prepare_demo(parse_args(argv))
+
+
+def test_h_bias_init_reaches_the_model():
+    model = runs.build_model(parse_args(['--demo', '--h_bias_init', '0.75']), pretrained=False)
+    assert torch.equal(model.h.rho[2].bias.detach(), torch.full((2,), 0.75))

@@ -266,3 +266,35 @@ def test_cross_entropy_on_the_logits_uses_positions_as_labels():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f'{name} gets no gradient'
+
+
+# ------------------------------------------------------------------ --h_bias_init (opt-in)
+def test_default_h_bias_init_leaves_the_reference_initialisation():
+    from networks.convnet import ConvNet
+    from networks.set_function import SetFunction
+    torch.manual_seed(3)
+    model = GLoFA(ConvNet(), 64, h_bias_init=None)
+    torch.manual_seed(3)  # the reference construction order: encoder, f_task, f_class, h
+    modules = {'encoder': ConvNet(), 'f_task': SetFunction(64, 64), 'f_class': SetFunction(64, 64),
+               'h': SetFunction(64, 2)}
+    reference = {f'{name}.{k}': v for name, m in modules.items() for k, v in m.state_dict().items()}
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+    torch.manual_seed(3)
+    shifted = GLoFA(ConvNet(), 64, h_bias_init=0.5).state_dict()
+    assert torch.equal(shifted['h.rho.2.bias'], torch.full((2,), 0.5))
+    assert all(torch.equal(shifted[k], state[k]) for k in state if k != 'h.rho.2.bias')
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_h_bias_init_makes_both_strengths_positive(seed):
+    from networks.convnet import ConvNet
+    torch.manual_seed(seed)
+    model = GLoFA(ConvNet(), 64, h_bias_init=1.0).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for n_shot in (1, 5):
+        images = torch.rand(5 * n_shot, 3, 84, 84, generator=generator)  # a random support set
+        with torch.no_grad():
+            alpha = model.adapt(model.encode(images), 5, n_shot).alpha
+        assert (alpha > 0).all(), alpha

@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from dataloader import EpisodeSampler, SeededEpisodes, generate_data_loader
+from dataloader import EpisodeSampler, SeededEpisodes, SourceEpisodeSampler, generate_data_loader
+from utils import UserError
 from models.glofa import query_targets
 
 
@@ -115,3 +116,58 @@ def test_loader_draws_the_episodes_of_a_sampler_seeded_alike(tiny_dataset):
     for (images, labels), episode in zip(loader, sampler):
         assert torch.equal(labels, torch.tensor(loader.dataset.labels)[episode])
         assert torch.equal(images[0], loader.dataset[int(episode[0])][0])
+
+
+def test_episodes_are_those_of_earlier_versions():
+    """The class mix draws exactly the episodes it always drew (pinned from the single-root sampler)."""
+    labels = interleaved_labels(6, 5).tolist()
+    sampler = EpisodeSampler(labels, 2, 3, 2, generator=torch.Generator().manual_seed(7))
+    assert [e.tolist() for e in sampler] == [[20, 16, 19, 24, 26, 23], [2, 26, 8, 25, 27, 5]]
+
+
+def two_sources(classes=(4, 6), per_class=5):
+    """Labels and sources of two roots, classes numbered root after root, images interleaved."""
+    labels = torch.arange(sum(classes)).repeat_interleave(per_class)
+    sources = (labels >= classes[0]).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    return labels[order], sources[order]
+
+
+def test_source_mix_layout_determinism_and_random_state():
+    labels, sources = two_sources()
+
+    def episodes(seed):
+        return [e.tolist() for e in SourceEpisodeSampler(labels, sources, 30, 3, 4,
+                                                         generator=torch.Generator().manual_seed(seed))]
+
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = episodes(1)
+    assert torch.equal(before, torch.get_rng_state())
+    assert first == episodes(1) and first != episodes(2)
+    roots = Counter()
+    for episode in first:
+        grid = labels[torch.tensor(episode)].view(4, 3)  # (S, N), shot-major
+        assert (grid == grid[0]).all() and len(set(grid[0].tolist())) == 3
+        assert len(set(episode)) == 12
+        assert len(set(sources[torch.tensor(episode)].tolist())) == 1
+        roots[int(sources[episode[0]])] += 1
+    assert set(roots) == {0, 1}
+
+
+def test_source_mix_draws_roots_uniformly_then_their_classes():
+    labels, sources = two_sources((3, 9), 2)  # the roots are equally likely, whatever their sizes
+    sampler = SourceEpisodeSampler(labels, sources, 2000, 2, 1, generator=torch.Generator().manual_seed(3))
+    roots, classes = Counter(), Counter()
+    for episode in sampler:
+        roots[int(sources[episode[0]])] += 1
+        classes.update(labels[episode].tolist())
+    assert abs(roots[0] - 1000) < 100  # std ~ 22
+    assert all(abs(classes[c] - roots[0] * 2 / 3) < 0.15 * roots[0] * 2 / 3 for c in range(3))
+    assert all(abs(classes[c] - roots[1] * 2 / 9) < 0.2 * roots[1] * 2 / 9 for c in range(3, 12))
+
+
+def test_source_mix_needs_n_classes_in_every_root():
+    labels, sources = two_sources((2, 6))
+    with pytest.raises(UserError, match='--task_mix source: small has 2 classes in the train split, fewer than N = 3'):
+        SourceEpisodeSampler(labels, sources, 1, 3, 2, split='train split', roots=['small', 'large'])

@@ -14,6 +14,7 @@ from PIL import Image
 import runs
 from arguments import get_parser, parse_args
 from checkpoints import model_state_dict
+from conftest import write_tiered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')
@@ -311,6 +312,43 @@ def test_check_dataset_command_exits_2_without_traceback(dataset_copy):
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr + result.stdout
     assert 'line 4' in result.stdout
+
+
+def test_check_dataset_reads_the_tiered_format(capsys, tmp_path):
+    stored = write_tiered(tmp_path / 'stored')
+    compressed = write_tiered(tmp_path / 'compressed', compressed=True)
+    code = check_dataset.main(['--data_path', stored, compressed, *EPISODE])  # two roots, one after the other
+    out = capsys.readouterr().out
+    assert code == 0 and out.count('no problems found') == 2
+    assert 'train: 4 classes, 24 images, min 6 / max 6 images per class (train_labels.pkl)' in out
+    assert 'test: images uint8 of shape (18, 84, 84, 3) (test_images.npz, stored: memory-mapped in place' in out
+    assert 'compressed: an uncompressed copy of 0.4 MiB is written once' in out
+    assert not os.path.exists(os.path.join(compressed, 'train_images.npy'))  # checking writes nothing
+    summary, problems = check_dataset.check_dataset(compressed, 3, 1, 5, decode=True)
+    assert problems == [] and sum('zip checksum correct' in line for line in summary) == 3
+
+
+def test_check_dataset_reports_tiered_problems(capsys, tmp_path):
+    import pickle
+    import numpy as np
+    root = write_tiered(tmp_path / 'broken')
+    with open(os.path.join(root, 'val_labels.pkl'), 'wb') as f:
+        pickle.dump({'labels': [7] * 17}, f)  # one class, one label short
+    np.savez(os.path.join(root, 'test_images.npz'), images=np.zeros((18, 84, 84), np.float32))
+    code, out = run_check(capsys, root, '--N', '2', '--K', '1', '--Q', '5')
+    assert code == 2
+    problems = out.split('found:', 1)[1]
+    assert 'val_labels.pkl lists 17 labels but' in problems and 'val_images.npz holds 18 images' in problems
+    assert 'val: 1 classes, fewer than N = 2' in problems
+    assert "test: " in problems and "'images' is float32 of shape (18, 84, 84)" in problems
+    assert 'train' not in problems
+    os.remove(os.path.join(root, 'train_images.npz'))
+    code, out = run_check(capsys, root, *EPISODE)
+    assert 'train: image file' in out and 'train_images.npz not found' in out
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    code, out = run_check(capsys, empty, *EPISODE)
+    assert code == 2 and 'no dataset recognised' in out
 
 
 # ------------------------------------------------------------------ plot_curves.py
