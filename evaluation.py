@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dataloader import FewShotDataset, episode_loader, episode_sampler, image_loader, iterate
+from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
 from models.glofa import Adaptation, GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
-from utils import autocast, mean_ci, to_device
+from utils import accuracy_line, autocast, mean_ci, to_device
 
 
 MODES = ('auto', 'cached', 'episodic')
@@ -85,6 +85,14 @@ class EpisodeResults:
     alphas: np.ndarray        # (E, 2): (alpha_task, alpha_cls) = relu(h(S))
     mask_task: np.ndarray     # (E,): mean of m_task over the d features
     mask_cls: np.ndarray      # (E,): mean of m_cls over the N classes and d features
+    groups: Optional[list] = None  # (E,) with several roots: each episode's root, or single-source / mixed
+
+    def group_accuracies(self) -> dict:
+        """{group: per-episode accuracies} in order of first appearance ({} for a single root)."""
+        found = {}
+        for group, accuracy in zip(self.groups or [], self.accuracies):
+            found.setdefault(group, []).append(accuracy)
+        return {group: np.asarray(values) for group, values in found.items()}
 
     def diagnostics(self) -> dict:
         """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks."""
@@ -131,6 +139,7 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: 
     targets = query_targets(n_way, n_query, device)
     accuracies, alphas = np.empty(n_episodes), np.empty((n_episodes, 2))
     mask_task, mask_cls = np.empty(n_episodes), np.empty(n_episodes)
+    drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
     if mode == 'cached':
         if features is None:
             features = SplitFeatures(model.encoder, dataset, device, n_workers, amp, channels_last)
@@ -138,12 +147,14 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: 
         advance_forward_counters(model.encoder, n_episodes)  # one pass per episode, as the reference counts
         episodes = iter(sampler)  # index tensors
     else:
-        loader = episode_loader(dataset, sampler, n_workers, pin_memory=device.type == 'cuda')
+        loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), n_workers,
+                                pin_memory=device.type == 'cuda')
         episodes = (images for images, _ in iterate(loader))  # image tensors
     with tqdm(total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
         for i, episode in enumerate(episodes):
             with autocast(device, amp):
                 if mode == 'cached':
+                    drawn.append(episode)
                     embeddings = cache[episode.to(device)]  # (N*(K+Q), d), shot-major
                 else:
                     embeddings = model.encode(to_device(episode, device, channels_last))
@@ -151,7 +162,24 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: 
             accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
             record_adaptation(adaptation, i, alphas, mask_task, mask_cls)
             bar.update(1)
-    return EpisodeResults(mode, accuracies, alphas, mask_task, mask_cls)
+    groups = [episode_group(dataset, indices, task_mix) for indices in drawn]
+    return EpisodeResults(mode, accuracies, alphas, mask_task, mask_cls,
+                          groups=groups if groups and groups[0] is not None else None)
+
+
+class RecordedEpisodes:
+    """A batch sampler that passes on ``sampler``'s episodes and appends each one's indices to ``drawn``."""
+
+    def __init__(self, sampler, drawn: list):
+        self.sampler, self.drawn = sampler, drawn
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for indices in self.sampler:
+            self.drawn.append(indices)
+            yield indices
 
 
 def record_adaptation(adaptation: Adaptation, i: int, alphas: np.ndarray, mask_task: np.ndarray,
@@ -170,11 +198,33 @@ def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int,
                         amp, channels_last, desc, task_mix=task_mix).accuracies
 
 
+def group_label(group: str) -> str:
+    """A root's folder name as it is; 'single-source tasks' and 'mixed tasks' under the class mix."""
+    return f'{group} tasks' if group in ('single-source', 'mixed') else group
+
+
+def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str = 'both') -> list[str]:
+    """The report of one test setting: the accuracy line, one line per root (or for single-source and
+    mixed tasks apart) with several roots, the adaptor diagnostics, and a warning when they are off."""
+    lines = [accuracy_line('test', results.accuracies, n_way, n_shot)]
+    lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
+              for group, values in results.group_accuracies().items()]
+    lines.append(diagnostics_line(results))
+    if results.adaptors_off() and adaptor != 'none':
+        lines.append(adaptors_off_warning(results, 'test'))
+    return lines
+
+
 def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
     """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
     mean, ci = mean_ci(results.accuracies)
-    return {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
-            'mode': results.mode, **results.diagnostics()}
+    figures = {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
+               'mode': results.mode, **results.diagnostics()}
+    if results.groups is not None:
+        figures['groups'] = {group: dict(zip(('accuracy', 'ci95'), (100 * v for v in mean_ci(values))),
+                                         episodes=len(values))
+                             for group, values in results.group_accuracies().items()}
+    return figures
 
 
 def write_figures(path: str, settings: list[dict], **extra) -> None:

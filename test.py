@@ -14,11 +14,11 @@ import torch
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
 from dataloader import eval_transform, open_split
-from evaluation import (SplitFeatures, adaptors_off_warning, choose_eval_mode, describe_eval_mode, diagnostics_line,
-                        evaluate, run_episodes, setting_figures, write_figures)
+from evaluation import (SplitFeatures, choose_eval_mode, describe_eval_mode, evaluate, result_lines, run_episodes,
+                        setting_figures, write_figures)
 from runs import (build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   run_paths)
-from utils import UserError, accuracy_line, exits_cleanly, git_revision, mean_ci, select_device, set_seed
+from utils import UserError, exits_cleanly, git_revision, mean_ci, select_device, set_seed
 
 __all__ = ['evaluate', 'main']  # evaluate stays importable from here
 
@@ -103,10 +103,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                               generator=torch.Generator().manual_seed(args.seed), mode=mode,
                               n_workers=args.n_workers, amp=args.amp, channels_last=args.channels_last,
                               desc=f'test {n}-way {k}-shot', features=features, task_mix=args.task_mix)
-        print(accuracy_line('test', result.accuracies, n, k))
-        print(diagnostics_line(result))
-        if result.adaptors_off() and args.adaptor != 'none':
-            print(adaptors_off_warning(result, 'test'))
+        print('\n'.join(result_lines(result, n, k, args.adaptor)))
         results[(n, k)] = result
         rows.append((n, k, *mean_ci(result.accuracies)))
     if len(settings) > 1:

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from arguments import parse_args
 from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (EpisodeResults, adaptors_off_warning, choose_eval_mode, describe_eval_mode, diagnostics_line,
+from evaluation import (EpisodeResults, adaptors_off_warning, choose_eval_mode, describe_eval_mode, result_lines,
                         run_episodes, setting_figures, write_figures)
 from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
                   run_identity, run_name, run_paths)
-from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
+from utils import UserError, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
 
 
 # ------------------------------------------------------------------ model and optimisation
@@ -301,8 +301,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f'\ninterrupted during the test; training is finished and saved: python test.py with the same '
               f'flags evaluates {paths["model"]}', file=sys.stderr)
         sys.exit(130)
-    print(accuracy_line('test', results.accuracies, args.N, args.K))
-    print(diagnostics_line(results))
+    print('\n'.join(result_lines(results, args.N, args.K, args.adaptor)))
     print(f'seed {args.seed}, {results.mode} evaluation, revision {git_revision()}')
     if args.json:
         write_figures(args.json, [setting_figures(args.N, args.K, results)])

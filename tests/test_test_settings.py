@@ -182,3 +182,49 @@ def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys, monkeyp
         assert entry['alpha_task'] == 0.0 and entry['alpha_cls'] == 0.0
         assert entry['alpha_task_active'] == 0.0 and entry['alpha_cls_active'] == 0.0
         assert 0 <= entry['mask_task'] <= 1 and 0 <= entry['mask_cls'] <= 1
+
+
+# ------------------------------------------------------------------ several roots
+@pytest.fixture(scope='module')
+def two_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp('roots')
+    return [make_dataset(base / name, classes_per_split=(3, 3, 3), images_per_class=4, size=(40, 36), seed=s)
+            for s, name in enumerate(('coarse_set', 'fine_set'))]
+
+
+def roots_flags(roots, save_dir, *extra):
+    return ['--data_path', *roots, '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained', 'none',
+            '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '1', '--episode_gap', '1',
+            '--n_validating_episodes', '2', '--n_testing_episodes', '12', '--n_workers', '0', *extra]
+
+
+GROUP_LINE = re.compile(r'^(.+): test accuracy: (\d+\.\d\d) ± (\d+\.\d\d) % \(2-way 1-shot, (\d+) episodes\)$', re.M)
+
+
+@pytest.mark.parametrize('mix, groups', [('source', {'coarse_set', 'fine_set'}),
+                                         ('class', {'single-source tasks', 'mixed tasks'})])
+def test_per_source_lines_through_the_command_line(two_roots, tmp_path, capsys, mix, groups):
+    trained = train.main(roots_flags(two_roots, tmp_path, '--task_mix', mix))
+    train_out = capsys.readouterr().out
+    results, out = run_test(roots_flags(two_roots, tmp_path, '--task_mix', mix), capsys)
+    (result,) = results.values()
+    np.testing.assert_array_equal(result.accuracies, trained['test_accuracies'])
+    found = {name: int(n) for name, _, _, n in GROUP_LINE.findall(out)}
+    assert set(found) <= groups and sum(found.values()) == 12
+    assert GROUP_LINE.findall(out) == GROUP_LINE.findall(train_out)  # train.py's final test says the same
+    for name, accuracies in result.group_accuracies().items():
+        label = name if mix == 'source' else f'{name} tasks'
+        assert found[label] == len(accuracies)
+        line = next(l for l in GROUP_LINE.findall(out) if l[0] == label)
+        assert float(line[1]) == pytest.approx(100 * accuracies.mean(), abs=0.006)
+    if mix == 'source':
+        assert set(found) == groups  # 12 episodes from 2 roots drawn uniformly: both appear (seeded)
+
+
+def test_groups_equal_in_both_ways(two_roots):
+    dataset = test_script.open_split(two_roots, 'test', eval_transform())
+    model = model_with_h_bias(0.0)
+    results = [run_episodes(model, dataset, 6, 2, 1, 1, torch.device('cpu'), torch.Generator().manual_seed(2),
+                            mode=mode, task_mix='source') for mode in ('cached', 'episodic')]
+    assert results[0].groups == results[1].groups and set(results[0].groups) <= {'coarse_set', 'fine_set'}
+    np.testing.assert_array_equal(results[0].accuracies, results[1].accuracies)
