@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
-from models.glofa import Adaptation, GLoFA, query_targets
+from models.glofa import GLoFA, query_targets
 from networks import advance_forward_counters, forward_counters, set_forward_counters
 from utils import accuracy_line, autocast, mean_ci, to_device
 
@@ -159,8 +159,10 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: 
                 else:
                     embeddings = model.encode(to_device(episode, device, channels_last))
                 logits, adaptation = model.episode(embeddings, n_way, n_shot)  # (N*Q, N)
-            accuracies[i] = (logits.argmax(dim=1) == targets).float().mean().item()
-            record_adaptation(adaptation, i, alphas, mask_task, mask_cls)
+            accuracy = (logits.argmax(dim=1) == targets).float().mean()
+            values = torch.stack([accuracy, adaptation.alpha[0], adaptation.alpha[1], adaptation.m_task.mean(),
+                                  adaptation.m_cls.mean()]).float().cpu().numpy()  # one transfer per episode
+            accuracies[i], alphas[i], mask_task[i], mask_cls[i] = values[0], values[1:3], values[3], values[4]
             bar.update(1)
     groups = [episode_group(dataset, indices, task_mix) for indices in drawn]
     return EpisodeResults(mode, accuracies, alphas, mask_task, mask_cls,
@@ -180,13 +182,6 @@ class RecordedEpisodes:
         for indices in self.sampler:
             self.drawn.append(indices)
             yield indices
-
-
-def record_adaptation(adaptation: Adaptation, i: int, alphas: np.ndarray, mask_task: np.ndarray,
-                      mask_cls: np.ndarray) -> None:
-    values = torch.stack([adaptation.alpha[0], adaptation.alpha[1], adaptation.m_task.mean(),
-                          adaptation.m_cls.mean()]).float().cpu().numpy()  # one transfer per episode
-    alphas[i], mask_task[i], mask_cls[i] = values[:2], values[2], values[3]
 
 
 def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
