@@ -227,13 +227,17 @@ def iterate(loader: DataLoader) -> Iterator:
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly."""
+    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly. SIGTERM is
+    let in again: torch's handler in the worker exits quietly when the main process stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, 'pthread_sigmask'):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,
                    persistent: bool = False) -> DataLoader:
-    """A loader of whole episodes: each batch is one episode from ``batch_sampler``."""
+    """A loader of whole episodes: each batch is one episode from ``batch_sampler`` (or one batch of a
+    ``ShuffledBatches``)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
                       persistent_workers=persistent, worker_init_fn=ignore_interrupts,
                       # worker seeds come from their own generator, never from the global random state

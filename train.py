@@ -22,6 +22,7 @@ from evaluation import evaluate
 from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import build_model, check_args, data_path, place_model, prepare_demo, run_config, run_name, run_paths
+from utils import interrupt_on_sigterm
 from utils import UserError, accuracy_line, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
 
 
@@ -169,6 +170,7 @@ def validate_and_save(model: GLoFA, val_set: FewShotDataset, losses: list[float]
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
+    interrupt_on_sigterm()
     args = parse_args(argv)
     if args.demo:
         prepare_demo(args)
