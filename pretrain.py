@@ -47,7 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--data_name', type=str, default='mini_imagenet',
                    help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
     g.add_argument('--data_path', type=str, default=None,
-                   help='dataset root holding images/ and split/{train,val}.csv (default: datasets/<data_name>)')
+                   help='dataset root holding images/ and split/{train,val}.csv; none given: datasets/<data_name>')
     g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
                    help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
 
@@ -57,7 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help='images per optimisation step, over all processes (each takes batch_size / processes)')
     g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
                    help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: 0.1 for SGD, 0.001 for Adam)')
+    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
     g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
                    help='epochs after which the learning rate is multiplied by --gamma')
     g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
@@ -79,8 +79,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='seed of the shuffling, the augmentation, the initialisation and the validation episodes')
     g.add_argument('--save_dir', type=str, default='saves', help='root of pretrained/ (outputs, state, log)')
     g.add_argument('--out', type=str, default=None,
-                   help='weights file to write (default: <save_dir>/pretrained/<data_name>-<network_name>-pretrain-'
-                        'seed<seed>.pth); its state and log go beside it as .last.pth and .log.jsonl')
+                   help='weights file to write; none given: <save_dir>/pretrained/<data_name>-<network_name>-pretrain-'
+                        'seed<seed>.pth. Its state and log go beside it as .last.pth and .log.jsonl')
     g.add_argument('--resume', action='store_true', help="continue from the output's saved state when it exists")
     g.add_argument('--overwrite', action='store_true', help='start over, replacing an existing output, state and log')
     g.add_argument('--amp', action='store_true',
@@ -95,7 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 # A short schedule for the built-in demo data on a 2-core CPU (its val split has 8 classes).
-DEMO_PRESET = dict(data_name='demo', network_name='convnet', epochs=6, batch_size=32, milestones=[4],
+DEMO_PRESET = dict(data_name='demo', network_name='convnet', epochs=4, batch_size=32, milestones=[3],
                    val_every=1, val_way=5)
 
 
@@ -360,7 +360,8 @@ def summary(run: Run) -> None:
     print(f'best validation accuracy {100 * p.best_accuracy:.2f} % (cosine prototypes, {args.val_way}-way '
           f'{args.val_shot}-shot, {args.val_episodes} episodes) at epoch {p.best_epoch}; weights {run.paths.out} '
           f'({n_encoder} encoder tensors, fc {tuple(run.plain.fc.weight.shape)})')
-    print(f'next: python train.py --network_name {args.network_name} --pretrained {run.paths.out}')
+    print(f'next: python train.py{" --demo" if args.demo else ""} --network_name {args.network_name} '
+          f'--pretrained {run.paths.out}')
     print(f'seed {args.seed}, revision {git_revision()}')
 
 
@@ -405,7 +406,8 @@ def pretrain(args, progress: Progress) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(paths.log)), exist_ok=True)
         trim_log(paths.log, 'epoch', progress.epoch)
         print(f'pretraining {args.network_name} on {root}: {len(train_set.class_names)} classes, {len(train_set)} '
-              f'images (val {len(val_set.class_names)} classes, {len(val_set)} images); {args.epochs} epochs of '
+              f'images (val {len(val_set.class_names)} classes, {len(val_set)} images); {args.epochs} '
+              f'epoch{"s" if args.epochs > 1 else ""} of '
               f'{len(sampler)} steps of {args.batch_size} images; {args.optimizer} lr {args.lr:g}, milestones '
               f'{" ".join(map(str, args.milestones))}, gamma {args.gamma:g}; on {device}, {processes} '
               f'process{"es" if processes > 1 else ""}'
