@@ -15,6 +15,11 @@ from utils import UserError
 ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
 
 
+class ProcessError(UserError):
+    """A mistake that one process may meet and the others not: every process that meets it reports it
+    (a mistake every process meets alike is reported by rank 0 alone)."""
+
+
 def launched() -> bool:
     """True in a process started by torchrun (or anything else that sets its environment variables)."""
     return all(name in os.environ for name in ENV)
@@ -56,7 +61,7 @@ def setup(device: torch.device) -> torch.device:
         return device
     if device.type == 'cuda':
         if local_rank() >= torch.cuda.device_count():
-            raise UserError(f'process {rank()} has LOCAL_RANK {local_rank()}, but this machine has '
+            raise ProcessError(f'process {rank()} has LOCAL_RANK {local_rank()}, but this machine has '
                             f'{torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node')
         device = torch.device('cuda', local_rank())
         torch.cuda.set_device(device)

@@ -261,7 +261,7 @@ def load_last(run: Run, record: dict) -> None:
 
 
 # ------------------------------------------------------------------ phases
-class NonFiniteLoss(UserError):
+class NonFiniteLoss(distributed.ProcessError):
     """The loss became inf or nan: reported by whichever process met it."""
 
 
@@ -443,9 +443,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         return pretrain(args, progress)
     except UserError as error:
-        if distributed.is_main_process() or isinstance(error, NonFiniteLoss):
+        if distributed.is_main_process() or isinstance(error, distributed.ProcessError):
             raise
-        sys.exit(2)  # the same error on every process: rank 0 reports it
+        sys.exit(2)  # the same mistake on every process: rank 0 reports it
     except BaseException as error:
         # Ctrl-C or SIGTERM, or an error in its wake: a collective whose peer has stopped, a loader worker
         # stopped by the same signal

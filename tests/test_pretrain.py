@@ -211,6 +211,15 @@ def test_val_split_smaller_than_the_way_is_refused(tiny_dataset, tmp_path, capsy
                                        f'pass a smaller --val_way\n')
 
 
+def test_non_finite_loss_stops_with_the_state_kept(tiny_dataset, tmp_path, capsys):
+    argv = flags(tiny_dataset, tmp_path, 'convnet', 3) + ['--optimizer', 'sgd', '--lr', '1e30']
+    assert exit_code(pretrain.main, argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'error: training loss became nan (epoch 1); stopped. The state after epoch 0 is kept in {paths(argv).last}; '
+        f'runs are deterministic, so resuming with the same flags meets the same loss: try a lower --lr')
+    assert load(paths(argv).last)['epoch'] == 0
+
+
 # ------------------------------------------------------------------ several processes
 def test_sampler_splits_each_batch_between_processes():
     single = list(ShuffledBatches(20, 8, seed=3))
