@@ -11,7 +11,8 @@
     and the projected time of the default pretraining (100 epochs of 300 steps);
 (4) scripts/benchmark.py's CUDA rows for ResNet-12, 5-way 1-shot.
 Data in the real on-disk format is generated in a temporary folder. Prints a table; --json PATH writes
-every figure. Takes about 5 minutes on one GPU. Without CUDA it says so and exits 0.
+every figure; exit code 1 when a check fails. Sized to take under 8 minutes on one GPU (not yet
+timed on one). Without CUDA it says so and exits 0.
 """
 import argparse
 import copy
