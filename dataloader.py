@@ -547,6 +547,41 @@ class SeededEpisodes:
             yield list(zip(indices.tolist(), seeds.tolist()))
 
 
+class ShuffledBatches:
+    """Batch sampler of supervised pretraining, for process ``rank`` of ``world_size``.
+
+    Epoch e (``set_epoch``, as DistributedSampler): a permutation of the split's images and one
+    augmentation seed per image, both from a generator seeded with seed + e, so an epoch's batches and
+    images depend on (seed, e) alone, not on the number of processes or workers. The permutation is
+    cut into ``len(self)`` global batches of ``batch_size`` (a last incomplete one is dropped); process
+    r takes positions [r * b, (r + 1) * b) of each, b = batch_size / world_size. Batches are lists of
+    (index, seed) pairs, for ``FewShotDataset``.
+    """
+
+    def __init__(self, n_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f'batch_size {batch_size} is not divisible by world_size {world_size}')
+        self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_images // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n_images, generator=g)
+        seeds = torch.randint(2 ** 62, (self.n_images,), generator=g)  # seeds[i]: image i's augmentation
+        share = self.batch_size // self.world_size
+        for b in range(len(self)):
+            start = b * self.batch_size + self.rank * share
+            indices = order[start:start + share]
+            yield list(zip(indices.tolist(), seeds[indices].tolist()))
+
+
 def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
                     generator: Optional[torch.Generator] = None, task_mix: str = 'class') -> EpisodeSampler:
     """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class.
@@ -606,11 +641,13 @@ def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n
 
 
 def iterate(loader: DataLoader) -> Iterator:
-    """``iter(loader)``, with Ctrl-C held back while worker processes start: it is delivered just
-    after, to the main process alone (the workers inherit the block and ignore it)."""
+    """``iter(loader)``, with Ctrl-C and SIGTERM held back while worker processes start: they are
+    delivered just after, to the main process (a KeyboardInterrupt raised during a fork can be lost).
+    The workers inherit the block; ``ignore_interrupts`` ignores Ctrl-C there and lets SIGTERM in again."""
     if loader.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
         return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held = {signal.SIGINT, signal.SIGTERM} if loader.worker_init_fn is ignore_interrupts else {signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         return iter(loader)
     finally:
@@ -618,13 +655,17 @@ def iterate(loader: DataLoader) -> Iterator:
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly."""
+    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly. SIGTERM is
+    let in again: torch's handler in the worker exits quietly when the main process stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, 'pthread_sigmask'):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,
                    persistent: bool = False) -> DataLoader:
-    """A loader of whole episodes: each batch is one episode from ``batch_sampler``."""
+    """A loader of whole episodes: each batch is one episode from ``batch_sampler`` (or one batch of a
+    ``ShuffledBatches``)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
                       persistent_workers=persistent, worker_init_fn=ignore_interrupts,
                       # worker seeds come from their own generator, never from the global random state

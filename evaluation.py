@@ -6,11 +6,12 @@ Two ways give the same answers: 'episodic' encodes every episode's images, as th
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
@@ -229,3 +230,30 @@ def write_figures(path: str, settings: list[dict], **extra) -> None:
         os.makedirs(folder, exist_ok=True)
     with open(path, 'w') as f:
         json.dump({**extra, 'settings': settings}, f, indent=1)
+
+
+PROTOTYPE_METRICS = ('cosine', 'euclidean')
+
+
+@torch.no_grad()
+def prototype_accuracies(features: torch.Tensor, episodes: Iterable[torch.Tensor], n_way: int,
+                         n_shot: int) -> dict[str, np.ndarray]:
+    """ProtoNet accuracy of each episode on cached embeddings, with two metrics.
+
+    features: (n_images, d), the split's embeddings in dataset order (``encode_split``); each episode
+    is an index tensor (N * (K + Q),) in shot-major order (``EpisodeSampler``). The prototype of class
+    n is the mean of its K support embeddings; 'euclidean' logits are -||q - p_n||^2, 'cosine' ones
+    cos(q, p_n). Returns {'cosine': (n_episodes,), 'euclidean': (n_episodes,)}, values in [0, 1].
+    """
+    correct = {metric: [] for metric in PROTOTYPE_METRICS}
+    for episode in episodes:
+        x = features[episode.to(features.device)].float()                   # (N*S, d)
+        n_query = len(episode) // n_way - n_shot
+        support, query = x[:n_way * n_shot], x[n_way * n_shot:]            # (N*K, d), (N*Q, d)
+        prototypes = support.reshape(n_shot, n_way, -1).mean(dim=0)         # (N, d)
+        targets = query_targets(n_way, n_query, x.device)                   # (N*Q,)
+        logits = {'cosine': F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).t(),       # (N*Q, N)
+                  'euclidean': -(query[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=2)}  # (N*Q, N)
+        for metric in PROTOTYPE_METRICS:
+            correct[metric].append((logits[metric].argmax(dim=1) == targets).float().mean().item())
+    return {metric: np.asarray(values) for metric, values in correct.items()}

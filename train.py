@@ -6,7 +6,6 @@ After training, the best checkpoint is evaluated on the test split.
 """
 import json
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,7 +24,8 @@ from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
                   run_identity, run_name, run_paths)
-from utils import UserError, autocast, exits_cleanly, git_revision, mean_ci, select_device, set_seed, to_device
+from utils import (UserError, autocast, exits_cleanly, git_revision, interrupt_on_sigterm, mean_ci, random_states,
+                   select_device, set_random_states, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ model and optimisation
@@ -64,19 +64,6 @@ class Run:
     scaler: Optional[torch.amp.GradScaler]
     generators: dict          # 'train' (episodes and augmentation) and 'val' (validation episodes)
     state: RunState = field(default_factory=RunState)
-
-
-def random_states() -> dict:
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_random_states(states: dict) -> None:
-    random.setstate(states['python'])
-    np.random.set_state(states['numpy'])
-    torch.set_rng_state(states['torch'])
-    if states['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
 
 
 def save_last(run: Run, finished: bool) -> None:
@@ -145,22 +132,6 @@ def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
     return losses
 
 
-def trim_log(path: str, episode: int) -> None:
-    """Keep the log lines of validations up to ``episode`` (none for a new run)."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get('episode', 0) <= episode:
-                    kept.append(line)
-            except ValueError:  # a line cut short by a crash
-                pass
-    with open(path, 'w') as f:
-        f.writelines(kept)
-
-
 def evaluate_split(run: Run, dataset: FewShotDataset, generator: torch.Generator, n_episodes: int,
                    desc: str) -> EpisodeResults:
     """The episodes of the validation or test split with this run's flags and --eval_mode."""
@@ -218,6 +189,7 @@ def write_identity(run: Run) -> None:
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
+    interrupt_on_sigterm()
     args = parse_args(argv)
     if args.demo:
         prepare_demo(args)
@@ -250,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if resuming:
         load_last(run)
         print(f"resumed {paths['last']} at episode {run.state.episode}")
-    trim_log(paths['log'], run.state.episode)
+    trim_log(paths['log'], 'episode', run.state.episode)
     write_identity(run)
 
     per_episode = args.N * (args.K + args.Q)

@@ -1,10 +1,13 @@
 """Small helpers shared by the entry points: errors, seeding, devices, reporting."""
 import functools
+import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,6 +43,47 @@ def exits_cleanly(main: Callable) -> Callable:
     return wrapper
 
 
+_interrupts: list = []  # the signals interrupt_on_sigterm's handler has turned into KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C: raise KeyboardInterrupt in the main thread.
+
+    Clusters stop a job with SIGTERM (preemption, time limit) and torchrun passes it on to its
+    processes; an entry point that saves and exits cleanly on Ctrl-C then does the same on SIGTERM,
+    so a requeued job can resume. Both signals are recorded, so that ``interrupted()`` tells the errors
+    an interrupt causes in its wake (a collective whose peer has gone, a loader worker stopped by the
+    same signal) from real ones. Only the main thread may set handlers: elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _interrupts.clear()
+
+    def handler(signum, frame):
+        _interrupts.append(signum)
+        raise KeyboardInterrupt(f'signal {signal.Signals(signum).name}')
+
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handler)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C or SIGTERM arrived since ``interrupt_on_sigterm``."""
+    return bool(_interrupts)
+
+
+def ignore_further_interrupts() -> None:
+    """While an interrupted process reports and exits: no second KeyboardInterrupt (a terminal and
+    torchrun may both send one), and no error from DataLoader workers stopped by the same signal."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, 'SIGCHLD'):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices); make cuDNN deterministic."""
     random.seed(seed)
@@ -48,6 +92,38 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def random_states() -> dict:
+    """The global random states of Python, NumPy and torch (CPU and every CUDA device)."""
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_states(states: dict) -> None:
+    """Restore what ``random_states`` returned (the CUDA states when the machine has as many devices)."""
+    random.setstate(states['python'])
+    np.random.set_state(states['numpy'])
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def trim_log(path: str, key: str, last: int) -> None:
+    """Keep the lines of a JSON-lines log whose ``key`` is at most ``last`` (none for a new run);
+    a line cut short by a crash is dropped."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get(key, 0) <= last:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                pass
+    with open(path, 'w') as f:
+        f.writelines(kept)
 
 
 def select_device(device: str, devices: Sequence[int]) -> torch.device:

@@ -3,6 +3,7 @@
 Instead of --stat, the run's own flags (those of train.py, e.g. --N 5 --K 1 --save_dir saves) name
 the statistics file. The x axis counts training episodes: taken from the JSON-lines log beside the
 statistics file when it has one entry per validation, else (i + 1) * --episode_gap.
+A pretraining log of pretrain.py is plotted against epochs: --log <save_dir>/pretrained/NAME.log.jsonl.
 """
 import argparse
 import json
@@ -34,6 +35,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--episode_gap', type=int, default=None,
                    help="training episodes between two validations, for files without a log "
                         "(default: train.py's, 200)")
+    p.add_argument('--log', type=str, default=None,
+                   help="a pretraining log written by pretrain.py (<save_dir>/pretrained/<name>.log.jsonl): "
+                        "training loss and validation accuracies against epochs")
     p.add_argument('--out', type=str, default='curves.png', help='PNG file to write')
     return p
 
@@ -68,9 +72,10 @@ def load_statistics(path: str) -> tuple[list[float], list[float]]:
     return losses, accuracies
 
 
-def read_log(path: str) -> list[dict]:
-    """The log's entries of the latest run: an entry whose episode does not follow the previous one
-    (a run started again, or an interval redone after --resume) replaces the entries it overlaps."""
+def read_log(path: str, key: str = 'episode') -> list[dict]:
+    """The log's entries of the latest run: an entry whose episode (or epoch, ``key``) does not follow
+    the previous one (a run started again, or an interval redone after --resume) replaces the entries
+    it overlaps."""
     entries = []
     with open(path) as f:
         for line in f:
@@ -78,9 +83,9 @@ def read_log(path: str) -> list[dict]:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if not isinstance(entry, dict) or not isinstance(entry.get('episode'), int):
+            if not isinstance(entry, dict) or not isinstance(entry.get(key), int):
                 continue
-            while entries and entries[-1]['episode'] >= entry['episode']:
+            while entries and entries[-1][key] >= entry[key]:
                 entries.pop()
             entries.append(entry)
     return entries
@@ -152,9 +157,78 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
     save_figure(fig, out)
 
 
+PRETRAINING_KEYS = ('loss', 'train_accuracy', 'val_cosine', 'val_euclidean')
+
+
+def read_pretraining_log(path: str) -> list[dict]:
+    """The validations of pretrain.py's log (latest run), each with epoch, loss and accuracies."""
+    if not os.path.isfile(path):
+        raise UserError(f'log {path} not found')
+    entries = [e for e in read_log(path, 'epoch') if all(isinstance(e.get(k), (int, float)) for k in PRETRAINING_KEYS)]
+    if not entries:
+        raise UserError(f"log {path} holds no validation of pretrain.py (expected JSON lines with 'epoch', "
+                        f"{', '.join(repr(k) for k in PRETRAINING_KEYS)})")
+    return entries
+
+
+def draw_pretraining(entries: list[dict], title: str, out: str) -> None:
+    """Training loss, and training and validation accuracies (%) against epochs, saved as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=120, layout='constrained')
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [e['epoch'] for e in entries]
+    marker = 'o' if len(epochs) <= 60 else None
+    ax_loss.plot(epochs, [e['loss'] for e in entries], marker=marker, markersize=3, color='tab:blue')
+    ax_loss.set_title('training loss (mean over the epoch)')
+    ax_loss.set_ylabel('cross-entropy')
+    for key, color in (('val_cosine', 'tab:orange'), ('val_euclidean', 'tab:green')):
+        percent = [100 * e[key] for e in entries]
+        ci = [100 * e.get(f'{key}_ci', 0.0) for e in entries]
+        ax_acc.fill_between(epochs, [p - c for p, c in zip(percent, ci)], [p + c for p, c in zip(percent, ci)],
+                            color=color, alpha=0.2)
+        ax_acc.plot(epochs, percent, marker=marker, markersize=3, color=color,
+                    label=f'validation, {key[4:]} prototypes (95 % CI shaded)')
+    ax_acc.plot(epochs, [100 * e['train_accuracy'] for e in entries], color='tab:grey', linestyle='--',
+                label='training batches (augmented)')
+    best = max(range(len(entries)), key=lambda i: (entries[i]['val_cosine'], -i))  # the first best, as kept
+    ax_acc.plot([epochs[best]], [100 * entries[best]['val_cosine']], marker='*', markersize=14, color='tab:red',
+                linestyle='none', label=f"best {100 * entries[best]['val_cosine']:.2f} % (epoch {epochs[best]})")
+    ax_acc.set_title('accuracy')
+    ax_acc.set_ylabel('accuracy (%)')
+    # 'lr' is the rate an epoch trained with: it dropped after prev's epoch, at the latest before e's
+    drops = [prev['epoch'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
+    for i, epoch in enumerate(drops):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(epoch, color='grey', linestyle=':', linewidth=1,
+                       label='learning-rate drop' if i == 0 and ax is ax_acc else None)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc='lower right', fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, out)
+
+
+def plot_pretraining(path: str, out: str) -> str:
+    entries = read_pretraining_log(path)
+    draw_pretraining(entries, os.path.basename(path), out)
+    best = max(entries, key=lambda e: e['val_cosine'])
+    print(f"wrote {out}: {len(entries)} validations up to epoch {entries[-1]['epoch']}, best validation accuracy "
+          f"(cosine) {100 * best['val_cosine']:.2f} % at epoch {best['epoch']}, last training loss "
+          f"{entries[-1]['loss']:.4f}")
+    return out
+
+
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> str:
     own, rest = get_parser().parse_known_args(argv)
+    if own.log is not None:
+        if rest or own.stat is not None:
+            raise UserError(f'--log names the file; {" ".join(rest) or "--stat"} would be ignored: give one or the other')
+        return plot_pretraining(own.log, own.out)
     if own.stat is not None:
         if rest:
             raise UserError(f'--stat names the file; the run flags {" ".join(rest)} would be ignored: give one or the other')

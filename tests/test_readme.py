@@ -1,6 +1,8 @@
-"""docs/flags.md documents every flag, and CI runs the test command the README gives."""
+"""docs/flags.md and docs/pretrain.md document every flag, and CI runs the test command the README gives."""
 import os
+import re
 
+import pretrain
 from arguments import get_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +25,23 @@ def test_ci_runs_the_readme_commands():
     readme, ci = read('README.md'), read('.ci/run')
     assert 'python -m pytest -q' in readme and 'python -m pytest -q' in ci
     assert 'pip install -r requirements.txt' in readme and '-r requirements.txt' in ci
+
+
+def documented_default(action) -> str:
+    """A parser default as the flag tables write it."""
+    if action.dest == 'n_workers':
+        return 'min(8, CPUs)'
+    if action.default is False:
+        return 'off'
+    if isinstance(action.default, list):
+        return ' '.join(map(str, action.default))
+    return str(action.default)
+
+
+def test_pretrain_flag_table_matches_its_parser():
+    rows = dict(re.findall(r'^\| `(--\w+)` \| `([^`]*)` \|', read(os.path.join('docs', 'pretrain.md')), flags=re.M))
+    actions = {a.option_strings[0]: a for a in pretrain.get_parser()._actions if a.option_strings[0] != '-h'}
+    assert set(rows) == set(actions)
+    for flag, action in actions.items():
+        if action.default is not None:  # None: a default that depends on other flags, explained in the table
+            assert rows[flag] == documented_default(action), flag

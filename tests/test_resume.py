@@ -82,9 +82,10 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
 
 
-def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) to train.py with loader workers:
-    exit 130, a hint to resume, no traceback."""
+@pytest.mark.parametrize('signal_name', ['SIGINT', 'SIGTERM'])
+def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_name):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it), or a cluster's SIGTERM, to train.py
+    with loader workers: exit 130, a hint to resume, no traceback."""
     import signal
     import subprocess
     import sys
@@ -102,7 +103,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path):
         deadline = time.time() + 120
         while not (os.path.isfile(log) and os.path.getsize(log) > 0) and time.time() < deadline:
             time.sleep(0.2)  # wait for the first validation
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, getattr(signal, signal_name))
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()

@@ -1,0 +1,116 @@
+"""The one module that knows about torch.distributed; everything else asks through it.
+
+``torchrun --nproc_per_node G script.py`` starts G processes and gives each RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment. A plain ``python script.py`` has none of
+them: it is rank 0 of 1, and no function here touches torch.distributed for it.
+"""
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from utils import UserError
+
+ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
+
+
+class ProcessError(UserError):
+    """A mistake that one process may meet and the others not: every process that meets it reports it
+    (a mistake every process meets alike is reported by rank 0 alone)."""
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or anything else that sets its environment variables)."""
+    return all(name in os.environ for name in ENV)
+
+
+def _env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise UserError(f'environment variable {name}={os.environ[name]!r} is not an integer '
+                        f'(it is set by torchrun)') from None
+
+
+def rank() -> int:
+    return _env('RANK') if launched() else 0
+
+
+def local_rank() -> int:
+    return _env('LOCAL_RANK') if launched() else 0
+
+
+def world_size() -> int:
+    return _env('WORLD_SIZE') if launched() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that prints, logs and writes files."""
+    return rank() == 0
+
+
+def _initialized() -> bool:
+    return launched() and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on the CPU) and return this process's device:
+    CUDA device LOCAL_RANK under torchrun, ``device`` otherwise."""
+    if not launched():
+        return device
+    if device.type == 'cuda':
+        if local_rank() >= torch.cuda.device_count():
+            raise ProcessError(f'process {rank()} has LOCAL_RANK {local_rank()}, but this machine has '
+                            f'{torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node')
+        device = torch.device('cuda', local_rank())
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl', device_id=device)
+    else:
+        torch.distributed.init_process_group('gloo')
+    return device
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """DistributedDataParallel around ``model`` (already on ``device``) under torchrun, ``model`` itself
+    otherwise. With ``sync_bn`` the BatchNorm layers first become SyncBatchNorm (CUDA only)."""
+    if not launched():
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its state dict has the plain keys)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums of ``values`` over all processes (the values themselves in a single process)."""
+    if not _initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` in a single process)."""
+    if not _initialized():
+        return [obj]
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if _initialized():
+        torch.distributed.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group."""
+    if _initialized():
+        torch.distributed.destroy_process_group()
