@@ -78,6 +78,10 @@ class SplitFeatures:
         return self.features
 
 
+# the strengths whose masks act under each --adaptor ablation (columns of EpisodeResults.alphas)
+ACTING_STRENGTHS = {'both': [0, 1], 'task': [0], 'class': [1], 'none': []}
+
+
 @dataclass
 class EpisodeResults:
     """What evaluation measured on each episode, in order."""
@@ -102,9 +106,11 @@ class EpisodeResults:
                 'alpha_task_active': float(active[:, 0].mean()), 'alpha_cls_active': float(active[:, 1].mean()),
                 'mask_task': float(self.mask_task.mean()), 'mask_cls': float(self.mask_cls.mean())}
 
-    def adaptors_off(self) -> bool:
-        """Both strengths are 0 on every episode: the model is normalised-prototype ProtoNet."""
-        return bool((self.alphas == 0).all())
+    def adaptors_off(self, adaptor: str = 'both') -> bool:
+        """The strengths of the adaptor's masks are 0 on every episode: the masks have no effect and the
+        model is normalised-prototype ProtoNet ('task' and 'class' ablations: their one strength)."""
+        acting = ACTING_STRENGTHS[adaptor]
+        return bool(acting) and bool((self.alphas[:, acting] == 0).all())
 
 
 def diagnostics_line(results: EpisodeResults) -> str:
@@ -115,8 +121,9 @@ def diagnostics_line(results: EpisodeResults) -> str:
             f"mean mask values: task {d['mask_task']:.4f}, class {d['mask_cls']:.4f}")
 
 
-def adaptors_off_warning(results: EpisodeResults, where: str) -> str:
-    return (f'warning: alpha_task = alpha_cls = 0 on all {len(results.accuracies)} {where} episodes: the adaptors '
+def adaptors_off_warning(results: EpisodeResults, where: str, adaptor: str = 'both') -> str:
+    names = ' = '.join(('alpha_task', 'alpha_cls')[i] for i in ACTING_STRENGTHS[adaptor])
+    return (f'warning: {names} = 0 on all {len(results.accuracies)} {where} episodes: the adaptors '
             f'are switched off and the model is normalised-prototype ProtoNet at this point')
 
 
@@ -206,8 +213,8 @@ def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str 
     lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
               for group, values in results.group_accuracies().items()]
     lines.append(diagnostics_line(results))
-    if results.adaptors_off() and adaptor != 'none':
-        lines.append(adaptors_off_warning(results, 'test'))
+    if results.adaptors_off(adaptor):
+        lines.append(adaptors_off_warning(results, 'test', adaptor))
     return lines
 
 

@@ -246,8 +246,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 phase = 'validation'
                 results, improved = validate_and_save(run, val_set, losses)
                 bar.write(validation_line(state.episode, losses, results, improved))
-                if results.adaptors_off() and args.adaptor != 'none':
-                    bar.write(adaptors_off_warning(results, 'validation'))
+                if results.adaptors_off(args.adaptor):
+                    bar.write(adaptors_off_warning(results, 'validation', args.adaptor))
     except NonFiniteLoss as error:
         raise UserError(f"{error}; stopped. The last good state (episode {state.saved_episode}) is kept in "
                         f"{paths['last']}; runs are deterministic, so resuming with the same flags meets the same "

@@ -1,5 +1,6 @@
 """test.py as researchers use it: the auto evaluation rule, any way and shot from one checkpoint,
 several settings in one command, --json, and the adaptor diagnostics."""
+import dataclasses
 import json
 import re
 
@@ -139,6 +140,13 @@ def test_diagnostics_equal_in_both_ways(small_test_split):
     np.testing.assert_allclose(cached.mask_task, episodic.mask_task, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(cached.mask_cls, episodic.mask_cls, rtol=1e-4, atol=1e-6)
     assert (cached.alphas > 0).all() and not cached.adaptors_off()
+    # an ablation is off when its own strength is 0, whatever the other one does
+    off = dataclasses.replace(cached, alphas=cached.alphas.copy())
+    off.alphas[:, 0] = 0
+    assert off.adaptors_off('task') and not off.adaptors_off('class') and not off.adaptors_off('both')
+    assert not off.adaptors_off('none')  # no mask to switch off
+    assert evaluation.adaptors_off_warning(off, 'test', 'task').startswith(
+        'warning: alpha_task = 0 on all 3 test episodes')
     d = cached.diagnostics()
     assert d['alpha_task_active'] == 1.0 and d['alpha_cls_active'] == 1.0
     assert d['alpha_task'] == pytest.approx(cached.alphas[:, 0].mean())
