@@ -24,8 +24,8 @@ from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
                   run_identity, run_name, run_paths)
-from utils import (UserError, autocast, exits_cleanly, git_revision, interrupt_on_sigterm, mean_ci, random_states,
-                   select_device, set_random_states, set_seed, to_device, trim_log)
+from utils import (UserError, autocast, exits_cleanly, git_revision, ignore_further_interrupts, interrupt_on_sigterm,
+                   interrupted, mean_ci, random_states, select_device, set_random_states, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ model and optimisation
@@ -252,7 +252,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise UserError(f"{error}; stopped. The last good state (episode {state.saved_episode}) is kept in "
                         f"{paths['last']}; runs are deterministic, so resuming with the same flags meets the same "
                         f"loss: try a lower --lr or --lr_network") from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as error:
+        # Ctrl-C or SIGTERM, or an error in its wake (a loader worker stopped by the same signal)
+        if not isinstance(error, KeyboardInterrupt) and not interrupted():
+            raise
+        ignore_further_interrupts()
         during = {'training': f'episode {int(bar.n) + 1 if bar is not None else state.episode + 1}',
                   'validation': f'the validation after episode {state.episode}'}.get(phase, phase)
         print(interrupted_message(run, during), file=sys.stderr)
