@@ -256,12 +256,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # Ctrl-C or SIGTERM, or an error in its wake (a loader worker stopped by the same signal)
         if not isinstance(error, KeyboardInterrupt) and not interrupted():
             raise
+        # loaders torn down by the interrupt (workers stopped by the same signal, or still starting)
+        # complain while they are collected: nothing to report
+        sys.unraisablehook = lambda unraisable: None
         ignore_further_interrupts()
         during = {'training': f'episode {int(bar.n) + 1 if bar is not None else state.episode + 1}',
                   'validation': f'the validation after episode {state.episode}'}.get(phase, phase)
         print(interrupted_message(run, during), file=sys.stderr)
-        # a loader interrupted while starting its workers complains when it is torn down: nothing to report
-        sys.unraisablehook = lambda unraisable: None
         sys.exit(130)
 
     # ---------------- test of the best checkpoint
