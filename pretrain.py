@@ -30,8 +30,9 @@ from evaluation import encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier
 from networks import build_encoder, forward_counters, set_forward_counters
 from runs import data_path, prepare_demo
-from utils import (UserError, autocast, exits_cleanly, git_revision, ignore_further_interrupts, interrupt_on_sigterm,
-                   interrupted, mean_ci, random_states, select_device, set_random_states, set_seed, to_device, trim_log)
+from utils import (UserError, autocast, backward_and_step, exits_cleanly, git_revision, ignore_further_interrupts,
+                   interrupt_on_sigterm, interrupted, mean_ci, random_states, select_device, set_random_states, set_seed,
+                   to_device, trim_log)
 
 DEFAULT_LR = {'sgd': 0.1, 'adam': 0.001}
 
@@ -282,14 +283,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
         loss = F.cross_entropy(logits.float(), labels)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f'training loss became {loss.item()}')
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_and_step(loss, optimizer, scaler)
     return loss.item(), int((logits.argmax(dim=1) == labels).sum())
 
 

@@ -24,8 +24,8 @@ from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
                   run_identity, run_name, run_paths)
-from utils import (UserError, autocast, exits_cleanly, git_revision, ignore_further_interrupts, interrupt_on_sigterm,
-                   interrupted, mean_ci, random_states, select_device, set_random_states, set_seed, to_device, trim_log)
+from utils import (UserError, autocast, backward_and_step, exits_cleanly, git_revision, ignore_further_interrupts,
+                   interrupt_on_sigterm, interrupted, mean_ci, random_states, select_device, set_random_states, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ model and optimisation
@@ -118,14 +118,7 @@ def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
             loss = F.cross_entropy(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item(), run.state.episode + len(losses) + 1)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[1]["lr"]:.2g}')

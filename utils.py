@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -170,6 +170,20 @@ def autocast(device: torch.device, enabled: bool):
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type='cuda', dtype=dtype)
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: Optional['torch.amp.GradScaler'] = None) -> None:
+    """One optimisation step from ``loss``: gradients zeroed, backward, step (through the grad scaler
+    of float16 autocast when there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
