@@ -87,6 +87,9 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
                    help='cached: encode each image of the split once, then adapt per episode; '
                         'episodic: encode every episode anew as the reference does (same answers); '
                         'auto: whichever encodes fewer images, for validation and test alike')
+    g.add_argument('--episode_batch', type=int, default=0,
+                   help='cached evaluation: episodes computed at once (default 0: as many as a memory bound allows; '
+                        'any value gives the same results)')
     g.add_argument('--json', type=str, default=None,
                    help='write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')
     g.add_argument('--resume', action='store_true',

@@ -355,6 +355,19 @@ class TieredDataset(SplitDataset):
         return Image.fromarray(np.array(self.images[i]))
 
 
+class LabelledSplit:
+    """A split known by its labels alone, without images: what the episode sampler reads, for
+    evaluation on embeddings computed in advance (``evaluation.SplitFeatures.given``)."""
+
+    def __init__(self, labels: Sequence[int], class_names: Sequence[str], split: str = 'test',
+                 location: str = 'embeddings given in memory'):
+        self.labels, self.class_names, self.split, self.location = list(labels), list(class_names), split, location
+        self.source_names = [location]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def missing_root_message(root: str) -> str:
     return (f'data folder {root} not found (expected images/ and split/{{train,val,test}}.csv, or tiered-ImageNet\'s '
             f'{{train,val,test}}_images.npz and _labels.pkl; see --data_path, or --demo for the built-in demo data)')

@@ -1,7 +1,9 @@
 """Few-shot evaluation shared by train.py, test.py and the scripts: per-episode accuracies of a model.
 
 Two ways give the same answers: 'episodic' encodes every episode's images, as the reference does;
-'cached' encodes each image of the split once and runs only the adaptors and logits per episode.
+'cached' encodes each image of the split once and runs only the model's head (set functions, masks,
+prototypes, logits), on many episodes at once. An entry point chooses the way once
+(``choose_eval_mode``), then ``run_episodes(model, dataset, Episodes(...), way, EvalOptions(...))``.
 """
 import json
 import os
@@ -40,42 +42,99 @@ def describe_eval_mode(mode: str, chosen: str, n_images: int, n_episodes: int, i
     return f'{chosen} evaluation ({how}: {reason})'
 
 
+@dataclass
+class EvalOptions:
+    """How evaluation runs: none of these changes a result."""
+    device: torch.device
+    n_workers: int = 0           # loader workers
+    amp: bool = False            # CUDA autocast
+    channels_last: bool = False  # encoder memory format
+    episode_batch: int = 0       # cached way: episodes computed at once; 0 chooses by memory
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> 'EvalOptions':
+        return cls(device, args.n_workers, args.amp, args.channels_last, args.episode_batch)
+
+
+@dataclass
+class Episodes:
+    """Which episodes are evaluated: ``n_episodes`` N-way K-shot Q-query tasks drawn from ``generator``."""
+    n_episodes: int
+    n_way: int
+    n_shot: int
+    n_query: int
+    generator: Optional[torch.Generator] = None
+    task_mix: str = 'class'  # several roots: see dataloader.episode_sampler
+
+    @property
+    def images_per_episode(self) -> int:
+        return self.n_way * (self.n_shot + self.n_query)
+
+
 @torch.no_grad()
-def encode_split(encoder: nn.Module, dataset: FewShotDataset, device: torch.device, batch_size: int = 128,
-                 n_workers: int = 0, amp: bool = False, channels_last: bool = False,
+def encode_split(encoder: nn.Module, dataset: FewShotDataset, options: EvalOptions, batch_size: int = 128,
                  desc: Optional[str] = None) -> torch.Tensor:
-    """Embeddings of every image of the split in eval mode, in order: (len(dataset), d) on ``device``."""
+    """Embeddings of every image of the split in eval mode, in order: (len(dataset), d) on ``options.device``."""
     encoder.eval()
-    features = []
-    loader = image_loader(dataset, batch_size, n_workers, pin_memory=device.type == 'cuda')
+    device, features = options.device, []
+    loader = image_loader(dataset, batch_size, options.n_workers, pin_memory=device.type == 'cuda')
     with tqdm(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
               unit='batch', disable=desc == '') as bar:
         for images, _ in bar:
-            with autocast(device, amp):
-                features.append(encoder(to_device(images, device, channels_last)).float())
+            with autocast(device, options.amp):
+                features.append(encoder(to_device(images, device, options.channels_last)).float())
     return torch.cat(features)
 
 
 class SplitFeatures:
     """The embeddings of a split, encoded on first use and then shared (e.g. by several (N, K) settings).
 
-    Encoding leaves the encoder's DropBlock counters as they were: evaluation counts one pass per episode.
+    Encoding leaves the encoder's DropBlock counter as it was: evaluation counts one pass per episode.
     """
 
-    def __init__(self, encoder: nn.Module, dataset: FewShotDataset, device: torch.device, n_workers: int = 0,
-                 amp: bool = False, channels_last: bool = False):
-        self.encoder, self.dataset, self.device = encoder, dataset, device
-        self.n_workers, self.amp, self.channels_last = n_workers, amp, channels_last
+    def __init__(self, encoder: nn.Module, dataset: FewShotDataset, options: EvalOptions):
+        self.encoder, self.dataset, self.options = encoder, dataset, options
         self.features: Optional[torch.Tensor] = None
+
+    @classmethod
+    def given(cls, features: torch.Tensor) -> 'SplitFeatures':
+        """Embeddings computed elsewhere: (n_images, d), in the split's order."""
+        split = cls(nn.Identity(), None, None)
+        split.features = features
+        return split
 
     def get(self) -> torch.Tensor:
         if self.features is None:
             counters = forward_counters(self.encoder)
-            self.features = encode_split(self.encoder, self.dataset, self.device, n_workers=self.n_workers,
-                                         amp=self.amp, channels_last=self.channels_last,
+            self.features = encode_split(self.encoder, self.dataset, self.options,
                                          desc=f'encoding {self.dataset.split}')
             set_forward_counters(self.encoder, counters)
         return self.features
+
+
+# The cached way computes many episodes at once; their working memory is bounded by this (bytes).
+EPISODE_BATCH_MEMORY = {'cpu': 256 * 2 ** 20, 'cuda': 1024 * 2 ** 20}
+MAX_EPISODE_BATCH = 1000
+
+
+def episode_batch_size(options: EvalOptions, episodes: Episodes, feature_dim: int) -> int:
+    """Episodes computed at once by the cached way: --episode_batch, else as many as fit in
+    EPISODE_BATCH_MEMORY. Per episode: its embeddings (N*(K+Q) x d) and, per support image, the three
+    set functions' hidden activations (about 24 d floats), all float32."""
+    if options.episode_batch:
+        return options.episode_batch
+    e = episodes
+    per_episode = 4 * feature_dim * (e.images_per_episode + 24 * e.n_way * e.n_shot + 8 * e.n_way)
+    budget = EPISODE_BATCH_MEMORY['cuda' if options.device.type == 'cuda' else 'cpu']
+    return max(1, min(e.n_episodes, MAX_EPISODE_BATCH, budget // per_episode))
+
+
+def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
+    """(..., 5): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode.
+    logits (..., N*Q, N) and the Adaptation of the same episodes; targets (N*Q,)."""
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
+    return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
+                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1))], dim=-1).float()
 
 
 # the strengths whose masks act under each --adaptor ablation (columns of EpisodeResults.alphas)
@@ -128,52 +187,49 @@ def adaptors_off_warning(results: EpisodeResults, where: str, adaptor: str = 'bo
 
 
 @torch.no_grad()
-def run_episodes(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
-                 device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
-                 n_workers: int = 0, amp: bool = False, channels_last: bool = False, desc: str = 'test',
-                 features: Optional[SplitFeatures] = None, task_mix: str = 'class') -> EpisodeResults:
-    """Evaluate ``n_episodes`` episodes in eval mode; per-episode accuracies and adaptor diagnostics.
+def run_episodes(model: GLoFA, dataset: FewShotDataset, episodes: Episodes, mode: str, options: EvalOptions,
+                 features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
+    """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', see
+    ``choose_eval_mode``); per-episode accuracies and adaptor diagnostics.
 
-    mode 'episodic' encodes each episode's images, as the reference does; 'cached' encodes every
-    image of the split once (or takes ``features``, already encoded) and runs only the adaptors and
-    logits per episode; 'auto' picks the one that encodes fewer images. Both draw the same episodes
-    from ``generator`` and give the same answers. Either way the encoder's DropBlock counters
-    advance by one per episode, as in the reference.
+    'episodic' encodes each episode's images and runs the model on it, as the reference does. 'cached'
+    encodes every image of the split once (or takes ``features``, already encoded), then runs the
+    model's head on batches of episodes at once (``episode_batch_size``). Both draw the same episodes
+    from ``episodes.generator`` and give the same answers up to float rounding. Either way the
+    encoder's DropBlock counter advances by one per episode, as in the reference.
     """
+    if mode not in ('cached', 'episodic'):
+        raise ValueError(f"mode must be 'cached' or 'episodic' (choose_eval_mode picks one), got {mode!r}")
     model.eval()
-    n_per_class = n_shot + n_query
-    sampler = episode_sampler(dataset, n_episodes, n_way, n_per_class, generator, task_mix)
-    mode = choose_eval_mode(mode, len(dataset), n_episodes, n_way * n_per_class)
-    targets = query_targets(n_way, n_query, device)
-    accuracies, alphas = np.empty(n_episodes), np.empty((n_episodes, 2))
-    mask_task, mask_cls = np.empty(n_episodes), np.empty(n_episodes)
+    e, device = episodes, options.device
+    sampler = episode_sampler(dataset, e.n_episodes, e.n_way, e.n_shot + e.n_query, e.generator, e.task_mix)
+    targets = query_targets(e.n_way, e.n_query, device)
+    values = np.empty((e.n_episodes, 5))  # per episode: episode_values
     drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
-    if mode == 'cached':
-        if features is None:
-            features = SplitFeatures(model.encoder, dataset, device, n_workers, amp, channels_last)
-        cache = features.get()  # (len(dataset), d)
-        advance_forward_counters(model.encoder, n_episodes)  # one pass per episode, as the reference counts
-        episodes = iter(sampler)  # index tensors
-    else:
-        loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), n_workers,
-                                pin_memory=device.type == 'cuda')
-        episodes = (images for images, _ in iterate(loader))  # image tensors
-    with tqdm(total=n_episodes, desc=desc, leave=False, unit='ep') as bar:
-        for i, episode in enumerate(episodes):
-            with autocast(device, amp):
-                if mode == 'cached':
-                    drawn.append(episode)
-                    embeddings = cache[episode.to(device)]  # (N*(K+Q), d), shot-major
-                else:
-                    embeddings = model.encode(to_device(episode, device, channels_last))
-                logits, adaptation = model.episode(embeddings, n_way, n_shot)  # (N*Q, N)
-            accuracy = (logits.argmax(dim=1) == targets).float().mean()
-            values = torch.stack([accuracy, adaptation.alpha[0], adaptation.alpha[1], adaptation.m_task.mean(),
-                                  adaptation.m_cls.mean()]).float().cpu().numpy()  # one transfer per episode
-            accuracies[i], alphas[i], mask_task[i], mask_cls[i] = values[0], values[1:3], values[3], values[4]
-            bar.update(1)
-    groups = [episode_group(dataset, indices, task_mix) for indices in drawn]
-    return EpisodeResults(mode, accuracies, alphas, mask_task, mask_cls,
+    with tqdm(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
+        if mode == 'cached':
+            cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
+            advance_forward_counters(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
+            batch, draws, done = episode_batch_size(options, e, cache.size(1)), iter(sampler), 0
+            while done < e.n_episodes:
+                indices = torch.stack([next(draws) for _ in range(min(batch, e.n_episodes - done))])  # (B, N*S)
+                drawn.extend(indices)
+                with autocast(device, options.amp):
+                    logits, adaptation = model.episode(cache[indices.to(device)], e.n_way, e.n_shot)  # (B, N*Q, N)
+                values[done:done + len(indices)] = episode_values(logits, adaptation, targets).cpu().numpy()
+                done += len(indices)
+                bar.update(len(indices))
+        else:
+            loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), options.n_workers,
+                                    pin_memory=device.type == 'cuda')
+            for i, (images, _) in enumerate(iterate(loader)):
+                with autocast(device, options.amp):
+                    embeddings = model.encode(to_device(images, device, options.channels_last))  # (N*S, d)
+                    logits, adaptation = model.episode(embeddings, e.n_way, e.n_shot)  # (N*Q, N)
+                values[i] = episode_values(logits, adaptation, targets).cpu().numpy()  # one transfer per episode
+                bar.update(1)
+    groups = [episode_group(dataset, indices, e.task_mix) for indices in drawn]
+    return EpisodeResults(mode, values[:, 0], values[:, 1:3], values[:, 3], values[:, 4],
                           groups=groups if groups and groups[0] is not None else None)
 
 
@@ -190,15 +246,6 @@ class RecordedEpisodes:
         for indices in self.sampler:
             self.drawn.append(indices)
             yield indices
-
-
-def evaluate(model: GLoFA, dataset: FewShotDataset, n_episodes: int, n_way: int, n_shot: int, n_query: int,
-             device: torch.device, generator: Optional[torch.Generator] = None, mode: str = 'auto',
-             n_workers: int = 0, amp: bool = False, channels_last: bool = False,
-             desc: str = 'test', task_mix: str = 'class') -> np.ndarray:
-    """Accuracy of each of ``n_episodes`` episodes (values in [0, 1]); see ``run_episodes``."""
-    return run_episodes(model, dataset, n_episodes, n_way, n_shot, n_query, device, generator, mode, n_workers,
-                        amp, channels_last, desc, task_mix=task_mix).accuracies
 
 
 def group_label(group: str) -> str:

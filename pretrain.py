@@ -26,7 +26,7 @@ from arguments import default_workers
 from checkpoints import atomic_save, check_config, load_strict, model_state_dict, read_file
 from dataloader import (FewShotDataset, ShuffledBatches, episode_loader, episode_sampler, eval_transform, iterate,
                         open_split, train_transform)
-from evaluation import encode_split, prototype_accuracies
+from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier
 from networks import build_encoder, forward_counters, set_forward_counters
 from runs import data_path, prepare_demo
@@ -317,8 +317,7 @@ def validate(run: Run, val_set: FewShotDataset) -> dict[str, np.ndarray]:
     on embeddings of the val split encoded once. The DropBlock ramp counters are left as they were."""
     args, encoder = run.args, run.plain.encoder
     counters = forward_counters(encoder)
-    features = encode_split(encoder, val_set, run.device, n_workers=args.n_workers, amp=args.amp,
-                            channels_last=args.channels_last)
+    features = encode_split(encoder, val_set, EvalOptions(run.device, args.n_workers, args.amp, args.channels_last))
     set_forward_counters(encoder, counters)
     sampler = episode_sampler(val_set, args.val_episodes, args.val_way, args.val_shot + args.val_query,
                               torch.Generator().manual_seed(args.seed + 1))

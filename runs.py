@@ -181,7 +181,8 @@ def check_args(args, device: torch.device) -> None:
             raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
     if args.tau <= 0:
         raise UserError(f'--tau must be positive, got {args.tau}')
-    if args.n_workers < 0:
-        raise UserError(f'--n_workers must be 0 or more, got {args.n_workers}')
+    for flag in ('n_workers', 'episode_batch'):
+        if getattr(args, flag) < 0:
+            raise UserError(f'--{flag} must be 0 or more, got {getattr(args, flag)}')
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')

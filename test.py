@@ -14,13 +14,11 @@ import torch
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
 from dataloader import eval_transform, open_split
-from evaluation import (SplitFeatures, choose_eval_mode, describe_eval_mode, evaluate, result_lines, run_episodes,
-                        setting_figures, write_figures)
+from evaluation import (Episodes, EvalOptions, SplitFeatures, choose_eval_mode, describe_eval_mode, result_lines,
+                        run_episodes, setting_figures, write_figures)
 from runs import (build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   run_paths)
 from utils import UserError, exits_cleanly, git_revision, mean_ci, select_device, set_seed
-
-__all__ = ['evaluate', 'main']  # evaluate stays importable from here
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -92,17 +90,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if trained_as:
         print(trained_as)
     model = place_model(model, args, device)
-    features = SplitFeatures(model.encoder, dataset, device, args.n_workers, args.amp, args.channels_last)
+    options = EvalOptions.from_args(args, device)
+    features = SplitFeatures(model.encoder, dataset, options)
 
     results, rows = {}, []
     for n, k in settings:
-        per_episode = n * (k + args.Q)
+        episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
+                            args.task_mix)
+        per_episode = episodes.images_per_episode
         mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, per_episode)
         print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, per_episode)}')
-        result = run_episodes(model, dataset, args.n_testing_episodes, n, k, args.Q, device,
-                              generator=torch.Generator().manual_seed(args.seed), mode=mode,
-                              n_workers=args.n_workers, amp=args.amp, channels_last=args.channels_last,
-                              desc=f'test {n}-way {k}-shot', features=features, task_mix=args.task_mix)
+        result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'test {n}-way {k}-shot')
         print('\n'.join(result_lines(result, n, k, args.adaptor)))
         results[(n, k)] = result
         rows.append((n, k, *mean_ci(result.accuracies)))

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from arguments import parse_args
 from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (EpisodeResults, adaptors_off_warning, choose_eval_mode, describe_eval_mode, result_lines,
-                        run_episodes, setting_figures, write_figures)
+from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, choose_eval_mode,
+                        describe_eval_mode, result_lines, run_episodes, setting_figures, write_figures)
 from models.glofa import GLoFA, query_targets
 from networks import forward_counters, set_forward_counters
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
@@ -125,20 +125,18 @@ def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
     return losses
 
 
-def evaluate_split(run: Run, dataset: FewShotDataset, generator: torch.Generator, n_episodes: int,
-                   desc: str) -> EpisodeResults:
-    """The episodes of the validation or test split with this run's flags and --eval_mode."""
-    args = run.args
-    return run_episodes(run.model, dataset, n_episodes, args.N, args.K, args.Q, run.device, generator=generator,
-                        mode=args.eval_mode, n_workers=args.n_workers, amp=args.amp,
-                        channels_last=args.channels_last, desc=desc, task_mix=args.task_mix)
+def split_episodes(args, dataset: FewShotDataset, generator: torch.Generator, n_episodes: int) -> tuple[Episodes, str]:
+    """The run's N-way K-shot episodes of a split, and the evaluation way --eval_mode chooses for them, once."""
+    episodes = Episodes(n_episodes, args.N, args.K, args.Q, generator, args.task_mix)
+    return episodes, choose_eval_mode(args.eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
 
 
-def validate_and_save(run: Run, val_set: FewShotDataset, losses: list[float]) -> tuple[EpisodeResults, bool]:
+def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episodes, str],
+                      losses: list[float]) -> tuple[EpisodeResults, bool]:
     """End of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
     statistics, the JSON log line and the 'last' checkpoint. Returns the validation and whether it improved."""
     args, state, paths = run.args, run.state, run.paths
-    results = evaluate_split(run, val_set, run.generators['val'], args.n_validating_episodes, 'validation')
+    results = run_episodes(run.model, val_set, *validation, EvalOptions.from_args(args, run.device), desc='validation')
     accuracy, ci = mean_ci(results.accuracies)
     loss = float(np.mean(losses))
     state.statistics['training_loss'].append(loss)
@@ -218,11 +216,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     trim_log(paths['log'], 'episode', run.state.episode)
     write_identity(run)
 
-    per_episode = args.N * (args.K + args.Q)
-    mode = choose_eval_mode(args.eval_mode, len(val_set), args.n_validating_episodes, per_episode)
+    validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes)
     print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
-          f'in train / val / test; validation: '
-          f'{describe_eval_mode(args.eval_mode, mode, len(val_set), args.n_validating_episodes, per_episode)}')
+          f'in train / val / test; validation: {describe_eval_mode(args.eval_mode, validation[1], len(val_set), args.n_validating_episodes, validation[0].images_per_episode)}')
 
     # ---------------- meta-training
     state, phase, bar = run.state, 'start-up', None
@@ -237,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 losses = train_one_gap(run, train_loader, bar)
                 state.episode += len(losses)
                 phase = 'validation'
-                results, improved = validate_and_save(run, val_set, losses)
+                results, improved = validate_and_save(run, val_set, validation, losses)
                 bar.write(validation_line(state.episode, losses, results, improved))
                 if results.adaptors_off(args.adaptor):
                     bar.write(adaptors_off_warning(results, 'validation', args.adaptor))
@@ -264,9 +260,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     record = load_model_checkpoint(model, paths['model'], run_config(args))
     print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
           f"checkpoint {paths['model']}")
+    test = split_episodes(args, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes)
     try:
-        results = evaluate_split(run, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
-                                 'test')
+        results = run_episodes(model, test_set, *test, EvalOptions.from_args(args, device), desc='test')
     except KeyboardInterrupt:
         print(f'\ninterrupted during the test; training is finished and saved: python test.py with the same '
               f'flags evaluates {paths["model"]}', file=sys.stderr)

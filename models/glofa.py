@@ -19,11 +19,11 @@ ADAPTORS = ('both', 'task', 'class', 'none')
 
 
 class Adaptation(NamedTuple):
-    """What the set functions make of one support set."""
-    m_task: torch.Tensor  # (d,) in [0, delta]
-    m_cls: torch.Tensor   # (N, d) in [0, delta]
-    alpha: torch.Tensor   # (2,) = (alpha_task, alpha_cls) >= 0
-    scale: torch.Tensor   # (N, d) = (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])
+    """What the set functions make of one support set (of each of E episodes: a leading (E,))."""
+    m_task: torch.Tensor  # (..., d) in [0, delta]
+    m_cls: torch.Tensor   # (..., N, d) in [0, delta]
+    alpha: torch.Tensor   # (..., 2) = (alpha_task, alpha_cls) >= 0
+    scale: torch.Tensor   # (..., N, d) = (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])
 
 
 class GLoFA(nn.Module):
@@ -58,35 +58,36 @@ class GLoFA(nn.Module):
         return features
 
     def adapt(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
-        """support: (N*K, d), shot-major. Returns the masks, the strengths and the per-class scale."""
-        d = support.size(-1)
-        per_class = support.view(n_shot, n_way, d).transpose(0, 1)  # (N, K, d): class n's support set
-        m_task = F.relu6(self.f_task(support)) / 6 * self.delta  # (d,)
-        m_cls = F.relu6(self.f_class(per_class)) / 6 * self.delta  # (N, d)
-        alpha = F.relu(self.h(support))  # (2,)
+        """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.
+        Returns the masks, the strengths and the per-class scale."""
+        per_class = support.unflatten(-2, (n_shot, n_way)).transpose(-3, -2)  # (..., N, K, d): class n's set
+        m_task = F.relu6(self.f_task(support)) / 6 * self.delta  # (..., d)
+        m_cls = F.relu6(self.f_class(per_class)) / 6 * self.delta  # (..., N, d)
+        alpha = F.relu(self.h(support))  # (..., 2)
         if self.adaptor in ('class', 'none'):
             m_task = torch.zeros_like(m_task)
         if self.adaptor in ('task', 'none'):
             m_cls = torch.zeros_like(m_cls)
-        scale = (1 + alpha[0] * m_task) * (1 + alpha[1] * m_cls)  # (N, d)
+        alpha_task, alpha_cls = alpha[..., 0, None, None], alpha[..., 1, None, None]  # (..., 1, 1)
+        scale = (1 + alpha_task * m_task.unsqueeze(-2)) * (1 + alpha_cls * m_cls)  # (..., N, d)
         return Adaptation(m_task, m_cls, alpha, scale)
 
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Adaptation]:
-        """features: (N*(K+Q), d), shot-major -> (logits (N*Q, N), the episode's Adaptation).
+        """features: (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), the episode's Adaptation).
 
-        Query j's target is j % N.
+        Leading dimensions are episodes computed at once (evaluation on cached embeddings); each gets
+        the numbers it would get alone, up to float rounding. Query j's target is j % N.
         """
-        d = features.size(-1)
-        support, query = features[:n_way * n_shot], features[n_way * n_shot:]  # (N*K, d), (N*Q, d)
+        support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]  # (..., N*K | N*Q, d)
         adaptation = self.adapt(support, n_way, n_shot)
-        scale = adaptation.scale  # (N, d)
-        mean_support = support.view(n_shot, n_way, d).mean(dim=0)  # (N, d)
-        prototypes = F.normalize(mean_support * scale, dim=-1)  # (N, d): p_n = normalise(mean_k T_n(s))
+        scale = adaptation.scale  # (..., N, d)
+        mean_support = support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)  # (..., N, d)
+        prototypes = F.normalize(mean_support * scale, dim=-1)  # (..., N, d): p_n = normalise(mean_k T_n(s))
         # <T_n(q), p_n> = sum_d q_d * scale_{n,d} * p_{n,d}
-        return query @ (scale * prototypes).t() / self.tau, adaptation  # (N*Q, N)
+        return query @ (scale * prototypes).transpose(-1, -2) / self.tau, adaptation  # (..., N*Q, N)
 
     def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """features: (N*(K+Q), d), shot-major -> logits (N*Q, N); query j's target is j % N."""
+        """features: (..., N*(K+Q), d), shot-major -> logits (..., N*Q, N); query j's target is j % N."""
         return self.episode(features, n_way, n_shot)[0]
 
     def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:

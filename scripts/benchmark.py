@@ -8,7 +8,11 @@
 (b) loader episodes per second with 0 and with --n_workers workers;
 (c) seconds per training episode, the model alone (one episode kept in memory) and with the loader;
 (d) the same on CUDA when present;
-(e) training with --channels_last (and --amp on CUDA), the model alone.
+(e) training with --channels_last (and --amp on CUDA), the model alone;
+(f) the head on cached 640-d embeddings (set functions, masks, prototypes, logits), 5-way 1-shot and
+    5-shot: one episode at a time against --head_batch episodes at once, and a whole cached test of
+    --full_episodes episodes over a 12000-image split (encoding excluded) with --episode_batch 1 against
+    the batch chosen by memory; same accuracies checked.
 Data is generated in the real on-disk format under --work_dir.
 """
 import argparse
@@ -27,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runs  # noqa: E402
 from train import build_optimizer  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
-from dataloader import FewShotDataset, eval_transform, generate_data_loader  # noqa: E402
-from evaluation import evaluate  # noqa: E402
+from dataloader import FewShotDataset, LabelledSplit, eval_transform, generate_data_loader  # noqa: E402
+from evaluation import Episodes, EvalOptions, SplitFeatures, episode_batch_size, run_episodes  # noqa: E402
+from models.glofa import GLoFA  # noqa: E402
 from utils import autocast  # noqa: E402
 
 # mini-ImageNet's test split and the reference protocol
@@ -80,13 +85,13 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
 
     # (a) evaluation, cached vs episodic, same episodes (after one warm-up episode of each)
     for mode in ('cached', 'episodic'):
-        evaluate(model, test_set, 1, N, K, Q, device, mode=mode, n_workers=0, desc='warm-up')
+        run_episodes(model, test_set, Episodes(1, N, K, Q), mode, EvalOptions(device), desc='warm-up')
     results = {}
     for mode in ('cached', 'episodic'):
-        seconds, accs = timed(lambda: evaluate(model, test_set, n_episodes, N, K, Q, device,
-                                               generator=torch.Generator().manual_seed(1), mode=mode,
-                                               n_workers=opts.n_workers, desc=f'eval {mode}'), device)
-        results[mode] = (seconds, accs)
+        episodes = Episodes(n_episodes, N, K, Q, torch.Generator().manual_seed(1))
+        seconds, out = timed(lambda: run_episodes(model, test_set, episodes, mode, EvalOptions(device, opts.n_workers),
+                                                  desc=f'eval {mode}'), device)
+        results[mode] = (seconds, out.accuracies)
     row['eval_cached_s'], row['eval_episodic_s'] = results['cached'][0], results['episodic'][0]
     row['eval_speedup'] = row['eval_episodic_s'] / row['eval_cached_s']
     row['eval_episodic_s_per_ep'] = row['eval_episodic_s'] / n_episodes
@@ -141,6 +146,45 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
     return row
 
 
+def bench_head(device: torch.device, opts) -> dict:
+    """(f): GLoFA's head on 640-d embeddings, one episode at a time against many at once."""
+    row, d = {}, 640
+    labels = torch.arange(20).repeat_interleave(FULL_IMAGES // 20)  # mini-ImageNet's test split: 20 classes of 600
+    split = LabelledSplit(labels.tolist(), [f'n{c:08d}' for c in range(20)])
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, d, generator=g).relu()
+    embeddings = (centres[labels] + 2.5 * torch.randn(len(split), d, generator=g)).relu().to(device)
+    torch.manual_seed(0)
+    model = GLoFA(torch.nn.Identity(), d, h_bias_init=1.0).to(device).eval()  # strengths above 0: the masks act
+    for K in (1, 5):
+        N, Q = 5, 15
+        episodes = Episodes(opts.head_episodes, N, K, Q)
+        indices = torch.randint(len(split), (opts.head_episodes, N * (K + Q)), generator=g).to(device)
+        with torch.no_grad():
+            model.episode(embeddings[indices[0]], N, K)  # warm-up
+            alone, _ = timed(lambda: [model.episode(embeddings[i], N, K) for i in indices], device)
+            batch = opts.head_batch or episode_batch_size(EvalOptions(device), episodes, d)
+            together, _ = timed(lambda: [model.episode(embeddings[indices[s:s + batch]], N, K)
+                                         for s in range(0, len(indices), batch)], device)
+        row[f'head_{K}shot_one_ms'] = 1000 * alone / opts.head_episodes
+        row[f'head_{K}shot_batched_ms'] = 1000 * together / opts.head_episodes
+        row[f'head_{K}shot_batch'] = batch
+        row[f'head_{K}shot_speedup'] = alone / together
+
+        def full_test(episode_batch: int):
+            # the embeddings are given: the test's head work alone
+            return run_episodes(model, split, Episodes(opts.full_episodes, N, K, Q, torch.Generator().manual_seed(1)),
+                                'cached', EvalOptions(device, episode_batch=episode_batch),
+                                SplitFeatures.given(embeddings), desc=f'{opts.full_episodes} episodes, batch {episode_batch or "auto"}')
+
+        one, one_results = timed(lambda: full_test(1), device)
+        auto, auto_results = timed(lambda: full_test(0), device)
+        row[f'full_{K}shot_one_s'], row[f'full_{K}shot_batched_s'], row[f'full_{K}shot_speedup'] = one, auto, one / auto
+        row[f'full_{K}shot_same_accuracies'] = bool(np.array_equal(one_results.accuracies, auto_results.accuracies))
+    row['full_episodes'] = opts.full_episodes
+    return row
+
+
 def print_table(rows: list[dict]) -> None:
     for row in rows:
         print(f"\n== {row['device']}, {row['network']}, 5-way {row['shot']}-shot ==")
@@ -159,6 +203,13 @@ def print_table(rows: list[dict]) -> None:
         extra = f" | --amp {row['train_amp_s_per_ep']:.3f}" if 'train_amp_s_per_ep' in row else ''
         print(f"(e) training, model alone, seconds per episode: --channels_last "
               f"{row['train_channels_last_s_per_ep']:.3f}{extra}")
+        for K in (1, 5):
+            print(f"(f) head on 640-d embeddings, 5-way {K}-shot: one at a time {row[f'head_{K}shot_one_ms']:.3f} ms | "
+                  f"{row[f'head_{K}shot_batch']} at once {row[f'head_{K}shot_batched_ms']:.3f} ms per episode | "
+                  f"{row[f'head_{K}shot_speedup']:.1f}x")
+            print(f"    cached test of {row['full_episodes']} episodes, encoding excluded: --episode_batch 1 "
+                  f"{row[f'full_{K}shot_one_s']:.2f} s | auto {row[f'full_{K}shot_batched_s']:.2f} s | "
+                  f"{row[f'full_{K}shot_speedup']:.1f}x | same accuracies: {row[f'full_{K}shot_same_accuracies']}")
 
 
 def main(argv=None) -> list[dict]:
@@ -175,6 +226,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument('--eval_episodes', type=int, default=None,
                    help="episodes timed in (a) (default: mini-ImageNet's proportion; another count gives "
                         "per-episode times, not a fair ratio)")
+    p.add_argument('--head_episodes', type=int, default=1000, help='episodes timed for the head in (f)')
+    p.add_argument('--head_batch', type=int, default=0, help='episodes at once in (f) (default: chosen by memory)')
+    p.add_argument('--full_episodes', type=int, default=10000, help='episodes of the whole cached test in (f)')
     p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where to run')
     p.add_argument('--work_dir', default=None, help='where to write the data (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
@@ -187,7 +241,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_dataset(os.path.join(opts.work_dir or tmp, 'bench_data'), opts.classes,
                              opts.images_per_class, opts.image_size)
-        rows = [bench_device(device, opts, root) for device in devices]
+        rows = [{**bench_device(device, opts, root), **bench_head(device, opts)} for device in devices]
     print_table(rows)
     if opts.json:
         with open(opts.json, 'w') as f:

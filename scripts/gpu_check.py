@@ -9,7 +9,8 @@
 (3) pretrain.py under torchrun on every GPU present (and on one GPU when there are several), plain
     and with --amp --channels_last: exit code, one output file, seconds per step of the last epoch,
     and the projected time of the default pretraining (100 epochs of 300 steps);
-(4) scripts/benchmark.py's CUDA rows for ResNet-12, 5-way 1-shot.
+(4) scripts/benchmark.py's CUDA rows for ResNet-12, 5-way 1-shot, with the head on cached embeddings one
+    episode at a time against many at once, and a whole 10000-episode cached test.
 Data in the real on-disk format is generated in a temporary folder. Prints a table; --json PATH writes
 every figure; exit code 1 when a check fails. Sized to take under 8 minutes on one GPU (not yet
 timed on one). Without CUDA it says so and exits 0.
@@ -157,7 +158,8 @@ def check_benchmark(network: str, device: str, work: str, timeout: float) -> dic
     out = os.path.join(work, 'benchmark.json')
     code, seconds, err = run([sys.executable, os.path.join('scripts', 'benchmark.py'), '--device', device,
                               '--network', network, '--train_episodes', '5', '--loader_episodes', '20',
-                              '--n_workers', '4', '--work_dir', work, '--json', out], timeout)
+                              '--n_workers', '4', '--work_dir', work, '--json', out]
+                             + (['--head_episodes', '20', '--full_episodes', '50'] if device == 'cpu' else []), timeout)
     if code != 0:
         return {'exit': code, 'error': err, 'passed': False}
     with open(out) as f:
@@ -194,6 +196,13 @@ def print_table(report: dict) -> None:
                                  f"{r['train_model_only_s_per_ep']:.4f}, with loader {r['train_with_loader_s_per_ep']:.4f}, "
                                  f"channels-last {r['train_channels_last_s_per_ep']:.4f}"
                                  + (f", amp {r['train_amp_s_per_ep']:.4f}" if 'train_amp_s_per_ep' in r else ''))
+                    for k in (1, 5):
+                        lines.append(f"(4) head, 5-way {k}-shot, 640-d: one at a time {r[f'head_{k}shot_one_ms']:.3f} ms vs "
+                                     f"{r[f'head_{k}shot_batch']} at once {r[f'head_{k}shot_batched_ms']:.3f} ms per "
+                                     f"episode ({r[f'head_{k}shot_speedup']:.1f}x); {r['full_episodes']}-episode cached "
+                                     f"test {r[f'full_{k}shot_one_s']:.2f} s vs {r[f'full_{k}shot_batched_s']:.2f} s "
+                                     f"({r[f'full_{k}shot_speedup']:.1f}x, same accuracies: "
+                                     f"{r[f'full_{k}shot_same_accuracies']})")
         else:
             lines.append(f"(4) benchmark failed: exit {b['exit']}: {b['error']}")
     lines.append(f"all passed: {report['passed']}; {report['seconds']:.0f} s")

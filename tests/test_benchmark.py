@@ -11,13 +11,17 @@ import benchmark  # noqa: E402
 def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     rows = benchmark.main(['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
-                           '--work_dir', str(tmp_path), '--json', str(out)])
+                           '--head_episodes', '8', '--full_episodes', '20', '--work_dir', str(tmp_path),
+                           '--json', str(out)])
     (row,) = json.loads(out.read_text())
     assert row == json.loads(json.dumps(rows[0]))
     assert row['split_images'] == 80 and row['eval_episodes'] == 67  # 10000 * 80 / 12000 episodes
     assert row['eval_same_accuracies'] is True
+    assert row['full_1shot_same_accuracies'] is True and row['full_5shot_same_accuracies'] is True
+    assert row['full_episodes'] == 20 and 1 <= row['head_5shot_batch'] <= row['head_1shot_batch'] <= 8
     for key in ('eval_cached_s', 'eval_episodic_s', 'loader_eps_per_s_0_workers', 'train_model_only_s_per_ep',
-                'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep'):
+                'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep', 'head_1shot_one_ms',
+                'head_5shot_batched_ms', 'full_1shot_one_s', 'full_5shot_batched_s'):
         assert row[key] > 0
     assert 'faster' in capsys.readouterr().out
 

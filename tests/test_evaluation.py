@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 import evaluation
-import test as test_script
 from dataloader import EpisodeSampler, FewShotDataset, eval_transform
 from models.glofa import GLoFA, query_targets
 from networks import forward_counters
@@ -15,6 +14,12 @@ from networks.resnet import ResNet12
 
 N_WAY, N_SHOT, N_QUERY, N_EPISODES = 3, 1, 2, 5
 CPU = torch.device('cpu')
+OPTIONS = evaluation.EvalOptions(CPU)
+
+
+def accuracies(model, dataset, n_episodes: int, seed: int, mode: str) -> np.ndarray:
+    episodes = evaluation.Episodes(n_episodes, N_WAY, N_SHOT, N_QUERY, torch.Generator().manual_seed(seed))
+    return evaluation.run_episodes(model, dataset, episodes, mode, OPTIONS).accuracies
 
 
 @pytest.fixture(scope='module')
@@ -52,8 +57,7 @@ def test_cached_and_episodic_agree(model, dataset):
     results, advances = {}, {}
     for mode in ('cached', 'episodic'):
         before = forward_counters(model.encoder)
-        results[mode] = evaluation.evaluate(model, dataset, N_EPISODES, N_WAY, N_SHOT, N_QUERY, CPU,
-                                             generator=torch.Generator().manual_seed(7), mode=mode)
+        results[mode] = accuracies(model, dataset, N_EPISODES, 7, mode)
         advances[mode] = [a - b for a, b in zip(forward_counters(model.encoder), before)]
         assert not model.training
     assert results['cached'].shape == (N_EPISODES,)
@@ -68,7 +72,7 @@ def test_cached_and_episodic_agree(model, dataset):
 def test_cached_and_episodic_logits_agree(model, dataset):
     episode = next(iter(EpisodeSampler(dataset.labels, 1, N_WAY, N_SHOT + N_QUERY,
                                        generator=torch.Generator().manual_seed(3))))
-    features = evaluation.encode_split(model.encoder, dataset, CPU, desc='')
+    features = evaluation.encode_split(model.encoder, dataset, OPTIONS, desc='')
     assert features.shape == (len(dataset), 640)
     images = torch.stack([dataset[int(i)][0] for i in episode])
     with torch.no_grad():
@@ -79,17 +83,12 @@ def test_cached_and_episodic_logits_agree(model, dataset):
     torch.testing.assert_close(cached, episodic, rtol=1e-4, atol=1e-4)
     # the accuracy that evaluate reports for this episode is the one of these logits
     accuracy = (episodic.argmax(1) == query_targets(N_WAY, N_QUERY)).float().mean().item()
-    reported = evaluation.evaluate(model, dataset, 1, N_WAY, N_SHOT, N_QUERY, CPU,
-                                    generator=torch.Generator().manual_seed(3), mode='cached')
+    reported = accuracies(model, dataset, 1, 3, 'cached')
     assert reported[0] == pytest.approx(accuracy)
 
 
 def test_encoding_the_split_does_not_count_as_episodes(model, dataset):
     before = forward_counters(model.encoder)
-    evaluation.evaluate(model, dataset, 2, N_WAY, N_SHOT, N_QUERY, CPU,
-                         generator=torch.Generator().manual_seed(1), mode='cached')
+    accuracies(model, dataset, 2, 1, 'cached')
     assert [a - b for a, b in zip(forward_counters(model.encoder), before)] == [2] * 4
 
-
-def test_evaluate_stays_importable_from_test_py():
-    assert test_script.evaluate is evaluation.evaluate

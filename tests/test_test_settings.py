@@ -14,7 +14,9 @@ import test as test_script
 import train
 from conftest import make_dataset
 from dataloader import FewShotDataset, eval_transform
-from evaluation import choose_eval_mode, run_episodes
+from evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
+
+CPU_OPTIONS = EvalOptions(torch.device('cpu'))
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
 
@@ -130,8 +132,8 @@ def model_with_h_bias(bias: float) -> GLoFA:
 
 def test_diagnostics_equal_in_both_ways(small_test_split):
     model = model_with_h_bias(0.5)  # strengths above zero
-    results = {mode: run_episodes(model, small_test_split, 3, 4, 1, 2, torch.device('cpu'),
-                                  generator=torch.Generator().manual_seed(1), mode=mode)
+    results = {mode: run_episodes(model, small_test_split, Episodes(3, 4, 1, 2, torch.Generator().manual_seed(1)),
+                                  mode, CPU_OPTIONS)
                for mode in ('cached', 'episodic')}
     cached, episodic = results['cached'], results['episodic']
     assert cached.mode == 'cached' and episodic.mode == 'episodic'
@@ -155,9 +157,9 @@ def test_diagnostics_equal_in_both_ways(small_test_split):
 def test_diagnostics_are_the_adaptations(small_test_split):
     """Each episode's recorded strengths and mask means are those of model.adapt on its support set."""
     model = model_with_h_bias(0.3)
-    results = run_episodes(model, small_test_split, 2, 3, 2, 1, torch.device('cpu'),
-                           generator=torch.Generator().manual_seed(4), mode='cached')
-    features = evaluation.encode_split(model.encoder, small_test_split, torch.device('cpu'), desc='')
+    results = run_episodes(model, small_test_split, Episodes(2, 3, 2, 1, torch.Generator().manual_seed(4)),
+                           'cached', CPU_OPTIONS)
+    features = evaluation.encode_split(model.encoder, small_test_split, CPU_OPTIONS, desc='')
     sampler = evaluation.episode_sampler(small_test_split, 2, 3, 3, torch.Generator().manual_seed(4))
     for i, indices in enumerate(sampler):
         with torch.no_grad():
@@ -232,7 +234,7 @@ def test_per_source_lines_through_the_command_line(two_roots, tmp_path, capsys, 
 def test_groups_equal_in_both_ways(two_roots):
     dataset = test_script.open_split(two_roots, 'test', eval_transform())
     model = model_with_h_bias(0.0)
-    results = [run_episodes(model, dataset, 6, 2, 1, 1, torch.device('cpu'), torch.Generator().manual_seed(2),
-                            mode=mode, task_mix='source') for mode in ('cached', 'episodic')]
+    results = [run_episodes(model, dataset, Episodes(6, 2, 1, 1, torch.Generator().manual_seed(2), 'source'),
+                            mode, CPU_OPTIONS) for mode in ('cached', 'episodic')]
     assert results[0].groups == results[1].groups and set(results[0].groups) <= {'coarse_set', 'fine_set'}
     np.testing.assert_array_equal(results[0].accuracies, results[1].accuracies)
