@@ -130,3 +130,11 @@ def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = 
         check_config(record, config, path)
     load_strict(model, strip_module(record['state_dict']), path, 'checkpoint')
     return record
+
+
+def saved_forward_count(record: dict) -> int:
+    """The encoder's forward-pass count in a 'last' state: ``forward_count``, or, in states written
+    before it, the per-block ``forward_counters`` (equal, since every pass runs every block)."""
+    if 'forward_count' in record:
+        return int(record['forward_count'])
+    return int(max(record.get('forward_counters') or [0]))

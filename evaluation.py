@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
 from models.glofa import GLoFA, query_targets
-from networks import advance_forward_counters, forward_counters, set_forward_counters
+from networks import advance_forward_count, forward_count, set_forward_count
 from utils import accuracy_line, autocast, mean_ci, to_device
 
 
@@ -105,10 +105,10 @@ class SplitFeatures:
 
     def get(self) -> torch.Tensor:
         if self.features is None:
-            counters = forward_counters(self.encoder)
+            count = forward_count(self.encoder)
             self.features = encode_split(self.encoder, self.dataset, self.options,
                                          desc=f'encoding {self.dataset.split}')
-            set_forward_counters(self.encoder, counters)
+            set_forward_count(self.encoder, count)
         return self.features
 
 
@@ -206,10 +206,11 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, episodes: Episodes, mode
     targets = query_targets(e.n_way, e.n_query, device)
     values = np.empty((e.n_episodes, 5))  # per episode: episode_values
     drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
+    if mode == 'cached':  # encoded before the episodes' progress bar starts
+        cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
+        advance_forward_count(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
     with tqdm(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
         if mode == 'cached':
-            cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
-            advance_forward_counters(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
             batch, draws, done = episode_batch_size(options, e, cache.size(1)), iter(sampler), 0
             while done < e.n_episodes:
                 indices = torch.stack([next(draws) for _ in range(min(batch, e.n_episodes - done))])  # (B, N*S)

@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 import distributed
 from arguments import default_workers
-from checkpoints import atomic_save, check_config, load_strict, model_state_dict, read_file
+from checkpoints import atomic_save, check_config, load_strict, model_state_dict, read_file, saved_forward_count
 from dataloader import (FewShotDataset, ShuffledBatches, episode_loader, episode_sampler, eval_transform, iterate,
                         open_split, train_transform)
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier
-from networks import build_encoder, forward_counters, set_forward_counters
+from networks import build_encoder, forward_count, set_forward_count
 from runs import data_path, prepare_demo
 from utils import (UserError, autocast, backward_and_step, exits_cleanly, git_revision, ignore_further_interrupts,
                    interrupt_on_sigterm, interrupted, mean_ci, random_states, select_device, set_random_states, set_seed,
@@ -138,17 +138,17 @@ def check_flags(args, device: torch.device) -> None:
 def check_data(args, train_set: FewShotDataset, val_set: FewShotDataset) -> None:
     """Refuse data that cannot give one full batch or one validation episode, before any training."""
     if len(train_set) < args.batch_size:
-        raise UserError(f'--batch_size {args.batch_size} is larger than the train split ({train_set.csv_path}: '
+        raise UserError(f'--batch_size {args.batch_size} is larger than the train split ({train_set.location}: '
                         f'{len(train_set)} images): there would be no full batch')
     n_classes = len(val_set.class_names)
     if n_classes < args.val_way:
-        raise UserError(f'the val split ({val_set.csv_path}) has {n_classes} classes, fewer than --val_way '
+        raise UserError(f'the val split ({val_set.location}) has {n_classes} classes, fewer than --val_way '
                         f'{args.val_way}: pass a smaller --val_way')
     counts = np.bincount(val_set.labels, minlength=n_classes)
     need = args.val_shot + args.val_query
     if counts.min() < need:
         name = val_set.class_names[int(counts.argmin())]
-        raise UserError(f'class {name} of the val split ({val_set.csv_path}) has {counts.min()} images, fewer than '
+        raise UserError(f'class {name} of the val split ({val_set.location}) has {counts.min()} images, fewer than '
                         f'--val_shot + --val_query = {need}')
 
 
@@ -236,7 +236,7 @@ def save_last(run: Run, finished: bool) -> None:
                      'epoch': p.epoch, 'best_accuracy': p.best_accuracy, 'best_epoch': p.best_epoch,
                      # the shuffling generator of epoch e is seeded with seed + e (ShuffledBatches.set_epoch)
                      'sampler': {'seed': run.args.seed, 'next_epoch': p.epoch + 1},
-                     'random_states': states, 'forward_counters': forward_counters(run.plain.encoder),
+                     'random_states': states, 'forward_count': forward_count(run.plain.encoder),
                      'config': run_config(run.args, run.plain.fc.out_features), 'finished': finished}, run.paths.last)
     run.progress.saved_epoch = run.progress.epoch
 
@@ -249,7 +249,7 @@ def load_last(run: Run, record: dict) -> None:
     run.scheduler.load_state_dict(record['scheduler'])
     if run.scaler is not None and record.get('scaler'):
         run.scaler.load_state_dict(record['scaler'])
-    set_forward_counters(run.plain.encoder, record['forward_counters'])
+    set_forward_count(run.plain.encoder, saved_forward_count(record))
     p = run.progress
     p.epoch, p.best_accuracy, p.best_epoch = record['epoch'], record['best_accuracy'], record['best_epoch']
     p.saved_epoch = p.epoch
@@ -316,9 +316,9 @@ def validate(run: Run, val_set: FewShotDataset) -> dict[str, np.ndarray]:
     """ProtoNet accuracies (cosine and Euclidean) of the same --val_episodes episodes at every validation,
     on embeddings of the val split encoded once. The DropBlock ramp counters are left as they were."""
     args, encoder = run.args, run.plain.encoder
-    counters = forward_counters(encoder)
+    count = forward_count(encoder)
     features = encode_split(encoder, val_set, EvalOptions(run.device, args.n_workers, args.amp, args.channels_last))
-    set_forward_counters(encoder, counters)
+    set_forward_count(encoder, count)
     sampler = episode_sampler(val_set, args.val_episodes, args.val_way, args.val_shot + args.val_query,
                               torch.Generator().manual_seed(args.seed + 1))
     episodes = tqdm(sampler, desc='validation', leave=False, unit='ep')

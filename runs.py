@@ -7,12 +7,11 @@ import json
 import os
 
 import torch
-import torch.nn as nn
 
 from checkpoints import load_pretrained, read_file
 from dataloader import check_episode_flags, root_names
 from models.glofa import GLoFA
-from networks import build_encoder
+from networks import build_encoder, data_parallel
 from utils import UserError
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
@@ -169,7 +168,7 @@ def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:
     if args.channels_last:
         model.encoder.to(memory_format=torch.channels_last)
     if device.type == 'cuda' and len(args.devices) > 1:
-        model.encoder = nn.DataParallel(model.encoder, device_ids=args.devices)
+        model.encoder = data_parallel(model.encoder, args.devices)
     return model
 
 

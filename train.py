@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments import parse_args
-from checkpoints import atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file, strip_module
+from checkpoints import (atomic_save, check_config, load_model_checkpoint, load_strict, model_state_dict, read_file,
+                         saved_forward_count, strip_module)
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
 from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, choose_eval_mode,
                         describe_eval_mode, result_lines, run_episodes, setting_figures, write_figures)
 from models.glofa import GLoFA, query_targets
-from networks import forward_counters, set_forward_counters
+from networks import forward_count, set_forward_count
 from runs import (build_model, check_args, check_existing_run, data_path, place_model, prepare_demo, run_config,
                   run_identity, run_name, run_paths)
 from utils import (UserError, autocast, backward_and_step, exits_cleanly, git_revision, ignore_further_interrupts,
@@ -74,7 +75,7 @@ def save_last(run: Run, finished: bool) -> None:
                  'random_states': random_states(),
                  'generators': {k: g.get_state() for k, g in run.generators.items()},
                  'episode': state.episode, 'statistics': state.statistics, 'best_accuracy': state.best_accuracy,
-                 'forward_counters': forward_counters(run.model.encoder), 'config': run_config(run.args),
+                 'forward_count': forward_count(run.model.encoder), 'config': run_config(run.args),
                  'finished': finished}, run.paths['last'])
     state.saved_episode = state.episode
 
@@ -92,7 +93,7 @@ def load_last(run: Run) -> dict:
         run.scaler.load_state_dict(record['scaler'])
     for k, g in run.generators.items():
         g.set_state(record['generators'][k])
-    set_forward_counters(run.model.encoder, record['forward_counters'])
+    set_forward_count(run.model.encoder, saved_forward_count(record))
     run.state = RunState(episode=record['episode'], saved_episode=record['episode'],
                          best_accuracy=record['best_accuracy'], statistics=record['statistics'])
     set_random_states(record['random_states'])

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks import advance_forward_counters
 from networks.set_function import SetFunction
 
 ADAPTORS = ('both', 'task', 'class', 'none')
@@ -51,11 +50,7 @@ class GLoFA(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, d). One forward pass of the encoder (advances its DropBlock ramp once)."""
-        features = self.encoder(images)
-        if isinstance(self.encoder, nn.DataParallel) and len(self.encoder.device_ids) > 1:
-            # replicas count their own passes and are thrown away: count this one on the original
-            advance_forward_counters(self.encoder.module, 1)
-        return features
+        return self.encoder(images)
 
     def adapt(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
         """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.

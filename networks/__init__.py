@@ -13,21 +13,35 @@ def build_encoder(network_name: str) -> nn.Module:
     raise ValueError(f'unknown network {network_name!r} (expected resnet or convnet)')
 
 
-def forward_counters(module: nn.Module) -> list[int]:
-    """The forward-pass counters (``n_forward``) of every block that has one, in module order."""
-    return [m.n_forward for m in module.modules() if hasattr(m, 'n_forward')]
+def _plain(encoder: nn.Module) -> nn.Module:
+    return encoder.module if isinstance(encoder, nn.DataParallel) else encoder
 
 
-def set_forward_counters(module: nn.Module, values: list[int]) -> None:
-    blocks = [m for m in module.modules() if hasattr(m, 'n_forward')]
-    if len(blocks) != len(values):
-        raise ValueError(f'{len(values)} counters given for {len(blocks)} blocks')
-    for m, v in zip(blocks, values):
-        m.n_forward = int(v)
+def forward_count(encoder: nn.Module) -> int:
+    """Forward passes so far of an encoder with a DropBlock ramp (ResNet-12); 0 for one without."""
+    return getattr(_plain(encoder), 'n_forward', 0)
 
 
-def advance_forward_counters(module: nn.Module, n: int) -> None:
+def set_forward_count(encoder: nn.Module, n: int) -> None:
+    if hasattr(_plain(encoder), 'n_forward'):
+        _plain(encoder).n_forward = int(n)
+
+
+def advance_forward_count(encoder: nn.Module, n: int) -> None:
     """Count ``n`` more forward passes, as if the encoder had been called ``n`` more times."""
-    for m in module.modules():
-        if hasattr(m, 'n_forward'):
-            m.n_forward += n
+    set_forward_count(encoder, forward_count(encoder) + n)
+
+
+class _CountingDataParallel(nn.DataParallel):
+    """DataParallel that counts each call once on the wrapped encoder; its replicas (thrown away after
+    the call) see the count and do not advance it."""
+
+    def forward(self, *inputs, **kwargs):
+        if len(self.device_ids) > 1:
+            advance_forward_count(self.module, 1)
+        return super().forward(*inputs, **kwargs)
+
+
+def data_parallel(encoder: nn.Module, device_ids: list[int]) -> nn.Module:
+    """The encoder split over several CUDA devices, its forward passes counted as one each."""
+    return _CountingDataParallel(encoder, device_ids=device_ids)

@@ -40,8 +40,8 @@ class BasicBlock(nn.Module):
     """Three 3x3 conv-BN (LeakyReLU 0.1 after the first two and after the residual sum), a 1x1
     conv-BN shortcut, 2x2 max-pooling, then dropout (blocks 1-2) or DropBlock (blocks 3-4) when training.
 
-    ``n_forward`` counts this block's forward passes (evaluation ones included) and drives the
-    DropBlock ramp; it is not part of the state dict.
+    ``forward(x, t)``: t is the encoder's forward pass that this one belongs to (1 for the first), which
+    sets the DropBlock rate (``dropblock_keep``).
     """
 
     def __init__(self, in_planes: int, planes: int, drop_rate: float = 0.0, drop_block: bool = False,
@@ -58,10 +58,8 @@ class BasicBlock(nn.Module):
         self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=1, bias=False),
                                         nn.BatchNorm2d(planes))
         self.drop_rate, self.drop_block, self.block_size = drop_rate, drop_block, block_size
-        self.n_forward = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.n_forward += 1
+    def forward(self, x: torch.Tensor, t: int = 1) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -69,7 +67,7 @@ class BasicBlock(nn.Module):
         out = self.maxpool(out)
         if self.drop_rate > 0 and self.training:
             if self.drop_block:
-                keep = dropblock_keep(self.drop_rate, self.n_forward)
+                keep = dropblock_keep(self.drop_rate, t)
                 gamma = dropblock_gamma(keep, self.block_size, out.size(2))
                 out = dropblock(out, gamma, self.block_size)
             else:
@@ -77,10 +75,22 @@ class BasicBlock(nn.Module):
         return out
 
 
+class Layer(nn.Sequential):
+    """``layer{i}``: one BasicBlock (at key ``0``, as FEAT's state dicts have it), handed the pass count."""
+
+    def forward(self, x: torch.Tensor, t: int = 1) -> torch.Tensor:
+        for block in self:
+            x = block(x, t)
+        return x
+
+
 class ResNet12(nn.Module):
     """ResNet-12: (B, 3, 84, 84) -> (B, 640). Maps 84 -> 42 -> 21 -> 10 -> 5, then 5x5 average pooling.
 
     State-dict keys: ``layer{1..4}.0.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1}.*``.
+    ``n_forward`` counts the forward passes (evaluation ones included, the current one too) and drives
+    the DropBlock ramp of every block; it starts at 0 in every process and is not part of the state
+    dict. DataParallel replicas do not count: ``networks.data_parallel`` counts their call once.
     """
     out_dim = 640
 
@@ -90,9 +100,10 @@ class ResNet12(nn.Module):
         in_planes = 3
         for i, planes in enumerate(widths, start=1):
             block = BasicBlock(in_planes, planes, drop_rate, drop_block=i >= 3, block_size=dropblock_size)
-            setattr(self, f'layer{i}', nn.Sequential(block))
+            setattr(self, f'layer{i}', Layer(block))
             in_planes = planes
         self.avgpool = nn.AvgPool2d(5, stride=1)
+        self.n_forward = 0
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='leaky_relu')
@@ -104,5 +115,8 @@ class ResNet12(nn.Module):
         return [getattr(self, f'layer{i}')[0] for i in range(1, 5)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 640, 5, 5)
+        if not getattr(self, '_is_replica', False):
+            self.n_forward += 1
+        for i in range(1, 5):
+            x = getattr(self, f'layer{i}')(x, self.n_forward)  # -> (B, 640, 5, 5)
         return self.avgpool(x).flatten(1)  # (B, 640)

@@ -131,7 +131,7 @@ def test_finished_output_is_not_replaced_without_overwrite(pretrained, capsys):
 def assert_same_state(a: dict, b: dict) -> None:
     assert a['epoch'] == b['epoch'] and a['finished'] == b['finished']
     assert a['best_accuracy'] == b['best_accuracy'] and a['best_epoch'] == b['best_epoch']
-    assert a['forward_counters'] == b['forward_counters']
+    assert a['forward_count'] == b['forward_count']
     assert a['model'].keys() == b['model'].keys()
     for key in a['model']:
         assert torch.equal(a['model'][key], b['model'][key]), key
@@ -152,7 +152,7 @@ def test_interrupted_resnet_run_resumes_to_the_uninterrupted_one(resnet_run, sma
     """ResNet-12: dropout and DropBlock draw from the global random state, whose saved copy must be restored."""
     straight = resnet_run[0]
     reference = load(paths(straight).last)
-    assert reference['epoch'] == 2 and reference['finished'] and reference['forward_counters'][0] == 4
+    assert reference['epoch'] == 2 and reference['finished'] and reference['forward_count'] == 4
 
     argv = resnet_flags(small_dataset, tmp_path)
     real_epoch, calls = pretrain.train_one_epoch, []
@@ -209,6 +209,19 @@ def test_val_split_smaller_than_the_way_is_refused(tiny_dataset, tmp_path, capsy
     val_csv = os.path.join(tiny_dataset, 'split', 'val.csv')
     assert capsys.readouterr().err == (f'error: the val split ({val_csv}) has 3 classes, fewer than --val_way 16: '
                                        f'pass a smaller --val_way\n')
+
+
+@pytest.mark.parametrize('refusal', ['batch', 'way'])
+def test_tiered_data_too_small_is_refused_naming_the_file(tmp_path, capsys, refusal):
+    """The same refusals on tiered-ImageNet's files, which have no split CSV."""
+    from conftest import write_tiered
+    data = write_tiered(tmp_path / 'tiered')  # 4 / 3 / 3 classes of 6 images
+    extra = ['--batch_size', '64'] if refusal == 'batch' else ['--val_way', '5']
+    assert exit_code(pretrain.main, flags(data, tmp_path / 'saves') + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+    named = os.path.join(data, 'train_labels.pkl' if refusal == 'batch' else 'val_labels.pkl')
+    assert named in err and ('--batch_size 64' if refusal == 'batch' else '--val_way 5') in err
 
 
 def test_non_finite_loss_stops_with_the_state_kept(tiny_dataset, tmp_path, capsys):

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import networks
 import networks.resnet as resnet
+from networks import data_parallel
 from networks.resnet import BasicBlock, ResNet12, dropblock, dropblock_gamma, dropblock_keep
 
 WIDTHS = (64, 160, 320, 640)
@@ -148,22 +150,43 @@ def test_dropblock_gamma_written_out():
 
 
 # ------------------------------------------------------------------ forward counters
-def test_counters_start_at_zero_and_count_every_pass():
+def test_one_counter_starts_at_zero_and_counts_every_pass():
     net = ResNet12()
-    blocks = [getattr(net, f'layer{i}')[0] for i in range(1, 5)]
-    assert [b.n_forward for b in blocks] == [0, 0, 0, 0]
+    assert net.n_forward == 0
     x = torch.randn(1, 3, 84, 84)
     net.train()
     with torch.no_grad():
         net(x)
-    assert [b.n_forward for b in blocks] == [1, 1, 1, 1]
+    assert net.n_forward == 1
     net.eval()
     with torch.no_grad():
         net(x)
         net(x)
-    assert [b.n_forward for b in blocks] == [3, 3, 3, 3]
+    assert net.n_forward == 3
+    assert not any(hasattr(b, 'n_forward') for b in net.blocks())  # one counter, on the network
     assert 'n_forward' not in ''.join(net.state_dict())
-    assert [b.n_forward for b in ResNet12().blocks()] == [0, 0, 0, 0]  # a new process / model starts again
+    assert ResNet12().n_forward == 0  # a new process / model starts again
+
+
+def test_data_parallel_replicas_see_the_count_and_do_not_advance_it(monkeypatch):
+    """A DataParallel replica (a shallow copy made for each call) runs its blocks at the original's
+    count; the wrapper counts the call once on the original."""
+    net = ResNet12().train()
+    net.n_forward = 19999
+    seen = []
+    monkeypatch.setattr(resnet, 'dropblock_keep', lambda rate, t: seen.append(t) or 1.0)
+    replica = net._replicate_for_data_parallel()  # what nn.DataParallel makes per device and call
+    with torch.no_grad():
+        replica(torch.randn(1, 3, 84, 84))
+    assert net.n_forward == 19999 and seen == [19999, 19999]  # blocks 3 and 4 at the count they were given
+    wrapped = data_parallel(net, device_ids=[0, 1])
+    wrapped.device_ids = [0, 1]  # as on two GPUs; the call itself needs them, the counting does not
+    advance = networks.advance_forward_count
+    calls = []
+    monkeypatch.setattr(networks, 'advance_forward_count', lambda m, n: calls.append((m, n)) or advance(m, n))
+    monkeypatch.setattr(nn.DataParallel, 'forward', lambda self, *a, **k: None)
+    wrapped(torch.randn(2, 3, 84, 84))
+    assert calls == [(net, 1)] and net.n_forward == 20000 and networks.forward_count(wrapped) == 20000
 
 
 def test_gamma_follows_the_counter_and_the_map_size(monkeypatch):
@@ -192,8 +215,7 @@ def test_gamma_follows_the_counter_and_the_map_size(monkeypatch):
                      ('dropblock', 10, pytest.approx((1 - keep1) / 25 * 100 / 36, rel=1e-9), 5),
                      ('dropblock', 5, pytest.approx((1 - keep1) / 25 * 25, rel=1e-9), 5)]
     calls.clear()
-    for b in net.blocks():
-        b.n_forward = 19999  # the next pass is the 20000th: keep = 0.95
+    net.n_forward = 19999  # the next pass is the 20000th: keep = 0.95
     with torch.no_grad():
         net(x)
     assert calls[2] == ('dropblock', 10, pytest.approx(0.05 / 25 * 100 / 36, rel=1e-9), 5)
@@ -214,8 +236,7 @@ def test_eval_output_is_deterministic_and_free_of_dropping():
         net(torch.randn(4, 3, 84, 84))  # non-trivial running statistics
     plain = ResNet12(drop_rate=0.0)
     plain.load_state_dict(net.state_dict())
-    for b in net.blocks():
-        b.n_forward = 100000  # full drop rate, were it training
+    net.n_forward = 100000  # full drop rate, were it training
     net.eval()
     plain.eval()
     x = torch.randn(2, 3, 84, 84)
@@ -292,8 +313,6 @@ def test_blocks_1_and_2_use_dropout_0_1():
         block2 = net.layer2[0]
         out2 = block2(torch.randn(8, 64, 20, 20))
         assert abs((out2 == 0).float().mean().item() - 0.1) < 0.01
-        # no ramp: the rate is 0.1 from the first pass
-        assert block1.n_forward == 1 and block2.n_forward == 1
         block1.eval()
         assert (block1(x) == 0).sum() == 0
 
@@ -302,10 +321,9 @@ def test_blocks_3_and_4_use_dropblock_of_size_5():
     torch.manual_seed(6)
     net = ResNet12().train()
     block3, block4 = net.layer3[0], net.layer4[0]
-    block3.n_forward = block4.n_forward = 40000  # full drop rate
-    with torch.no_grad():
-        out3 = block3(torch.randn(4, 160, 20, 20))  # (4, 320, 10, 10)
-        out4 = block4(torch.randn(4, 320, 10, 10))  # (4, 640, 5, 5)
+    with torch.no_grad():  # at the 40000th pass: the full drop rate
+        out3 = block3(torch.randn(4, 160, 20, 20), 40000)  # (4, 320, 10, 10)
+        out4 = block4(torch.randn(4, 320, 10, 10), 40000)  # (4, 640, 5, 5)
     assert out3.shape == (4, 320, 10, 10) and out4.shape == (4, 640, 5, 5)
     zero3 = out3 == 0
     assert zero3.any()

@@ -24,7 +24,7 @@ def assert_same_run(a, b):
     assert a['episode'] == b['episode']
     assert a['statistics'] == b['statistics']
     assert a['best_accuracy'] == b['best_accuracy']
-    assert a['forward_counters'] == b['forward_counters']
+    assert a['forward_count'] == b['forward_count']
     assert a['state_dict'].keys() == b['state_dict'].keys()
     for key in a['state_dict']:
         assert torch.equal(a['state_dict'][key], b['state_dict'][key]), key
@@ -44,10 +44,11 @@ def test_uninterrupted_run_trains(uninterrupted):
     record, result = uninterrupted
     assert record['episode'] == 3 and record['finished']
     assert len(result['statistics']['training_loss']) == 3
-    assert record['forward_counters'][0] > 3  # training and evaluation passes both count
+    assert record['forward_count'] > 3  # training and evaluation passes both count
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch, uninterrupted, capsys):
+def interrupt_third_gap(data, save_dir, monkeypatch):
+    """Run the 3-episode training with a Ctrl-C during its third gap; returns train.main's exit code."""
     real_gap = train.train_one_gap
     calls = []
 
@@ -58,10 +59,15 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
             raise KeyboardInterrupt
         return real_gap(*args, **kwargs)
 
-    monkeypatch.setattr(train, 'train_one_gap', interrupted_gap)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(flags(tiny_dataset, tmp_path, 3))
-    assert exit_info.value.code == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'train_one_gap', interrupted_gap)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(flags(data, save_dir, 3))
+    return exit_info.value.code
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch, uninterrupted, capsys):
+    assert interrupt_third_gap(tiny_dataset, tmp_path, monkeypatch) == 130
     err = capsys.readouterr().err
     assert 'interrupted during episode 3; the state after episode 2 is saved' in err and '--resume' in err
     record = last_record(tmp_path, tiny_dataset, 3)
@@ -74,12 +80,23 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
     assert 'add --resume' in capsys.readouterr().err
     assert last_record(tmp_path, tiny_dataset, 3)['episode'] == 2
 
-    monkeypatch.setattr(train, 'train_one_gap', real_gap)
     train.main(flags(tiny_dataset, tmp_path, 3) + ['--resume'])
     assert_same_run(last_record(tmp_path, tiny_dataset, 3), uninterrupted[0])
     log = os.path.join(tmp_path, 'statistics', runs.run_name(train.parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
     with open(log) as f:
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
+
+
+def test_state_saved_with_per_block_counters_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, uninterrupted):
+    """A 'last' state written when each ResNet block kept its own forward counter resumes to the same run."""
+    assert interrupt_third_gap(tiny_dataset, tmp_path, monkeypatch) == 130
+    path = runs.run_paths(train.parse_args(flags(tiny_dataset, tmp_path, 3)))['last']
+    record = torch.load(path, weights_only=False)
+    count = record.pop('forward_count')
+    assert count > 2
+    torch.save({**record, 'forward_counters': [count] * 4}, path)  # the earlier layout
+    train.main(flags(tiny_dataset, tmp_path, 3) + ['--resume'])
+    assert_same_run(last_record(tmp_path, tiny_dataset, 3), uninterrupted[0])
 
 
 @pytest.mark.parametrize('signal_name', ['SIGINT', 'SIGTERM'])
