@@ -1,6 +1,7 @@
-"""The one command-line configuration shared by train.py and test.py."""
+"""The command lines of the entry points: the flags they share (one parent parser), then each one's own."""
 import argparse
 import os
+from typing import Optional
 
 
 def default_workers() -> int:
@@ -16,16 +17,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
-    """Return the argparse parser of train.py and test.py (every flag documented and used).
-
-    With ``several_settings`` (test.py), --N and --K take several values: every (N, K) pair is evaluated.
-    """
-    p = argparse.ArgumentParser(
-        description='GLoFA: global and local feature adaptors for few-shot classification.',
-        formatter_class=HelpFormatter)
-
-    g = p.add_argument_group('data and model')
+def common_parser() -> argparse.ArgumentParser:
+    """The flags every entry point shares (train.py, test.py, pretrain.py), with one meaning and one help:
+    the data, the network, how and where it runs, what to do with an existing run, the demo."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group('data and network')
     g.add_argument('--data_name', type=str, default='mini_imagenet',
                    help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
     g.add_argument('--data_path', type=str, nargs='+', default=None,
@@ -37,6 +33,40 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
                         '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')
     g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
                    help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
+
+    g = p.add_argument_group('running')
+    g.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'],
+                   help='auto: CUDA when present, else the CPU (under torchrun, process r uses GPU LOCAL_RANK)')
+    g.add_argument('--n_workers', type=int, default=default_workers(),
+                   help='DataLoader worker processes (0 loads in the main process)')
+    g.add_argument('--seed', type=int, default=960402, help='seed of Python, NumPy, torch and the samplers')
+    g.add_argument('--save_dir', type=str, default='saves',
+                   help='root of the outputs: trained_models/ and statistics/ (train.py), pretrained/ (pretrain.py)')
+    g.add_argument('--resume', action='store_true',
+                   help="continue the run's saved state (its 'last' file) when it exists")
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace the files of a run with the same identity (finished or not) instead of stopping')
+    g.add_argument('--amp', action='store_true',
+                   help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
+    g.add_argument('--channels_last', action='store_true',
+                   help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
+    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=list(DEMO_ROOTS),
+                   help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
+                        'Conv-4, short schedule; explicit flags override the preset. --demo mixed '
+                        'adds fine-grained classes (datasets/demo_fine) and uses both roots, --task_mix class')
+    return p
+
+
+def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
+    """Return the argparse parser of train.py and test.py (every flag documented and used).
+
+    With ``several_settings`` (test.py), --N and --K take several values: every (N, K) pair is evaluated.
+    """
+    p = argparse.ArgumentParser(
+        description='GLoFA: global and local feature adaptors for few-shot classification.',
+        formatter_class=HelpFormatter, parents=[common_parser()])
+
+    g = p.add_argument_group('model')
     g.add_argument('--model_name', type=str, default='glofa', choices=['glofa'],
                    help='few-shot model (only glofa)')
     g.add_argument('--adaptor', type=str, default='both', choices=['both', 'task', 'class', 'none'],
@@ -71,16 +101,9 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
     g.add_argument('--mo', type=float, default=0.9, help='Nesterov momentum')
 
-    g = p.add_argument_group('running')
-    g.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'],
-                   help='auto: CUDA when present, else the CPU')
+    g = p.add_argument_group('running: train.py and test.py')
     g.add_argument('--devices', type=int, nargs='+', default=[0],
                    help='CUDA device ids; more than one wraps the encoder in DataParallel')
-    g.add_argument('--n_workers', type=int, default=default_workers(),
-                   help='DataLoader worker processes (0 loads in the main process)')
-    g.add_argument('--seed', type=int, default=960402, help='seed of Python, NumPy, torch and the episode samplers')
-    g.add_argument('--save_dir', type=str, default='saves',
-                   help='root of trained_models/ and statistics/')
     g.add_argument('--model_path', type=str, default=None,
                    help='checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags)')
     g.add_argument('--eval_mode', type=str, default='auto', choices=['auto', 'cached', 'episodic'],
@@ -92,43 +115,84 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
                         'any value gives the same results)')
     g.add_argument('--json', type=str, default=None,
                    help='write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')
-    g.add_argument('--resume', action='store_true',
-                   help="continue training from the run's 'last' checkpoint when it exists")
-    g.add_argument('--overwrite', action='store_true',
-                   help="train.py: replace the files of a run with the same identity (finished or not) instead of stopping")
-    g.add_argument('--amp', action='store_true',
-                   help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
-    g.add_argument('--channels_last', action='store_true',
-                   help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
-    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=list(DEMO_PRESETS),
-                   help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
-                        'Conv-4 from scratch, short schedule; explicit flags override the preset. --demo mixed '
-                        'adds fine-grained classes (datasets/demo_fine) and trains on both roots, --task_mix class')
     g.add_argument('--flag_debug', action='store_true',
                    help='debug run: a few episodes of everything, to check that the pipeline runs')
     return p
 
 
+# The demo's roots: the coarse demo, and with it the fine-grained one for the mix-grained demo.
+DEMO_ROOTS = {'coarse': dict(data_name='demo'),
+              'mixed': dict(data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
+                            task_mix='class')}
 # A short schedule for the built-in demo data (Conv-4 from scratch on a 2-core CPU).
 DEMO_PRESET = dict(
-    data_name='demo', network_name='convnet', pretrained='none',
+    network_name='convnet', pretrained='none',
     Q=10, lr_network=0.01, lr=0.01, point=[4, 6], gamma=0.2,
     n_training_episodes=300, episode_gap=50, n_validating_episodes=100, n_testing_episodes=1000,
 )
-# The mix-grained demo: the coarse demo plus a fine-grained root, classes drawn from both.
-MIXED_DEMO_PRESET = dict(DEMO_PRESET, data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
-                         task_mix='class')
-DEMO_PRESETS = {'coarse': DEMO_PRESET, 'mixed': MIXED_DEMO_PRESET}
 # A few episodes of everything, to check that the pipeline runs end to end.
 DEBUG_PRESET = dict(n_training_episodes=10, episode_gap=5, n_validating_episodes=5, n_testing_episodes=10)
 
 
-def parse_args(argv: list[str] = None, several_settings: bool = False) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False) -> argparse.Namespace:
     """Parse the command line; --demo and --flag_debug change the defaults, explicit flags still win."""
     parser = get_parser(several_settings)
     args = parser.parse_args(argv)
     if args.demo or args.flag_debug:
-        parser.set_defaults(**{**(DEMO_PRESETS[args.demo] if args.demo else {}),
+        parser.set_defaults(**{**({**DEMO_ROOTS[args.demo], **DEMO_PRESET} if args.demo else {}),
                                **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
+    return args
+
+
+# ------------------------------------------------------------------ pretrain.py
+PRETRAIN_LR = {'sgd': 0.1, 'adam': 0.001}
+# A short schedule for the built-in demo data on a 2-core CPU (its val split has 8 classes).
+PRETRAIN_DEMO_PRESET = dict(network_name='convnet', epochs=4, batch_size=32, milestones=[3], val_every=1, val_way=5)
+
+
+def get_pretrain_parser() -> argparse.ArgumentParser:
+    """The flags of pretrain.py (every one documented in docs/pretrain.md and used)."""
+    p = argparse.ArgumentParser(
+        description='Supervised pretraining of the GLoFA backbone (encoder + linear classifier over the '
+                    'train classes), with few-shot validation for model selection.',
+        formatter_class=HelpFormatter, parents=[common_parser()])
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=100, help='passes over the train split')
+    g.add_argument('--batch_size', type=int, default=128,
+                   help='images per optimisation step, over all processes (each takes batch_size / processes)')
+    g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
+                   help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
+    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
+    g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
+                   help='epochs after which the learning rate is multiplied by --gamma')
+    g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
+    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
+
+    g = p.add_argument_group('validation (model selection)')
+    g.add_argument('--val_every', type=int, default=5, help='epochs between two validations (the last epoch always validates)')
+    g.add_argument('--val_way', type=int, default=16, help='classes per validation episode')
+    g.add_argument('--val_shot', type=int, default=1, help='support images per class')
+    g.add_argument('--val_query', type=int, default=15, help='query images per class')
+    g.add_argument('--val_episodes', type=int, default=200, help='validation episodes (the same ones at every validation)')
+
+    g = p.add_argument_group('output')
+    g.add_argument('--out', type=str, default=None,
+                   help='weights file to write; none given: <save_dir>/pretrained/<data>-<network_name>-pretrain-'
+                        'seed<seed>.pth. Its state, log and identity go beside it as .last.pth, .log.jsonl and .run.json')
+    g.add_argument('--sync_bn', action='store_true',
+                   help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch')
+    return p
+
+
+def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse pretrain.py's command line; --demo changes the defaults, explicit flags still win."""
+    parser = get_pretrain_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_ROOTS[args.demo], **PRETRAIN_DEMO_PRESET)
+        args = parser.parse_args(argv)
+    args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')
+    args.lr = args.lr if args.lr is not None else PRETRAIN_LR[args.optimizer]
     return args

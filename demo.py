@@ -1,4 +1,6 @@
-"""Procedural toy datasets in mini-ImageNet's on-disk format, for a quick CPU demo.
+"""Datasets written in the real on-disk formats: the procedural demo, and small colour-and-noise
+datasets for tests, scripts and benchmarks. ``write_split`` and ``write_tiered_split`` are the one
+writer of each format; everything here goes through them.
 
 Layout written under ``root``::
 
@@ -35,9 +37,11 @@ import csv
 import json
 import math
 import os
+import pickle
 import re
+import struct
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -245,6 +249,94 @@ def _render_image(cls: dict, size: int, rng: np.random.Generator) -> Image.Image
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
 
 
+# ------------------------------------------------------------------ the writers of the two formats
+def write_split(root: str, split: str, items: Iterable[Tuple[str, str, Union[Image.Image, np.ndarray]]],
+                quality: int = _JPEG_QUALITY) -> int:
+    """The folder format: each (filename, label, image) item to ``root/images/<filename>`` (JPEG at
+    ``quality`` for .jpg, else by the name's extension), and ``root/split/<split>.csv``: the header
+    ``filename,label``, then one row per item. Returns the number of images written."""
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'split'), exist_ok=True)
+    rows = []
+    for filename, label, image in items:
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        path = os.path.join(root, 'images', filename)
+        if filename.lower().endswith(('.jpg', '.jpeg')):
+            image.save(path, format='JPEG', quality=quality)
+        else:
+            image.save(path)
+        rows.append((filename, label))
+    with open(os.path.join(root, 'split', f'{split}.csv'), 'w', newline='') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(['filename', 'label'])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def python2_pickle(labels: Sequence[int]) -> bytes:
+    """The bytes Python 2's cPickle (protocol 2) writes for {'labels': int64 array}: the array's data
+    is a Python 2 str, which Python 3 only reads with encoding='latin1' once a byte is >= 0x80."""
+    raw = np.asarray(labels).astype('<i8').tobytes()
+
+    def short(b: bytes) -> bytes:
+        return b'U' + bytes([len(b)]) + b  # SHORT_BINSTRING: a Python 2 str
+
+    return (b'\x80\x02}' + short(b'labels')
+            + b'cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85' + short(b'b') + b'\x87R'
+            + b'(K\x01M' + struct.pack('<H', len(labels)) + b'\x85cnumpy\ndtype\n' + short(b'i8') + b'K\x00K\x01\x87R'
+            + b'(K\x03' + short(b'<') + b'NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89'
+            + b'T' + struct.pack('<i', len(raw)) + raw + b'tbs.')
+
+
+def write_tiered_split(root: str, split: str, labels: Sequence, images: np.ndarray, compressed: bool = False,
+                       python2: bool = False) -> None:
+    """tiered-ImageNet's format: ``{split}_images.npz`` (array ``images``, uint8 (n, H, W, 3); stored, or
+    compressed) and ``{split}_labels.pkl`` ({'labels': one label per image}; as Python 2 wrote it)."""
+    os.makedirs(root, exist_ok=True)
+    (np.savez_compressed if compressed else np.savez)(os.path.join(root, f'{split}_images.npz'), images=images)
+    with open(os.path.join(root, f'{split}_labels.pkl'), 'wb') as f:
+        f.write(python2_pickle(labels) if python2 else pickle.dumps({'labels': np.asarray(labels)}))
+
+
+# ------------------------------------------------------------------ small datasets of coloured noise
+def write_colour_dataset(root: str, classes_per_split: Sequence[int] = (4, 3, 3), images_per_class: int = 6,
+                         size: Tuple[int, int] = (100, 90), seed: int = 0) -> str:
+    """The folder format with WordNet-like labels (n00000001, ...): each class its own colour plus
+    noise, so that a model can tell classes apart; (width, height) ``size``. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    wnid = 0
+    for split, n_classes in zip(('train', 'val', 'test'), classes_per_split):
+        items = []
+        for _ in range(n_classes):
+            wnid += 1
+            label = f'n{wnid:08d}'
+            colour = rng.integers(0, 256, 3)
+            for i in range(images_per_class):
+                pixels = np.clip(colour + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                items.append((f'{label}{i:08d}.jpg', label, pixels))
+        write_split(root, split, items)
+    return str(root)
+
+
+TIERED_CLASSES = {'train': 4, 'val': 3, 'test': 3}
+TIERED_PER_CLASS = 6
+
+
+def write_tiered_dataset(root: str, compressed: bool = False, python2: bool = False, seed: int = 0) -> str:
+    """tiered-ImageNet's format, 4 / 3 / 3 classes of 6 images of 84 x 84; labels are numbers from 200,
+    interleaved and descending, so that numbering in order of first appearance is visible. Returns root."""
+    rng = np.random.default_rng(seed)
+    first = 200
+    for split, n_classes in TIERED_CLASSES.items():
+        values = np.tile(np.arange(first + n_classes - 1, first - 1, -1), TIERED_PER_CLASS)  # interleaved, descending
+        first += n_classes
+        colours = {v: rng.integers(0, 256, 3) for v in np.unique(values)}
+        images = np.stack([np.clip(colours[v] + rng.normal(0, 30, (84, 84, 3)), 0, 255) for v in values]).astype(np.uint8)
+        write_tiered_split(root, split, values, images, compressed, python2)
+    return str(root)
+
+
+# ------------------------------------------------------------------ the demo
 def _params(seed: int, images_per_class: int, image_size: int) -> dict:
     return {'format': _FORMAT_VERSION, 'seed': int(seed), 'images_per_class': int(images_per_class),
             'image_size': int(image_size), 'splits': dict(DEMO_SPLITS)}
@@ -294,19 +386,14 @@ def _write_dataset(root: str, design: Dict[str, List[dict]], params: dict, file_
         if file_re.match(name):
             os.remove(os.path.join(image_dir, name))
 
-    for split, classes in design.items():
-        rows = []
+    def items(classes: List[dict]):
         for cls in classes:
             rng = np.random.default_rng([seed, stream, cls['index']])
             for j in range(1, images_per_class + 1):
-                filename = f"{cls['label']}{j:08d}.jpg"
-                _render_image(cls, image_size, rng).save(
-                    os.path.join(image_dir, filename), format='JPEG', quality=_JPEG_QUALITY)
-                rows.append((filename, cls['label']))
-        with open(os.path.join(split_dir, f'{split}.csv'), 'w', newline='') as f:
-            writer = csv.writer(f, lineterminator='\n')
-            writer.writerow(['filename', 'label'])
-            writer.writerows(rows)
+                yield f"{cls['label']}{j:08d}.jpg", cls['label'], _render_image(cls, image_size, rng)
+
+    for split, classes in design.items():
+        write_split(root, split, items(classes))
 
     with open(marker, 'w') as f:
         json.dump(params, f, sort_keys=True)

@@ -22,97 +22,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from arguments import default_workers
+from arguments import parse_pretrain_args
 from checkpoints import atomic_save, check_config, load_strict, model_state_dict, read_file, saved_forward_count
 from dataloader import (FewShotDataset, ShuffledBatches, episode_loader, episode_sampler, eval_transform, iterate,
                         open_split, train_transform)
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier
 from networks import build_encoder, forward_count, set_forward_count
-from runs import data_path, prepare_demo
+from runs import data_label, data_path, prepare_demo
 from utils import (UserError, autocast, backward_and_step, exits_cleanly, git_revision, ignore_further_interrupts,
                    interrupt_on_sigterm, interrupted, mean_ci, random_states, select_device, set_random_states, set_seed,
                    to_device, trim_log)
 
-DEFAULT_LR = {'sgd': 0.1, 'adam': 0.001}
 
 
 # ------------------------------------------------------------------ flags
-def get_parser() -> argparse.ArgumentParser:
-    """The flags of pretrain.py (every one documented in docs/pretrain.md and used)."""
-    p = argparse.ArgumentParser(
-        description='Supervised pretraining of the GLoFA backbone (encoder + linear classifier over the '
-                    'train classes), with few-shot validation for model selection.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    g = p.add_argument_group('data and model')
-    g.add_argument('--data_name', type=str, default='mini_imagenet',
-                   help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
-    g.add_argument('--data_path', type=str, default=None,
-                   help='dataset root holding images/ and split/{train,val}.csv; none given: datasets/<data_name>')
-    g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
-                   help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=100, help='passes over the train split')
-    g.add_argument('--batch_size', type=int, default=128,
-                   help='images per optimisation step, over all processes (each takes batch_size / processes)')
-    g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
-                   help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
-    g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
-                   help='epochs after which the learning rate is multiplied by --gamma')
-    g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
-    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
-
-    g = p.add_argument_group('validation (model selection)')
-    g.add_argument('--val_every', type=int, default=5, help='epochs between two validations (the last epoch always validates)')
-    g.add_argument('--val_way', type=int, default=16, help='classes per validation episode')
-    g.add_argument('--val_shot', type=int, default=1, help='support images per class')
-    g.add_argument('--val_query', type=int, default=15, help='query images per class')
-    g.add_argument('--val_episodes', type=int, default=200, help='validation episodes (the same ones at every validation)')
-
-    g = p.add_argument_group('running')
-    g.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'],
-                   help='auto: CUDA when present, else the CPU (under torchrun, process r uses GPU LOCAL_RANK)')
-    g.add_argument('--n_workers', type=int, default=default_workers(),
-                   help='DataLoader worker processes per process (0 loads in the main process)')
-    g.add_argument('--seed', type=int, default=960402,
-                   help='seed of the shuffling, the augmentation, the initialisation and the validation episodes')
-    g.add_argument('--save_dir', type=str, default='saves', help='root of pretrained/ (outputs, state, log)')
-    g.add_argument('--out', type=str, default=None,
-                   help='weights file to write; none given: <save_dir>/pretrained/<data folder>-<network_name>-pretrain-'
-                        'seed<seed>.pth. Its state and log go beside it as .last.pth and .log.jsonl')
-    g.add_argument('--resume', action='store_true', help="continue from the output's saved state when it exists")
-    g.add_argument('--overwrite', action='store_true', help='start over, replacing an existing output, state and log')
-    g.add_argument('--amp', action='store_true',
-                   help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
-    g.add_argument('--channels_last', action='store_true', help='channels-last memory format for the encoder')
-    g.add_argument('--sync_bn', action='store_true',
-                   help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch')
-    g.add_argument('--demo', action='store_true',
-                   help='generate the built-in demo data (datasets/demo) and use the demo preset: Conv-4, '
-                        'a few epochs; explicit flags override the preset')
-    return p
-
-
-# A short schedule for the built-in demo data on a 2-core CPU (its val split has 8 classes).
-DEMO_PRESET = dict(data_name='demo', network_name='convnet', epochs=4, batch_size=32, milestones=[3],
-                   val_every=1, val_way=5)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Parse the command line; --demo changes the defaults, explicit flags still win."""
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_PRESET)
-        args = parser.parse_args(argv)
-    args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    return args
-
-
 def check_flags(args, device: torch.device) -> None:
     for flag in ('epochs', 'batch_size', 'val_every', 'val_way', 'val_shot', 'val_query', 'val_episodes'):
         if getattr(args, flag) < 1:
@@ -161,7 +85,7 @@ class Paths:
 
 
 def output_paths(args) -> Paths:
-    data = os.path.basename(os.path.normpath(data_path(args)[0]))  # the data folder's name, as train.py's runs
+    data = data_label(args)  # the data folder's name (roots and mix), as train.py's runs
     out = args.out or os.path.join(args.save_dir, 'pretrained', f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth')
     base = os.path.splitext(out)[0]
     return Paths(out, f'{base}.last.pth', f'{base}.log.jsonl')
@@ -320,7 +244,7 @@ def validate(run: Run, val_set: FewShotDataset) -> dict[str, np.ndarray]:
     features = encode_split(encoder, val_set, EvalOptions(run.device, args.n_workers, args.amp, args.channels_last))
     set_forward_count(encoder, count)
     sampler = episode_sampler(val_set, args.val_episodes, args.val_way, args.val_shot + args.val_query,
-                              torch.Generator().manual_seed(args.seed + 1))
+                              torch.Generator().manual_seed(args.seed + 1), args.task_mix)
     episodes = tqdm(sampler, desc='validation', leave=False, unit='ep')
     return prototype_accuracies(features, episodes, args.val_way, args.val_shot)
 
@@ -354,7 +278,8 @@ def summary(run: Run) -> None:
     print(f'best validation accuracy {100 * p.best_accuracy:.2f} % (cosine prototypes, {args.val_way}-way '
           f'{args.val_shot}-shot, {args.val_episodes} episodes) at epoch {p.best_epoch}; weights {run.paths.out} '
           f'({n_encoder} encoder tensors, fc {tuple(run.plain.fc.weight.shape)})')
-    print(f'next: python train.py{" --demo" if args.demo else ""} --network_name {args.network_name} '
+    demo = f' --demo{" mixed" if args.demo == "mixed" else ""}' if args.demo else ''
+    print(f'next: python train.py{demo} --network_name {args.network_name} '
           f'--pretrained {run.paths.out}')
     print(f'seed {args.seed}, revision {git_revision()}')
 
@@ -432,7 +357,7 @@ def pretrain(args, progress: Progress) -> dict:
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()
-    args = parse_args(argv)
+    args = parse_pretrain_args(argv)
     progress = Progress()
     try:
         return pretrain(args, progress)

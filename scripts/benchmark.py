@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runs  # noqa: E402
 from train import build_optimizer  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
+from demo import write_colour_dataset  # noqa: E402
 from dataloader import FewShotDataset, LabelledSplit, eval_transform, generate_data_loader  # noqa: E402
 from evaluation import Episodes, EvalOptions, SplitFeatures, episode_batch_size, run_episodes  # noqa: E402
 from models.glofa import GLoFA  # noqa: E402
@@ -38,24 +39,6 @@ from utils import autocast  # noqa: E402
 
 # mini-ImageNet's test split and the reference protocol
 FULL_IMAGES, FULL_EPISODES = 12000, 10000
-
-
-def write_dataset(root: str, n_classes: int, images_per_class: int, image_size: int, seed: int = 0) -> str:
-    """A split of random-texture JPEGs in mini-ImageNet's format, the same classes in train, val and test."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
-    os.makedirs(os.path.join(root, 'split'), exist_ok=True)
-    rows = ['filename,label']
-    for c in range(n_classes):
-        for i in range(images_per_class):
-            name = f'n{c:08d}_{i:04d}.jpg'
-            pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, 'images', name), quality=90)
-            rows.append(f'{name},n{c:08d}')
-    for split in ('train', 'val', 'test'):
-        with open(os.path.join(root, 'split', f'{split}.csv'), 'w') as f:
-            f.write('\n'.join(rows) + '\n')
-    return root
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -239,8 +222,9 @@ def main(argv=None) -> list[dict]:
     if opts.device != 'cpu' and torch.cuda.is_available():
         devices.append(torch.device('cuda'))
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_dataset(os.path.join(opts.work_dir or tmp, 'bench_data'), opts.classes,
-                             opts.images_per_class, opts.image_size)
+        c = opts.classes
+        root = write_colour_dataset(os.path.join(opts.work_dir or tmp, 'bench_data'), (c, c, c), opts.images_per_class,
+                                    (opts.image_size, opts.image_size))
         rows = [{**bench_device(device, opts, root), **bench_head(device, opts)} for device in devices]
     print_table(rows)
     if opts.json:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from demo import write_split, write_tiered_split  # noqa: E402
 from dataloader import TieredDataset, eval_transform, ignore_interrupts, open_split  # noqa: E402
 
 MIB = 2 ** 20
@@ -52,22 +53,10 @@ def smooth_images(n: int, seed: int = 0, chunk: int = 1000):
 def write_both(work_dir: str, n: int, n_classes: int = 100) -> tuple[str, str]:
     """The same n images as a JPEG folder with split/train.csv and as train_images.npz + train_labels.pkl."""
     folder, tiered = os.path.join(work_dir, 'jpeg'), os.path.join(work_dir, 'tiered')
-    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
-    os.makedirs(os.path.join(folder, 'split'), exist_ok=True)
-    os.makedirs(tiered, exist_ok=True)
     labels = np.arange(n) % n_classes
-    array = np.empty((n, 84, 84, 3), np.uint8)
-    rows = ['filename,label']
-    for i, image in enumerate(smooth_images(n)):
-        array[i] = image
-        name = f'{i:08d}.jpg'
-        Image.fromarray(image).save(os.path.join(folder, 'images', name), quality=90)
-        rows.append(f'{name},c{labels[i]:04d}')
-    with open(os.path.join(folder, 'split', 'train.csv'), 'w') as f:
-        f.write('\n'.join(rows) + '\n')
-    np.savez(os.path.join(tiered, 'train_images.npz'), images=array)
-    with open(os.path.join(tiered, 'train_labels.pkl'), 'wb') as f:
-        pickle.dump({'labels': labels}, f)
+    array = np.stack(list(smooth_images(n)))  # (n, 84, 84, 3)
+    write_split(folder, 'train', ((f'{i:08d}.jpg', f'c{labels[i]:04d}', image) for i, image in enumerate(array)))
+    write_tiered_split(tiered, 'train', labels, array)
     return folder, tiered
 
 

@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 
 import distributed  # noqa: E402
 import pretrain  # noqa: E402
+from arguments import parse_pretrain_args  # noqa: E402
 from models.classifier import EncoderClassifier  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from utils import select_device  # noqa: E402
@@ -39,7 +40,7 @@ def worker(opts) -> None:
     device = distributed.setup(select_device(opts.device, [0]))
     processes = distributed.world_size()
     torch.manual_seed(distributed.rank())
-    args = pretrain.parse_args(['--network_name', opts.network])  # the default optimiser of that network
+    args = parse_pretrain_args(['--network_name', opts.network])  # the default optimiser of that network
     model = distributed.wrap(EncoderClassifier(build_encoder(opts.network), N_CLASSES).to(device), device)
     optimizer = pretrain.build_optimizer(args, distributed.unwrap(model).parameters())
     share = opts.batch_size // processes

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import runs  # noqa: E402
 import test as test_script  # noqa: E402
 from arguments import parse_args  # noqa: E402
+from demo import write_colour_dataset  # noqa: E402
 from checkpoints import atomic_save, model_state_dict  # noqa: E402
 
 LINE = re.compile(r'^test accuracy: .*$', re.M)
@@ -50,10 +51,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = opts.data_path
         if data is None:
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
-            from conftest import make_dataset
-            data = make_dataset(os.path.join(tmp, 'data'), classes_per_split=(5, 5, 5), images_per_class=20,
-                                size=(48, 48))
+            data = write_colour_dataset(os.path.join(tmp, 'data'), classes_per_split=(5, 5, 5), images_per_class=20,
+                                        size=(48, 48))
         flags = ['--data_path', data, '--network_name', opts.network, '--pretrained', 'none', '--device', 'cpu',
                  '--n_workers', str(opts.n_workers), '--model_path', os.path.join(tmp, 'model.model')]
         args = parse_args(flags)

@@ -37,17 +37,13 @@ for folder in (ROOT, SCRIPTS):
 
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
+from demo import write_colour_dataset  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
 
 TOLERANCE = 1e-3
 FULL_PRETRAINING_STEPS = 100 * 300  # pretrain.py's defaults on mini-ImageNet: 100 epochs of 38400 / 128 steps
-
-
-def write_dataset(root: str, n_classes: int, images_per_class: int) -> str:
-    from benchmark import write_dataset as write
-    return write(root, n_classes, images_per_class, 84)
 
 
 def run(command: list[str], timeout: float, env: Optional[dict] = None) -> tuple[int, float, str]:
@@ -227,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {'device_name': 'cpu' if dry else torch.cuda.get_device_name(0), 'torch': torch.__version__,
               'n_gpus': n_gpus}
     with tempfile.TemporaryDirectory() as work:
-        data = write_dataset(os.path.join(work, 'data'), 16, 20 if dry else 40)
+        data = write_colour_dataset(os.path.join(work, 'data'), (16, 16, 16), 20 if dry else 40, (84, 84))
         if not dry:
             report['cuda_vs_cpu'] = check_cuda_against_cpu(network, device)
         modes = ['plain', 'channels_last'] + ([] if dry else ['amp'])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import runs
-from arguments import DEMO_PRESET, MIXED_DEMO_PRESET, parse_args
+from arguments import DEMO_PRESET, DEMO_ROOTS, parse_args
 from checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
@@ -79,7 +79,7 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
 
 def test_mixed_demo_preset_and_run_names():
     args = parse_args(['--demo', 'mixed'])
-    for key, value in MIXED_DEMO_PRESET.items():
+    for key, value in {**DEMO_PRESET, **DEMO_ROOTS['mixed']}.items():
         assert getattr(args, key) == value
     assert runs.data_path(args) == [os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')]
     assert re.fullmatch(r'demo\+demo_fine-mixclass-convnet-glofa-N5-K1-seed960402-[0-9a-f]{8}', runs.run_name(args))

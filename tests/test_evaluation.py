@@ -1,13 +1,11 @@
 """Cached evaluation (encode each image once) gives the episodic evaluation's answers."""
-import os
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import evaluation
 from dataloader import EpisodeSampler, FewShotDataset, eval_transform
+from demo import write_split
 from models.glofa import GLoFA, query_targets
 from networks import forward_count
 from networks.resnet import ResNet12
@@ -39,18 +37,11 @@ def model():
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     """3 classes of 6 images of plain noise: no class is easy, so the accuracies vary between episodes."""
-    root = tmp_path_factory.mktemp('noise')
-    os.makedirs(root / 'images')
-    os.makedirs(root / 'split')
+    root = str(tmp_path_factory.mktemp('noise'))
     rng = np.random.default_rng(0)
-    rows = ['filename,label']
-    for c in range(3):
-        for i in range(6):
-            name = f'n{c:08d}_{i}.png'
-            Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(root / 'images' / name)
-            rows.append(f'{name},n{c:08d}')
-    (root / 'split' / 'test.csv').write_text('\n'.join(rows) + '\n')
-    return FewShotDataset(str(root), 'test', eval_transform())
+    write_split(root, 'test', ((f'n{c:08d}_{i}.png', f'n{c:08d}', rng.integers(0, 256, (90, 100, 3), dtype=np.uint8))
+                               for c in range(3) for i in range(6)))
+    return FewShotDataset(root, 'test', eval_transform())
 
 
 def test_cached_and_episodic_agree(model, dataset):

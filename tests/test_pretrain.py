@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import distributed
 import pretrain
+from arguments import parse_pretrain_args
 import runs
 import train
 from conftest import make_dataset
@@ -33,7 +34,7 @@ def flags(data, save_dir, network='convnet', epochs=1, batch_size=8, *extra):
 
 
 def paths(argv) -> pretrain.Paths:
-    return pretrain.output_paths(pretrain.parse_args(argv))
+    return pretrain.output_paths(parse_pretrain_args(argv))
 
 
 def load(path):
@@ -270,7 +271,7 @@ def two_steps(images, labels, batch_size, rank, world_size, out_path):
     """Two optimisation steps of pretrain.py's step on this process's share of the first two batches."""
     torch.manual_seed(0)
     model = distributed.wrap(EncoderClassifier(StandIn(), 5), torch.device('cpu'))
-    args = pretrain.parse_args(['--network_name', 'resnet'])  # SGD, Nesterov momentum, weight decay
+    args = parse_pretrain_args(['--network_name', 'resnet'])  # SGD, Nesterov momentum, weight decay
     optimizer = pretrain.build_optimizer(args, distributed.unwrap(model).parameters())
     for batch in ShuffledBatches(len(images), batch_size, seed=5, rank=rank, world_size=world_size):
         index = torch.tensor([i for i, _ in batch])
@@ -392,8 +393,8 @@ def test_output_paths_follow_out():
                                          os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3.last.pth'),
                                          os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3.log.jsonl'))
     assert paths(['--out', 'w/res12.pth']) == pretrain.Paths('w/res12.pth', 'w/res12.last.pth', 'w/res12.log.jsonl')
-    args = pretrain.parse_args(['--network_name', 'convnet'])
+    args = parse_pretrain_args(['--network_name', 'convnet'])
     assert (args.optimizer, args.lr) == ('adam', 0.001)
-    args = pretrain.parse_args([])
+    args = parse_pretrain_args([])
     assert (args.optimizer, args.lr, args.batch_size, args.val_way) == ('sgd', 0.1, 128, 16)
-    assert np.isclose(pretrain.parse_args(['--demo']).lr, 0.001)
+    assert np.isclose(parse_pretrain_args(['--demo']).lr, 0.001)

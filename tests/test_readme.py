@@ -2,8 +2,7 @@
 import os
 import re
 
-import pretrain
-from arguments import get_parser
+from arguments import get_parser, get_pretrain_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +39,7 @@ def documented_default(action) -> str:
 
 def test_pretrain_flag_table_matches_its_parser():
     rows = dict(re.findall(r'^\| `(--\w+)` \| `([^`]*)` \|', read(os.path.join('docs', 'pretrain.md')), flags=re.M))
-    actions = {a.option_strings[0]: a for a in pretrain.get_parser()._actions if a.option_strings[0] != '-h'}
+    actions = {a.option_strings[0]: a for a in get_pretrain_parser()._actions if a.option_strings[0] != '-h'}
     assert set(rows) == set(actions)
     for flag, action in actions.items():
         if action.default is not None:  # None: a default that depends on other flags, explained in the table
