@@ -10,14 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from utils import ProcessError, UserError
 
 ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
-
-
-class ProcessError(UserError):
-    """A mistake that one process may meet and the others not: every process that meets it reports it
-    (a mistake every process meets alike is reported by rank 0 alone)."""
 
 
 def launched() -> bool:

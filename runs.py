@@ -1,18 +1,24 @@
-"""What the entry points share about a run: its flags checked, its data, its name and files, its model.
+"""What the entry points share about a run: its flags checked, its data, its identity and files, what
+happens to an existing one, its saved state, its model.
 
-train.py, test.py and the scripts import this module; it imports none of them.
+train.py, test.py, pretrain.py and the scripts import this module; it imports none of them.
 """
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 
-from checkpoints import load_pretrained, read_file
+import distributed
+from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
+    saved_forward_count
 from dataloader import check_episode_flags, root_names
 from models.glofa import GLoFA
-from networks import build_encoder, data_parallel
-from utils import UserError
+from networks import build_encoder, data_parallel, forward_count, set_forward_count
+from utils import NonFiniteLoss, UserError, random_states, set_random_states
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 
@@ -32,13 +38,19 @@ def data_label(args) -> str:
     return '+'.join(name.replace('/', '_') for name in root_names(roots)) + f'-mix{args.task_mix}'
 
 
+def data_identity(args) -> dict:
+    """The data of a run: its roots' absolute locations, and the task mix when there are several."""
+    roots = data_path(args)
+    return {'data': [os.path.normpath(os.path.abspath(root)) for root in roots],
+            'task_mix': args.task_mix if len(roots) > 1 else None}  # one root: the mix changes nothing
+
+
 def run_identity(args) -> dict:
     """Everything that defines a run's result: the data (names and locations), the model, the
     optimisation, the schedule and the seed. Execution options (device, workers, --amp,
     --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
     return {
-        'data': [os.path.normpath(os.path.abspath(root)) for root in data_path(args)],
-        'task_mix': args.task_mix if len(data_path(args)) > 1 else None,  # one root: the mix changes nothing
+        **data_identity(args),
         'network_name': args.network_name, 'model_name': args.model_name, 'adaptor': args.adaptor,
         'pretrained': os.path.basename(args.pretrained), 'tau': args.tau, 'delta': args.delta,
         'N': args.N, 'K': args.K, 'Q': args.Q,
@@ -47,6 +59,23 @@ def run_identity(args) -> dict:
         'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
         'wd': args.wd, 'mo': args.mo, 'seed': args.seed, 'h_bias_init': args.h_bias_init,
     }
+
+
+def pretrain_identity(args) -> dict:
+    """What defines a pretraining's result, as ``run_identity`` for meta-training. The number of epochs is
+    left out: a finished pretraining can be continued with --resume and more --epochs."""
+    return {**data_identity(args), 'network_name': args.network_name, 'batch_size': args.batch_size,
+            'optimizer': args.optimizer, 'lr': args.lr, 'milestones': list(args.milestones), 'gamma': args.gamma,
+            'wd': args.wd, 'seed': args.seed}
+
+
+# what a checkpoint must agree with to be evaluated: GLoFA's parameters do not depend on N, K or Q
+MODEL_KEYS = ('network_name', 'model_name', 'adaptor')
+
+
+def model_config(args) -> dict:
+    identity = run_identity(args)
+    return {key: identity[key] for key in MODEL_KEYS}
 
 
 def run_name(args) -> str:
@@ -60,52 +89,152 @@ def run_name(args) -> str:
             f'-{digest}')
 
 
-def run_paths(args) -> dict:
-    """The run's files under --save_dir: best checkpoint, last state, statistics, JSON log, identity."""
+@dataclass
+class RunPaths:
+    """A run's files."""
+    best: str      # the best weights: train.py's <run>.model, pretrain.py's FEAT-format output
+    last: str      # the whole state after the last finished episode gap or epoch, to resume from
+    log: str       # one JSON line per validation
+    identity: str  # <run>.run.json: what defines the run
+    stat: Optional[str] = None  # train.py: the statistics record of the reference code
+
+    def files(self) -> list[str]:
+        return [p for p in (self.best, self.last, self.stat, self.log, self.identity) if p]
+
+
+def run_paths(args) -> RunPaths:
+    """A meta-training run's files under --save_dir: best checkpoint, last state, statistics, JSON log, identity."""
     name = run_name(args)
     models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
-    return {'model': os.path.join(models, f'{name}.model'), 'last': os.path.join(models, f'{name}.last.model'),
-            'stat': os.path.join(stats, f'{name}.stat'), 'log': os.path.join(stats, f'{name}.log.jsonl'),
-            'identity': os.path.join(stats, f'{name}.run.json')}
+    return RunPaths(best=os.path.join(models, f'{name}.model'), last=os.path.join(models, f'{name}.last.model'),
+                    log=os.path.join(stats, f'{name}.log.jsonl'), identity=os.path.join(stats, f'{name}.run.json'),
+                    stat=os.path.join(stats, f'{name}.stat'))
 
 
-def check_existing_run(args, paths: dict) -> bool:
-    """Whether this run resumes its saved state. No run's files are replaced silently: a finished run
-    stops here unless --overwrite is given, an unfinished one unless --resume or --overwrite is."""
-    existing = [paths[k] for k in ('model', 'last', 'stat', 'log') if os.path.isfile(paths[k])]
+def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], unit: str,
+                       use_it: str) -> Optional[dict]:
+    """The saved state this run resumes, or None to start afresh. One rule for every entry point:
+    --resume and --overwrite exclude each other; --overwrite removes the run's files; an unfinished run
+    is continued with --resume and never replaced without --overwrite; a finished one (``finished``
+    of its saved state) is never replaced without --overwrite. ``unit`` names what the state counts
+    ('episode', 'epoch'); ``use_it`` says what to do with a finished run instead."""
+    if args.resume and args.overwrite:
+        raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
     if args.overwrite:
-        removed = [path for path in existing + [paths['identity']] if os.path.isfile(path)]
-        for path in removed:
-            os.remove(path)
-        if removed:
-            print(f'--overwrite: removed the {len(removed)} files of the earlier run {run_name(args)}')
-        return False
-    if os.path.isfile(paths['last']):
-        record = read_file(paths['last'], 'resume checkpoint', weights_only=False)
-        finished = not isinstance(record, dict) or record.get('finished', True)
-        if args.resume and not finished:
-            return True
-        if not finished:
-            raise UserError(f"an unfinished run with these flags is saved in {paths['last']} (episode "
-                            f"{record.get('episode')}): add --resume to continue it, or --overwrite to start over")
-    elif not existing:
+        removed = [path for path in paths.files() if os.path.isfile(path)]
+        if distributed.is_main_process():
+            for path in removed:
+                os.remove(path)
+            if removed:
+                print(f'--overwrite: removed the {len(removed)} files of the earlier run in '
+                      f'{os.path.dirname(paths.last)}')
+        return None
+    record = read_file(paths.last, 'resume state', weights_only=False) if os.path.isfile(paths.last) else None
+    if record is not None and not (isinstance(record, dict) and 'optimizer' in record and unit in record):
+        raise UserError(f'{paths.last} is not a saved state of this program: move it away or pass --overwrite')
+    if record is not None and not finished(record):
         if args.resume:
-            print(f"no checkpoint {paths['last']} yet: starting a new run")
-        return False
-    where = paths['model'] if os.path.isfile(paths['model']) else existing[0]
-    raise UserError(f'this run is already finished: its files are {where} and the rest under {args.save_dir}; '
-                    f'evaluate them with test.py and the same flags, or add --overwrite to train it again')
+            return record
+        raise UserError(f'an unfinished run with these flags is saved in {paths.last} ({unit} {record[unit]}): '
+                        f'add --resume to continue it, or --overwrite to start over')
+    existing = [p for p in paths.files() if p != paths.identity and os.path.isfile(p)]
+    if existing:
+        where = paths.best if os.path.isfile(paths.best) else existing[0]
+        state = f' (finished at {unit} {record[unit]})' if record is not None else ', without a state to resume'
+        raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
+                        f'{use_it}, or add --overwrite to run it again')
+    if args.resume and distributed.is_main_process():
+        print(f'no saved state {paths.last} yet: starting a new run')
+    return None
 
 
-def run_config(args) -> dict:
-    """What a checkpoint records of the model it holds: network, way, shot and adaptor ablation."""
-    return {'network_name': args.network_name, 'N': args.N, 'K': args.K, 'adaptor': args.adaptor}
+def write_identity(identity: dict, paths: RunPaths) -> None:
+    """<run>.run.json: the flags that define the run (what its name stands for)."""
+    os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
+    with open(paths.identity, 'w') as f:
+        json.dump(identity, f, indent=1)
 
 
-def model_config(args) -> dict:
-    """What a checkpoint must agree with to be loaded into this model. GLoFA's parameters do not
-    depend on N or K (the set functions take sets of any size), so any way and shot may be evaluated."""
-    return {'network_name': args.network_name, 'adaptor': args.adaptor}
+# ------------------------------------------------------------------ a training run and its saved state
+@dataclass
+class Progress:
+    """Where a training run stands; filled in as it goes, so that an interruption can say it."""
+    done: int = 0                 # training episodes (train.py) or epochs (pretrain.py) done
+    saved: Optional[int] = None   # the count whose state the 'last' file holds
+    best_accuracy: float = 0.0    # best validation accuracy so far, in [0, 1]
+    best_at: int = 0              # and when
+    statistics: dict = field(default_factory=lambda: {'training_loss': [], 'validating_accuracy': []})
+
+
+@dataclass
+class Run:
+    """One training run: its flags, files, model, optimisation and progress, handed from phase to phase."""
+    args: object
+    device: torch.device
+    paths: RunPaths
+    model: nn.Module          # in DistributedDataParallel under torchrun (pretrain.py)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: Optional[torch.amp.GradScaler]
+    config: dict              # what the saved state must agree with to be resumed
+    progress: Progress = field(default_factory=Progress)
+    generators: dict = field(default_factory=dict)  # named samplers' generators, saved with the state
+
+    @property
+    def plain(self) -> nn.Module:
+        return distributed.unwrap(self.model)
+
+
+def check_finite(loss: torch.Tensor, run: Run, where: str, unit: str, flags: str) -> None:
+    """Stop the run (NonFiniteLoss, exit 2) at a loss that is inf or nan, naming the state kept."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f'training loss became {loss.item()} at {where}; stopped. The state after {unit} '
+                            f'{run.progress.saved} is kept in {run.paths.last}; runs are deterministic, so resuming '
+                            f'with the same flags meets the same loss: try a lower {flags}')
+
+
+def interrupted_message(run: Run, during: str, unit: str) -> str:
+    """What an interrupted run says: what was running, and what is saved."""
+    if run.progress.saved is None:
+        return f'interrupted during {during}, before any state was saved'
+    return (f'interrupted during {during}; the state after {unit} {run.progress.saved} is saved in '
+            f'{run.paths.last}: run the same command with --resume to continue')
+
+
+def save_last(run: Run, finished: bool, **fields) -> None:
+    """The whole state of the run, written atomically by rank 0: weights, optimizer, scheduler, scaler,
+    every process's random states, the generators, the encoder's pass count, the config, ``fields``."""
+    states = distributed.gather_objects(random_states())
+    if distributed.is_main_process():
+        atomic_save({'state_dict': model_state_dict(run.plain), 'optimizer': run.optimizer.state_dict(),
+                     'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
+                     'random_states': states, 'generators': {k: g.get_state() for k, g in run.generators.items()},
+                     'forward_count': forward_count(run.plain.encoder), 'config': run.config, 'finished': finished,
+                     **fields}, run.paths.last)
+    run.progress.saved = run.progress.done
+
+
+def load_last(run: Run, record: dict) -> None:
+    """Restore what ``save_last`` wrote (and states written before it: the weights under 'model', one
+    process's random states as a dict, per-block pass counters)."""
+    path = run.paths.last
+    check_config(record, run.config, path)
+    load_strict(run.plain, record.get('state_dict', record.get('model')), path, 'resume state')
+    run.optimizer.load_state_dict(record['optimizer'])
+    run.scheduler.load_state_dict(record['scheduler'])
+    if run.scaler is not None and record.get('scaler'):
+        run.scaler.load_state_dict(record['scaler'])
+    for name, generator in run.generators.items():
+        generator.set_state(record['generators'][name])
+    set_forward_count(run.plain.encoder, saved_forward_count(record))
+    states = record['random_states']
+    states = [states] if isinstance(states, dict) else states
+    if len(states) != distributed.world_size() and distributed.is_main_process():
+        print(f'note: the state was saved by {len(states)} process(es) and is resumed on '
+              f'{distributed.world_size()}: processes without a saved random state keep a fresh seed, so the '
+              f'continuation is not bit-identical to an uninterrupted run')
+    if distributed.rank() < len(states):
+        set_random_states(states[distributed.rank()])
 
 
 def list_runs(save_dir: str, suffix: str) -> list[str]:
@@ -160,6 +289,19 @@ def build_model(args, pretrained: bool = True) -> GLoFA:
         print(f'loaded {n} encoder tensors from {args.pretrained}')
     return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
                  h_bias_init=args.h_bias_init)
+
+
+def build_optimizer(args, model: GLoFA) -> torch.optim.SGD:
+    """SGD with Nesterov momentum: the encoder at --lr_network, the three set functions at --lr."""
+    set_functions = [p for m in (model.f_task, model.f_class, model.h) for p in m.parameters()]
+    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network},
+                            {'params': set_functions, 'lr': args.lr}],
+                           momentum=args.mo, nesterov=True, weight_decay=args.wd)
+
+
+def build_scheduler(args, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR over validations: stepped once after each validation."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)
 
 
 def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:

@@ -42,7 +42,7 @@ def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
         if not os.path.isfile(args.model_path):
             raise UserError(f'checkpoint {args.model_path} (--model_path) not found')
         return args.model_path
-    path = run_paths(with_setting(args, *settings[0]))['model']
+    path = run_paths(with_setting(args, *settings[0])).best
     if not os.path.isfile(path):
         raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') +
                         '; or train this run first (train.py with the same flags)')

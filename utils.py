@@ -1,4 +1,5 @@
 """Small helpers shared by the entry points: errors, seeding, devices, reporting."""
+import contextlib
 import functools
 import json
 import math
@@ -16,6 +17,15 @@ import torch
 
 class UserError(Exception):
     """A mistake in the user's data, files or flags: reported in one line, exit code 2."""
+
+
+class ProcessError(UserError):
+    """A mistake that one process may meet and the others not: every process that meets it reports it
+    (a mistake every process meets alike is reported by rank 0 alone)."""
+
+
+class NonFiniteLoss(ProcessError):
+    """The training loss became inf or nan: the run stops, its last good state kept."""
 
 
 def user_message(error: BaseException) -> str:
@@ -84,6 +94,25 @@ def ignore_further_interrupts() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def exit_on_interrupt(message: Callable[[], str], report: bool = True):
+    """Ctrl-C or SIGTERM inside the block (or an error in its wake: a loader worker or a collective's peer
+    stopped by the same signal) ends the process with exit code 130 and one line, ``message()``, on stderr
+    (when ``report``: rank 0 of several processes). What was saved before stays as it is."""
+    try:
+        yield
+    except BaseException as error:
+        if isinstance(error, SystemExit) or not (isinstance(error, KeyboardInterrupt) or interrupted()):
+            raise
+        # loaders torn down by the interrupt (workers stopped by the same signal, or still starting)
+        # complain while they are collected: nothing to report
+        sys.unraisablehook = lambda unraisable: None
+        ignore_further_interrupts()
+        if report:
+            print('\n' + message(), file=sys.stderr)
+        sys.exit(130)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices); make cuDNN deterministic."""
     random.seed(seed)
@@ -107,6 +136,12 @@ def set_random_states(states: dict) -> None:
     torch.set_rng_state(states['torch'])
     if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def append_log(path: str, entry: dict) -> None:
+    """One JSON line more in the run's log."""
+    with open(path, 'a') as log:
+        log.write(json.dumps(entry) + '\n')
 
 
 def trim_log(path: str, key: str, last: int) -> None:

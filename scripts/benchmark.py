@@ -29,7 +29,6 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runs  # noqa: E402
-from train import build_optimizer  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
 from demo import write_colour_dataset  # noqa: E402
 from dataloader import FewShotDataset, LabelledSplit, eval_transform, generate_data_loader  # noqa: E402
@@ -92,7 +91,7 @@ def bench_device(device: torch.device, opts, root: str) -> dict:
         del iterator, loader
 
     # (c) seconds per training episode: model alone vs with the loader
-    optimizer = build_optimizer(args, model)
+    optimizer = runs.build_optimizer(args, model)
     targets = torch.arange(N * Q, device=device) % N
     loader = generate_data_loader(root, 'train', opts.train_episodes + 1, N, K + Q, n_workers=opts.n_workers,
                                   seed=0, pin_memory=device.type == 'cuda')

@@ -24,11 +24,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import distributed  # noqa: E402
-import pretrain  # noqa: E402
 from arguments import parse_pretrain_args  # noqa: E402
-from models.classifier import EncoderClassifier  # noqa: E402
+from models.classifier import EncoderClassifier, build_optimizer, classification_loss  # noqa: E402
 from networks import build_encoder  # noqa: E402
-from utils import select_device  # noqa: E402
+from utils import backward_and_step, select_device  # noqa: E402
 
 N_CLASSES = 64  # mini-ImageNet's train split
 STEPS_PER_EPOCH = 38400 // 128
@@ -36,13 +35,13 @@ RESULT = 'RESULT '
 
 
 def worker(opts) -> None:
-    """Time pretrain.train_step on this process's share of a batch; rank 0 prints the result as JSON."""
+    """Time one pretraining step (loss, backward, optimizer step) on this process's share of a batch; rank 0 prints the result as JSON."""
     device = distributed.setup(select_device(opts.device, [0]))
     processes = distributed.world_size()
     torch.manual_seed(distributed.rank())
     args = parse_pretrain_args(['--network_name', opts.network])  # the default optimiser of that network
     model = distributed.wrap(EncoderClassifier(build_encoder(opts.network), N_CLASSES).to(device), device)
-    optimizer = pretrain.build_optimizer(args, distributed.unwrap(model).parameters())
+    optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
     share = opts.batch_size // processes
     images = torch.randn(share, 3, 84, 84, device=device)
     labels = torch.randint(N_CLASSES, (share,), device=device)
@@ -52,7 +51,7 @@ def worker(opts) -> None:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            pretrain.train_step(model, images, labels, optimizer, None, amp=False)
+            backward_and_step(classification_loss(model, images, labels)[0], optimizer)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         return time.perf_counter() - start

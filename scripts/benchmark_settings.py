@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         model = runs.build_model(args, pretrained=False)
         atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.0, 'epoch': 0,
-                     'config': runs.run_config(args)}, os.path.join(tmp, 'model.model'))
+                     'config': runs.run_identity(args)}, os.path.join(tmp, 'model.model'))
         figures = {}
         if 'a' not in opts.skip:
             auto, _ = timed_test(flags + ['--n_testing_episodes', '3'])

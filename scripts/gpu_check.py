@@ -107,7 +107,7 @@ def check_train(data: str, work: str, network: str, short: int, long: int, modes
             if code != 0:
                 row['error'] = err
                 break
-            with open(runs.run_paths(parse_args(argv))['log']) as f:
+            with open(runs.run_paths(parse_args(argv)).log) as f:
                 losses = [json.loads(line)['training_loss'] for line in f]
             row['training_loss'] = losses[-1]
             row['finite'] = row.get('finite', True) and all(math.isfinite(v) for v in losses)

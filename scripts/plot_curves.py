@@ -236,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     else:
         # --episode_gap is also one of the run's flags: it names the run as well
         args = parse_args(rest + (['--episode_gap', str(own.episode_gap)] if own.episode_gap else []))
-        stat_path, episode_gap = runs.run_paths(args)['stat'], args.episode_gap
+        stat_path, episode_gap = runs.run_paths(args).stat, args.episode_gap
         if not os.path.isfile(stat_path):
             raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX))
     if episode_gap < 1:

@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     args = parse_args(rest)
     check_episode_flags(args.N, args.K, args.Q)
     device = select_device(args.device, args.devices)
-    model_path = args.model_path or runs.run_paths(args)['model']
+    model_path = args.model_path or runs.run_paths(args).best
     if not args.model_path and not os.path.isfile(model_path):
         raise UserError(runs.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
 

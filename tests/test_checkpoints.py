@@ -200,7 +200,7 @@ def trained(tiny_dataset, tmp_path_factory):
 def test_checkpoint_record(trained, spec_model_keys):
     flags, result = trained
     paths = result['paths']
-    record = torch.load(paths['model'], map_location='cpu', weights_only=True)
+    record = torch.load(paths.best, map_location='cpu', weights_only=True)
     assert {'state_dict', 'validating_accuracy', 'epoch'} <= set(record) <= {'state_dict', 'validating_accuracy',
                                                                                'epoch', 'config'}
     assert set(record['state_dict']) == spec_model_keys
@@ -209,13 +209,13 @@ def test_checkpoint_record(trained, spec_model_keys):
     best = int(np.argmax(accuracies))
     assert record['validating_accuracy'] == pytest.approx(accuracies[best])
     assert record['epoch'] == best + 1  # one episode per gap
-    assert not any(name.endswith('.tmp') for name in os.listdir(os.path.dirname(paths['model'])))
+    assert not any(name.endswith('.tmp') for name in os.listdir(os.path.dirname(paths.best)))
 
 
 def test_statistics_record_and_log(trained):
     flags, result = trained
     paths = result['paths']
-    stats = torch.load(paths['stat'], map_location='cpu', weights_only=False)
+    stats = torch.load(paths.stat, map_location='cpu', weights_only=False)
     assert set(stats) >= {'training_loss', 'validating_accuracy'}
     assert len(stats['training_loss']) == 2 and len(stats['validating_accuracy']) == 2
     assert stats['training_loss'] == pytest.approx(result['statistics']['training_loss'])
@@ -224,7 +224,7 @@ def test_statistics_record_and_log(trained):
     # 2-way 1-query episodes: accuracies are multiples of 1/4 over 2 episodes
     for a in stats['validating_accuracy']:
         assert 0 <= a <= 1 and (4 * a) == pytest.approx(round(4 * a))
-    with open(paths['log']) as f:
+    with open(paths.log) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     assert len(lines) == 2
     assert [line['episode'] for line in lines] == [1, 2]
@@ -270,4 +270,4 @@ def test_command_line_end_to_end(tiny_dataset, tmp_path):
     assert lines[0].startswith('error:') and missing in lines[0]
     assert 'Traceback' not in failed.stderr + failed.stdout
     # nothing that a rerun would take for an unfinished run is left behind
-    assert not os.path.exists(runs.run_paths(parse_args(flags))['last'])
+    assert not os.path.exists(runs.run_paths(parse_args(flags)).last)

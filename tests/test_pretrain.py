@@ -21,7 +21,8 @@ import train
 from conftest import make_dataset
 from dataloader import ShuffledBatches
 from evaluation import prototype_accuracies
-from models.classifier import EncoderClassifier
+from models.classifier import EncoderClassifier, build_optimizer, classification_loss
+from utils import backward_and_step
 from networks import build_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def flags(data, save_dir, network='convnet', epochs=1, batch_size=8, *extra):
             '--val_episodes', '5', '--n_workers', '0', *extra]
 
 
-def paths(argv) -> pretrain.Paths:
+def paths(argv) -> runs.RunPaths:
     return pretrain.output_paths(parse_pretrain_args(argv))
 
 
@@ -89,7 +90,7 @@ def check_feat_format(out, network, n_classes) -> int:
 def test_convnet_output_is_in_feat_format_and_train_py_loads_it(pretrained, tiny_dataset, tmp_path, capsys):
     argv, result = pretrained
     assert result['epoch'] == 1 and result['best_epoch'] == 1
-    out = result['paths'].out
+    out = result['paths'].best
     assert check_feat_format(out, 'convnet', 4) == 28
     capsys.readouterr()
     train.main(['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
@@ -102,7 +103,7 @@ def test_resnet_output_is_in_feat_format_and_train_py_loads_it(resnet_run, capsy
     """Through train.py's model building (runs.build_model, as train.main calls it), to spare a ResNet run."""
     argv, result = resnet_run
     assert result['epoch'] == 2
-    out = result['paths'].out
+    out = result['paths'].best
     assert check_feat_format(out, 'resnet', 2) == 96
     capsys.readouterr()
     model = runs.build_model(train.parse_args(['--network_name', 'resnet', '--pretrained', out]))
@@ -113,12 +114,12 @@ def test_resnet_output_is_in_feat_format_and_train_py_loads_it(resnet_run, capsy
 
 def test_finished_output_is_not_replaced_without_overwrite(pretrained, capsys):
     argv, result = pretrained
-    out, log = result['paths'].out, result['paths'].log
+    out, log = result['paths'].best, result['paths'].log
     before = load(out)['params']
     capsys.readouterr()
     assert exit_code(pretrain.main, argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f'error: pretrained weights {out} exist (finished at epoch 1): pass --overwrite')
+    assert out in err and '--overwrite' in err and '--resume' in err  # the file, and what to do
     assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     assert all(torch.equal(v, load(out)['params'][k]) for k, v in before.items())
 
@@ -133,9 +134,9 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a['epoch'] == b['epoch'] and a['finished'] == b['finished']
     assert a['best_accuracy'] == b['best_accuracy'] and a['best_epoch'] == b['best_epoch']
     assert a['forward_count'] == b['forward_count']
-    assert a['model'].keys() == b['model'].keys()
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for key in a['state_dict']:
+        assert torch.equal(a['state_dict'][key], b['state_dict'][key]), key
     assert a['scheduler'] == b['scheduler']
     for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
         for name in sa:
@@ -175,13 +176,14 @@ def test_interrupted_resnet_run_resumes_to_the_uninterrupted_one(resnet_run, sma
     assert load(last)['epoch'] == 1 and not load(last)['finished']
 
     assert exit_code(pretrain.main, argv) == 2  # never overwrites an unfinished run
-    assert 'add --resume to continue it, or --overwrite to start over' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert last in err and '--resume' in err and '--overwrite' in err
 
     monkeypatch.setattr(pretrain, 'train_one_epoch', real_epoch)
     pretrain.main(argv + ['--resume'])
     assert_same_state(load(last), reference)
     assert log_entries(paths(argv).log) == log_entries(paths(straight).log)
-    best, best_cut = load(paths(straight).out)['params'], load(paths(argv).out)['params']
+    best, best_cut = load(paths(straight).best)['params'], load(paths(argv).best)['params']
     assert all(torch.equal(v, best_cut[k]) for k, v in best.items())
 
 
@@ -228,9 +230,8 @@ def test_tiered_data_too_small_is_refused_naming_the_file(tmp_path, capsys, refu
 def test_non_finite_loss_stops_with_the_state_kept(tiny_dataset, tmp_path, capsys):
     argv = flags(tiny_dataset, tmp_path, 'convnet', 3) + ['--optimizer', 'sgd', '--lr', '1e30']
     assert exit_code(pretrain.main, argv) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f'error: training loss became nan (epoch 1); stopped. The state after epoch 0 is kept in {paths(argv).last}; '
-        f'runs are deterministic, so resuming with the same flags meets the same loss: try a lower --lr')
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith('error: training loss became nan at epoch 1') and paths(argv).last in err and '--lr' in err
     assert load(paths(argv).last)['epoch'] == 0
 
 
@@ -272,10 +273,10 @@ def two_steps(images, labels, batch_size, rank, world_size, out_path):
     torch.manual_seed(0)
     model = distributed.wrap(EncoderClassifier(StandIn(), 5), torch.device('cpu'))
     args = parse_pretrain_args(['--network_name', 'resnet'])  # SGD, Nesterov momentum, weight decay
-    optimizer = pretrain.build_optimizer(args, distributed.unwrap(model).parameters())
+    optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
     for batch in ShuffledBatches(len(images), batch_size, seed=5, rank=rank, world_size=world_size):
         index = torch.tensor([i for i, _ in batch])
-        pretrain.train_step(model, images[index], labels[index], optimizer, None, amp=False)
+        backward_and_step(classification_loss(model, images[index], labels[index])[0], optimizer)
     if distributed.is_main_process():
         torch.save(distributed.unwrap(model).state_dict(), out_path)
 
@@ -313,11 +314,11 @@ def test_torchrun_two_processes_write_one_output(tiny_dataset, tmp_path):
     assert result.stdout.count('on cpu, 2 processes of 4 images a step') == 1
     assert result.stdout.count('best validation accuracy') == 1
     p = paths(argv)
-    assert sorted(os.listdir(tmp_path / 'pretrained')) == sorted(os.path.basename(f) for f in (p.out, p.last, p.log))
+    assert sorted(os.listdir(tmp_path / 'pretrained')) == sorted(os.path.basename(f) for f in (p.best, p.last, p.log, p.identity))
     assert [e['epoch'] for e in log_entries(p.log)] == [1]
     record = load(p.last)
     assert record['epoch'] == 1 and record['finished'] and len(record['random_states']) == 2
-    assert set(load(p.out)['params']) == set(record['model'])
+    assert set(load(p.best)['params']) == set(record['state_dict'])
 
 
 # ------------------------------------------------------------------ SIGTERM
@@ -389,10 +390,10 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_pat
 
 def test_output_paths_follow_out():
     argv = ['--network_name', 'convnet', '--seed', '3', '--save_dir', 's']
-    assert paths(argv) == pretrain.Paths(os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3.pth'),
-                                         os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3.last.pth'),
-                                         os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3.log.jsonl'))
-    assert paths(['--out', 'w/res12.pth']) == pretrain.Paths('w/res12.pth', 'w/res12.last.pth', 'w/res12.log.jsonl')
+    base = os.path.join('s', 'pretrained', 'mini_imagenet-convnet-pretrain-seed3')
+    assert paths(argv) == runs.RunPaths(f'{base}.pth', f'{base}.last.pth', f'{base}.log.jsonl', f'{base}.run.json')
+    assert paths(['--out', 'w/res12.pth']) == runs.RunPaths('w/res12.pth', 'w/res12.last.pth', 'w/res12.log.jsonl',
+                                                            'w/res12.run.json')
     args = parse_pretrain_args(['--network_name', 'convnet'])
     assert (args.optimizer, args.lr) == ('adam', 0.001)
     args = parse_pretrain_args([])

@@ -16,7 +16,7 @@ def flags(data, save_dir, episodes):
 
 
 def last_record(save_dir, data, episodes):
-    path = runs.run_paths(train.parse_args(flags(data, save_dir, episodes)))['last']
+    path = runs.run_paths(train.parse_args(flags(data, save_dir, episodes))).last
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
@@ -90,7 +90,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
 def test_state_saved_with_per_block_counters_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, uninterrupted):
     """A 'last' state written when each ResNet block kept its own forward counter resumes to the same run."""
     assert interrupt_third_gap(tiny_dataset, tmp_path, monkeypatch) == 130
-    path = runs.run_paths(train.parse_args(flags(tiny_dataset, tmp_path, 3)))['last']
+    path = runs.run_paths(train.parse_args(flags(tiny_dataset, tmp_path, 3))).last
     record = torch.load(path, weights_only=False)
     count = record.pop('forward_count')
     assert count > 2
@@ -111,7 +111,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
             '--n_validating_episodes', '2', '--n_workers', '2']
-    log = runs.run_paths(train.parse_args(argv))['log']
+    log = runs.run_paths(train.parse_args(argv)).log
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -127,7 +127,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     assert process.returncode == 130, err[-1500:]
     assert 'Traceback' not in err
     assert 'with --resume to continue' in err
-    saved = torch.load(runs.run_paths(train.parse_args(argv))['last'], weights_only=False)['episode']
+    saved = torch.load(runs.run_paths(train.parse_args(argv)).last, weights_only=False)['episode']
     assert saved >= 5
     # the message names the episode that was running and the one that is saved
     import re

@@ -1,4 +1,5 @@
 """Distinct runs never share files, and a run's files are never replaced silently."""
+import dataclasses
 import hashlib
 import os
 
@@ -17,7 +18,7 @@ def flags(data, save_dir, *extra):
 
 def digests(paths: dict) -> dict:
     found = {}
-    for key, path in paths.items():
+    for key, path in dataclasses.asdict(paths).items():
         if os.path.isfile(path):
             with open(path, 'rb') as f:
                 found[key] = hashlib.sha256(f.read()).hexdigest()
@@ -27,18 +28,18 @@ def digests(paths: dict) -> dict:
 def test_two_seeds_keep_two_runs(tiny_dataset, tmp_path):
     a = train.main(flags(tiny_dataset, tmp_path, '--seed', '1'))
     b = train.main(flags(tiny_dataset, tmp_path, '--seed', '2'))
-    assert a['paths']['model'] != b['paths']['model']
+    assert a['paths'].best != b['paths'].best
     for result in (a, b):
-        for key in ('model', 'last', 'stat', 'log', 'identity'):
-            assert os.path.isfile(result['paths'][key]), key
-    assert 'seed1' in os.path.basename(a['paths']['model']) and 'seed2' in os.path.basename(b['paths']['model'])
+        for path in result['paths'].files():
+            assert os.path.isfile(path), path
+    assert 'seed1' in os.path.basename(a['paths'].best) and 'seed2' in os.path.basename(b['paths'].best)
     assert len(runs.list_runs(str(tmp_path), '.model')) == 2
 
 
 def test_finished_run_is_kept_unless_overwrite(tiny_dataset, tmp_path, capsys):
     first = train.main(flags(tiny_dataset, tmp_path))
     before = digests(first['paths'])
-    assert set(before) == {'model', 'last', 'stat', 'log', 'identity'}
+    assert set(before) == {'best', 'last', 'stat', 'log', 'identity'}
     capsys.readouterr()
     for extra in ([], ['--resume']):
         with pytest.raises(SystemExit) as exit_info:
@@ -46,18 +47,18 @@ def test_finished_run_is_kept_unless_overwrite(tiny_dataset, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
-        assert 'already finished' in err and first['paths']['model'] in err
+        assert first['paths'].best in err
         assert '--overwrite' in err and 'test.py' in err
         assert digests(first['paths']) == before  # byte-identical
     # --overwrite replaces them: the same run again, a new log of its own
-    with open(first['paths']['log'], 'a') as f:
+    with open(first['paths'].log, 'a') as f:
         f.write('{"episode": 99}\n')  # a mark that only the old log carries
     again = train.main(flags(tiny_dataset, tmp_path, '--overwrite'))
     assert 'removed the 5 files of the earlier run' in capsys.readouterr().out
-    with open(again['paths']['log']) as f:
+    with open(again['paths'].log) as f:
         assert '"episode": 99' not in f.read()
     after = digests(again['paths'])
-    assert after['model'] == before['model']  # deterministic: the same best checkpoint again
+    assert after['best'] == before['best']  # deterministic: the same best checkpoint again
 
 
 def test_another_data_path_is_another_run(tmp_path):
@@ -66,18 +67,18 @@ def test_another_data_path_is_another_run(tmp_path):
     save_dir = tmp_path / 'saves'
     first = train.main(flags(a, save_dir))
     second = train.main(flags(b, save_dir))  # no refusal: another run
-    assert first['paths']['model'] != second['paths']['model']
-    assert os.path.isfile(first['paths']['model']) and os.path.isfile(second['paths']['model'])
+    assert first['paths'].best != second['paths'].best
+    assert os.path.isfile(first['paths'].best) and os.path.isfile(second['paths'].best)
 
 
 def test_identity_file_names_the_run(tiny_dataset, tmp_path):
     import json
     result = train.main(flags(tiny_dataset, tmp_path, '--seed', '7', '--json', str(tmp_path / 'test.json')))
-    with open(result['paths']['identity']) as f:
+    with open(result['paths'].identity) as f:
         identity = json.load(f)
     with open(tmp_path / 'test.json') as f:
         (figures,) = json.load(f)['settings']  # train.py --json: the final test's figures
     assert (figures['N'], figures['K'], figures['episodes']) == (2, 1, 2)
     assert figures['accuracy'] == pytest.approx(100 * result['test_accuracies'].mean())
     assert identity['seed'] == 7 and identity['data'] == [os.path.abspath(tiny_dataset)]
-    assert identity['run'] == os.path.basename(result['paths']['model'])[:-len('.model')]
+    assert identity['run'] == os.path.basename(result['paths'].best)[:-len('.model')]

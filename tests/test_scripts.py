@@ -392,7 +392,7 @@ def test_plot_curves_takes_episodes_from_the_log(capsys, tmp_path):
 
 def test_plot_curves_finds_the_run_from_its_flags(capsys, tmp_path):
     flags = ['--save_dir', str(tmp_path / 'saves'), '--N', '2', '--K', '1', '--episode_gap', '25']
-    write_stat(runs.run_paths(parse_args(flags))['stat'])
+    write_stat(runs.run_paths(parse_args(flags)).stat)
     plot_curves.main([*flags, '--out', str(tmp_path / 'c.png')])
     assert_png(tmp_path / 'c.png')
     assert 'up to episode 150' in capsys.readouterr().out
@@ -423,10 +423,10 @@ def checkpoint_flags(tiny_dataset, tmp_path_factory):
     args = parse_args(flags)
     torch.manual_seed(0)
     model = runs.build_model(args, pretrained=False)
-    path = runs.run_paths(args)['model']
+    path = runs.run_paths(args).best
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,
-                'config': runs.run_config(args)}, path)
+                'config': runs.run_identity(args)}, path)
     return flags
 
 
@@ -468,8 +468,8 @@ def test_visualize_masks_without_checkpoint_is_a_user_error(capsys, tmp_path, ti
 
 def test_missing_runs_are_listed_by_plot_curves_and_visualize_masks(capsys, tmp_path, checkpoint_flags):
     save_dir = checkpoint_flags[checkpoint_flags.index('--save_dir') + 1]
-    existing = os.path.basename(runs.run_paths(parse_args(checkpoint_flags))['model'])[:-len('.model')]
-    write_stat(runs.run_paths(parse_args(checkpoint_flags))['stat'])
+    existing = os.path.basename(runs.run_paths(parse_args(checkpoint_flags)).best)[:-len('.model')]
+    write_stat(runs.run_paths(parse_args(checkpoint_flags)).stat)
     other = [f if f != '2' else '3' for f in checkpoint_flags]  # --N 3: a run that does not exist
     for main in (plot_curves.main, visualize_masks.main):
         with pytest.raises(SystemExit) as exit_info:

@@ -67,7 +67,7 @@ def test_one_shot_checkpoint_in_five_shot_and_ten_way(wide_data, one_shot_run, c
     for n, k in ((3, 5), (10, 1), (10, 5)):
         results, out = run_test(flags(wide_data, one_shot_run, '--N', str(n), '--K', str(k),
                                       '--model_path', runs.run_paths(train.parse_args(flags(
-                                          wide_data, one_shot_run)))['model']), capsys)
+                                          wide_data, one_shot_run))).best), capsys)
         assert f'trained as 3-way 1-shot; evaluating {n}-way {k}-shot' in out
         (line,) = LINE.findall(out)
         assert (int(line[2]), int(line[3]), int(line[4])) == (n, k, 4)
@@ -76,7 +76,7 @@ def test_one_shot_checkpoint_in_five_shot_and_ten_way(wide_data, one_shot_run, c
 
 def test_several_settings_equal_single_runs(wide_data, one_shot_run, capsys, tmp_path):
     base = flags(wide_data, one_shot_run, '--model_path',
-                 runs.run_paths(train.parse_args(flags(wide_data, one_shot_run)))['model'])
+                 runs.run_paths(train.parse_args(flags(wide_data, one_shot_run))).best)
     both, out = run_test(base + ['--K', '1', '5', '--json', str(tmp_path / 'figures.json')], capsys)
     lines = LINE.findall(out)
     assert [(int(l[2]), int(l[3])) for l in lines] == [(3, 1), (3, 5)]
@@ -96,7 +96,7 @@ def test_several_settings_encode_the_split_once(wide_data, one_shot_run, capsys,
     calls = []
     real = evaluation.encode_split
     monkeypatch.setattr(evaluation, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
-    path = runs.run_paths(train.parse_args(flags(wide_data, one_shot_run)))['model']
+    path = runs.run_paths(train.parse_args(flags(wide_data, one_shot_run))).best
     _, out = run_test(flags(wide_data, one_shot_run, '--model_path', path, '--N', '3', '5', '--K', '1', '2',
                             '--eval_mode', 'cached'), capsys)
     assert len(LINE.findall(out)) == 4 and len(calls) == 1
@@ -185,7 +185,7 @@ def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys, monkeyp
     assert out.count('warning: alpha_task = alpha_cls = 0 on all 2 validation episodes') == 2
     assert 'normalised-prototype ProtoNet' in out
     assert 'adaptors: alpha_task 0.0000 (> 0 in 0 % of episodes), alpha_cls 0.0000 (> 0 in 0 %)' in out
-    with open(result['paths']['log']) as f:
+    with open(result['paths'].log) as f:
         entries = [json.loads(line) for line in f]
     assert len(entries) == 2
     for entry in entries:

@@ -158,9 +158,9 @@ def test_run_name_encodes_the_flags(tmp_path):
 def test_run_paths_lie_under_save_dir(tmp_path):
     args = parse_args(['--save_dir', str(tmp_path)])
     paths = runs.run_paths(args)
-    assert len(set(paths.values())) == len(paths)
-    for path in paths.values():
+    assert len(set(paths.files())) == 5
+    for path in paths.files():
         assert os.path.commonpath([path, str(tmp_path)]) == str(tmp_path)
         assert runs.run_name(args) in os.path.basename(path)
     other = runs.run_paths(parse_args(['--save_dir', str(tmp_path), '--tau', '0.5']))
-    assert other['model'] != paths['model'] and other['stat'] != paths['stat']
+    assert other.best != paths.best and other.stat != paths.stat
