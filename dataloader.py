@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision import transforms
 
 from utils import UserError
@@ -370,7 +370,7 @@ class LabelledSplit:
 
 def missing_root_message(root: str) -> str:
     return (f'data folder {root} not found (expected images/ and split/{{train,val,test}}.csv, or tiered-ImageNet\'s '
-            f'{{train,val,test}}_images.npz and _labels.pkl; see --data_path, or --demo for the built-in demo data)')
+            f'{{train,val,test}}_images.npz and _labels.pkl)')
 
 
 FORMATS = {'folder': FewShotDataset, 'tiered': TieredDataset}
@@ -465,7 +465,7 @@ def open_split(paths: Union[str, Sequence[str]], split: str,
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
-            raise UserError(f'--data_path lists the same root twice: {seen[real]} and {path}')
+            raise UserError(f'the same root is given twice: {seen[real]} and {path}')
         seen[real] = path
     readers = [FORMATS[dataset_format(path)](path, split, transform) for path in paths]
     return readers[0] if len(readers) == 1 else MultiSourceDataset(readers, root_names(paths))
@@ -533,7 +533,7 @@ class SourceEpisodeSampler(EpisodeSampler):
         for k, classes in enumerate(self.source_classes):
             if len(classes) < n_way:
                 root = roots[k] if roots is not None else f'root {k}'
-                raise UserError(f'--task_mix source: {root} has {len(classes)} classes in the {split}, '
+                raise UserError(f'tasks drawn from one root at a time: {root} has {len(classes)} classes in the {split}, '
                                 f'fewer than N = {n_way} classes per episode')
 
     def sample(self) -> torch.Tensor:
@@ -629,12 +629,6 @@ def episode_group(dataset: Dataset, indices: Union[torch.Tensor, Sequence[int]],
     return names[int(roots[0])] if task_mix == 'source' else 'single-source'
 
 
-def check_episode_flags(N: int, K: int, Q: int) -> None:
-    for flag, value in (('N', N), ('K', K), ('Q', Q)):
-        if value < 1:
-            raise UserError(f'--{flag} must be at least 1, got {value}')
-
-
 def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n_episodes: int, N: int, S: int,
                          n_workers: int = 0, seed: int = 0, pin_memory: bool = False,
                          dataset: Optional[Dataset] = None, task_mix: str = 'class') -> DataLoader:
@@ -653,18 +647,55 @@ def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n
     return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
 
 
+class Failure(NamedTuple):
+    """A UserError met while reading an item, carried as data: a loader worker's exceptions reach the
+    main process as traceback text, its results intact."""
+    message: str
+
+
+class Reported(Dataset):
+    """What a loader reads: ``dataset``'s items, or the Failure of the first item that cannot be read."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        try:
+            return self.dataset[item]
+        except UserError as error:
+            return Failure(str(error))
+
+
+def collate(items: list):
+    """The batch of ``items``, or the first Failure among them."""
+    failure = next((item for item in items if isinstance(item, Failure)), None)
+    return failure if failure is not None else default_collate(items)
+
+
 def iterate(loader: DataLoader) -> Iterator:
-    """``iter(loader)``, with Ctrl-C and SIGTERM held back while worker processes start: they are
-    delivered just after, to the main process (a KeyboardInterrupt raised during a fork can be lost).
-    The workers inherit the block; ``ignore_interrupts`` ignores Ctrl-C there and lets SIGTERM in again."""
+    """The loader's batches; a Failure read in any process is raised here, as the UserError it was.
+
+    Ctrl-C and SIGTERM are held back while worker processes start: they are delivered just after, to
+    the main process (a KeyboardInterrupt raised during a fork can be lost). The workers inherit the
+    block; ``ignore_interrupts`` ignores Ctrl-C there and lets SIGTERM in again."""
     if loader.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
-        return iter(loader)
+        return _raise_failures(iter(loader))
     held = {signal.SIGINT, signal.SIGTERM} if loader.worker_init_fn is ignore_interrupts else {signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        return iter(loader)
+        return _raise_failures(iter(loader))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _raise_failures(batches: Iterator) -> Iterator:
+    for batch in batches:
+        if isinstance(batch, Failure):
+            raise UserError(batch.message)
+        yield batch
 
 
 def ignore_interrupts(worker_id: int) -> None:
@@ -679,8 +710,8 @@ def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memo
                    persistent: bool = False) -> DataLoader:
     """A loader of whole episodes: each batch is one episode from ``batch_sampler`` (or one batch of a
     ``ShuffledBatches``)."""
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
-                      persistent_workers=persistent, worker_init_fn=ignore_interrupts,
+    return DataLoader(Reported(dataset), batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
+                      persistent_workers=persistent, worker_init_fn=ignore_interrupts, collate_fn=collate,
                       # worker seeds come from their own generator, never from the global random state
                       generator=torch.Generator().manual_seed(0))
 
@@ -688,6 +719,6 @@ def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memo
 def image_loader(dataset: Dataset, batch_size: int = 128, n_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """Every image of a split once, in order: for encoding a split in batches."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=n_workers,
-                      pin_memory=pin_memory, worker_init_fn=ignore_interrupts,
+    return DataLoader(Reported(dataset), batch_size=batch_size, shuffle=False, num_workers=n_workers,
+                      pin_memory=pin_memory, worker_init_fn=ignore_interrupts, collate_fn=collate,
                       generator=torch.Generator().manual_seed(0))

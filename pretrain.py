@@ -24,10 +24,10 @@ from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sa
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
-from runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_label, data_path,
+from runs import (DATA_FLAGS, Progress, Run, RunPaths, check_existing_run, check_finite, data_label, data_path,
                   interrupted_message, load_last, prepare_demo, pretrain_identity, save_last, write_identity)
 from utils import (ProcessError, UserError, append_log, backward_and_step, exit_on_interrupt, exits_cleanly,
-                   git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
+                   flag_hint, git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ flags
@@ -170,8 +170,9 @@ def pretrain(args, built: list) -> dict:
 
     # ---------------- data
     root = data_path(args)
-    train_set = open_split(root, 'train', train_transform())
-    val_set = open_split(root, 'val', eval_transform())
+    with flag_hint(DATA_FLAGS):
+        train_set = open_split(root, 'train', train_transform())
+        val_set = open_split(root, 'val', eval_transform())
     check_data(args, train_set, val_set)
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it')

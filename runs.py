@@ -15,12 +15,16 @@ import torch.nn as nn
 import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
-from dataloader import check_episode_flags, root_names
+from dataloader import root_names
 from models.glofa import GLoFA
 from networks import build_encoder, data_parallel, forward_count, set_forward_count
 from utils import NonFiniteLoss, UserError, random_states, set_random_states
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
+# the flags that choose what the data layer reads, named when it refuses something
+DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
+EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
+
 
 
 def data_path(args) -> list[str]:
@@ -313,6 +317,12 @@ def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:
         model.encoder = data_parallel(model.encoder, args.devices)
     return model
 
+
+
+def check_episode_flags(N: int, K: int, Q: int) -> None:
+    for flag, value in (('N', N), ('K', K), ('Q', Q)):
+        if value < 1:
+            raise UserError(f'--{flag} must be at least 1, got {value}')
 
 
 def check_args(args, device: torch.device) -> None:

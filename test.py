@@ -13,12 +13,12 @@ import torch
 
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
-from dataloader import eval_transform, open_split
+from dataloader import episode_sampler, eval_transform, open_split
 from evaluation import (Episodes, EvalOptions, SplitFeatures, choose_eval_mode, describe_eval_mode, result_lines,
                         run_episodes, setting_figures, write_figures)
-from runs import (build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
+from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   run_paths)
-from utils import UserError, exits_cleanly, git_revision, mean_ci, select_device, set_seed
+from utils import UserError, exits_cleanly, flag_hint, git_revision, mean_ci, select_device, set_seed
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -81,7 +81,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for n, k in settings:
         check_args(with_setting(args, n, k), device)
     model_path = checkpoint_path(args, settings)
-    dataset = open_split(data_path(args), 'test', eval_transform())
+    with flag_hint(DATA_FLAGS):
+        dataset = open_split(data_path(args), 'test', eval_transform())
+    with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
+        for n, k in settings:
+            episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
     record = load_model_checkpoint(model, model_path, model_config(args))
     print(f"loaded {model_path} (validation accuracy {100 * float(record.get('validating_accuracy', float('nan'))):.2f} %, "

@@ -19,11 +19,11 @@ from dataloader import FewShotDataset, episode_sampler, eval_transform, generate
 from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, choose_eval_mode,
                         describe_eval_mode, result_lines, run_episodes, setting_figures, write_figures)
 from models.glofa import query_targets
-from runs import (Progress, Run, build_model, build_optimizer, build_scheduler, check_args, check_existing_run,
+from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args, check_existing_run,
                   check_finite, data_path, interrupted_message, load_last, model_config, place_model, prepare_demo,
                   run_identity, run_name, run_paths, save_last, write_identity)
-from utils import (UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, git_revision,
-                   interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
+from utils import (UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, flag_hint,
+                   git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ phases
@@ -104,16 +104,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     root = data_path(args)
 
     # ---------------- data
-    train_set = open_split(root, 'train', train_transform())
-    val_set = open_split(root, 'val', eval_transform())
-    test_set = open_split(root, 'test', eval_transform())
-    train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
-                                        n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',
-                                        dataset=train_set, task_mix=args.task_mix)
+    with flag_hint(DATA_FLAGS):
+        train_set = open_split(root, 'train', train_transform())
+        val_set = open_split(root, 'val', eval_transform())
+        test_set = open_split(root, 'test', eval_transform())
+    with flag_hint(EPISODE_FLAGS):
+        train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
+                                            n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',
+                                            dataset=train_set, task_mix=args.task_mix)
+        for dataset in (val_set, test_set):  # fail now, not after hours of training
+            episode_sampler(dataset, 1, args.N, args.K + args.Q, task_mix=args.task_mix)
     episodes = train_loader.batch_sampler.sampler
     generators = {'train': episodes.generator, 'val': torch.Generator().manual_seed(args.seed + 1)}
-    for dataset in (val_set, test_set):  # fail now, not after hours of training
-        episode_sampler(dataset, 1, args.N, args.K + args.Q, task_mix=args.task_mix)
 
     # ---------------- model
     record = check_existing_run(args, paths, lambda saved: saved.get('finished', True), 'episode',

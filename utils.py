@@ -28,27 +28,16 @@ class NonFiniteLoss(ProcessError):
     """The training loss became inf or nan: the run stops, its last good state kept."""
 
 
-def user_message(error: BaseException) -> str:
-    """The one-line message of a UserError, also when it crossed a DataLoader worker."""
-    text = str(error).strip()
-    if 'Original Traceback' in text:  # re-raised from a worker: the last line is 'UserError: msg'
-        text = text.splitlines()[-1]
-        text = text.split(': ', 1)[1] if 'Error: ' in text else text
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def exits_cleanly(main: Callable) -> Callable:
     """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback.
-
-    A UserError raised in a DataLoader worker is re-raised in the main process as a UserError whose
-    message carries the worker's traceback; ``user_message`` keeps its last line.
+    (A UserError met in a DataLoader worker reaches the main process as one too: see dataloader.iterate.)
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f'error: {user_message(error)}', file=sys.stderr)
+            print(f'error: {str(error).strip() or type(error).__name__}', file=sys.stderr)
             sys.exit(2)
     return wrapper
 
@@ -136,6 +125,16 @@ def set_random_states(states: dict) -> None:
     torch.set_rng_state(states['torch'])
     if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states['cuda'])
+
+
+@contextlib.contextmanager
+def flag_hint(flags: str):
+    """A UserError inside (a file, class or size at fault, from the data layer) gets the flags that
+    choose it added, e.g. '...; see --data_path'."""
+    try:
+        yield
+    except UserError as error:
+        raise type(error)(f'{error}; see {flags}') from None
 
 
 def append_log(path: str, entry: dict) -> None:

@@ -1,19 +1,17 @@
-"""Evaluation costs of test.py, two ways side by side in one process.
+"""Evaluation costs of test.py's choices, two ways side by side in one process.
 
     python scripts/benchmark_settings.py --data_path DIR [--network resnet] [--episodes 2000]
 
-(a) a small question: --n_testing_episodes 3 with --eval_mode auto (episodic here: 3 episodes encode
-    240 images) against --eval_mode cached (what test.py always did before: the whole split encoded);
-(b) several settings: one command with --K 1 5 against two commands, --K 1 and --K 5; the split is
-    encoded once in the first, twice in the second, and the accuracy lines must be identical.
-The checkpoint is a randomly initialised GLoFA of --network (the costs do not depend on the weights).
+(a) a small question: 3 test episodes with --eval_mode auto (episodic here: 3 episodes encode 240
+    images) against --eval_mode cached (what test.py always did before: the whole split encoded);
+(b) several settings: --K 1 5 in one command (the split encoded once, shared by both settings) against
+    two commands, --K 1 and --K 5 (encoded twice); the accuracy lines must be identical.
+Each way runs what test.py runs: the test split opened, the model built, then evaluation.run_episodes.
+The model is a randomly initialised GLoFA of --network (the costs do not depend on the weights).
 Without --data_path a small dataset in the real format is written to a temporary folder.
 """
 import argparse
-import contextlib
-import io
 import os
-import re
 import sys
 import tempfile
 import time
@@ -23,21 +21,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import runs  # noqa: E402
-import test as test_script  # noqa: E402
 from arguments import parse_args  # noqa: E402
+from dataloader import eval_transform, open_split  # noqa: E402
 from demo import write_colour_dataset  # noqa: E402
-from checkpoints import atomic_save, model_state_dict  # noqa: E402
+from evaluation import Episodes, EvalOptions, SplitFeatures, choose_eval_mode, run_episodes  # noqa: E402
+from utils import accuracy_line  # noqa: E402
 
-LINE = re.compile(r'^test accuracy: .*$', re.M)
 
-
-def timed_test(argv: list[str]) -> tuple[float, list[str]]:
-    """Seconds of test.main(argv) and its accuracy lines (its output is kept off the screen)."""
-    out = io.StringIO()
+def timed_test(args, settings: list[tuple[int, int]], n_episodes: int, eval_mode: str) -> tuple[float, list[str]]:
+    """Seconds of one test.py command's work for these settings, and its accuracy lines."""
     start = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        test_script.main(argv)
-    return time.perf_counter() - start, LINE.findall(out.getvalue())
+    dataset = open_split(runs.data_path(args), 'test', eval_transform())
+    torch.manual_seed(0)
+    model = runs.build_model(args, pretrained=False).eval()
+    options = EvalOptions(torch.device('cpu'), args.n_workers)
+    features = SplitFeatures(model.encoder, dataset, options)  # shared by the settings, as in test.py
+    lines = []
+    for n, k in settings:
+        episodes = Episodes(n_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed))
+        mode = choose_eval_mode(eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
+        results = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{n}-way {k}-shot')
+        lines.append(accuracy_line('test', results.accuracies, n, k))
+    return time.perf_counter() - start, lines
 
 
 def main(argv=None) -> dict:
@@ -53,25 +58,19 @@ def main(argv=None) -> dict:
         if data is None:
             data = write_colour_dataset(os.path.join(tmp, 'data'), classes_per_split=(5, 5, 5), images_per_class=20,
                                         size=(48, 48))
-        flags = ['--data_path', data, '--network_name', opts.network, '--pretrained', 'none', '--device', 'cpu',
-                 '--n_workers', str(opts.n_workers), '--model_path', os.path.join(tmp, 'model.model')]
-        args = parse_args(flags)
-        torch.manual_seed(0)
-        model = runs.build_model(args, pretrained=False)
-        atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.0, 'epoch': 0,
-                     'config': runs.run_identity(args)}, os.path.join(tmp, 'model.model'))
+        args = parse_args(['--data_path', data, '--network_name', opts.network, '--pretrained', 'none',
+                           '--n_workers', str(opts.n_workers)])
         figures = {}
         if 'a' not in opts.skip:
-            auto, _ = timed_test(flags + ['--n_testing_episodes', '3'])
-            cached, _ = timed_test(flags + ['--n_testing_episodes', '3', '--eval_mode', 'cached'])
+            auto, _ = timed_test(args, [(5, 1)], 3, 'auto')
+            cached, _ = timed_test(args, [(5, 1)], 3, 'cached')
             figures['a'] = {'auto_s': auto, 'cached_s': cached}
             print(f'(a) 3 test episodes: auto {auto:.1f} s, whole split cached {cached:.1f} s: '
                   f'{cached / auto:.1f}x faster')
         if 'b' not in opts.skip:
-            episodes = ['--n_testing_episodes', str(opts.episodes)]
-            together, lines = timed_test(flags + episodes + ['--K', '1', '5'])
-            one, line_1 = timed_test(flags + episodes + ['--K', '1'])
-            five, line_5 = timed_test(flags + episodes + ['--K', '5'])
+            together, lines = timed_test(args, [(5, 1), (5, 5)], opts.episodes, 'auto')
+            one, line_1 = timed_test(args, [(5, 1)], opts.episodes, 'auto')
+            five, line_5 = timed_test(args, [(5, 5)], opts.episodes, 'auto')
             same = lines == line_1 + line_5
             figures['b'] = {'together_s': together, 'separate_s': one + five, 'identical_lines': same}
             print(f'(b) --K 1 5, {opts.episodes} episodes each: one command {together:.1f} s, two commands '

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
-from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, check_episode_flags, episode_sampler,  # noqa: E402
+from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
 from models.glofa import Adaptation  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
@@ -120,7 +120,7 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
 def main(argv: Optional[list[str]] = None) -> Adaptation:
     own, rest = get_parser().parse_known_args(argv)
     args = parse_args(rest)
-    check_episode_flags(args.N, args.K, args.Q)
+    runs.check_episode_flags(args.N, args.K, args.Q)
     device = select_device(args.device, args.devices)
     model_path = args.model_path or runs.run_paths(args).best
     if not args.model_path and not os.path.isfile(model_path):

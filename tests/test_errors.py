@@ -42,9 +42,16 @@ def first_row(data, split='train'):
         return f.read().splitlines()[1].split(',')
 
 
-def test_missing_data_folder(tmp_path, capsys):
-    line = fails(train.main, base_flags(tmp_path / 'nowhere', tmp_path), capsys)
-    assert 'nowhere' in line and 'not found' in line
+@pytest.mark.parametrize('entry', ['train', 'test', 'pretrain'])
+def test_missing_data_folder_names_the_folder_and_the_flag(tmp_path, capsys, entry):
+    import pretrain
+    main = {'train': train.main, 'test': test_script.main, 'pretrain': pretrain.main}[entry]
+    argv = base_flags(tmp_path / 'nowhere', tmp_path) if entry != 'pretrain' else \
+        ['--data_path', str(tmp_path / 'nowhere'), '--save_dir', str(tmp_path), '--n_workers', '0']
+    if entry == 'test':
+        argv += ['--model_path', __file__]  # the data is read before the checkpoint
+    line = fails(main, argv, capsys)
+    assert str(tmp_path / 'nowhere') in line and '--data_path' in line
 
 
 def test_missing_split_file(data, tmp_path, capsys):
@@ -80,6 +87,8 @@ def test_undecodable_image_named_when_read(data, tmp_path, capsys, workers):
     flags[flags.index('--n_workers') + 1] = str(workers)
     line = fails(train.main, flags + ['--n_training_episodes', '40', '--episode_gap', '40'], capsys)
     assert 'cannot be read or decoded' in line and '.jpg' in line
+    # the reader's own message, whichever process met it, and nothing of a worker's traceback
+    assert line.startswith(f"error: image {os.path.join(data, 'images')}") and 'worker' not in line
 
 
 def test_class_with_too_few_images(data, tmp_path, capsys):
@@ -89,7 +98,7 @@ def test_class_with_too_few_images(data, tmp_path, capsys):
 
 def test_more_ways_than_classes(data, tmp_path, capsys):
     line = fails(train.main, base_flags(data, tmp_path, '--N', '4'), capsys)  # val and test have 3 classes
-    assert 'val' in line and '3 classes' in line and 'N = 4' in line
+    assert 'val' in line and '3 classes' in line and 'N = 4' in line and '--N' in line
 
 
 @pytest.mark.parametrize('flag', ['--N', '--K', '--Q'])

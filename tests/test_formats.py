@@ -221,8 +221,9 @@ def test_union_keeps_classes_of_different_roots_apart(roots):
 def test_union_single_root_is_the_reader_and_duplicates_are_refused(roots):
     a, _, _ = roots
     assert not isinstance(open_split([a], 'val'), MultiSourceDataset)
-    with pytest.raises(UserError, match='the same root twice'):
+    with pytest.raises(UserError, match='twice') as refused:
         open_split([a, os.path.join(a, '.')], 'val')
+    assert a in str(refused.value)  # the root named
 
 
 def test_class_mix_mixes_roots_and_source_mix_keeps_to_one(roots):
@@ -261,8 +262,7 @@ def test_episode_group_is_none_for_one_root(roots):
 def test_source_mix_refuses_a_root_with_too_few_classes(roots):
     union = open_split(list(roots), 'val')  # 3 classes a root
     assert episode_sampler(union, 1, 4, 2, task_mix='class')  # 9 classes in all: fine
-    with pytest.raises(UserError, match=r'--task_mix source: .*a/data has 3 classes in the val split .*'
-                                        r'fewer than N = 4'):
+    with pytest.raises(UserError, match=r'a/data has 3 classes in the val split .*N = 4'):
         episode_sampler(union, 1, 4, 2, task_mix='source')
 
 

@@ -112,10 +112,10 @@ def test_query_targets_match_loader_labels(tiny_dataset, split, n_way, n_shot, n
 
 def test_loader_draws_the_episodes_of_a_sampler_seeded_alike(tiny_dataset):
     loader = generate_data_loader(tiny_dataset, 'val', 3, 3, 4, n_workers=0, seed=9)
-    sampler = EpisodeSampler(loader.dataset.labels, 3, 3, 4, generator=torch.Generator().manual_seed(9))
+    sampler = EpisodeSampler(loader.dataset.dataset.labels, 3, 3, 4, generator=torch.Generator().manual_seed(9))
     for (images, labels), episode in zip(loader, sampler):
-        assert torch.equal(labels, torch.tensor(loader.dataset.labels)[episode])
-        assert torch.equal(images[0], loader.dataset[int(episode[0])][0])
+        assert torch.equal(labels, torch.tensor(loader.dataset.dataset.labels)[episode])
+        assert torch.equal(images[0], loader.dataset.dataset[int(episode[0])][0])
 
 
 def test_episodes_are_those_of_earlier_versions():
@@ -169,5 +169,5 @@ def test_source_mix_draws_roots_uniformly_then_their_classes():
 
 def test_source_mix_needs_n_classes_in_every_root():
     labels, sources = two_sources((2, 6))
-    with pytest.raises(UserError, match='--task_mix source: small has 2 classes in the train split, fewer than N = 3'):
+    with pytest.raises(UserError, match='small has 2 classes in the train split, fewer than N = 3'):
         SourceEpisodeSampler(labels, sources, 1, 3, 2, split='train split', roots=['small', 'large'])
