@@ -24,8 +24,9 @@ from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sa
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
-from runs import (DATA_FLAGS, Progress, Run, RunPaths, check_existing_run, check_finite, data_label, data_path,
-                  interrupted_message, load_last, prepare_demo, pretrain_identity, save_last, write_identity)
+from runs import (DATA_FLAGS, Progress, Run, check_existing_run, check_finite, data_path,
+                  interrupted_message, load_last, prepare_demo, pretrain_identity, pretrain_paths, save_last,
+                  write_identity)
 from utils import (ProcessError, UserError, append_log, backward_and_step, exit_on_interrupt, exits_cleanly,
                    flag_hint, git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -69,15 +70,6 @@ def check_data(args, train_set: SplitDataset, val_set: SplitDataset) -> None:
 
 
 # ------------------------------------------------------------------ outputs and state
-def output_paths(args) -> RunPaths:
-    """The FEAT-format weights (--out, else under <save_dir>/pretrained/), and beside them the state to
-    resume from, the JSON log and the identity."""
-    data = data_label(args)  # the data folder's name (roots and mix), as train.py's runs
-    out = args.out or os.path.join(args.save_dir, 'pretrained', f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth')
-    base = os.path.splitext(out)[0]
-    return RunPaths(best=out, last=f'{base}.last.pth', log=f'{base}.log.jsonl', identity=f'{base}.run.json')
-
-
 def save_state(run: Run, finished: bool) -> None:
     p = run.progress
     save_last(run, finished, epoch=p.done, best_accuracy=p.best_accuracy, best_epoch=p.best_at,
@@ -166,7 +158,7 @@ def pretrain(args, built: list) -> dict:
         prepare_demo(args)
     distributed.barrier()
     set_seed(args.seed + distributed.rank())
-    paths = output_paths(args)
+    paths = pretrain_paths(args)
 
     # ---------------- data
     root = data_path(args)

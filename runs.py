@@ -115,6 +115,15 @@ def run_paths(args) -> RunPaths:
                     stat=os.path.join(stats, f'{name}.stat'))
 
 
+def pretrain_paths(args) -> RunPaths:
+    """The FEAT-format weights (--out, else under <save_dir>/pretrained/), and beside them the state to
+    resume from, the JSON log and the identity."""
+    data = data_label(args)  # the data folder's name (roots and mix), as train.py's runs
+    out = args.out or os.path.join(args.save_dir, 'pretrained', f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth')
+    base = os.path.splitext(out)[0]
+    return RunPaths(best=out, last=f'{base}.last.pth', log=f'{base}.log.jsonl', identity=f'{base}.run.json')
+
+
 def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], unit: str,
                        use_it: str) -> Optional[dict]:
     """The saved state this run resumes, or None to start afresh. One rule for every entry point:

@@ -9,6 +9,7 @@ import torch
 
 import test as test_script
 import runs
+from arguments import parse_args
 import train
 from checkpoints import atomic_save, model_state_dict
 
@@ -133,7 +134,7 @@ def test_pretrained_of_another_network(data, tmp_path, capsys):
 
 
 def save_checkpoint(tmp_path, data, *extra):
-    args = train.parse_args(base_flags(data, tmp_path, *extra))
+    args = parse_args(base_flags(data, tmp_path, *extra))
     model = runs.build_model(args, pretrained=False)
     path = runs.run_paths(args).best
     atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,
@@ -175,7 +176,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, ca
     flags = base_flags(data, tmp_path, '--lr', '1e30', '--lr_network', '1e30', '--n_training_episodes', '4')
     line = fails(train.main, flags, capsys)  # the first step makes the weights blow up
     assert 'training loss became' in line and 'at episode 2' in line
-    kept = torch.load(runs.run_paths(train.parse_args(flags)).last, weights_only=False)
+    kept = torch.load(runs.run_paths(parse_args(flags)).last, weights_only=False)
     assert kept['episode'] == 1 and all(torch.isfinite(v).all() for v in kept['state_dict'].values()
                                         if v.is_floating_point())
 

@@ -4,6 +4,7 @@ import torch
 
 import test as test_script
 import train
+from arguments import parse_args
 
 
 def flags(data, save_dir, *extra):
@@ -29,8 +30,8 @@ def test_amp_needs_cuda(tiny_dataset, tmp_path, capsys):
 
 
 def test_flag_debug_preset(tiny_dataset, tmp_path):
-    args = train.parse_args(['--flag_debug'])
+    args = parse_args(['--flag_debug'])
     assert (args.n_training_episodes, args.episode_gap, args.n_validating_episodes, args.n_testing_episodes) == \
         (10, 5, 5, 10)
-    args = train.parse_args(['--flag_debug', '--episode_gap', '2'])
+    args = parse_args(['--flag_debug', '--episode_gap', '2'])
     assert args.episode_gap == 2 and args.n_training_episodes == 10

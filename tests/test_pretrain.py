@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import distributed
 import pretrain
-from arguments import parse_pretrain_args
+from arguments import parse_args, parse_pretrain_args
 import runs
 import train
 from conftest import make_dataset
@@ -35,7 +35,7 @@ def flags(data, save_dir, network='convnet', epochs=1, batch_size=8, *extra):
 
 
 def paths(argv) -> runs.RunPaths:
-    return pretrain.output_paths(parse_pretrain_args(argv))
+    return runs.pretrain_paths(parse_pretrain_args(argv))
 
 
 def load(path):
@@ -106,7 +106,7 @@ def test_resnet_output_is_in_feat_format_and_train_py_loads_it(resnet_run, capsy
     out = result['paths'].best
     assert check_feat_format(out, 'resnet', 2) == 96
     capsys.readouterr()
-    model = runs.build_model(train.parse_args(['--network_name', 'resnet', '--pretrained', out]))
+    model = runs.build_model(parse_args(['--network_name', 'resnet', '--pretrained', out]))
     assert f'loaded 96 encoder tensors from {out}' in capsys.readouterr().out
     params = load(out)['params']
     assert all(torch.equal(v, params[f'encoder.{k}']) for k, v in model.encoder.state_dict().items())
@@ -157,16 +157,16 @@ def test_interrupted_resnet_run_resumes_to_the_uninterrupted_one(resnet_run, sma
     assert reference['epoch'] == 2 and reference['finished'] and reference['forward_count'] == 4
 
     argv = resnet_flags(small_dataset, tmp_path)
-    real_epoch, calls = pretrain.train_one_epoch, []
+    real_step, calls = torch.optim.SGD.step, []
 
-    def interrupted_epoch(*args, **kwargs):
+    def interrupted_step(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # Ctrl-C during the second epoch, after its random draws have begun
-            torch.manual_seed(12345)
+        if len(calls) == 3:  # Ctrl-C in the first step of the second epoch (two steps an epoch)
+            torch.manual_seed(12345)  # its random draws must not matter
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(pretrain, 'train_one_epoch', interrupted_epoch)
+    monkeypatch.setattr(torch.optim.SGD, 'step', interrupted_step)
     capsys.readouterr()
     assert exit_code(pretrain.main, argv) == 130
     last = paths(argv).last
@@ -179,7 +179,7 @@ def test_interrupted_resnet_run_resumes_to_the_uninterrupted_one(resnet_run, sma
     err = capsys.readouterr().err
     assert last in err and '--resume' in err and '--overwrite' in err
 
-    monkeypatch.setattr(pretrain, 'train_one_epoch', real_epoch)
+    monkeypatch.setattr(torch.optim.SGD, 'step', real_step)
     pretrain.main(argv + ['--resume'])
     assert_same_state(load(last), reference)
     assert log_entries(paths(argv).log) == log_entries(paths(straight).log)

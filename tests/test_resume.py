@@ -6,6 +6,7 @@ import torch
 
 import runs
 import train
+from arguments import parse_args
 
 
 def flags(data, save_dir, episodes):
@@ -16,7 +17,7 @@ def flags(data, save_dir, episodes):
 
 
 def last_record(save_dir, data, episodes):
-    path = runs.run_paths(train.parse_args(flags(data, save_dir, episodes))).last
+    path = runs.run_paths(parse_args(flags(data, save_dir, episodes))).last
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
@@ -48,19 +49,19 @@ def test_uninterrupted_run_trains(uninterrupted):
 
 
 def interrupt_third_gap(data, save_dir, monkeypatch):
-    """Run the 3-episode training with a Ctrl-C during its third gap; returns train.main's exit code."""
-    real_gap = train.train_one_gap
-    calls = []
+    """Run the 3-episode training (one episode a gap) with a Ctrl-C during its third episode, after its
+    random draws and its backward pass; returns train.main's exit code."""
+    real_step, calls = torch.optim.SGD.step, []
 
-    def interrupted_gap(*args, **kwargs):
+    def interrupted_step(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # Ctrl-C during the third gap, after its random draws have begun
-            real_gap.__globals__['torch'].manual_seed(12345)  # the lost gap's random draws must not matter
+        if len(calls) == 3:
+            torch.manual_seed(12345)  # the lost episode's random draws must not matter
             raise KeyboardInterrupt
-        return real_gap(*args, **kwargs)
+        return real_step(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, 'train_one_gap', interrupted_gap)
+        patch.setattr(torch.optim.SGD, 'step', interrupted_step)
         with pytest.raises(SystemExit) as exit_info:
             train.main(flags(data, save_dir, 3))
     return exit_info.value.code
@@ -82,7 +83,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
 
     train.main(flags(tiny_dataset, tmp_path, 3) + ['--resume'])
     assert_same_run(last_record(tmp_path, tiny_dataset, 3), uninterrupted[0])
-    log = os.path.join(tmp_path, 'statistics', runs.run_name(train.parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
+    log = os.path.join(tmp_path, 'statistics', runs.run_name(parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
     with open(log) as f:
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
 
@@ -90,7 +91,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
 def test_state_saved_with_per_block_counters_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, uninterrupted):
     """A 'last' state written when each ResNet block kept its own forward counter resumes to the same run."""
     assert interrupt_third_gap(tiny_dataset, tmp_path, monkeypatch) == 130
-    path = runs.run_paths(train.parse_args(flags(tiny_dataset, tmp_path, 3))).last
+    path = runs.run_paths(parse_args(flags(tiny_dataset, tmp_path, 3))).last
     record = torch.load(path, weights_only=False)
     count = record.pop('forward_count')
     assert count > 2
@@ -111,7 +112,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
             '--n_validating_episodes', '2', '--n_workers', '2']
-    log = runs.run_paths(train.parse_args(argv)).log
+    log = runs.run_paths(parse_args(argv)).log
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -127,7 +128,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     assert process.returncode == 130, err[-1500:]
     assert 'Traceback' not in err
     assert 'with --resume to continue' in err
-    saved = torch.load(runs.run_paths(train.parse_args(argv)).last, weights_only=False)['episode']
+    saved = torch.load(runs.run_paths(parse_args(argv)).last, weights_only=False)['episode']
     assert saved >= 5
     # the message names the episode that was running and the one that is saved
     import re

@@ -10,10 +10,11 @@ import torch
 
 import evaluation
 import runs
+from arguments import parse_args
 import test as test_script
 import train
 from conftest import make_dataset
-from dataloader import FewShotDataset, eval_transform
+from dataloader import FewShotDataset, eval_transform, open_split
 from evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
 
 CPU_OPTIONS = EvalOptions(torch.device('cpu'))
@@ -66,7 +67,7 @@ def test_one_shot_checkpoint_in_five_shot_and_ten_way(wide_data, one_shot_run, c
     assert 'trained as' not in out
     for n, k in ((3, 5), (10, 1), (10, 5)):
         results, out = run_test(flags(wide_data, one_shot_run, '--N', str(n), '--K', str(k),
-                                      '--model_path', runs.run_paths(train.parse_args(flags(
+                                      '--model_path', runs.run_paths(parse_args(flags(
                                           wide_data, one_shot_run))).best), capsys)
         assert f'trained as 3-way 1-shot; evaluating {n}-way {k}-shot' in out
         (line,) = LINE.findall(out)
@@ -76,7 +77,7 @@ def test_one_shot_checkpoint_in_five_shot_and_ten_way(wide_data, one_shot_run, c
 
 def test_several_settings_equal_single_runs(wide_data, one_shot_run, capsys, tmp_path):
     base = flags(wide_data, one_shot_run, '--model_path',
-                 runs.run_paths(train.parse_args(flags(wide_data, one_shot_run))).best)
+                 runs.run_paths(parse_args(flags(wide_data, one_shot_run))).best)
     both, out = run_test(base + ['--K', '1', '5', '--json', str(tmp_path / 'figures.json')], capsys)
     lines = LINE.findall(out)
     assert [(int(l[2]), int(l[3])) for l in lines] == [(3, 1), (3, 5)]
@@ -96,7 +97,7 @@ def test_several_settings_encode_the_split_once(wide_data, one_shot_run, capsys,
     calls = []
     real = evaluation.encode_split
     monkeypatch.setattr(evaluation, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
-    path = runs.run_paths(train.parse_args(flags(wide_data, one_shot_run))).best
+    path = runs.run_paths(parse_args(flags(wide_data, one_shot_run))).best
     _, out = run_test(flags(wide_data, one_shot_run, '--model_path', path, '--N', '3', '5', '--K', '1', '2',
                             '--eval_mode', 'cached'), capsys)
     assert len(LINE.findall(out)) == 4 and len(calls) == 1
@@ -112,7 +113,7 @@ def test_missing_checkpoint_lists_the_runs(wide_data, one_shot_run, capsys):
         test_script.main(flags(wide_data, one_shot_run, '--seed', '5'))
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    name = runs.run_name(train.parse_args(flags(wide_data, one_shot_run)))
+    name = runs.run_name(parse_args(flags(wide_data, one_shot_run)))
     assert 'not found; runs under' in err and name in err
 
 
@@ -169,18 +170,9 @@ def test_diagnostics_are_the_adaptations(small_test_split):
         assert results.mask_cls[i] == pytest.approx(a.m_cls.mean().item(), rel=1e-6)
 
 
-def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys, monkeypatch):
+def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys):
     """A model whose h bias is very negative has both strengths at 0: the log says so, and a warning is printed."""
-    real_build = train.build_model
-
-    def build_switched_off(args, pretrained=True):
-        model = real_build(args, pretrained)
-        with torch.no_grad():
-            model.h.rho[2].bias.fill_(-1e4)
-        return model
-
-    monkeypatch.setattr(train, 'build_model', build_switched_off)
-    result = train.main(flags(wide_data, tmp_path))
+    result = train.main(flags(wide_data, tmp_path) + ['--h_bias_init', '-10000'])
     out = capsys.readouterr().out
     assert out.count('warning: alpha_task = alpha_cls = 0 on all 2 validation episodes') == 2
     assert 'normalised-prototype ProtoNet' in out
@@ -232,7 +224,7 @@ def test_per_source_lines_through_the_command_line(two_roots, tmp_path, capsys, 
 
 
 def test_groups_equal_in_both_ways(two_roots):
-    dataset = test_script.open_split(two_roots, 'test', eval_transform())
+    dataset = open_split(two_roots, 'test', eval_transform())
     model = model_with_h_bias(0.0)
     results = [run_episodes(model, dataset, Episodes(6, 2, 1, 1, torch.Generator().manual_seed(2), 'source'),
                             mode, CPU_OPTIONS) for mode in ('cached', 'episodic')]

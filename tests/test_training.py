@@ -24,7 +24,7 @@ def ids(params) -> list[int]:
 
 def test_optimizer_groups(model):
     args = parse_args([])
-    optimizer = train.build_optimizer(args, model)
+    optimizer = runs.build_optimizer(args, model)
     assert isinstance(optimizer, torch.optim.SGD)
     assert len(optimizer.param_groups) == 2
     encoder_group, set_group = optimizer.param_groups
@@ -45,7 +45,7 @@ def test_optimizer_groups(model):
 
 def test_optimizer_follows_the_flags(model):
     args = parse_args(['--lr_network', '0.003', '--lr', '0.07', '--mo', '0.8', '--wd', '0.001'])
-    optimizer = train.build_optimizer(args, model)
+    optimizer = runs.build_optimizer(args, model)
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.003, 0.07])
     assert [g['momentum'] for g in optimizer.param_groups] == pytest.approx([0.8, 0.8])
     assert [g['weight_decay'] for g in optimizer.param_groups] == pytest.approx([0.001, 0.001])
@@ -56,7 +56,7 @@ def test_multistep_schedule_counts_validations():
     weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{'params': [weights[0]], 'lr': args.lr_network},
                                  {'params': [weights[1]], 'lr': args.lr}], lr=args.lr, momentum=0.9, nesterov=True)
-    scheduler = train.build_scheduler(args, optimizer)
+    scheduler = runs.build_scheduler(args, optimizer)
     expected = {0: 1e-2, 19: 1e-2, 20: 2e-3, 29: 2e-3, 30: 4e-4, 39: 4e-4, 40: 8e-5, 60: 8e-5}
     for step in range(61):
         if step in expected:
