@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,14 +1,13 @@
-"""Shared fixtures: small datasets in mini-ImageNet's and tiered-ImageNet's real on-disk formats."""
+"""Shared fixtures: a small dataset in the real on-disk format (written by demo.py, the one writer), the spec's keys."""
 import pytest
 
-from demo import TIERED_CLASSES as SPLIT_CLASSES, TIERED_PER_CLASS as PER_CLASS, python2_pickle  # noqa: F401
-from demo import write_colour_dataset as make_dataset, write_tiered_dataset as write_tiered  # noqa: F401
+from demo import write_colour_dataset
 
 
 @pytest.fixture(scope='session')
 def tiny_dataset(tmp_path_factory):
     """4 / 3 / 3 classes of 6 images: enough for 3-way episodes with K + Q <= 6."""
-    return make_dataset(tmp_path_factory.mktemp('data') / 'tiny')
+    return write_colour_dataset(tmp_path_factory.mktemp('data') / 'tiny')
 
 
 @pytest.fixture(scope='session')

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from conftest import make_dataset
+from demo import write_colour_dataset
 from dataloader import FewShotDataset, eval_transform, read_split, train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +59,7 @@ def test_read_split_of_a_generated_dataset(tiny_dataset):
 @pytest.fixture(scope='module')
 def odd_shapes(tmp_path_factory):
     """A dataset of tall images (60 wide, 130 high), next to the wide ones of tiny_dataset."""
-    return make_dataset(tmp_path_factory.mktemp('tall') / 'tall', (2, 2, 2), 2, size=(60, 130), seed=1)
+    return write_colour_dataset(tmp_path_factory.mktemp('tall') / 'tall', (2, 2, 2), 2, size=(60, 130), seed=1)
 
 
 @pytest.mark.parametrize('which', ['tiny', 'tall'])
@@ -163,9 +163,9 @@ def test_eval_transform_is_resize_92_and_centre_crop_84(tiny_dataset, odd_shapes
 @pytest.mark.parametrize('layout', ['tiered', 'union'])
 def test_every_reader_seeds_items_alike(tiny_dataset, tmp_path, layout):
     """The seeded-item logic is shared: the tiered reader and a union of roots behave as the folder reader."""
-    from conftest import write_tiered
+    from demo import write_tiered_dataset
     from dataloader import open_split
-    tiered = write_tiered(tmp_path / 'tiered')
+    tiered = write_tiered_dataset(tmp_path / 'tiered')
     dataset = open_split(tiered if layout == 'tiered' else [tiny_dataset, tiered], 'train', train_transform())
     i = len(dataset) - 2  # in the tiered root either way
     torch.manual_seed(2024)

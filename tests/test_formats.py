@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataloader
-from conftest import PER_CLASS, make_dataset, write_tiered
+from demo import TIERED_PER_CLASS, write_colour_dataset, write_tiered_dataset
 from dataloader import (EpisodeSampler, MultiSourceDataset, TieredDataset, dataset_format, episode_group,
                         episode_sampler, eval_transform, generate_data_loader, open_split, read_split,
                         read_tiered_labels, root_names, train_transform)
@@ -24,7 +24,7 @@ def npz_images(root, split):
 
 @pytest.fixture(scope='module')
 def tiered(tmp_path_factory):
-    return write_tiered(tmp_path_factory.mktemp('tiered') / 'tiered')
+    return write_tiered_dataset(tmp_path_factory.mktemp('tiered') / 'tiered')
 
 
 def test_tiered_stored_npz_is_memory_mapped_in_place(tiered):
@@ -53,7 +53,7 @@ def test_tiered_labels_numbered_in_order_of_first_appearance(tiered):
 
 
 def test_python2_pickle_needs_latin1_and_is_read(tmp_path):
-    root = write_tiered(tmp_path / 'py2', python2=True)
+    root = write_tiered_dataset(tmp_path / 'py2', python2=True)
     path = os.path.join(root, 'train_labels.pkl')
     with open(path, 'rb') as f:
         data = f.read()
@@ -67,7 +67,7 @@ def test_python2_pickle_needs_latin1_and_is_read(tmp_path):
 
 
 def test_tiered_compressed_npz_is_copied_once_beside_it(tmp_path, capsys):
-    root = write_tiered(tmp_path / 'compressed', compressed=True)
+    root = write_tiered_dataset(tmp_path / 'compressed', compressed=True)
     dataset = open_split(root, 'test')
     copy = os.path.join(root, 'test_images.npy')
     assert dataset.array_path == copy and os.path.isfile(copy)
@@ -83,7 +83,7 @@ def test_tiered_compressed_npz_is_copied_once_beside_it(tmp_path, capsys):
 
 
 def test_tiered_compressed_copy_goes_to_the_cache_for_a_read_only_folder(tmp_path, monkeypatch, capsys):
-    root = write_tiered(tmp_path / 'readonly', compressed=True)
+    root = write_tiered_dataset(tmp_path / 'readonly', compressed=True)
     monkeypatch.setattr(dataloader, 'is_writable', lambda folder: False)
     monkeypatch.setenv('GLOFA_CACHE', str(tmp_path / 'cache'))
     dataset = open_split(root, 'val')
@@ -165,7 +165,7 @@ def test_unrecognised_or_missing_root(tmp_path):
 
 # ------------------------------------------------------------------ CUB with FEAT's split files
 def test_cub_split_with_many_columns_and_spaces(tmp_path):
-    root = make_dataset(tmp_path / 'cub', (2, 2, 2), 3)
+    root = write_colour_dataset(tmp_path / 'cub', (2, 2, 2), 3)
     path = os.path.join(root, 'split', 'train.csv')
     with open(path) as f:
         rows = f.read().splitlines()[1:]
@@ -189,8 +189,8 @@ def test_cub_split_with_many_columns_and_spaces(tmp_path):
 def roots(tmp_path_factory, tiered):
     """Two folder roots whose label strings coincide (both start at n00000001), plus the tiered one."""
     base = tmp_path_factory.mktemp('roots')
-    a = make_dataset(base / 'a' / 'data', (4, 3, 3), PER_CLASS, seed=1)
-    b = make_dataset(base / 'b' / 'data', (5, 3, 3), PER_CLASS, seed=2)
+    a = write_colour_dataset(base / 'a' / 'data', (4, 3, 3), TIERED_PER_CLASS, seed=1)
+    b = write_colour_dataset(base / 'b' / 'data', (5, 3, 3), TIERED_PER_CLASS, seed=2)
     return a, b, tiered
 
 

@@ -18,7 +18,7 @@ import pretrain
 from arguments import parse_args, parse_pretrain_args
 import runs
 import train
-from conftest import make_dataset
+from demo import write_colour_dataset
 from dataloader import ShuffledBatches
 from evaluation import prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
@@ -59,7 +59,7 @@ def pretrained(tiny_dataset, tmp_path_factory):
 @pytest.fixture(scope='module')
 def small_dataset(tmp_path_factory):
     """2 / 2 / 2 classes of 2 images: two ResNet-12 steps of 2 images an epoch, 2-way 1-shot 1-query validation."""
-    return make_dataset(tmp_path_factory.mktemp('data') / 'small', classes_per_split=(2, 2, 2), images_per_class=2,
+    return write_colour_dataset(tmp_path_factory.mktemp('data') / 'small', classes_per_split=(2, 2, 2), images_per_class=2,
                         size=(24, 24), seed=1)
 
 
@@ -170,9 +170,8 @@ def test_interrupted_resnet_run_resumes_to_the_uninterrupted_one(resnet_run, sma
     capsys.readouterr()
     assert exit_code(pretrain.main, argv) == 130
     last = paths(argv).last
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f'interrupted during epoch 2; the state after epoch 1 is saved in {last}: '
-        f'run the same command with --resume to continue')
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'during epoch 2;' in said and 'after epoch 1 ' in said and last in said and '--resume' in said
     assert load(last)['epoch'] == 1 and not load(last)['finished']
 
     assert exit_code(pretrain.main, argv) == 2  # never overwrites an unfinished run
@@ -202,23 +201,23 @@ def test_batch_size_must_divide_between_processes(tiny_dataset, tmp_path, monkey
     for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '2')):
         monkeypatch.setenv(name, value)  # as torchrun sets them; the check comes before joining a group
     assert exit_code(pretrain.main, flags(tiny_dataset, tmp_path, 'convnet', 1, 7)) == 2
-    assert capsys.readouterr().err == ('error: --batch_size 7 is not divisible by the 2 processes: each process '
-                                       'takes an equal share (e.g. --batch_size 6)\n')
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and '--batch_size 7' in err and '--batch_size 6' in err  # the flag, and a value that works
     assert not os.path.exists(tmp_path / 'pretrained')
 
 
 def test_val_split_smaller_than_the_way_is_refused(tiny_dataset, tmp_path, capsys):
     assert exit_code(pretrain.main, flags(tiny_dataset, tmp_path) + ['--val_way', '16']) == 2
     val_csv = os.path.join(tiny_dataset, 'split', 'val.csv')
-    assert capsys.readouterr().err == (f'error: the val split ({val_csv}) has 3 classes, fewer than --val_way 16: '
-                                       f'pass a smaller --val_way\n')
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and val_csv in err and '3 classes' in err and '--val_way 16' in err
 
 
 @pytest.mark.parametrize('refusal', ['batch', 'way'])
 def test_tiered_data_too_small_is_refused_naming_the_file(tmp_path, capsys, refusal):
     """The same refusals on tiered-ImageNet's files, which have no split CSV."""
-    from conftest import write_tiered
-    data = write_tiered(tmp_path / 'tiered')  # 4 / 3 / 3 classes of 6 images
+    from demo import write_tiered_dataset
+    data = write_tiered_dataset(tmp_path / 'tiered')  # 4 / 3 / 3 classes of 6 images
     extra = ['--batch_size', '64'] if refusal == 'batch' else ['--val_way', '5']
     assert exit_code(pretrain.main, flags(data, tmp_path / 'saves') + extra) == 2
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 import runs
 import train
-from conftest import make_dataset
+from demo import write_colour_dataset
 
 
 def flags(data, save_dir, *extra):
@@ -62,8 +62,8 @@ def test_finished_run_is_kept_unless_overwrite(tiny_dataset, tmp_path, capsys):
 
 
 def test_another_data_path_is_another_run(tmp_path):
-    a = make_dataset(tmp_path / 'a' / 'data')
-    b = make_dataset(tmp_path / 'b' / 'data')  # the same folder name elsewhere
+    a = write_colour_dataset(tmp_path / 'a' / 'data')
+    b = write_colour_dataset(tmp_path / 'b' / 'data')  # the same folder name elsewhere
     save_dir = tmp_path / 'saves'
     first = train.main(flags(a, save_dir))
     second = train.main(flags(b, save_dir))  # no refusal: another run

@@ -14,7 +14,7 @@ from PIL import Image
 import runs
 from arguments import get_parser, parse_args
 from checkpoints import model_state_dict
-from conftest import write_tiered
+from demo import write_tiered_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')
@@ -95,14 +95,6 @@ def test_notebook_steps_come_in_order(notebook):
         assert where, f'no code cell contains {key!r}'
         first.append(where[0])
     assert all(a < b for a, b in zip(first, first[1:])), dict(zip(STEP_KEYS, first))
-
-
-def test_notebook_markdown_explains_each_step_and_5_shot(notebook):
-    assert notebook['cells'][0]['cell_type'] == 'markdown'
-    markdown = [source(c) for c in notebook['cells'] if c['cell_type'] == 'markdown']
-    assert len(markdown) >= len(STEP_KEYS)
-    for i, text in enumerate(markdown):
-        assert '5-shot' in text, f'markdown cell {i} does not say what to change for 5-shot'
 
 
 def test_notebook_flags_exist(notebook):
@@ -315,8 +307,8 @@ def test_check_dataset_command_exits_2_without_traceback(dataset_copy):
 
 
 def test_check_dataset_reads_the_tiered_format(capsys, tmp_path):
-    stored = write_tiered(tmp_path / 'stored')
-    compressed = write_tiered(tmp_path / 'compressed', compressed=True)
+    stored = write_tiered_dataset(tmp_path / 'stored')
+    compressed = write_tiered_dataset(tmp_path / 'compressed', compressed=True)
     code = check_dataset.main(['--data_path', stored, compressed, *EPISODE])  # two roots, one after the other
     out = capsys.readouterr().out
     assert code == 0 and out.count('no problems found') == 2
@@ -331,7 +323,7 @@ def test_check_dataset_reads_the_tiered_format(capsys, tmp_path):
 def test_check_dataset_reports_tiered_problems(capsys, tmp_path):
     import pickle
     import numpy as np
-    root = write_tiered(tmp_path / 'broken')
+    root = write_tiered_dataset(tmp_path / 'broken')
     with open(os.path.join(root, 'val_labels.pkl'), 'wb') as f:
         pickle.dump({'labels': [7] * 17}, f)  # one class, one label short
     np.savez(os.path.join(root, 'test_images.npz'), images=np.zeros((18, 84, 84), np.float32))

@@ -13,7 +13,7 @@ import runs
 from arguments import parse_args
 import test as test_script
 import train
-from conftest import make_dataset
+from demo import write_colour_dataset
 from dataloader import FewShotDataset, eval_transform, open_split
 from evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
 
@@ -39,7 +39,7 @@ def test_auto_rule():
 @pytest.fixture(scope='module')
 def wide_data(tmp_path_factory):
     """10 test classes of 7 images: 10-way and 5-shot episodes with 2 queries."""
-    return make_dataset(tmp_path_factory.mktemp('wide') / 'wide', classes_per_split=(4, 3, 10),
+    return write_colour_dataset(tmp_path_factory.mktemp('wide') / 'wide', classes_per_split=(4, 3, 10),
                         images_per_class=7, size=(40, 36))
 
 
@@ -190,7 +190,7 @@ def test_switched_off_adaptors_are_reported(wide_data, tmp_path, capsys):
 @pytest.fixture(scope='module')
 def two_roots(tmp_path_factory):
     base = tmp_path_factory.mktemp('roots')
-    return [make_dataset(base / name, classes_per_split=(3, 3, 3), images_per_class=4, size=(40, 36), seed=s)
+    return [write_colour_dataset(base / name, classes_per_split=(3, 3, 3), images_per_class=4, size=(40, 36), seed=s)
             for s, name in enumerate(('coarse_set', 'fine_set'))]
 
 

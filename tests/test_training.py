@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import runs
-import train
 from arguments import get_parser, parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -75,20 +73,6 @@ def test_every_flag_has_help():
         assert action.help and action.help.strip(), f'{action.option_strings} has no help text'
 
 
-@pytest.mark.parametrize('dest, value', [
-    ('data_name', 'mini_imagenet'), ('network_name', 'resnet'), ('model_name', 'glofa'),
-    ('N', 5), ('K', 1), ('Q', 15), ('devices', [0]), ('lr_network', 0.0001), ('lr', 0.01),
-    ('point', [20, 30, 40]), ('gamma', 0.2), ('wd', 0.0005), ('mo', 0.9),
-    ('n_training_episodes', 10000), ('n_validating_episodes', 200), ('n_testing_episodes', 10000),
-    ('episode_gap', 200), ('tau', 1.0), ('delta', 1.0), ('seed', 960402), ('save_dir', 'saves'),
-    ('pretrained', 'pretrained_weights.pth'), ('adaptor', 'both'),
-])
-def test_default_values(dest, value):
-    args = parse_args([])
-    assert getattr(args, dest) == value
-    assert type(getattr(args, dest)) is type(value) or isinstance(value, float)
-
-
 def test_original_flag_names_are_accepted():
     args = parse_args(['--data_name', 'x', '--network_name', 'resnet', '--model_name', 'glofa', '--N', '3',
                        '--K', '2', '--Q', '4', '--devices', '0', '1', '--lr_network', '0.5', '--lr', '0.25',
@@ -101,32 +85,6 @@ def test_original_flag_names_are_accepted():
     # explicit flags win over the debug preset
     assert (args.n_training_episodes, args.episode_gap, args.n_validating_episodes,
             args.n_testing_episodes) == (7, 6, 8, 9)
-
-
-def source_files() -> dict[str, str]:
-    """The non-test Python files of the repository."""
-    files = {}
-    for folder, dirs, names in os.walk(REPO):
-        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('tests', '__pycache__', 'datasets',
-                                                                          'saves', 'venv', '.venv')]
-        for name in names:
-            if name.endswith('.py'):
-                path = os.path.join(folder, name)
-                with open(path) as f:
-                    files[os.path.relpath(path, REPO)] = f.read()
-    return files
-
-
-def test_every_flag_is_read():
-    files = source_files()
-    assert 'train.py' in files and 'test.py' in files
-    for action in flag_actions(get_parser()):
-        dest = action.dest
-        pattern = re.compile(rf'\bargs\.{re.escape(dest)}\b|getattr\(args, [\'"]{re.escape(dest)}[\'"]')
-        readers = [name for name, text in files.items() if pattern.search(text)]
-        if dest not in ('flag_debug', 'demo'):  # these two change the defaults inside parse_args
-            readers = [name for name in readers if name != 'arguments.py']
-        assert readers, f'--{dest} is parsed but never read'
 
 
 def test_run_name_encodes_the_flags(tmp_path):
