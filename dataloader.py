@@ -16,11 +16,14 @@ episodes in *shot-major* order (see ``EpisodeSampler``).
 import bisect
 import csv
 import hashlib
+import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
 import signal
 import struct
+import sys
 import zipfile
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -691,11 +694,22 @@ def iterate(loader: DataLoader) -> Iterator:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _raise_failures(batches: Iterator) -> Iterator:
-    for batch in batches:
+class _raise_failures:
+    """The loader's iterator with each Failure raised. An object, not a generator: a generator stopped
+    by Ctrl-C would drop the loader's iterator at once, whose workers' teardown then reports the same
+    signal before the entry point's handler has quietened it."""
+
+    def __init__(self, batches: Iterator):
+        self.batches = batches
+
+    def __iter__(self) -> '_raise_failures':
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
         if isinstance(batch, Failure):
             raise UserError(batch.message)
-        yield batch
+        return batch
 
 
 def ignore_interrupts(worker_id: int) -> None:
@@ -704,6 +718,16 @@ def ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, 'pthread_sigmask'):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    sys.excepthook = _quiet_when_the_main_process_exits
+
+
+def _quiet_when_the_main_process_exits(*exc_info) -> None:
+    """A worker's helper thread (the one that hands a batch's memory to the main process) fails when the
+    main process exits in the middle of a transfer, as it does after Ctrl-C or SIGTERM: nothing to
+    report then. Any other uncaught error is printed as usual."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not multiprocessing.connection.wait([parent.sentinel], timeout=1):
+        sys.__excepthook__(*exc_info)
 
 
 def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,

@@ -223,7 +223,8 @@ def run_episodes(model: GLoFA, dataset: FewShotDataset, episodes: Episodes, mode
         else:
             loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), options.n_workers,
                                     pin_memory=device.type == 'cuda')
-            for i, (images, _) in enumerate(iterate(loader)):
+            batches = iterate(loader)  # held here until the end: an interrupt must not tear the workers down early
+            for i, (images, _) in enumerate(batches):
                 with autocast(device, options.amp):
                     embeddings = model.encode(to_device(images, device, options.channels_last))  # (N*S, d)
                     logits, adaptation = model.episode(embeddings, e.n_way, e.n_shot)  # (N*Q, N)
@@ -246,7 +247,7 @@ class RecordedEpisodes:
     def __iter__(self):
         for indices in self.sampler:
             self.drawn.append(indices)
-            yield indices
+            yield indices.tolist()  # plain numbers travel to the workers without sharing a tensor's memory
 
 
 def group_label(group: str) -> str:

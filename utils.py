@@ -60,6 +60,7 @@ def interrupt_on_sigterm() -> None:
 
     def handler(signum, frame):
         _interrupts.append(signum)
+        quieten_teardown()  # from here on the process only saves what it has and exits
         raise KeyboardInterrupt(f'signal {signal.Signals(signum).name}')
 
     signal.signal(signal.SIGTERM, handler)
@@ -72,15 +73,17 @@ def interrupted() -> bool:
     return bool(_interrupts)
 
 
-def ignore_further_interrupts() -> None:
+def quieten_teardown() -> None:
     """While an interrupted process reports and exits: no second KeyboardInterrupt (a terminal and
-    torchrun may both send one), and no error from DataLoader workers stopped by the same signal."""
+    torchrun may both send one), and nothing from DataLoader workers stopped by the same signal (torch's
+    SIGCHLD check, the teardown of loaders collected on the way out)."""
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, 'SIGCHLD'):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sys.unraisablehook = lambda unraisable: None
 
 
 @contextlib.contextmanager
@@ -93,10 +96,7 @@ def exit_on_interrupt(message: Callable[[], str], report: bool = True):
     except BaseException as error:
         if isinstance(error, SystemExit) or not (isinstance(error, KeyboardInterrupt) or interrupted()):
             raise
-        # loaders torn down by the interrupt (workers stopped by the same signal, or still starting)
-        # complain while they are collected: nothing to report
-        sys.unraisablehook = lambda unraisable: None
-        ignore_further_interrupts()
+        quieten_teardown()  # already done by the signal handler; not by a KeyboardInterrupt raised in-process
         if report:
             print('\n' + message(), file=sys.stderr)
         sys.exit(130)
