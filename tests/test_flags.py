@@ -35,3 +35,16 @@ def test_flag_debug_preset(tiny_dataset, tmp_path):
         (10, 5, 5, 10)
     args = parse_args(['--flag_debug', '--episode_gap', '2'])
     assert args.episode_gap == 2 and args.n_training_episodes == 10
+
+
+def test_episode_batch_changes_no_result(tiny_dataset, tmp_path, capsys):
+    train.main(flags(tiny_dataset, tmp_path))
+    runs_of = {batch: test_script.main(flags(tiny_dataset, tmp_path, '--eval_mode', 'cached', '--episode_batch', batch,
+                                             '--n_testing_episodes', '20'))[(3, 1)]
+               for batch in ('1', '3', '0')}
+    for other in ('3', '0'):
+        assert list(runs_of[other].accuracies) == list(runs_of['1'].accuracies)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        test_script.main(flags(tiny_dataset, tmp_path, '--episode_batch', '-1'))
+    assert exit_info.value.code == 2 and '--episode_batch' in capsys.readouterr().err
