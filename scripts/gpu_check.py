@@ -141,8 +141,8 @@ def check_pretrain(data: str, work: str, network: str, processes: list[int], var
                 row['s_per_step'] = last['epoch_seconds'] / last['steps']
                 row['loss'] = last['loss']
                 row['projected_full_pretraining_h'] = row['s_per_step'] * FULL_PRETRAINING_STEPS / 3600
-                row['passed'] = len([f for f in row['outputs'] if not f.endswith(('.last.pth', '.jsonl'))]) == 1 \
-                    and math.isfinite(last['loss'])
+                row['passed'] = len([f for f in row['outputs'] if not f.endswith(('.last.pth', '.jsonl', '.run.json'))]) \
+                    == 1 and math.isfinite(last['loss'])  # one weights file, written by rank 0 alone
             else:
                 row.update(error=err, passed=False)
             rows.append(row)
