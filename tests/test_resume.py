@@ -112,15 +112,17 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
             '--n_validating_episodes', '2', '--n_workers', '2']
-    log = runs.run_paths(parse_args(argv)).log
+    last = runs.run_paths(parse_args(argv)).last
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
-        while not (os.path.isfile(log) and os.path.getsize(log) > 0) and time.time() < deadline:
-            time.sleep(0.2)  # wait for the first validation
+        while time.time() < deadline:  # wait for the state saved after the first validation
+            if os.path.isfile(last) and torch.load(last, weights_only=False)['episode'] >= 5:  # written atomically
+                break
+            time.sleep(0.2)
         os.killpg(process.pid, getattr(signal, signal_name))
         _, err = process.communicate(timeout=60)
     finally:
@@ -128,7 +130,7 @@ def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_n
     assert process.returncode == 130, err[-1500:]
     assert 'Traceback' not in err
     assert 'with --resume to continue' in err
-    saved = torch.load(runs.run_paths(parse_args(argv)).last, weights_only=False)['episode']
+    saved = torch.load(last, weights_only=False)['episode']
     assert saved >= 5
     # the message names the episode that was running and the one that is saved
     import re
