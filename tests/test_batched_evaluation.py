@@ -74,7 +74,7 @@ def test_run_episodes_cached_equals_one_at_a_time(adaptor, n_way, n_shot):
     """Same episodes, same order, identical accuracies; strengths and masks equal up to float rounding."""
     split = labelled_split(20, 30)
     features = realistic_features(split, seed=3)
-    model, n_query, n_episodes = head(adaptor), 15, 60
+    model, n_query, n_episodes = head(adaptor), 15, 30
     results = run_episodes(model, split, Episodes(n_episodes, n_way, n_shot, n_query, torch.Generator().manual_seed(5)),
                            'cached', EvalOptions(CPU, episode_batch=16), SplitFeatures.given(features))
     drawn = list(episode_sampler(split, n_episodes, n_way, n_shot + n_query, torch.Generator().manual_seed(5)))
