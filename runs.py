@@ -26,7 +26,6 @@ DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
 EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
 
 
-
 def data_path(args) -> list[str]:
     """The dataset roots: --data_path, else datasets/<data_name>."""
     paths = args.data_path or os.path.join('datasets', args.data_name)

@@ -37,7 +37,7 @@ def exits_cleanly(main: Callable) -> Callable:
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f'error: {str(error).strip() or type(error).__name__}', file=sys.stderr)
+            print(f'error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}', file=sys.stderr)
             sys.exit(2)
     return wrapper
 
