@@ -682,11 +682,14 @@ def iterate(loader: DataLoader) -> Iterator:
     """The loader's batches; a Failure read in any process is raised here, as the UserError it was.
 
     Ctrl-C and SIGTERM are held back while worker processes start: they are delivered just after, to
-    the main process (a KeyboardInterrupt raised during a fork can be lost). The workers inherit the
-    block; ``ignore_interrupts`` ignores Ctrl-C there and lets SIGTERM in again."""
+    the main process (a KeyboardInterrupt raised during a fork can be lost). So is SIGCHLD, the news
+    that another loader's worker died (torch's check raises on it, which inside a fork's callbacks
+    only prints a traceback). The workers inherit the block; ``ignore_interrupts`` ignores Ctrl-C
+    there and lets SIGTERM and SIGCHLD in again."""
     if loader.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
         return _raise_failures(iter(loader))
-    held = {signal.SIGINT, signal.SIGTERM} if loader.worker_init_fn is ignore_interrupts else {signal.SIGINT}
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD} if loader.worker_init_fn is ignore_interrupts \
+        else {signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         return _raise_failures(iter(loader))
@@ -714,10 +717,11 @@ class _raise_failures:
 
 def ignore_interrupts(worker_id: int) -> None:
     """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly. SIGTERM is
-    let in again: torch's handler in the worker exits quietly when the main process stops it."""
+    let in again (torch's handler in the worker exits quietly when the main process stops it), and so
+    is SIGCHLD, which ``iterate`` held back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, 'pthread_sigmask'):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
     sys.excepthook = _quiet_when_the_main_process_exits
 
 
