@@ -33,6 +33,9 @@ def common_parser() -> argparse.ArgumentParser:
                         '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')
     g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
                    help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
+    g.add_argument('--normalization', type=str, default='imagenet', choices=['imagenet', 'feat'],
+                   help="the images' per-channel normalisation: imagenet (the reference's) or feat (the statistics "
+                        "FEAT's pretrained ResNet-12 was trained with)")
 
     g = p.add_argument_group('running')
     g.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'],
@@ -57,6 +60,20 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+# each model's own flags; giving another model's flag is refused
+MODEL_FLAGS = {'glofa': ('adaptor', 'tau', 'delta', 'h_bias_init'),
+               'protonet': ('metric', 'temperature'),
+               'feat': ('metric', 'temperature', 'temperature2', 'balance')}
+
+
+def feat_regulariser(args, n_shot: int) -> tuple[float, float]:
+    """FEAT's (temperature2, balance): the flags, else FEAT's ResNet-12 values for the shot (its README:
+    1-shot 64 and 0.01, 5-shot 32 and 0.1)."""
+    one_shot = n_shot == 1
+    return (args.temperature2 if args.temperature2 is not None else (64.0 if one_shot else 32.0),
+            args.balance if args.balance is not None else (0.01 if one_shot else 0.1))
+
+
 def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     """Return the argparse parser of train.py and test.py (every flag documented and used).
 
@@ -67,18 +84,32 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter, parents=[common_parser()])
 
     g = p.add_argument_group('model')
-    g.add_argument('--model_name', type=str, default='glofa', choices=['glofa'],
-                   help='few-shot model (only glofa)')
+    g.add_argument('--model_name', type=str, default='glofa', choices=list(MODEL_FLAGS),
+                   help='few-shot model: glofa, or the baselines protonet and feat on the same encoder and protocol')
+    g.add_argument('--pretrained', type=str, default='pretrained_weights.pth',
+                   help="encoder weights to start from (FEAT's Res12-pre.pth or con-pre.pth); 'none' trains from scratch")
+
+    g = p.add_argument_group('model: glofa')
     g.add_argument('--adaptor', type=str, default='both', choices=['both', 'task', 'class', 'none'],
                    help='ablation: which masks adapt the embedding (task: no class masks; class: no task '
                         'mask; none: ProtoNet-style baseline with normalised prototypes)')
-    g.add_argument('--pretrained', type=str, default='pretrained_weights.pth',
-                   help="encoder weights to start from (FEAT's Res12-pre.pth or con-pre.pth); 'none' trains from scratch")
     g.add_argument('--tau', type=float, default=1.0, help='temperature dividing the logits')
     g.add_argument('--delta', type=float, default=1.0, help='upper bound of the mask values')
     g.add_argument('--h_bias_init', type=float, default=None,
                    help='start the bias of h\'s last layer (both strengths) at this value, so that relu(h(S)) '
                         'starts above 0 and the adaptors get gradients (default: the reference initialisation)')
+
+    g = p.add_argument_group('model: protonet and feat')
+    g.add_argument('--metric', type=str, default='euclidean', choices=['euclidean', 'cosine'],
+                   help='distance of queries to (adapted) prototypes')
+    g.add_argument('--temperature', type=float, default=64.0,
+                   help="temperature dividing the logits (64: FEAT's ResNet-12 commands)")
+    g.add_argument('--temperature2', type=float, default=None,
+                   help="feat: temperature of the contrastive regulariser (default: FEAT's ResNet-12 value for the "
+                        "shot, 64 for 1-shot, 32 otherwise)")
+    g.add_argument('--balance', type=float, default=None,
+                   help="feat: weight of the contrastive regulariser in the loss (default: FEAT's ResNet-12 value "
+                        "for the shot, 0.01 for 1-shot, 0.1 otherwise)")
 
     g = p.add_argument_group('episodes')
     several = dict(nargs='+') if several_settings else {}
@@ -94,7 +125,7 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr_network', type=float, default=0.0001, help='learning rate of the encoder')
-    g.add_argument('--lr', type=float, default=0.01, help='learning rate of the set functions')
+    g.add_argument('--lr', type=float, default=0.01, help="learning rate of the head: GLoFA's set functions, FEAT's attention layer (ProtoNet has none)")
     g.add_argument('--point', type=int, nargs='+', default=[20, 30, 40],
                    help='MultiStepLR milestones, counted in validations')
     g.add_argument('--gamma', type=float, default=0.2, help='learning-rate factor at each milestone')
@@ -142,6 +173,10 @@ def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False)
         parser.set_defaults(**{**({**DEMO_ROOTS[args.demo], **DEMO_PRESET} if args.demo else {}),
                                **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
+    for flag in sorted({f for flags in MODEL_FLAGS.values() for f in flags} - set(MODEL_FLAGS[args.model_name])):
+        if getattr(args, flag) != parser.get_default(flag):
+            owners = ' and '.join(m for m, flags in MODEL_FLAGS.items() if flag in flags)
+            parser.error(f'--{flag} is a flag of --model_name {owners}, not of {args.model_name}')
     return args
 
 

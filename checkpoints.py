@@ -117,18 +117,40 @@ def check_config(record: dict, config: dict, path: str) -> None:
                                 f'but this run has {key} = {value}')
 
 
-def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
-    """Load a checkpoint record ``{'state_dict', 'validating_accuracy', 'epoch'}`` into ``model``.
+# the parameters that tell the models' checkpoints apart (the encoder's are everybody's)
+HEAD_KEYS = {'glofa': 'f_task.', 'feat': 'slf_attn.'}
 
-    When the record carries a ``config`` (network, N, K, ...), it must match ``config``.
-    Returns the record.
+
+def model_of(state_dict: dict) -> str:
+    """Which model a state dict is of: glofa (f_task.*), feat (slf_attn.*), else protonet (the encoder alone)."""
+    for name, prefix in HEAD_KEYS.items():
+        if any(k.startswith(prefix) for k in state_dict):
+            return name
+    return 'protonet'
+
+
+def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
+    """Load a checkpoint into ``model``: this repository's record ``{'state_dict', 'validating_accuracy',
+    'epoch', 'config'}``, or FEAT's ``{'params': ...}`` (its released checkpoints).
+
+    When the record carries a ``config`` (network, model, ...), it must match ``config``; a checkpoint of
+    another model than ``config['model_name']`` is refused, naming the model it holds. Returns the record.
     """
     record = read_file(path, 'checkpoint')
-    if not isinstance(record, dict) or not isinstance(record.get('state_dict'), dict):
-        raise UserError(f"checkpoint {path} is not a GLoFA checkpoint (expected a dict with a 'state_dict')")
+    state = tensors_of(record) if isinstance(record, dict) and 'optimizer' not in record else None
+    if state is None:
+        last = ' (a resume state: evaluate the best checkpoint beside it, <run>.model)' if (
+            isinstance(record, dict) and 'optimizer' in record) else ''
+        raise UserError(f"checkpoint {path} is not a model checkpoint{last} (expected a dict with a 'state_dict' "
+                        f"or FEAT's 'params')")
+    state = strip_module(state)
     if config is not None:
         check_config(record, config, path)
-    load_strict(model, strip_module(record['state_dict']), path, 'checkpoint')
+        held = model_of(state)
+        if 'model_name' in config and held != config['model_name']:
+            raise UserError(f'checkpoint {path} holds a {held} model, not {config["model_name"]}: pass '
+                            f'--model_name {held}')
+    load_strict(model, state, path, 'checkpoint')
     return record
 
 

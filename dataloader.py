@@ -37,32 +37,36 @@ from torchvision import transforms
 from utils import UserError
 
 SPLITS = ('train', 'val', 'test')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# per-channel (mean, std) of the images, in [0, 1] units (--normalization)
+NORMALIZATIONS = {
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the reference (torchvision's ImageNet statistics)
+    'feat': (tuple(x / 255 for x in (120.39586422, 115.59361427, 104.54012653)),  # FEAT's ResNet-12 pretraining
+             tuple(x / 255 for x in (70.68188272, 68.27635443, 72.54505529))),
+}
 IMAGE_SIZE = 84
 TASK_MIXES = ('class', 'source')
 LABEL_KEYS = ('labels', 'label_specific')  # tiered-ImageNet pickles: FEAT's key, then Ren et al.'s
 
 
 # ------------------------------------------------------------------ transforms
-def train_transform() -> transforms.Compose:
-    """RandomResizedCrop(84), ColorJitter(0.4, 0.4, 0.4), horizontal flip, ImageNet normalisation."""
+def train_transform(normalization: str = 'imagenet') -> transforms.Compose:
+    """RandomResizedCrop(84), ColorJitter(0.4, 0.4, 0.4), horizontal flip, normalisation (ImageNet's by default)."""
     return transforms.Compose([
         transforms.RandomResizedCrop(IMAGE_SIZE),
         transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(*NORMALIZATIONS[normalization]),
     ])
 
 
-def eval_transform() -> transforms.Compose:
-    """Resize(92), CenterCrop(84), ImageNet normalisation: deterministic."""
+def eval_transform(normalization: str = 'imagenet') -> transforms.Compose:
+    """Resize(92), CenterCrop(84), normalisation (ImageNet's by default): deterministic."""
     return transforms.Compose([
         transforms.Resize(92),
         transforms.CenterCrop(IMAGE_SIZE),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(*NORMALIZATIONS[normalization]),
     ])
 
 

@@ -13,11 +13,11 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
-from models.glofa import GLoFA, query_targets
+from models import FewShotModel, prototype_logits, split_episode
+from models.glofa import query_targets
 from networks import advance_forward_count, forward_count, set_forward_count
 from utils import accuracy_line, autocast, mean_ci, to_device
 
@@ -131,8 +131,12 @@ def episode_batch_size(options: EvalOptions, episodes: Episodes, feature_dim: in
 
 def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
     """(..., 5): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode.
-    logits (..., N*Q, N) and the Adaptation of the same episodes; targets (N*Q,)."""
+    logits (..., N*Q, N) and GLoFA's Adaptation of the same episodes (None for a model without
+    adaptors: its four columns are nan); targets (N*Q,)."""
     accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
+    if adaptation is None:
+        return torch.cat([accuracy[..., None], torch.full((*accuracy.shape, 4), float('nan'),
+                                                          device=accuracy.device)], dim=-1)
     return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
                         adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1))], dim=-1).float()
 
@@ -146,7 +150,7 @@ class EpisodeResults:
     """What evaluation measured on each episode, in order."""
     mode: str                 # 'cached' or 'episodic': the way that ran
     accuracies: np.ndarray    # (E,) in [0, 1]
-    alphas: np.ndarray        # (E, 2): (alpha_task, alpha_cls) = relu(h(S))
+    alphas: np.ndarray        # (E, 2): (alpha_task, alpha_cls) = relu(h(S)); nan for a model without adaptors
     mask_task: np.ndarray     # (E,): mean of m_task over the d features
     mask_cls: np.ndarray      # (E,): mean of m_cls over the N classes and d features
     groups: Optional[list] = None  # (E,) with several roots: each episode's root, or single-source / mixed
@@ -158,8 +162,15 @@ class EpisodeResults:
             found.setdefault(group, []).append(accuracy)
         return {group: np.asarray(values) for group, values in found.items()}
 
+    @property
+    def has_adaptors(self) -> bool:
+        return not np.isnan(self.alphas).all()
+
     def diagnostics(self) -> dict:
-        """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks."""
+        """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks
+        ({} for a model without adaptors)."""
+        if not self.has_adaptors:
+            return {}
         active = self.alphas > 0
         return {'alpha_task': float(self.alphas[:, 0].mean()), 'alpha_cls': float(self.alphas[:, 1].mean()),
                 'alpha_task_active': float(active[:, 0].mean()), 'alpha_cls_active': float(active[:, 1].mean()),
@@ -169,7 +180,7 @@ class EpisodeResults:
         """The strengths of the adaptor's masks are 0 on every episode: the masks have no effect and the
         model is normalised-prototype ProtoNet ('task' and 'class' ablations: their one strength)."""
         acting = ACTING_STRENGTHS[adaptor]
-        return bool(acting) and bool((self.alphas[:, acting] == 0).all())
+        return bool(acting) and self.has_adaptors and bool((self.alphas[:, acting] == 0).all())
 
 
 def diagnostics_line(results: EpisodeResults) -> str:
@@ -187,7 +198,7 @@ def adaptors_off_warning(results: EpisodeResults, where: str, adaptor: str = 'bo
 
 
 @torch.no_grad()
-def run_episodes(model: GLoFA, dataset: FewShotDataset, episodes: Episodes, mode: str, options: EvalOptions,
+def run_episodes(model: FewShotModel, dataset: FewShotDataset, episodes: Episodes, mode: str, options: EvalOptions,
                  features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
     """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', see
     ``choose_eval_mode``); per-episode accuracies and adaptor diagnostics.
@@ -261,8 +272,9 @@ def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str 
     lines = [accuracy_line('test', results.accuracies, n_way, n_shot)]
     lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
               for group, values in results.group_accuracies().items()]
-    lines.append(diagnostics_line(results))
-    if results.adaptors_off(adaptor):
+    if results.has_adaptors:
+        lines.append(diagnostics_line(results))
+    if results.has_adaptors and results.adaptors_off(adaptor):
         lines.append(adaptors_off_warning(results, 'test', adaptor))
     return lines
 
@@ -305,11 +317,9 @@ def prototype_accuracies(features: torch.Tensor, episodes: Iterable[torch.Tensor
     for episode in episodes:
         x = features[episode.to(features.device)].float()                   # (N*S, d)
         n_query = len(episode) // n_way - n_shot
-        support, query = x[:n_way * n_shot], x[n_way * n_shot:]            # (N*K, d), (N*Q, d)
-        prototypes = support.reshape(n_shot, n_way, -1).mean(dim=0)         # (N, d)
+        _, query, prototypes = split_episode(x, n_way, n_shot)               # (N*Q, d), (N, d)
         targets = query_targets(n_way, n_query, x.device)                   # (N*Q,)
-        logits = {'cosine': F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).t(),       # (N*Q, N)
-                  'euclidean': -(query[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=2)}  # (N*Q, N)
-        for metric in PROTOTYPE_METRICS:
-            correct[metric].append((logits[metric].argmax(dim=1) == targets).float().mean().item())
+        for metric in PROTOTYPE_METRICS:  # ProtoNet's logits (the argmax does not depend on a temperature)
+            logits = prototype_logits(query, prototypes, metric, 1.0)        # (N*Q, N)
+            correct[metric].append((logits.argmax(dim=1) == targets).float().mean().item())
     return {metric: np.asarray(values) for metric, values in correct.items()}

@@ -163,8 +163,8 @@ def pretrain(args, built: list) -> dict:
     # ---------------- data
     root = data_path(args)
     with flag_hint(DATA_FLAGS):
-        train_set = open_split(root, 'train', train_transform())
-        val_set = open_split(root, 'val', eval_transform())
+        train_set = open_split(root, 'train', train_transform(args.normalization))
+        val_set = open_split(root, 'val', eval_transform(args.normalization))
     check_data(args, train_set, val_set)
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it')

@@ -16,7 +16,11 @@ import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
 from dataloader import root_names
+from arguments import MODEL_FLAGS, feat_regulariser
+from models import FewShotModel
+from models.feat import FEAT
 from models.glofa import GLoFA
+from models.protonet import ProtoNet
 from networks import build_encoder, data_parallel, forward_count, set_forward_count
 from utils import NonFiniteLoss, UserError, random_states, set_random_states
 
@@ -48,46 +52,63 @@ def data_identity(args) -> dict:
             'task_mix': args.task_mix if len(roots) > 1 else None}  # one root: the mix changes nothing
 
 
+def model_flags(args) -> dict:
+    """The chosen model's own flags (arguments.MODEL_FLAGS), FEAT's regulariser resolved for the shot."""
+    flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
+    if args.model_name == 'feat':
+        flags['temperature2'], flags['balance'] = feat_regulariser(args, args.K)
+    return flags
+
+
+def later_flags(args) -> dict:
+    """Flags added after runs were first named: in an identity only when they differ from their default,
+    so that every run named before them keeps its name and files."""
+    return {'normalization': args.normalization} if args.normalization != 'imagenet' else {}
+
+
 def run_identity(args) -> dict:
-    """Everything that defines a run's result: the data (names and locations), the model, the
-    optimisation, the schedule and the seed. Execution options (device, workers, --amp,
+    """Everything that defines a run's result: the data (names and locations), the model and its flags,
+    the optimisation, the schedule and the seed. Execution options (device, workers, --amp,
     --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
     return {
         **data_identity(args),
-        'network_name': args.network_name, 'model_name': args.model_name, 'adaptor': args.adaptor,
-        'pretrained': os.path.basename(args.pretrained), 'tau': args.tau, 'delta': args.delta,
+        'network_name': args.network_name, 'model_name': args.model_name, **model_flags(args), **later_flags(args),
+        'pretrained': os.path.basename(args.pretrained),
         'N': args.N, 'K': args.K, 'Q': args.Q,
         'n_training_episodes': args.n_training_episodes, 'episode_gap': args.episode_gap,
         'n_validating_episodes': args.n_validating_episodes,
         'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
-        'wd': args.wd, 'mo': args.mo, 'seed': args.seed, 'h_bias_init': args.h_bias_init,
+        'wd': args.wd, 'mo': args.mo, 'seed': args.seed,
     }
 
 
 def pretrain_identity(args) -> dict:
     """What defines a pretraining's result, as ``run_identity`` for meta-training. The number of epochs is
     left out: a finished pretraining can be continued with --resume and more --epochs."""
-    return {**data_identity(args), 'network_name': args.network_name, 'batch_size': args.batch_size,
+    return {**data_identity(args), 'network_name': args.network_name, **later_flags(args), 'batch_size': args.batch_size,
             'optimizer': args.optimizer, 'lr': args.lr, 'milestones': list(args.milestones), 'gamma': args.gamma,
             'wd': args.wd, 'seed': args.seed}
 
 
-# what a checkpoint must agree with to be evaluated: GLoFA's parameters do not depend on N, K or Q
-MODEL_KEYS = ('network_name', 'model_name', 'adaptor')
+# what a checkpoint must agree with to be evaluated (no model's parameters depend on N, K or Q)
+MODEL_KEYS = {'glofa': ('adaptor',), 'protonet': ('metric',), 'feat': ('metric',)}
 
 
 def model_config(args) -> dict:
-    identity = run_identity(args)
-    return {key: identity[key] for key in MODEL_KEYS}
+    return {'network_name': args.network_name, 'model_name': args.model_name,
+            **{key: getattr(args, key) for key in MODEL_KEYS[args.model_name]}}
 
 
 def run_name(args) -> str:
     """A readable name plus a short hash of the run's whole identity, so distinct runs never share
     files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
     digest = hashlib.sha256(json.dumps(run_identity(args), sort_keys=True).encode()).hexdigest()[:8]
-    variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
-    if args.h_bias_init is not None:
-        variant += f'-hbias{args.h_bias_init:g}'
+    if args.model_name == 'glofa':
+        variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
+        if args.h_bias_init is not None:
+            variant += f'-hbias{args.h_bias_init:g}'
+    else:
+        variant = '' if args.metric == 'euclidean' else f'-{args.metric}'
     return (f'{data_label(args)}-{args.network_name}-{args.model_name}{variant}-N{args.N}-K{args.K}-seed{args.seed}'
             f'-{digest}')
 
@@ -289,8 +310,8 @@ def prepare_demo(args) -> None:
 
 
 # ------------------------------------------------------------------ model
-def build_model(args, pretrained: bool = True) -> GLoFA:
-    """GLoFA on the chosen encoder; with ``pretrained``, the encoder starts from --pretrained."""
+def build_model(args, pretrained: bool = True) -> FewShotModel:
+    """--model_name on the chosen encoder; with ``pretrained``, the encoder starts from --pretrained."""
     encoder = build_encoder(args.network_name)
     if pretrained and args.pretrained.lower() != 'none':
         if not os.path.isfile(args.pretrained):
@@ -299,15 +320,22 @@ def build_model(args, pretrained: bool = True) -> GLoFA:
                             f'or use --pretrained none to train from scratch')
         n = load_pretrained(encoder, args.pretrained)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
+    if args.model_name == 'protonet':
+        return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
+    if args.model_name == 'feat':
+        temperature2, balance = feat_regulariser(args, args.K)
+        return FEAT(encoder, encoder.out_dim, metric=args.metric, temperature=args.temperature,
+                    temperature2=temperature2, balance=balance)
     return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
                  h_bias_init=args.h_bias_init)
 
 
-def build_optimizer(args, model: GLoFA) -> torch.optim.SGD:
-    """SGD with Nesterov momentum: the encoder at --lr_network, the three set functions at --lr."""
-    set_functions = [p for m in (model.f_task, model.f_class, model.h) for p in m.parameters()]
-    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network},
-                            {'params': set_functions, 'lr': args.lr}],
+def build_optimizer(args, model: FewShotModel) -> torch.optim.SGD:
+    """SGD with Nesterov momentum: the encoder at --lr_network, the head (GLoFA's three set functions,
+    FEAT's attention layer) at --lr; ProtoNet has the encoder's group only."""
+    head = model.head_parameters()
+    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network}]
+                           + ([{'params': head, 'lr': args.lr}] if head else []),
                            momentum=args.mo, nesterov=True, weight_decay=args.wd)
 
 
@@ -316,7 +344,7 @@ def build_scheduler(args, optimizer: torch.optim.Optimizer) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)
 
 
-def place_model(model: GLoFA, args, device: torch.device) -> GLoFA:
+def place_model(model: FewShotModel, args, device: torch.device) -> FewShotModel:
     """Move the model to ``device``; several --devices wrap the encoder in DataParallel."""
     model.to(device)
     if args.channels_last:
@@ -338,8 +366,11 @@ def check_args(args, device: torch.device) -> None:
     for flag in ('n_training_episodes', 'n_validating_episodes', 'n_testing_episodes', 'episode_gap'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
-    if args.tau <= 0:
-        raise UserError(f'--tau must be positive, got {args.tau}')
+    for flag in ('tau', 'temperature', 'temperature2'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} must be positive, got {getattr(args, flag)}')
+    if args.balance is not None and args.balance < 0:
+        raise UserError(f'--balance must be 0 or more, got {args.balance}')
     for flag in ('n_workers', 'episode_batch'):
         if getattr(args, flag) < 0:
             raise UserError(f'--{flag} must be 0 or more, got {getattr(args, flag)}')

@@ -1,8 +1,12 @@
-"""Evaluate a trained GLoFA model over test episodes: python test.py [--N 5 10 --K 1 5 ...].
+"""Evaluate a trained model over test episodes: python test.py [--N 5 10 --K 1 5 ...].
 
-Any way and shot can be evaluated from one checkpoint (GLoFA's parameters do not depend on them);
-the split is encoded once for all the settings, and each setting draws its own seeded episodes, so
-its line is the same whether it runs alone or beside others.
+Any way and shot can be evaluated from one checkpoint (no model's parameters depend on them); the
+split is encoded once for all the settings, and each setting draws its own seeded episodes, so its
+line is the same whether it runs alone or beside others.
+
+The check of data and weights before any meta-training: python test.py --model_name protonet
+--pretrained FILE evaluates ProtoNet on the pretrained encoder itself, Euclidean and cosine, beside
+the figures FEAT's maintainer quotes for FEAT's encoders.
 """
 import copy
 import os
@@ -33,6 +37,62 @@ def with_setting(args, n_way: int, n_shot: int):
     view = copy.copy(args)
     view.N, view.K = n_way, n_shot
     return view
+
+
+# ProtoNet on FEAT's pretrained encoders, no meta-training, 5-way 1-shot on mini-ImageNet's test split, as
+# FEAT's maintainer gives them to check that weights and data copy match (quoted, not measured here)
+PRETRAINED_FIGURES = {
+    ('resnet', 'euclidean'): "almost 55 % for FEAT's Res12-pre.pth (Sha-Lab/FEAT issue 33)",
+    ('resnet', 'cosine'): "around 62 % for FEAT's Res12-pre.pth (Sha-Lab/FEAT issue 33)",
+    ('convnet', 'euclidean'): "about 46 % for FEAT's con-pre.pth, metric not stated (Sha-Lab/FEAT issue 16)",
+    ('convnet', 'cosine'): "about 46 % for FEAT's con-pre.pth, metric not stated (Sha-Lab/FEAT issue 16)",
+}
+
+
+def checks_pretrained(args, settings: list[tuple[int, int]]) -> bool:
+    """ProtoNet with --model_path none, or with no meta-trained run for these flags: evaluate the
+    pretrained encoder itself (ProtoNet needs no training to be evaluated)."""
+    if args.model_name != 'protonet' or (args.model_path and args.model_path.lower() != 'none'):
+        return False
+    if args.model_path or not os.path.isfile(run_paths(with_setting(args, *settings[0])).best):
+        if args.pretrained.lower() == 'none':
+            raise UserError('ProtoNet without a meta-trained checkpoint evaluates the pretrained encoder: '
+                            'give its weights with --pretrained FILE')
+        return True
+    print(f'evaluating the meta-trained ProtoNet run of these flags; --model_path none evaluates the '
+          f'pretrained encoder {args.pretrained} itself')
+    return False
+
+
+def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> dict:
+    """ProtoNet on the pretrained encoder, Euclidean and cosine on one encoding of the split, each line
+    beside FEAT's maintainer's figure where it applies (5-way 1-shot)."""
+    model = place_model(build_model(with_setting(args, *settings[0])), args, device)
+    options = EvalOptions.from_args(args, device)
+    features = SplitFeatures(model.encoder, dataset, options)
+    print(f'ProtoNet on the pretrained encoder {args.pretrained}, no meta-training: the check that data and '
+          f'weights match')
+    if args.network_name == 'resnet' and args.normalization != 'feat':
+        print("note: FEAT's Res12-pre.pth was pretrained with FEAT's normalisation; evaluate FEAT's weights "
+              "with --normalization feat")
+    results, figures = {}, []
+    for n, k in settings:
+        for metric in ('euclidean', 'cosine'):
+            model.metric = metric
+            episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
+                                args.task_mix)
+            mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, episodes.images_per_episode)
+            result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{metric} {n}-way {k}-shot')
+            quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) else None
+            lines = result_lines(result, n, k)
+            lines[0] = f'{metric}: {lines[0]}' + (f'   [quoted on mini-ImageNet: {quoted}]' if quoted else '')
+            print('\n'.join(lines))
+            results[(n, k, metric)] = result
+            figures.append({**setting_figures(n, k, result), 'metric': metric})
+    print(f'seed {args.seed}, revision {git_revision()}')
+    if args.json:
+        write_figures(args.json, figures, pretrained=args.pretrained, seed=args.seed, Q=args.Q, revision=git_revision())
+    return results
 
 
 def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
@@ -80,16 +140,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings = settings_of(args)
     for n, k in settings:
         check_args(with_setting(args, n, k), device)
-    model_path = checkpoint_path(args, settings)
+    pretrained_only = checks_pretrained(args, settings)
+    model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
-        dataset = open_split(data_path(args), 'test', eval_transform())
+        dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
+    if pretrained_only:
+        return check_pretrained(args, settings, dataset, device)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
     record = load_model_checkpoint(model, model_path, model_config(args))
-    print(f"loaded {model_path} (validation accuracy {100 * float(record.get('validating_accuracy', float('nan'))):.2f} %, "
-          f"episode {record.get('epoch')})")
+    validated = (f"validation accuracy {100 * float(record['validating_accuracy']):.2f} %, episode {record.get('epoch')}"
+                 if 'validating_accuracy' in record else 'no validation record: not written by train.py')
+    print(f"loaded {model_path} ({validated})")
     trained_as = trained_as_line(record, settings)
     if trained_as:
         print(trained_as)

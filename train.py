@@ -1,4 +1,4 @@
-"""Meta-train GLoFA from a pretrained encoder: python train.py --N 5 --K 1 [--resume].
+"""Meta-train GLoFA (or --model_name protonet / feat) from a pretrained encoder: python train.py --N 5 --K 1 [--resume].
 
 Every --episode_gap training episodes: mean training loss over the gap, validation accuracy,
 a checkpoint when it beats the best so far, then one step of the learning-rate schedule.
@@ -35,13 +35,16 @@ def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
     losses = []
     for images, _ in iterate(loader):
         with autocast(device, args.amp):
-            logits = model(to_device(images, device, args.channels_last), args.N, args.K)  # (N*Q, N)
-            loss = F.cross_entropy(logits.float(), targets)
+            features = model.encode(to_device(images, device, args.channels_last))  # (N*(K+Q), d)
+            loss = F.cross_entropy(model.logits_from_embeddings(features, args.N, args.K).float(), targets)
+            auxiliary = model.auxiliary_loss(features, args.N, args.K)  # FEAT's regulariser; None for the others
+            if auxiliary is not None:
+                loss = loss + auxiliary
         check_finite(loss, run, f'episode {run.progress.done + len(losses) + 1}', 'episode', '--lr or --lr_network')
         backward_and_step(loss, optimizer, scaler)
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[1]["lr"]:.2g}')
+        bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}')
     return losses
 
 
@@ -78,7 +81,8 @@ def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episo
     append_log(paths.log, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy,
                            'validating_ci': ci, 'best_validating_accuracy': p.best_accuracy,
                            'lr_network': run.optimizer.param_groups[0]['lr'],
-                           'lr': run.optimizer.param_groups[1]['lr'], **results.diagnostics()})
+                           **({'lr': run.optimizer.param_groups[1]['lr']} if len(run.optimizer.param_groups) > 1 else {}),
+                           **results.diagnostics()})
     save_state(run)
     return results, improved
 
@@ -86,9 +90,9 @@ def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episo
 def validation_line(episode: int, losses: list[float], results: EpisodeResults, improved: bool) -> str:
     accuracy, ci = mean_ci(results.accuracies)
     d = results.diagnostics()
+    strengths = f', alpha_task {d["alpha_task"]:.3f}, alpha_cls {d["alpha_cls"]:.3f}' if d else ''
     return (f'episode {episode}: training loss {np.mean(losses):.4f}, validation accuracy '
-            f'{100 * accuracy:.2f} ± {100 * ci:.2f} %, alpha_task {d["alpha_task"]:.3f}, alpha_cls '
-            f'{d["alpha_cls"]:.3f}{" (best, saved)" if improved else ""}')
+            f'{100 * accuracy:.2f} ± {100 * ci:.2f} %{strengths}{" (best, saved)" if improved else ""}')
 
 
 @exits_cleanly
@@ -105,9 +109,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # ---------------- data
     with flag_hint(DATA_FLAGS):
-        train_set = open_split(root, 'train', train_transform())
-        val_set = open_split(root, 'val', eval_transform())
-        test_set = open_split(root, 'test', eval_transform())
+        train_set = open_split(root, 'train', train_transform(args.normalization))
+        val_set = open_split(root, 'val', eval_transform(args.normalization))
+        test_set = open_split(root, 'test', eval_transform(args.normalization))
     with flag_hint(EPISODE_FLAGS):
         train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
                                             n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',

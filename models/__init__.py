@@ -1,1 +1,63 @@
-"""Few-shot models."""
+"""Few-shot models: GLoFA (models/glofa.py) and the baselines it is compared with, ProtoNet
+(models/protonet.py) and FEAT (models/feat.py), all on one contract (``FewShotModel``)."""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class FewShotModel(nn.Module):
+    """The contract every model keeps: an ``encoder`` (B, 3, H, W) -> (B, d), and a head that turns one
+    episode's embeddings, shot-major (position s*N + n is image s of class n; the first N*K are the
+    support set), into logits (N*Q, N) whose query j has target j % N.
+
+    ``episode`` also returns what the head adapted per task (GLoFA's masks and strengths; None for
+    the baselines). Leading dimensions are episodes computed at once (evaluation). In training,
+    ``auxiliary_loss`` may add a term to the cross-entropy. No parameter depends on N, K or Q.
+    """
+    encoder: nn.Module
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, d). One forward pass of the encoder (advances its DropBlock ramp once)."""
+        return self.encoder(images)
+
+    def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Optional[tuple]]:
+        """features (..., N*(K+Q), d) -> (logits (..., N*Q, N), the head's per-task adaptation or None)."""
+        raise NotImplementedError
+
+    def auxiliary_loss(self, features: torch.Tensor, n_way: int, n_shot: int) -> Optional[torch.Tensor]:
+        """Training only: a term added to the cross-entropy (features (N*(K+Q), d)); None when there is none."""
+        return None
+
+    def head_parameters(self) -> list:
+        """Everything but the encoder: the second learning-rate group (--lr)."""
+        return [p for name, p in self.named_parameters() if not name.startswith('encoder.')]
+
+    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
+        """features: (..., N*(K+Q), d), shot-major -> logits (..., N*Q, N); query j's target is j % N."""
+        return self.episode(features, n_way, n_shot)[0]
+
+    def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
+        """images: (N*(K+Q), 3, H, W), shot-major -> logits (N*Q, N)."""
+        return self.logits_from_embeddings(self.encode(images), n_way, n_shot)
+
+
+def split_episode(features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """features (..., N*(K+Q), d) -> support (..., N*K, d), query (..., N*Q, d), prototypes (..., N, d):
+    the mean of each class's K support embeddings."""
+    support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]
+    return support, query, support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)
+
+
+def prototype_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
+    """query (..., M, d), prototypes (..., N, d) -> (..., M, N).
+    'euclidean': -||q - p_n||^2 / temperature; 'cosine': <q, p_n / ||p_n||> / temperature (q as it is)."""
+    if metric == 'cosine':
+        return query @ nn.functional.normalize(prototypes, dim=-1).transpose(-1, -2) / temperature
+    # ||q||^2 - 2 <q, p> + ||p||^2: no (M, N, d) difference tensor, so many episodes fit at once
+    distances = (query.pow(2).sum(-1, keepdim=True) - 2 * query @ prototypes.transpose(-1, -2)
+                 + prototypes.pow(2).sum(-1).unsqueeze(-2))
+    return -distances / temperature
+
+
+METRICS = ('euclidean', 'cosine')

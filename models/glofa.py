@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import FewShotModel
 from networks.set_function import SetFunction
 
 ADAPTORS = ('both', 'task', 'class', 'none')
@@ -25,7 +26,7 @@ class Adaptation(NamedTuple):
     scale: torch.Tensor   # (..., N, d) = (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])
 
 
-class GLoFA(nn.Module):
+class GLoFA(FewShotModel):
     """GLoFA on top of an encoder (B, 3, H, W) -> (B, feature_dim).
 
     ``adaptor`` selects an ablation: 'both' (the method), 'task' (class masks off), 'class' (task
@@ -47,10 +48,6 @@ class GLoFA(nn.Module):
         if h_bias_init is not None:
             nn.init.constant_(self.h.rho[2].bias, h_bias_init)  # (2,): alpha_task, alpha_cls before relu
         self.tau, self.delta, self.adaptor = tau, delta, adaptor
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, d). One forward pass of the encoder (advances its DropBlock ramp once)."""
-        return self.encoder(images)
 
     def adapt(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
         """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.
@@ -76,18 +73,12 @@ class GLoFA(nn.Module):
         support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]  # (..., N*K | N*Q, d)
         adaptation = self.adapt(support, n_way, n_shot)
         scale = adaptation.scale  # (..., N, d)
+        # the mean after the set functions, as the reference orders it: autograd then sums the gradients
+        # reaching the support in the same order, so training gives the reference's numbers to the last bit
         mean_support = support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)  # (..., N, d)
         prototypes = F.normalize(mean_support * scale, dim=-1)  # (..., N, d): p_n = normalise(mean_k T_n(s))
         # <T_n(q), p_n> = sum_d q_d * scale_{n,d} * p_{n,d}
         return query @ (scale * prototypes).transpose(-1, -2) / self.tau, adaptation  # (..., N*Q, N)
-
-    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """features: (..., N*(K+Q), d), shot-major -> logits (..., N*Q, N); query j's target is j % N."""
-        return self.episode(features, n_way, n_shot)[0]
-
-    def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """images: (N*(K+Q), 3, H, W), shot-major -> logits (N*Q, N)."""
-        return self.logits_from_embeddings(self.encode(images), n_way, n_shot)
 
 
 def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:

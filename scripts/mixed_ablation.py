@@ -1,77 +1,96 @@
-"""GLoFA against its ablations on the mix-grained demo: train, test and tabulate.
+"""GLoFA against its baselines and ablations on the mix-grained demo: train, test and tabulate.
 
-    python scripts/mixed_ablation.py [--seeds 960402 1 3] [--adaptors both task class none]
-                                     [--h_bias_init B] [--save_dir saves/ablation] [--json ablation.json]
+    python scripts/mixed_ablation.py [--protocol pretrained|scratch] [--variants glofa glofa-hbias1 protonet feat]
+                                     [--seeds 960402 1 3] [--save_dir saves/ablation] [--json ablation.json]
 
-For every seed and adaptor: `python train.py --demo mixed --seed S --adaptor A` (a run marked
-trained in --save_dir is not trained again), then `python test.py` with the same flags, whose --json gives the test
-accuracy, its per-episode CI, the per-group accuracies (single-source and mixed tasks) and the
-adaptors' strengths. The table shows, per adaptor, the mean over seeds ± the 95 % CI over seeds
-(1.96 std / sqrt(seeds)), and each seed's accuracy ± its per-episode CI.
+--protocol pretrained (the paper's): pretrain.py --demo mixed pretrains a Conv-4 on the demo's train
+classes once, then every variant meta-trains from it with the reference's learning rates (encoder 1e-4,
+head 1e-2) on the demo's schedule. --protocol scratch: Conv-4 from scratch with the demo preset.
+For every variant and seed: train.py --demo mixed (a run with figures is not trained again), whose test
+of the best checkpoint writes the accuracy, its per-episode CI, the per-group accuracies (single-source and
+mixed tasks) and GLoFA's strengths. The table shows, per variant, the mean over seeds ± the 95 % CI over
+seeds (1.96 std / sqrt(seeds)), each seed's accuracy ± its per-episode CI, and the strengths.
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reproduce import finished, stage  # noqa: E402  (which also puts the repository on the path)
+from arguments import parse_args  # noqa: E402
+from runs import run_paths  # noqa: E402
+from utils import exits_cleanly  # noqa: E402
+
+VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
+            'class': ['--adaptor', 'class'], 'none': ['--adaptor', 'none'],
+            'protonet': ['--model_name', 'protonet'], 'protonet-cosine': ['--model_name', 'protonet', '--metric', 'cosine'],
+            'feat': ['--model_name', 'feat']}
+# the reference's meta-training rates for a pretrained encoder (train.py's defaults), on the demo's schedule
+PRETRAINED_RATES = ['--lr_network', '0.0001', '--lr', '0.01']
 
 
-def run(argv: list[str], log: str) -> None:
-    with open(log, 'a') as f:
-        code = subprocess.call([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f'{" ".join(argv)} failed with exit code {code}; see {log}')
-
-
+@exits_cleanly
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--protocol', default='pretrained', choices=['pretrained', 'scratch'])
+    p.add_argument('--variants', nargs='+', default=['glofa', 'glofa-hbias1', 'protonet', 'feat'], choices=list(VARIANTS))
     p.add_argument('--seeds', type=int, nargs='+', default=[960402, 1, 3], help='seeds of each variant')
-    p.add_argument('--adaptors', nargs='+', default=['both', 'task', 'class', 'none'], help='variants')
-    p.add_argument('--h_bias_init', type=float, default=None, help="train.py's opt-in strengths' bias")
     p.add_argument('--save_dir', default=os.path.join('saves', 'ablation'), help='where the runs are saved')
-    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more flags for train.py and test.py')
+    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more flags for train.py')
+    p.add_argument('--pretrain_extra', nargs='+', default=[], help='more flags for pretrain.py')
     p.add_argument('--json', default=None, help='write the table to this JSON file')
     opts = p.parse_args(argv)
-    os.makedirs(opts.save_dir, exist_ok=True)
-    runs = []
-    for adaptor in opts.adaptors:
-        for seed in opts.seeds:
-            flags = ['--demo', 'mixed', '--seed', str(seed), '--adaptor', adaptor, '--save_dir', opts.save_dir,
-                     *(['--h_bias_init', str(opts.h_bias_init)] if opts.h_bias_init is not None else []), *opts.extra]
-            name = f'{adaptor}-seed{seed}' + (f'-hbias{opts.h_bias_init:g}' if opts.h_bias_init is not None else '')
-            runs.append((adaptor, seed, flags, os.path.join(opts.save_dir, name)))
-    for adaptor, seed, flags, base in runs:  # every training first, then every test
-        if not os.path.isfile(base + '.trained'):
-            print(f'training {os.path.basename(base)} ...', flush=True)
-            run(['train.py', *flags], base + '.log')
-            open(base + '.trained', 'w').close()
+    save_dir = os.path.abspath(opts.save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+    done = []
+    protocol = []
+    if opts.protocol == 'pretrained':
+        weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
+        if not os.path.isfile(weights + '.done'):
+            resume = ['--resume'] if os.path.isfile(os.path.splitext(weights)[0] + '.last.pth') else []
+            stage(['pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra,
+                   *resume], os.path.join(save_dir, 'pretrain.log'), done)
+            open(weights + '.done', 'w').close()
+        protocol = ['--pretrained', weights, *PRETRAINED_RATES]
     figures = {}
-    for adaptor, seed, flags, base in runs:
-        if not os.path.isfile(base + '.test.json'):
-            run(['test.py', *flags, '--json', base + '.test.json'], base + '.log')
-        with open(base + '.test.json') as f:
-            figures[(adaptor, seed)] = json.load(f)['settings'][0]
+    for variant in opts.variants:
+        for seed in opts.seeds:
+            base = os.path.join(save_dir, f'{opts.protocol}-{variant}-seed{seed}')
+            flags = ['--demo', 'mixed', '--seed', str(seed), *VARIANTS[variant], *protocol, '--save_dir', save_dir,
+                     *opts.extra, '--json', base + '.test.json']
+            if not os.path.isfile(base + '.test.json'):
+                command = 'test.py' if finished(flags) else 'train.py'
+                stage([command, *flags, *(['--resume'] if command == 'train.py' else [])], base + '.log', done)
+            with open(base + '.test.json') as f:
+                figures[(variant, seed)] = json.load(f)['settings'][0]
+            with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
+                entries = [json.loads(line) for line in f if line.strip()]
+            figures[(variant, seed)]['validation_strengths'] = [
+                f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
     table = {}
-    print('| adaptor | mean over seeds ± CI | ' + ' | '.join(f'seed {s}' for s in opts.seeds)
-          + ' | alpha_task | alpha_cls |')
-    print('|---|---|' + '---|' * len(opts.seeds) + '---|---|')
-    for adaptor in opts.adaptors:
-        rows = [figures[(adaptor, s)] for s in opts.seeds]
+    print(f'\n{opts.protocol} protocol; test accuracy (%), 5-way 1-shot, mix-grained demo')
+    print('| variant | mean over seeds ± CI | ' + ' | '.join(f'seed {s}' for s in opts.seeds)
+          + ' | single-source tasks | mixed tasks | alpha_task | alpha_cls |')
+    print('|---|---|' + '---|' * len(opts.seeds) + '---|---|---|---|')
+    for variant in opts.variants:
+        rows = [figures[(variant, s)] for s in opts.seeds]
         accuracies = np.array([r['accuracy'] for r in rows])
         ci = 1.96 * accuracies.std() / np.sqrt(len(accuracies))
-        table[adaptor] = {'mean': float(accuracies.mean()), 'ci_over_seeds': float(ci), 'runs': rows}
-        print(f'| {adaptor} | {accuracies.mean():.2f} ± {ci:.2f} | '
+        groups = {g: float(np.mean([r['groups'][g]['accuracy'] for r in rows])) for g in ('single-source', 'mixed')}
+        strengths = [f"{np.mean([r[key] for r in rows]):.3f}" if 'alpha_task' in rows[0] else '-'
+                     for key in ('alpha_task', 'alpha_cls')]
+        table[variant] = {'mean': float(accuracies.mean()), 'ci_over_seeds': float(ci), 'groups': groups, 'runs': rows}
+        print(f'| {variant} | {accuracies.mean():.2f} ± {ci:.2f} | '
               + ' | '.join(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" for r in rows)
-              + f" | {np.mean([r['alpha_task'] for r in rows]):.3f} | {np.mean([r['alpha_cls'] for r in rows]):.3f} |")
-    groups = sorted({g for r in figures.values() for g in r.get('groups', {})})
-    for group in groups:
-        print(f'{group} tasks: ' + ', '.join(
-            f"{a} {np.mean([figures[(a, s)]['groups'][group]['accuracy'] for s in opts.seeds]):.2f}"
-            for a in opts.adaptors))
+              + f" | {groups['single-source']:.2f} | {groups['mixed']:.2f} | {strengths[0]} | {strengths[1]} |")
+    for variant in opts.variants:
+        for seed in opts.seeds:
+            trajectory = figures[(variant, seed)]['validation_strengths']
+            if trajectory:
+                print(f'{variant}, seed {seed}: alpha_task, alpha_cls at each validation: {"; ".join(trajectory)}')
     if opts.json:
         with open(opts.json, 'w') as f:
             json.dump(table, f, indent=1)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
-from dataloader import (IMAGENET_MEAN, IMAGENET_STD, SPLITS, episode_sampler,  # noqa: E402
+from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
 from models.glofa import Adaptation  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
@@ -48,10 +48,9 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def denormalise(image: torch.Tensor) -> torch.Tensor:
+def denormalise(image: torch.Tensor, normalization: str = 'imagenet') -> torch.Tensor:
     """(3, H, W) normalised -> (H, W, 3) in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in NORMALIZATIONS[normalization])
     return (image * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
@@ -68,7 +67,7 @@ def mask_line(name: str, mask: torch.Tensor, delta: float) -> str:
 
 
 def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n_way: int, n_shot: int,
-         delta: float, title: str, out: str) -> None:
+         delta: float, title: str, out: str, normalization: str = 'imagenet') -> None:
     """images: (N*K, 3, H, W) normalised, shot-major. One PNG: support grid, mask heat map, strengths, caption."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -89,7 +88,7 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
     for i in range(n_shot * n_way):
         k, n = divmod(i, n_way)
         ax = axes[k][n]
-        ax.imshow(denormalise(images[i]).numpy())
+        ax.imshow(denormalise(images[i], normalization).numpy())
         ax.set_xticks([])
         ax.set_yticks([])
         if k == 0:
@@ -121,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     own, rest = get_parser().parse_known_args(argv)
     args = parse_args(rest)
     runs.check_episode_flags(args.N, args.K, args.Q)
+    if args.model_name != 'glofa':
+        raise UserError(f'--model_name {args.model_name} has no masks to draw: this script draws GLoFA\'s')
     device = select_device(args.device, args.devices)
     model_path = args.model_path or runs.run_paths(args).best
     if not args.model_path and not os.path.isfile(model_path):
@@ -130,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     model = runs.build_model(args, pretrained=False)
     record = load_model_checkpoint(model, model_path, runs.model_config(args))
     model.to(device).eval()
-    dataset = open_split(runs.data_path(args), own.split, eval_transform())
+    dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed),
                               args.task_mix)
     indices = sampler.sample()  # (K*N,), shot-major: the support set
@@ -155,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
           f'max {adaptation.scale.max().item():.4f}')
     title = (f'GLoFA masks: {own.split} split, {args.N}-way {args.K}-shot, episode seed {own.episode_seed}; '
              f'alpha_task = {alpha_task:.3f}, alpha_cls = {alpha_cls:.3f}')
-    draw(images, class_names, adaptation, args.N, args.K, args.delta, title, own.out)
+    draw(images, class_names, adaptation, args.N, args.K, args.delta, title, own.out, args.normalization)
     print(f'wrote {own.out}')
     return adaptation
 
