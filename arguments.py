@@ -136,7 +136,9 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--devices', type=int, nargs='+', default=[0],
                    help='CUDA device ids; more than one wraps the encoder in DataParallel')
     g.add_argument('--model_path', type=str, default=None,
-                   help='checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags)')
+                   help='checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags); '
+                        "with --model_name protonet, none evaluates the --pretrained encoder itself (the default when no "
+                        "ProtoNet run was trained with these flags)")
     g.add_argument('--eval_mode', type=str, default='auto', choices=['auto', 'cached', 'episodic'],
                    help='cached: encode each image of the split once, then adapt per episode; '
                         'episodic: encode every episode anew as the reference does (same answers); '

@@ -14,6 +14,7 @@ seeds (1.96 std / sqrt(seeds)), each seed's accuracy ± its per-episode CI, and 
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -40,7 +41,8 @@ def main(argv=None) -> dict:
     p.add_argument('--seeds', type=int, nargs='+', default=[960402, 1, 3], help='seeds of each variant')
     p.add_argument('--save_dir', default=os.path.join('saves', 'ablation'), help='where the runs are saved')
     p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more flags for train.py')
-    p.add_argument('--pretrain_extra', nargs='+', default=[], help='more flags for pretrain.py')
+    p.add_argument('--pretrain_extra', type=shlex.split, default=[],
+                   help='more flags for pretrain.py, as one string: --pretrain_extra "--epochs 20 --n_workers 2"')
     p.add_argument('--json', default=None, help='write the table to this JSON file')
     opts = p.parse_args(argv)
     save_dir = os.path.abspath(opts.save_dir)

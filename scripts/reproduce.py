@@ -34,8 +34,10 @@ QUOTED = {('glofa', 1): '66.1 (paper)', ('glofa', 5): '81.4 (paper)',
           ('protonet', 1): "62.39 (FEAT's repository)", ('protonet', 5): "80.53 (FEAT's repository)",
           ('feat', 1): "66.78 (FEAT's repository)", ('feat', 5): "82.05 (FEAT's repository)"}
 CHECK_QUOTED = {'euclidean': 'almost 55 (Sha-Lab/FEAT issue 33)', 'cosine': 'around 62 (Sha-Lab/FEAT issue 33)'}
-# --demo: the built-in data and a schedule that runs each cell in about a minute on a 2-core CPU
-DEMO_TRAIN = ['--demo', '--n_training_episodes', '100', '--episode_gap', '50', '--n_testing_episodes', '500']
+# --demo: the built-in data, a schedule that runs each cell in about a minute on a 2-core CPU, and the
+# reference's learning rate for a pretrained encoder (the demo preset's 0.01 is for training from scratch)
+DEMO_TRAIN = ['--demo', '--n_training_episodes', '100', '--episode_gap', '50', '--n_testing_episodes', '500',
+              '--lr_network', '0.0001']
 DEMO_PRETRAIN = ['--demo']
 
 
@@ -55,7 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='the built-in demo data, Conv-4 pretrained by pretrain.py --demo, short meta-training')
     p.add_argument('--extra', nargs=argparse.REMAINDER, default=[],
                    help='more flags for train.py and test.py (last, so they win), e.g. --extra --n_workers 2')
-    p.add_argument('--pretrain_extra', nargs='+', default=[], help='more flags for pretrain.py')
+    p.add_argument('--pretrain_extra', type=shlex.split, default=[],
+                   help='more flags for pretrain.py, as one string: --pretrain_extra "--epochs 20 --n_workers 2"')
     return p
 
 
@@ -101,7 +104,7 @@ def cell_text(figures: Optional[dict]) -> str:
 def write_results(path: str, opts, cells: dict, check: dict, commands: dict, pretrained: str) -> None:
     shots = opts.shots
     lines = [f'# Results: {opts.N}-way accuracy (%), mean ± 95 % CI over test episodes', '',
-             f'Data: {" ".join(opts.data_path) if opts.data_path else "train.py default"}; encoder weights: '
+             f'Data: {" ".join(opts.data_path) if opts.data_path else ("the built-in demo, datasets/demo" if opts.demo else "train.py default")}; encoder weights: '
              f'{pretrained}. Quoted figures are the paper\'s or FEAT\'s for mini-ImageNet with FEAT\'s ResNet-12; '
              f'they are not measured here and apply only to that setting.', '',
              '| model | ' + ' | '.join(f'{k}-shot, ours | {k}-shot, quoted' for k in shots) + ' | strengths (alpha_task, alpha_cls) |',
