@@ -25,9 +25,10 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument('--data_name', type=str, default='mini_imagenet',
                    help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
     g.add_argument('--data_path', type=str, nargs='+', default=None,
-                   help='dataset root holding images/ and split/{train,val,test}.csv, or tiered-ImageNet\'s '
-                        '{split}_images.npz and {split}_labels.pkl (default: datasets/<data_name>); several roots '
-                        'make one benchmark whose splits are the unions of theirs')
+                   help='dataset root holding images/ and split/{train,val,test}.csv, tiered-ImageNet\'s '
+                        '{split}_images.npz and {split}_labels.pkl, or the pickles of MetaOptNet / rfs, learn2learn or '
+                        'Ren et al. (docs/datasets.md; default: datasets/<data_name>); several roots make one '
+                        'benchmark whose splits are the unions of theirs')
     g.add_argument('--task_mix', type=str, default='class', choices=['class', 'source'],
                    help='with several roots: class draws the N classes of an episode from all roots\' classes '
                         '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')

@@ -19,7 +19,6 @@ import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import shutil
 import signal
 import struct
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision import transforms
 
+from pickles import cache_dir, convert_split, pickled_form, safe_load, source_file
 from utils import UserError
 
 SPLITS = ('train', 'val', 'test')
@@ -123,14 +123,10 @@ def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
 def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
     """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
     label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
-    Python 3 pickles unchanged). Returns (integer labels, class names in order of first appearance)."""
+    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer labels, class names in order of first appearance)."""
     if not os.path.isfile(pkl_path):
         raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')
-    try:
-        with open(pkl_path, 'rb') as f:
-            record = pickle.load(f, encoding='latin1')
-    except Exception as error:  # a truncated or foreign file: any unpickling failure
-        raise UserError(f'label file {pkl_path} cannot be unpickled ({type(error).__name__})') from None
+    record = safe_load(pkl_path, 'label file')
     keys = [k for k in LABEL_KEYS if isinstance(record, dict) and k in record]
     if not keys:
         what = f'keys {sorted(map(str, record))}' if isinstance(record, dict) else f'a {type(record).__name__}'
@@ -188,14 +184,6 @@ def npz_array_info(npz_path: str, key: str = 'images') -> ArrayInfo:
 
 def is_writable(folder: str) -> bool:
     return os.access(folder, os.W_OK)
-
-
-def cache_dir() -> str:
-    """Where uncompressed copies go when a dataset folder is read-only: $GLOFA_CACHE, else
-    $XDG_CACHE_HOME/glofa, else ~/.cache/glofa."""
-    if os.environ.get('GLOFA_CACHE'):
-        return os.environ['GLOFA_CACHE']
-    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'glofa')
 
 
 def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
@@ -380,21 +368,33 @@ def missing_root_message(root: str) -> str:
             f'{{train,val,test}}_images.npz and _labels.pkl)')
 
 
-FORMATS = {'folder': FewShotDataset, 'tiered': TieredDataset}
+def open_pickled(root: str, split: str, transform: Optional[Callable] = None) -> TieredDataset:
+    """A split of a pickled form (``pickles``), converted once to the array layout and then memory-mapped."""
+    dataset = TieredDataset(convert_split(root, split), split, transform)
+    dataset.root, dataset.location = root, source_file(root, pickled_form(root), split)
+    return dataset
+
+
+FORMATS = {'folder': FewShotDataset, 'tiered': TieredDataset,
+           'metaoptnet': open_pickled, 'learn2learn': open_pickled, 'tiered_png': open_pickled}
 
 
 def dataset_format(root: str) -> str:
-    """'tiered' when the root holds {split}_images.npz or {split}_labels.pkl files, 'folder' when it holds
-    images/ or split/; a UserError otherwise."""
+    """The form of the dataset in ``root``: a pickled one ('metaoptnet', 'learn2learn', 'tiered_png': see
+    ``pickles``), 'tiered' when it holds {split}_images.npz or {split}_labels.pkl files, 'folder' when it
+    holds images/ or split/; a UserError otherwise."""
     if not os.path.isdir(root):
         raise UserError(missing_root_message(root))
+    form = pickled_form(root)
+    if form:
+        return form
     if any(os.path.isfile(path) for split in SPLITS for path in tiered_paths(root, split)):
         return 'tiered'
     if os.path.isdir(os.path.join(root, 'images')) or os.path.isdir(os.path.join(root, 'split')):
         return 'folder'
     raise UserError(f'no dataset recognised in {root}: expected images/ and split/{{train,val,test}}.csv '
-                    f'(mini-ImageNet, CUB), or {{train,val,test}}_images.npz with {{train,val,test}}_labels.pkl '
-                    f'(tiered-ImageNet)')
+                    f'(mini-ImageNet, CUB), {{train,val,test}}_images.npz with {{train,val,test}}_labels.pkl '
+                    f'(tiered-ImageNet), or the pickles of MetaOptNet, learn2learn or Ren et al. (docs/datasets.md)')
 
 
 def root_names(paths: Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@ Each root given is checked in turn. Exit code 0 when nothing is wrong, 2 otherwi
 """
 import argparse
 import collections
+import hashlib
 import os
 import random
 import sys
@@ -26,13 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import (SPLITS, dataset_format, npz_array_info, read_split, read_tiered_labels,  # noqa: E402
-                        split_csv_path, tiered_paths)
+from dataloader import (SPLITS, dataset_format, npz_array_info, open_split, read_split,  # noqa: E402
+                        read_tiered_labels, split_csv_path, tiered_paths)
+from pickles import FORM_NAMES  # noqa: E402
 from utils import UserError  # noqa: E402
 
+FORMAT_NAMES = {'folder': 'images/ and split/*.csv', 'tiered': "tiered-ImageNet's {split}_images.npz and {split}_labels.pkl"}
 LIST_LIMIT = 10  # problems of one kind listed one by one per split; the rest are counted
 
 
@@ -119,7 +123,8 @@ def read_member(npz_path: str, key: str = 'images') -> Optional[str]:
     return None
 
 
-def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[str], problems: list[str]) -> None:
+def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[str], problems: list[str],
+                 counts: dict, sizes: dict) -> None:
     """Check tiered-ImageNet's {split}_images.npz and {split}_labels.pkl: counts, shapes, dtype, episodes."""
     for split in SPLITS:
         images_path, labels_path = tiered_paths(root, split)
@@ -135,10 +140,12 @@ def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[
             info = None
         if labels is not None:
             per_class = check_classes(split, labels, class_names, N, K, Q, problems)
+            counts[split] = (class_names, per_class)
             summary.append(f'{split}: {len(class_names)} classes, {len(labels)} images, min {min(per_class)} / '
                            f'max {max(per_class)} images per class ({os.path.basename(labels_path)})')
         if info is None:
             continue
+        sizes[split] = [(info.shape[2], info.shape[1])] if len(info.shape) == 4 else []
         size = (f'{info.member_size / 2 ** 30:.2f} GiB' if info.member_size >= 2 ** 30
                 else f'{info.member_size / 2 ** 20:.1f} MiB')
         how = (f'compressed: an uncompressed copy of {size} is written once at the first run' if info.compressed
@@ -173,13 +180,25 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
         problems.append(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv, '
                         f'or {{train,val,test}}_images.npz and _labels.pkl, inside it; see --data_path)')
         return summary, problems
+    counts, sizes = {}, {}  # per split: (class names, images per class); image sizes (width, height) seen
     try:
-        if dataset_format(data_path) == 'tiered':
-            check_tiered(data_path, N, K, Q, decode, summary, problems)
-            return summary, problems
+        form = dataset_format(data_path)
     except UserError as error:
         problems.append(str(error))
         return summary, problems
+    summary.append(f'format: {form} ({FORMAT_NAMES.get(form) or FORM_NAMES[form]})')
+    if form != 'folder':
+        (check_tiered if form == 'tiered' else check_pickled)(data_path, N, K, Q, decode, summary, problems,
+                                                               counts, sizes)
+    else:
+        check_folder(data_path, N, K, Q, decode, sample, n_threads, summary, problems, counts, sizes)
+    compare_with_benchmarks(counts, sizes, summary, problems)
+    return summary, problems
+
+
+def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: int, n_threads: int,
+                 summary: list[str], problems: list[str], counts: dict, sizes: dict) -> None:
+    """Check the folder format: split files, counts, episode needs, missing and repeated files, image headers."""
     image_dir = os.path.join(data_path, 'images')
     present = None
     if os.path.isdir(image_dir):
@@ -206,6 +225,7 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
     rng = random.Random(0)
     for split, (csv_path, filenames, labels, class_names) in splits.items():
         per_class = check_classes(split, labels, class_names, N, K, Q, problems)
+        counts[split] = (class_names, per_class)
         summary.append(f'{split}: {len(class_names)} classes, {len(filenames)} images, '
                        f'min {min(per_class)} / max {max(per_class)} images per class ({os.path.basename(csv_path)})')
         for name in class_names:
@@ -245,6 +265,7 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
             if not paths:
                 continue
             good = [results[path] for path in paths if results[path][2] is None]
+            sizes[split] = [g[0] for g in good]
             what = f'all {len(paths)} decoded' if decode else f'headers of {len(paths)}'
             summary.append(f'{split}: image sizes ({what}): '
                            f'{size_summary([g[0] for g in good], [g[1] for g in good])}')
@@ -253,7 +274,72 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
                    f'unreadable images of {split}')
         if not decode:
             summary.append('(only a sample of image headers was read; --decode decodes every image)')
-    return summary, problems
+
+
+def check_pickled(root: str, N: int, K: int, Q: int, decode: bool, summary: list[str], problems: list[str],
+                  counts: dict, sizes: dict) -> None:
+    """A pickled form: each split opened as train.py opens it (converted once to the array layout, then
+    memory-mapped); counts, episode needs, the array's shape, and with --decode repeated images."""
+    for split in SPLITS:
+        try:
+            dataset = open_split(root, split)
+        except UserError as error:
+            problems.append(f'{split}: {error}')
+            continue
+        per_class = check_classes(split, dataset.labels, dataset.class_names, N, K, Q, problems)
+        counts[split] = (dataset.class_names, per_class)
+        sizes[split] = [(dataset.shape[2], dataset.shape[1])]
+        summary.append(f'{split}: {len(dataset.class_names)} classes, {len(dataset)} images, min {min(per_class)} / '
+                       f'max {max(per_class)} images per class ({os.path.basename(dataset.location)}; array '
+                       f'{dataset.shape} in {dataset.array_path})')
+        if decode:
+            digests = collections.Counter(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+                                          for image in tqdm(dataset.images, desc=f'hashing {split}', leave=False))
+            repeated = sum(n - 1 for n in digests.values() if n > 1)
+            if repeated:
+                problems.append(f'{split}: {repeated} image{"s" if repeated > 1 else ""} of {dataset.location} '
+                                f'repeat{"" if repeated > 1 else "s"} another image of the split')
+
+
+# ------------------------------------------------------------------ the benchmark it looks like
+# classes per split (train, val, test), and images per class where the benchmark fixes it
+BENCHMARKS = {'mini-ImageNet': ((64, 16, 20), 600), 'tiered-ImageNet': ((351, 97, 160), None),
+              "FEAT's CUB split": ((100, 50, 50), None)}
+
+
+def compare_with_benchmarks(counts: dict, sizes: dict, summary: list[str], problems: list[str]) -> None:
+    """Which benchmark the split looks like, what differs from it, the image sizes, and a one-line verdict."""
+    if len(counts) < len(SPLITS):
+        summary.append('verdict: not usable as it is (see the problems)')
+        return
+    classes = tuple(len(counts[split][0]) for split in SPLITS)
+    shared = sorted(set(counts['train'][0]) & set(counts['val'][0]) | set(counts['train'][0]) & set(counts['test'][0])
+                    | set(counts['val'][0]) & set(counts['test'][0]))
+    all_sizes = [size for split in SPLITS for size in sizes.get(split, [])]
+    resized = bool(all_sizes) and set(all_sizes) == {(84, 84)}
+    size_text = ('every image read is 84 x 84 (a pre-resized copy)' if resized else
+                 f'images read are of {len(set(all_sizes))} size(s), resized and cropped by the transforms (raw images)'
+                 if all_sizes else 'image sizes not read')
+    summary.append(f'images: {size_text}')
+    closest = min(BENCHMARKS, key=lambda b: sum(abs(a - e) for a, e in zip(classes, BENCHMARKS[b][0])))
+    expected, per_class = BENCHMARKS[closest]
+    differences = [f'{split} has {n} classes, {closest} {e}' for split, n, e in zip(SPLITS, classes, expected) if n != e]
+    if per_class is not None:
+        short = [(split, name, n) for split in SPLITS for name, n in zip(*counts[split]) if n != per_class]
+        if short:
+            split, name, n = short[0]
+            differences.append(f'{len(short)} classes do not have {per_class} images (e.g. {split} class {name}: {n})')
+    if shared:
+        differences.append(f'{len(shared)} classes are in more than one split')
+    if not differences:
+        summary.append(f'verdict: {closest}, as the benchmark defines it: {" / ".join(map(str, classes))} classes'
+                       + (f' of {per_class} images' if per_class else '') + f'; {size_text}')
+    elif len(differences) <= 3 and sum(abs(a - e) for a, e in zip(classes, expected)) <= 0.1 * sum(expected):
+        summary.append(f'verdict: looks like {closest}, but {"; ".join(differences)}')
+    else:
+        known = ', '.join(f'{b} {"/".join(map(str, c))}' for b, (c, _) in BENCHMARKS.items())
+        summary.append(f'verdict: no benchmark split ({known} classes); a dataset of its own with '
+                       f'{" / ".join(map(str, classes))} classes')
 
 
 def main(argv: Optional[list[str]] = None) -> int:
