@@ -4,6 +4,37 @@ import os
 from typing import Optional
 
 
+# what each numeric flag accepts: (test, what the one-line refusal says it must be)
+AT_LEAST_1 = (lambda v: v >= 1, 'at least 1')
+AT_LEAST_0 = (lambda v: v >= 0, '0 or more')
+POSITIVE = (lambda v: v > 0, 'positive')
+FACTOR = (lambda v: 0 < v <= 1, 'in (0, 1]')
+DOMAINS = {  # train.py and test.py (a flag of None is not checked: its default applies)
+    'N': (lambda v: v >= 2, 'at least 2 (an episode of one class has nothing to tell apart)'),
+    'K': AT_LEAST_1, 'Q': AT_LEAST_1, 'n_training_episodes': AT_LEAST_1, 'n_validating_episodes': AT_LEAST_1,
+    'n_testing_episodes': AT_LEAST_1, 'episode_gap': AT_LEAST_1, 'point': AT_LEAST_1,
+    'lr_network': AT_LEAST_0, 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR,
+    'mo': (lambda v: 0 < v < 1, 'in (0, 1): Nesterov momentum needs a momentum above 0, and 1 or more diverges'),
+    'tau': POSITIVE, 'delta': POSITIVE, 'temperature': POSITIVE, 'temperature2': POSITIVE, 'balance': AT_LEAST_0,
+    'n_workers': AT_LEAST_0, 'episode_batch': AT_LEAST_0,
+}
+PRETRAIN_DOMAINS = {
+    'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'val_every': AT_LEAST_1, 'val_shot': AT_LEAST_1,
+    'val_query': AT_LEAST_1, 'val_episodes': AT_LEAST_1, 'milestones': AT_LEAST_1,
+    'val_way': DOMAINS['N'], 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR, 'n_workers': AT_LEAST_0,
+}
+
+
+def domain_error(args, domains: dict) -> Optional[str]:
+    """'--mo must be in (0, 1) ..., got 1.5' for the first flag of ``domains`` outside its domain, else None."""
+    for flag, (accepts, what) in domains.items():
+        value = getattr(args, flag, None)
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None and not accepts(v):
+                return f'--{flag} must be {what}, got {v}'
+    return None
+
+
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 

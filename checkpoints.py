@@ -69,6 +69,10 @@ def load_strict(module: nn.Module, state_dict: dict, path: str, what: str) -> in
         if v.shape != expected[k].shape:
             raise UserError(f'{what} {path}: key {k} has shape {tuple(v.shape)}, the model expects '
                             f'{tuple(expected[k].shape)} (was it written for another network?)')
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f'{what} {path}: tensor {k} holds {bad} non-finite value{"s" if bad > 1 else ""} (nan or '
+                            f'inf): the file is damaged, or was saved by a run that diverged')
     module.load_state_dict({actual[k]: v for k, v in state_dict.items()}, strict=False)
     return len(state_dict)
 
@@ -131,17 +135,16 @@ def model_of(state_dict: dict) -> str:
 
 def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
     """Load a checkpoint into ``model``: this repository's record ``{'state_dict', 'validating_accuracy',
-    'epoch', 'config'}``, or FEAT's ``{'params': ...}`` (its released checkpoints).
+    'epoch', 'config'}``, a run's 'last' state (its weights), or FEAT's ``{'params': ...}`` (its released
+    checkpoints).
 
     When the record carries a ``config`` (network, model, ...), it must match ``config``; a checkpoint of
     another model than ``config['model_name']`` is refused, naming the model it holds. Returns the record.
     """
     record = read_file(path, 'checkpoint')
-    state = tensors_of(record) if isinstance(record, dict) and 'optimizer' not in record else None
+    state = tensors_of(record)
     if state is None:
-        last = ' (a resume state: evaluate the best checkpoint beside it, <run>.model)' if (
-            isinstance(record, dict) and 'optimizer' in record) else ''
-        raise UserError(f"checkpoint {path} is not a model checkpoint{last} (expected a dict with a 'state_dict' "
+        raise UserError(f"checkpoint {path} is not a model checkpoint (expected a dict with a 'state_dict' "
                         f"or FEAT's 'params')")
     state = strip_module(state)
     if config is not None:

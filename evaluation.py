@@ -19,7 +19,7 @@ from dataloader import FewShotDataset, episode_group, episode_loader, episode_sa
 from models import FewShotModel, prototype_logits, split_episode
 from models.glofa import query_targets
 from networks import advance_forward_count, forward_count, set_forward_count
-from utils import accuracy_line, autocast, mean_ci, to_device
+from utils import UserError, accuracy_line, autocast, mean_ci, to_device
 
 
 MODES = ('auto', 'cached', 'episodic')
@@ -130,15 +130,17 @@ def episode_batch_size(options: EvalOptions, episodes: Episodes, feature_dim: in
 
 
 def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
-    """(..., 5): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode.
+    """(..., 6): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode, and 1 where
+    its logits are all finite.
     logits (..., N*Q, N) and GLoFA's Adaptation of the same episodes (None for a model without
     adaptors: its four columns are nan); targets (N*Q,)."""
     accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
+    finite = torch.isfinite(logits).flatten(-2).all(dim=-1).float()  # (...,): 0 where a logit is nan or inf
     if adaptation is None:
-        return torch.cat([accuracy[..., None], torch.full((*accuracy.shape, 4), float('nan'),
-                                                          device=accuracy.device)], dim=-1)
+        nan = torch.full_like(accuracy, float('nan'))
+        return torch.stack([accuracy, nan, nan, nan, nan, finite], dim=-1)
     return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
-                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1))], dim=-1).float()
+                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1)), finite], dim=-1).float()
 
 
 # the strengths whose masks act under each --adaptor ablation (columns of EpisodeResults.alphas)
@@ -215,7 +217,7 @@ def run_episodes(model: FewShotModel, dataset: FewShotDataset, episodes: Episode
     e, device = episodes, options.device
     sampler = episode_sampler(dataset, e.n_episodes, e.n_way, e.n_shot + e.n_query, e.generator, e.task_mix)
     targets = query_targets(e.n_way, e.n_query, device)
-    values = np.empty((e.n_episodes, 5))  # per episode: episode_values
+    values = np.empty((e.n_episodes, 6))  # per episode: episode_values
     drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
     if mode == 'cached':  # encoded before the episodes' progress bar starts
         cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
@@ -241,6 +243,10 @@ def run_episodes(model: FewShotModel, dataset: FewShotDataset, episodes: Episode
                     logits, adaptation = model.episode(embeddings, e.n_way, e.n_shot)  # (N*Q, N)
                 values[i] = episode_values(logits, adaptation, targets).cpu().numpy()  # one transfer per episode
                 bar.update(1)
+    broken = int((values[:, 5] == 0).sum())
+    if broken:
+        raise UserError(f'{desc}: the logits of {broken} of {e.n_episodes} episodes hold nan or inf: the weights or '
+                        f'the images hold non-finite numbers, or the model overflowed (with --amp, try without)')
     groups = [episode_group(dataset, indices, e.task_mix) for indices in drawn]
     return EpisodeResults(mode, values[:, 0], values[:, 1:3], values[:, 3], values[:, 4],
                           groups=groups if groups and groups[0] is not None else None)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from arguments import parse_pretrain_args
+from arguments import PRETRAIN_DOMAINS, domain_error, parse_pretrain_args
 from checkpoints import atomic_save, model_state_dict
 from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, \
     open_split, train_transform
@@ -33,14 +33,9 @@ from utils import (ProcessError, UserError, append_log, backward_and_step, exit_
 
 # ------------------------------------------------------------------ flags
 def check_flags(args, device: torch.device) -> None:
-    for flag in ('epochs', 'batch_size', 'val_every', 'val_way', 'val_shot', 'val_query', 'val_episodes'):
-        if getattr(args, flag) < 1:
-            raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
-    for flag in ('lr', 'gamma'):
-        if getattr(args, flag) <= 0:
-            raise UserError(f'--{flag} must be positive, got {getattr(args, flag)}')
-    if args.n_workers < 0:
-        raise UserError(f'--n_workers must be 0 or more, got {args.n_workers}')
+    error = domain_error(args, PRETRAIN_DOMAINS)
+    if error:
+        raise UserError(error)
     processes = distributed.world_size()
     if args.batch_size % processes:
         lower = max(processes, args.batch_size - args.batch_size % processes)

@@ -3,6 +3,7 @@ happens to an existing one, its saved state, its model.
 
 train.py, test.py, pretrain.py and the scripts import this module; it imports none of them.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
 from dataloader import root_names
-from arguments import MODEL_FLAGS, feat_regulariser
+from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser
 from models import FewShotModel
 from models.feat import FEAT
 from models.glofa import GLoFA
@@ -162,7 +163,7 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
                 print(f'--overwrite: removed the {len(removed)} files of the earlier run in '
                       f'{os.path.dirname(paths.last)}')
         return None
-    record = read_file(paths.last, 'resume state', weights_only=False) if os.path.isfile(paths.last) else None
+    record = read_file(paths.last, 'resume state') if os.path.isfile(paths.last) else None
     if record is not None and not (isinstance(record, dict) and 'optimizer' in record and unit in record):
         raise UserError(f'{paths.last} is not a saved state of this program: move it away or pass --overwrite')
     if record is not None and not finished(record):
@@ -356,23 +357,15 @@ def place_model(model: FewShotModel, args, device: torch.device) -> FewShotModel
 
 
 def check_episode_flags(N: int, K: int, Q: int) -> None:
-    for flag, value in (('N', N), ('K', K), ('Q', Q)):
-        if value < 1:
-            raise UserError(f'--{flag} must be at least 1, got {value}')
+    error = domain_error(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
+    if error:
+        raise UserError(error)
 
 
 def check_args(args, device: torch.device) -> None:
-    check_episode_flags(args.N, args.K, args.Q)
-    for flag in ('n_training_episodes', 'n_validating_episodes', 'n_testing_episodes', 'episode_gap'):
-        if getattr(args, flag) < 1:
-            raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
-    for flag in ('tau', 'temperature', 'temperature2'):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UserError(f'--{flag} must be positive, got {getattr(args, flag)}')
-    if args.balance is not None and args.balance < 0:
-        raise UserError(f'--balance must be 0 or more, got {args.balance}')
-    for flag in ('n_workers', 'episode_batch'):
-        if getattr(args, flag) < 0:
-            raise UserError(f'--{flag} must be 0 or more, got {getattr(args, flag)}')
+    """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
+    error = domain_error(args, DOMAINS)
+    if error:
+        raise UserError(error)
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')

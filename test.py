@@ -151,8 +151,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return check_pretrained(args, settings, dataset, device)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
     record = load_model_checkpoint(model, model_path, model_config(args))
-    validated = (f"validation accuracy {100 * float(record['validating_accuracy']):.2f} %, episode {record.get('epoch')}"
-                 if 'validating_accuracy' in record else 'no validation record: not written by train.py')
+    if 'optimizer' in record:  # train.py's 'last' state: the weights after its last finished gap
+        validated = f"the last state, after episode {record.get('episode')}; the best checkpoint is the .model file beside it"
+    elif 'validating_accuracy' in record:
+        validated = f"validation accuracy {100 * float(record['validating_accuracy']):.2f} %, episode {record.get('epoch')}"
+    else:
+        validated = 'no validation record: not written by train.py'
+
     print(f"loaded {model_path} ({validated})")
     trained_as = trained_as_line(record, settings)
     if trained_as:

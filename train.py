@@ -22,7 +22,7 @@ from models.glofa import query_targets
 from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args, check_existing_run,
                   check_finite, data_path, interrupted_message, load_last, model_config, place_model, prepare_demo,
                   run_identity, run_name, run_paths, save_last, write_identity)
-from utils import (UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, flag_hint,
+from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, flag_hint,
                    git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
@@ -66,7 +66,11 @@ def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episo
     """End of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
     statistics, the JSON log line and the 'last' state. Returns the validation and whether it improved."""
     args, p, paths = run.args, run.progress, run.paths
-    results = run_episodes(run.model, val_set, *validation, EvalOptions.from_args(args, run.device), desc='validation')
+    try:
+        results = run_episodes(run.model, val_set, *validation, EvalOptions.from_args(args, run.device), desc='validation')
+    except UserError as error:  # non-finite logits: the weights diverged in this gap
+        raise NonFiniteLoss(f'{error}; stopped after episode {p.done}. The state after episode {p.saved} is kept in '
+                            f'{paths.last}: try a lower --lr or --lr_network') from None
     accuracy, ci = mean_ci(results.accuracies)
     loss = float(np.mean(losses))
     p.statistics['training_loss'].append(loss)

@@ -114,14 +114,17 @@ def set_seed(seed: int) -> None:
 
 def random_states() -> dict:
     """The global random states of Python, NumPy and torch (CPU and every CUDA device)."""
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # NumPy's key as a tensor: weights_only loads it
+    return {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                                   int(has_gauss), float(cached)],
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_random_states(states: dict) -> None:
     """Restore what ``random_states`` returned (the CUDA states when the machine has as many devices)."""
     random.setstate(states['python'])
-    np.random.set_state(states['numpy'])
+    kind, keys, *rest = states['numpy']  # a tensor key, or an array in states saved before
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(states['torch'])
     if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states['cuda'])

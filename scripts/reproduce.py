@@ -89,7 +89,7 @@ def finished(argv: list[str]) -> bool:
     path = run_paths(parse_args(argv)).last
     if not os.path.isfile(path):
         return False
-    return bool(torch.load(path, map_location='cpu', weights_only=False).get('finished'))
+    return bool(torch.load(path, map_location='cpu', weights_only=True).get('finished'))
 
 
 def read_figures(path: str) -> dict:
