@@ -63,6 +63,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument('--task_mix', type=str, default='class', choices=['class', 'source'],
                    help='with several roots: class draws the N classes of an episode from all roots\' classes '
                         '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')
+    g.add_argument('--allow_overlap', action='store_true',
+                   help='accept splits that share classes or images (refused otherwise: the accuracy would not be few-shot)')
     g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
                    help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
     g.add_argument('--normalization', type=str, default='imagenet', choices=['imagenet', 'feat'],

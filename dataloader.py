@@ -70,37 +70,100 @@ def eval_transform(normalization: str = 'imagenet') -> transforms.Compose:
     ])
 
 
+# ------------------------------------------------------------------ images
+# modes PIL converts to RGB faithfully (8 bits a channel, palettes, alpha dropped, CMYK, YCbCr, ...)
+EIGHT_BIT_MODES = ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')
+
+
+def convertible(mode: str) -> bool:
+    """Whether ``to_rgb`` converts images of this PIL mode (16-bit and integer greyscale included)."""
+    return mode in EIGHT_BIT_MODES or mode == 'I' or mode.startswith('I;16')
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit greyscale (modes I;16*, and I, as 16-bit PNGs open) is scaled to
+    0-255 (65535 -> 255), not clipped as PIL's own conversion does (which turns it white); a mode without
+    a faithful conversion (floating point, 32-bit values beyond 16 bits) is refused, naming the file."""
+    mode = image.mode
+    if mode in EIGHT_BIT_MODES:
+        return image.convert('RGB')
+    if convertible(mode):
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UserError(f'image {path} has mode {mode} with values from {values.min()} to {values.max()}: '
+                            f'not 16-bit, so it cannot be converted to 8-bit RGB faithfully')
+        return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L').convert('RGB')
+    raise UserError(f'image {path} has mode {mode}, which cannot be converted to 8-bit RGB faithfully '
+                    f'(expected RGB, greyscale of 8 or 16 bits, a palette, CMYK or YCbCr)')
+
+
 # ------------------------------------------------------------------ split files (folder format)
 def split_csv_path(data_path: str, split: str) -> str:
     return os.path.join(data_path, 'split', f'{split}.csv')
 
 
-def read_split(csv_path: str) -> tuple[list[str], list[int], list[str]]:
+def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int], list[str]]:
     """Read a split CSV: (filenames, integer labels, class names in order of first appearance).
 
-    The first line is a header and is skipped. A row holds at least two fields, filename and label;
-    further fields (FEAT's CUB split: ``filename, label, concept_label, ...``) are ignored, and so
-    are spaces around fields.
+    The file is UTF-8 text, with or without a byte-order mark. The first line is a header and is
+    skipped. A row holds at least two fields, filename and label; further fields (FEAT's CUB split:
+    ``filename, label, concept_label, ...``) are ignored, and so are spaces around fields. With
+    ``strict`` (train.py, test.py) a file whose first line is a row (no header) or that lists an image
+    twice is refused; scripts/check_dataset.py reads without it and reports them itself.
     """
+    if os.path.isdir(csv_path):
+        raise UserError(f'split file {csv_path} is a folder, not a CSV with rows filename,label')
     if not os.path.isfile(csv_path):
         raise UserError(f'split file {csv_path} not found (expected a CSV with rows filename,label)')
-    filenames, labels, class_names = [], [], []
+    filenames, labels, class_names, lines = [], [], [], []
     index = {}
-    with open(csv_path, newline='') as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if line_no == 1 or not row or (len(row) == 1 and not row[0].strip()):
-                continue  # header line and blank lines
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise UserError(f"{csv_path}, line {line_no}: expected 'filename,label', got {','.join(row)!r}")
-            name, label = row[0].strip(), row[1].strip()
-            if label not in index:
-                index[label] = len(class_names)
-                class_names.append(label)
-            filenames.append(name)
-            labels.append(index[label])
+    try:
+        with open(csv_path, newline='', encoding='utf-8-sig') as f:
+            rows = list(enumerate(csv.reader(f), start=1))
+    except UnicodeDecodeError as error:
+        raise UserError(f'split file {csv_path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}): '
+                        f'save it as UTF-8') from None
+    header = next((row for line_no, row in rows if line_no == 1), [])
+    for line_no, row in rows:
+        if line_no == 1 or not row or (len(row) == 1 and not row[0].strip()):
+            continue  # header line and blank lines
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"{csv_path}, line {line_no}: expected 'filename,label', got {','.join(row)!r}")
+        name, label = row[0].strip(), row[1].strip()
+        if label not in index:
+            index[label] = len(class_names)
+            class_names.append(label)
+        filenames.append(name)
+        labels.append(index[label])
+        lines.append(line_no)
     if not filenames:
         raise UserError(f'split file {csv_path} lists no images (expected a header, then rows filename,label)')
+    if strict:
+        if len(header) >= 2 and header[1].strip() in index:
+            raise UserError(f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
+                            f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
+        first = {}
+        for name, line_no in zip(filenames, lines):
+            if name in first:
+                raise UserError(f'split file {csv_path} lists {name} twice (lines {first[name]} and {line_no}): '
+                                f'an image listed twice can be its own query; remove the repeated rows')
+            first[name] = line_no
     return filenames, labels, class_names
+
+
+def overlap_error(splits: dict) -> Optional[str]:
+    """The first overlap between splits ({split: dataset}), as one line: a class in two splits, or an image
+    (folder form: a filename) listed in two. None when they are disjoint."""
+    items = list(splits.items())
+    for i, (a, first) in enumerate(items):
+        for b, second in items[i + 1:]:
+            for what, key in (('classes', 'class_names'), ('images', 'filenames')):
+                shared = sorted(set(getattr(first, key, ())) & set(getattr(second, key, ())))
+                if shared:
+                    return (f'{len(shared)} {what} are in both the {a} split ({first.location}) and the {b} split '
+                            f'({second.location}), e.g. {shared[0]}: few-shot splits must not share them, or the '
+                            f'accuracy is not few-shot (pass --allow_overlap if it is on purpose)')
+    return None
 
 
 # ------------------------------------------------------------------ tiered-ImageNet files
@@ -295,7 +358,7 @@ class FewShotDataset(SplitDataset):
         path = os.path.join(self.image_dir, self.filenames[i])
         try:
             with Image.open(path) as image:
-                return image.convert('RGB')
+                return to_rgb(image, path)
         except (OSError, ValueError, SyntaxError) as error:
             raise UserError(f'image {path} cannot be read or decoded ({type(error).__name__})') from None
 

@@ -504,13 +504,22 @@ def generate_fine_dataset(root: str, seed: int = 0, images_per_class: int = 50,
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description='Generate the procedural demo dataset.')
-    parser.add_argument('--kind', choices=['coarse', 'fine'], default='coarse',
-                        help='coarse: the demo of --demo; fine: the fine-grained sibling --demo mixed adds')
+    parser.add_argument('--kind', choices=['coarse', 'fine', 'mini_scale'], default='coarse',
+                        help='coarse: the demo of --demo; fine: the fine-grained sibling --demo mixed adds; mini_scale: '
+                             "60000 84 x 84 images of coloured noise in mini-ImageNet's layout (64 / 16 / 20 classes of "
+                             '600), for trying a feature at full scale (--root is required)')
     parser.add_argument('--root', default=None, help='default: datasets/demo, or datasets/demo_fine with --kind fine')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--images-per-class', type=int, default=50)
     parser.add_argument('--force', action='store_true')
     args = parser.parse_args(argv)
+    if args.kind == 'mini_scale':
+        if not args.root:
+            parser.error('--kind mini_scale needs --root DIR')
+        start = time.time()
+        write_colour_dataset(args.root, (64, 16, 20), 600, (84, 84), args.seed)
+        print(f'wrote 100 classes, 60000 images to {args.root} in {time.time() - start:.1f} s')
+        return
     generate = generate_fine_dataset if args.kind == 'fine' else generate_demo_dataset
     root = args.root or os.path.join('datasets', 'demo_fine' if args.kind == 'fine' else 'demo')
     generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)

@@ -24,7 +24,7 @@ from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sa
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
-from runs import (DATA_FLAGS, Progress, Run, check_existing_run, check_finite, data_path,
+from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite, data_path,
                   interrupted_message, load_last, prepare_demo, pretrain_identity, pretrain_paths, save_last,
                   write_identity)
 from utils import (ProcessError, UserError, append_log, backward_and_step, exit_on_interrupt, exits_cleanly,
@@ -160,6 +160,7 @@ def pretrain(args, built: list) -> dict:
     with flag_hint(DATA_FLAGS):
         train_set = open_split(root, 'train', train_transform(args.normalization))
         val_set = open_split(root, 'val', eval_transform(args.normalization))
+        check_disjoint(args, {'train': train_set, 'val': val_set})
     check_data(args, train_set, val_set)
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it')

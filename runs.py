@@ -16,7 +16,7 @@ import torch.nn as nn
 import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
-from dataloader import root_names
+from dataloader import SPLITS, FewShotDataset, TieredDataset, dataset_format, overlap_error, root_names
 from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser
 from models import FewShotModel
 from models.feat import FEAT
@@ -154,6 +154,8 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
     ('episode', 'epoch'); ``use_it`` says what to do with a finished run instead."""
     if args.resume and args.overwrite:
         raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
+    if distributed.is_main_process():
+        RunLock.take(paths)
     if args.overwrite:
         removed = [path for path in paths.files() if os.path.isfile(path)]
         if distributed.is_main_process():
@@ -178,8 +180,80 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
     if args.resume and distributed.is_main_process():
+        others = other_runs(args) if paths.stat else []  # train.py's runs are named by their identity
+        unfinished = [(name, diff, state) for name, diff, state in others if state == 'unfinished']
+        if unfinished:
+            name, diff, _ = unfinished[0]
+            raise UserError(f'--resume: no run with these flags, but the unfinished run {name} of the same data and '
+                            f'model differs only in {describe_differences(diff)}: give its flags to continue it, or '
+                            f'drop --resume to start this new run')
+        for name, diff, state in others[:3]:
+            print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
         print(f'no saved state {paths.last} yet: starting a new run')
     return None
+
+
+def other_runs(args) -> list[tuple[str, dict, str]]:
+    """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
+    (here, there)}, 'finished' / 'unfinished' / 'not started'), fewest differences first."""
+    here = run_identity(args)
+    folder = os.path.join(args.save_dir, 'statistics')
+    found = []
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not file.endswith('.run.json'):
+            continue
+        try:
+            with open(os.path.join(folder, file)) as f:
+                there = json.load(f)
+        except (OSError, ValueError):
+            continue
+        name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
+        if name is None or name == run_name(args) or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+            continue
+        diff = {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)}
+        last = os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')
+        try:
+            state = ('not started' if not os.path.isfile(last) else
+                     'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished')
+        except UserError:
+            continue
+        found.append((name, diff, state))
+    return sorted(found, key=lambda run: len(run[1]))
+
+
+def describe_differences(diff: dict) -> str:
+    return ', '.join(f'{k} ({here} here, {there} there)' for k, (here, there) in diff.items())
+
+
+class RunLock:
+    """An exclusive lock on a run's files for the life of this process (``<run>.lock``, fcntl.flock): a
+    second process training the same run is refused; a crash releases the lock with the process."""
+    held: dict = {}  # lock path -> its open file, for this process
+
+    @classmethod
+    def take(cls, paths: RunPaths) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            return
+        path = os.path.abspath(os.path.splitext(paths.best)[0] + '.lock')
+        if path in cls.held:  # this process holds it already (a run started again in the same process)
+            return
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        f = open(path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or 'unknown'
+            f.close()
+            raise UserError(f'this run is being trained by another process (pid {pid}; lock {path}): wait for it to '
+                            f'end, or stop it; a crashed process releases the lock') from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        cls.held[path] = f
 
 
 def write_identity(identity: dict, paths: RunPaths) -> None:
@@ -354,6 +428,27 @@ def place_model(model: FewShotModel, args, device: torch.device) -> FewShotModel
         model.encoder = data_parallel(model.encoder, args.devices)
     return model
 
+
+
+def check_disjoint(args, splits: dict) -> None:
+    """Refuse splits ({name: dataset}) that share classes or images, unless --allow_overlap."""
+    error = overlap_error(splits)
+    if error and not args.allow_overlap:
+        raise UserError(error)
+
+
+def split_files_beside(root: str, split: str) -> dict:
+    """The other splits of ``root`` known from their label files alone (the folder and npz forms; a pickled
+    form would have to be converted): what test.py compares its split with. {} when they cannot be read."""
+    try:
+        form = dataset_format(root)
+        if form not in ('folder', 'tiered'):
+            return {}
+        reader = FewShotDataset if form == 'folder' else TieredDataset
+        kwargs = {'check_files': False} if form == 'folder' else {}
+        return {other: reader(root, other, **kwargs) for other in SPLITS if other != split}
+    except UserError:
+        return {}
 
 
 def check_episode_flags(N: int, K: int, Q: int) -> None:

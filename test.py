@@ -21,7 +21,7 @@ from dataloader import episode_sampler, eval_transform, open_split
 from evaluation import (Episodes, EvalOptions, SplitFeatures, choose_eval_mode, describe_eval_mode, result_lines,
                         run_episodes, setting_figures, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
-                  run_paths)
+                  check_disjoint, run_paths, split_files_beside)
 from utils import UserError, exits_cleanly, flag_hint, git_revision, mean_ci, select_device, set_seed
 
 
@@ -144,6 +144,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
         dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
+        for root in data_path(args):  # the splits beside it, where their label files tell them cheaply
+            single = open_split(root, 'test') if len(data_path(args)) > 1 else dataset
+            check_disjoint(args, {'test': single, **split_files_beside(root, 'test')})
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)

@@ -19,7 +19,8 @@ from dataloader import FewShotDataset, episode_sampler, eval_transform, generate
 from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, choose_eval_mode,
                         describe_eval_mode, result_lines, run_episodes, setting_figures, write_figures)
 from models.glofa import query_targets
-from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args, check_existing_run,
+from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
+                  check_disjoint, check_existing_run,
                   check_finite, data_path, interrupted_message, load_last, model_config, place_model, prepare_demo,
                   run_identity, run_name, run_paths, save_last, write_identity)
 from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, flag_hint,
@@ -116,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train_set = open_split(root, 'train', train_transform(args.normalization))
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         test_set = open_split(root, 'test', eval_transform(args.normalization))
+        check_disjoint(args, {'train': train_set, 'val': val_set, 'test': test_set})
     with flag_hint(EPISODE_FLAGS):
         train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
                                             n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',

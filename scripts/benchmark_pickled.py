@@ -3,7 +3,7 @@
     python scripts/benchmark_pickled.py --data_path DIR [--work_dir W] [--forms metaoptnet learn2learn tiered_png]
 
 DIR is a dataset in the folder form (images/ + split/*.csv of 84 x 84 images), e.g. one written by
-``make_mini_scale.py`` with mini-ImageNet's 60000 images. Its images are written once in each pickled
+``python demo.py --kind mini_scale --root DIR`` with mini-ImageNet's 60000 images. Its images are written once in each pickled
 form (demo.write_pickled_split: the real keys and layouts) under --work_dir, then, per form:
 (a) the one-time conversion of the three splits to the array layout, timed in this process, and the
     disk used by the pickles and by the converted arrays;

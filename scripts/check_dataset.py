@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import (SPLITS, dataset_format, npz_array_info, open_split, read_split,  # noqa: E402
-                        read_tiered_labels, split_csv_path, tiered_paths)
+from dataloader import (SPLITS, convertible, dataset_format, npz_array_info, open_split, read_split,  # noqa: E402
+                        read_tiered_labels, split_csv_path, tiered_paths, to_rgb)
 from pickles import FORM_NAMES  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -69,7 +69,9 @@ def inspect_image(path: str, decode: bool) -> tuple[Optional[tuple[int, int]], O
         with Image.open(path) as image:
             size, mode = image.size, image.mode
             if decode:
-                image.convert('RGB')
+                to_rgb(image, path)
+            elif not convertible(mode):
+                return None, None, f'mode {mode} cannot be converted to 8-bit RGB'
         return size, mode, None
     except Exception as error:  # any failure means training would stop on this file
         reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else ''
@@ -211,7 +213,7 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
     for split in SPLITS:
         csv_path = split_csv_path(data_path, split)
         try:
-            filenames, labels, class_names = read_split(csv_path)
+            filenames, labels, class_names = read_split(csv_path, strict=False)
         except UserError as error:
             problems.append(str(error))
             summary.append(f'{split}: not checked ({csv_path} cannot be read, see the problems)')

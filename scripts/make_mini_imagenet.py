@@ -20,7 +20,6 @@ naming the split file and the class. A re-run writes only what is missing; a fil
 never rewritten (each is written to a temporary name, then renamed).
 """
 import argparse
-import csv
 import io
 import os
 import re
@@ -35,7 +34,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import SPLITS, read_split, split_csv_path  # noqa: E402
+from dataloader import SPLITS, read_split, split_csv_path, to_rgb  # noqa: E402
 from utils import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 NAME = re.compile(r'^(n\d{8})(\d+)\.\w+$')      # n0153282900000005.jpg: class, 1-based index
@@ -105,7 +104,7 @@ def write_image(data: bytes, target: str, size: Optional[int], origin: str) -> N
         else:
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    image.convert('RGB').resize((size, size), Image.LANCZOS).save(partial, format='JPEG', quality=95)
+                    to_rgb(image, origin).resize((size, size), Image.LANCZOS).save(partial, format='JPEG', quality=95)
             except (OSError, ValueError, SyntaxError) as error:
                 raise UserError(f'{origin} cannot be decoded ({type(error).__name__})') from None
         os.replace(partial, target)
