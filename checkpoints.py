@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from utils import UserError, writing
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -16,8 +16,9 @@ def atomic_save(obj: Any, path: str) -> None:
         os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.tmp'
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

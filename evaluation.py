@@ -19,7 +19,7 @@ from dataloader import FewShotDataset, episode_group, episode_loader, episode_sa
 from models import FewShotModel, prototype_logits, split_episode
 from models.glofa import query_targets
 from networks import advance_forward_count, forward_count, set_forward_count
-from utils import UserError, accuracy_line, autocast, mean_ci, to_device
+from utils import UserError, accuracy_line, autocast, mean_ci, to_device, writing
 
 
 MODES = ('auto', 'cached', 'episodic')
@@ -302,7 +302,7 @@ def write_figures(path: str, settings: list[dict], **extra) -> None:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    with open(path, 'w') as f:
+    with writing(path), open(path, 'w') as f:
         json.dump({**extra, 'settings': settings}, f, indent=1)
 
 

@@ -27,7 +27,8 @@ from networks import build_encoder, forward_count, set_forward_count
 from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite, data_path,
                   interrupted_message, load_last, prepare_demo, pretrain_identity, pretrain_paths, save_last,
                   write_identity)
-from utils import (ProcessError, UserError, append_log, backward_and_step, exit_on_interrupt, exits_cleanly,
+from utils import (ProcessError, UserError, append_log, backward_and_step, check_output_file, exit_on_interrupt,
+                   exits_cleanly,
                    flag_hint, git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
@@ -154,6 +155,8 @@ def pretrain(args, built: list) -> dict:
     distributed.barrier()
     set_seed(args.seed + distributed.rank())
     paths = pretrain_paths(args)
+    if main_process:
+        check_output_file(paths.best, '--out' if args.out else '--save_dir')
 
     # ---------------- data
     root = data_path(args)

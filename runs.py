@@ -23,7 +23,7 @@ from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import build_encoder, data_parallel, forward_count, set_forward_count
-from utils import NonFiniteLoss, UserError, random_states, set_random_states
+from utils import NonFiniteLoss, UserError, random_states, set_random_states, writing
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 # the flags that choose what the data layer reads, named when it refuses something
@@ -259,7 +259,7 @@ class RunLock:
 def write_identity(identity: dict, paths: RunPaths) -> None:
     """<run>.run.json: the flags that define the run (what its name stands for)."""
     os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
-    with open(paths.identity, 'w') as f:
+    with writing(paths.identity), open(paths.identity, 'w') as f:
         json.dump(identity, f, indent=1)
 
 

@@ -22,7 +22,8 @@ from evaluation import (Episodes, EvalOptions, SplitFeatures, choose_eval_mode, 
                         run_episodes, setting_figures, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   check_disjoint, run_paths, split_files_beside)
-from utils import UserError, exits_cleanly, flag_hint, git_revision, mean_ci, select_device, set_seed
+from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
+                   interrupt_on_sigterm, mean_ci, select_device, set_seed)
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -124,6 +125,20 @@ def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[s
             + ', '.join(f'{n}-way {k}-shot' for n, k in settings))
 
 
+def evaluate_settings(args, settings, dataset, model, options, features, results: dict, rows: list) -> None:
+    """Each (N, K) setting on its own seeded episodes, its lines printed as it ends; filled into ``results``."""
+    for n, k in settings:
+        episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
+                            args.task_mix)
+        per_episode = episodes.images_per_episode
+        mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, per_episode)
+        print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, per_episode)}')
+        result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'test {n}-way {k}-shot')
+        print('\n'.join(result_lines(result, n, k, args.adaptor)))
+        results[(n, k)] = result
+        rows.append((n, k, *mean_ci(result.accuracies)))
+
+
 def summary_table(rows: list[tuple[int, int, float, float]]) -> str:
     lines = ['| way | shot | accuracy (%) |', '|---|---|---|']
     lines += [f'| {n} | {k} | {100 * m:.2f} ± {100 * c:.2f} |' for n, k, m, c in rows]
@@ -132,6 +147,7 @@ def summary_table(rows: list[tuple[int, int, float, float]]) -> str:
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
+    interrupt_on_sigterm()
     args = parse_args(argv, several_settings=True)
     if args.demo:
         prepare_demo(args)
@@ -140,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings = settings_of(args)
     for n, k in settings:
         check_args(with_setting(args, n, k), device)
+    if args.json:
+        check_output_file(args.json, '--json')
     pretrained_only = checks_pretrained(args, settings)
     model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
@@ -170,17 +188,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     features = SplitFeatures(model.encoder, dataset, options)
 
     results, rows = {}, []
-    for n, k in settings:
-        episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
-                            args.task_mix)
-        per_episode = episodes.images_per_episode
-        mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, per_episode)
-        print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, per_episode)}')
-        result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'test {n}-way {k}-shot')
-        print('\n'.join(result_lines(result, n, k, args.adaptor)))
-        results[(n, k)] = result
-        rows.append((n, k, *mean_ci(result.accuracies)))
+    with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '
+                                   f'test.py writes nothing before the end: run the same command again'):
+        evaluate_settings(args, settings, dataset, model, options, features, results, rows)
     if len(settings) > 1:
+
         print(summary_table(rows))
     print(f'seed {args.seed}, revision {git_revision()}')
     if args.json:

@@ -23,8 +23,9 @@ from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_o
                   check_disjoint, check_existing_run,
                   check_finite, data_path, interrupted_message, load_last, model_config, place_model, prepare_demo,
                   run_identity, run_name, run_paths, save_last, write_identity)
-from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_step, exit_on_interrupt, exits_cleanly, flag_hint,
-                   git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
+from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_step, check_output_file,
+                   check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
+                   mean_ci, select_device, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ phases
@@ -109,6 +110,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_seed(args.seed)
     device = select_device(args.device, args.devices)
     check_args(args, device)
+    check_output_folder(args.save_dir, '--save_dir')
+    if args.json:
+        check_output_file(args.json, '--json')
     paths = run_paths(args)
     root = data_path(args)
 

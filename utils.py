@@ -29,7 +29,8 @@ class NonFiniteLoss(ProcessError):
 
 
 def exits_cleanly(main: Callable) -> Callable:
-    """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback.
+    """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback; Ctrl-C (or
+    SIGTERM, with interrupt_on_sigterm) anywhere else into one line and exit code 130.
     (A UserError met in a DataLoader worker reaches the main process as one too: see dataloader.iterate.)
     """
     @functools.wraps(main)
@@ -39,6 +40,11 @@ def exits_cleanly(main: Callable) -> Callable:
         except UserError as error:
             print(f'error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}', file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # a phase without its own message (exit_on_interrupt gives the others)
+            quieten_teardown()
+            print('\ninterrupted; every file is written whole or not at all, so nothing half-written is left',
+                  file=sys.stderr)
+            sys.exit(130)
     return wrapper
 
 
@@ -140,9 +146,42 @@ def flag_hint(flags: str):
         raise type(error)(f'{error}; see {flags}') from None
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """A failure to write ``path`` (a full disk, a read-only folder) becomes one line naming it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(error, RuntimeError) and not any(w in str(error).lower() for w in ('writ', 'inline_container', 'unexpected pos')):
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else 'the write was cut short'
+        raise UserError(f'cannot write {path} ({reason}); is the disk full? Files written before are kept') from None
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """Before any work: ``path`` is a folder this process can write into (created if missing)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a file, not a folder')
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('x')
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f'{flag} {path} cannot be written ({error.strerror or error})') from None
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Before any work: ``path`` can be written as a file (not a folder; its folder writable)."""
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, "figures.json")}')
+    check_output_folder(os.path.dirname(path) or '.', flag)
+
+
 def append_log(path: str, entry: dict) -> None:
     """One JSON line more in the run's log."""
-    with open(path, 'a') as log:
+    with writing(path), open(path, 'a') as log:
         log.write(json.dumps(entry) + '\n')
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from arguments import parse_args  # noqa: E402
 from runs import run_paths  # noqa: E402
-from utils import UserError, exits_cleanly  # noqa: E402
+from utils import UserError, check_output_folder, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights
 # (the README's results table gives their sources; none was measured by this repository)
@@ -131,10 +131,12 @@ def write_results(path: str, opts, cells: dict, check: dict, commands: dict, pre
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
+    interrupt_on_sigterm()
     opts = get_parser().parse_args(argv)
     if opts.pretrain and opts.pretrained:
         raise UserError('--pretrain writes the encoder weights itself: give --pretrained or --pretrain, not both')
     out = os.path.abspath(opts.out)
+    check_output_folder(out, '--out')
     logs, saves = os.path.join(out, 'logs'), os.path.join(out, 'saves')
     common = []
     for flag in ('network_name', 'normalization'):
