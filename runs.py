@@ -215,8 +215,8 @@ def other_runs(args) -> list[tuple[str, dict, str]]:
         try:
             state = ('not started' if not os.path.isfile(last) else
                      'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished')
-        except UserError:
-            continue
+        except UserError:  # a state this version cannot read: listed all the same
+            state = 'saved'
         found.append((name, diff, state))
     return sorted(found, key=lambda run: len(run[1]))
 
@@ -356,15 +356,16 @@ def list_runs(save_dir: str, suffix: str) -> list[str]:
     return found
 
 
-def missing_run_message(what: str, path: str, save_dir: str, suffix: str) -> str:
-    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...')."""
+def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_flag: str = '--model_path') -> str:
+    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...'); ``file_flag`` is
+    the flag that gives the file itself."""
     found = list_runs(save_dir, suffix)
     if not found:
         return f'{what} {path} not found, and there are no runs under {save_dir}: train one first (train.py)'
     names = ', '.join(os.path.basename(f)[:-len(suffix)] for f in found[:5])
     more = f' and {len(found) - 5} more' if len(found) > 5 else ''
     return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
-            f'(give the flags of one of them, or its file with --model_path)')
+            f'(give the flags of one of them, or its file with {file_flag})')
 
 
 def prepare_demo(args) -> None:

@@ -78,11 +78,22 @@ def inspect_image(path: str, decode: bool) -> tuple[Optional[tuple[int, int]], O
         return None, None, f'{type(error).__name__}: {reason}' if reason else type(error).__name__
 
 
+class More(str):
+    """The line that stands for ``count`` problems not listed one by one."""
+    count: int
+
+
 def capped(problems: list[str], items: Sequence[str], more: str) -> None:
     """Append the first LIST_LIMIT items to ``problems``, then one line counting the rest."""
     problems.extend(items[:LIST_LIMIT])
     if len(items) > LIST_LIMIT:
-        problems.append(f'... and {len(items) - LIST_LIMIT} more {more}')
+        line = More(f'... and {len(items) - LIST_LIMIT} more {more}')
+        line.count = len(items) - LIST_LIMIT
+        problems.append(line)
+
+
+def count_problems(problems: Sequence[str]) -> int:
+    return sum(getattr(problem, 'count', 1) for problem in problems)
 
 
 def size_summary(sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> str:
@@ -358,7 +369,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not problems:
             print('no problems found')
             continue
-        print(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found:')
+        total = count_problems(problems)
+        print(f'{total} problem{"s" if total > 1 else ""} found:')
         for problem in problems:
             print(f'  - {problem}')
         code = 2

@@ -238,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         args = parse_args(rest + (['--episode_gap', str(own.episode_gap)] if own.episode_gap else []))
         stat_path, episode_gap = runs.run_paths(args).stat, args.episode_gap
         if not os.path.isfile(stat_path):
-            raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX))
+            raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX, '--stat'))
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     losses, accuracies = load_statistics(stat_path)

@@ -21,7 +21,8 @@ SCRIPTS = os.path.join(ROOT, 'scripts')
 NOTEBOOK = os.path.join(SCRIPTS, 'glofa_colab.ipynb')
 # what the notebook's steps do, in the order they must come
 STEP_KEYS = ['nvidia-smi', 'drive.mount', 'sample_data/GLoFA', 'mini_imagenet.tar', 'pretrained_weights.pth',
-             'pip install', 'python train.py', 'python test.py', 'plot_curves', 'visualize_masks']
+             'pip install', '--model_name protonet --model_path none', 'python train.py', 'python test.py --N',
+             'plot_curves', 'visualize_masks']
 # scripts whose flags other than their own are train.py's
 RUN_FLAG_SCRIPTS = ('plot_curves', 'visualize_masks')
 
@@ -142,6 +143,14 @@ def test_notebook_stops_at_a_placeholder(notebook):
     assert type(error.value).__name__ == 'FillInThisCell'
     assert 'CODE_SOURCE still holds a placeholder' in str(error.value)
     exec(as_python(filled_config(notebook, 'https://example.org/GLoFA.git')), {})  # filled in: no stop
+
+
+@pytest.mark.parametrize('needed', ['mini_imagenet.tar', 'Res12-pre.pth'])
+def test_notebook_stops_where_a_file_from_drive_is_missing(notebook, tmp_path, monkeypatch, needed):
+    cell = next(c for c in code_cells(notebook) if needed in c and 'raise FileNotFoundError' in c)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f'{tmp_path / "drive"}/{needed} not found'):
+        exec(as_python(cell), {'DRIVE_DIR': str(tmp_path / 'drive')})
 
 
 def test_notebook_takes_the_code_from_a_folder_or_a_git_address(notebook, tmp_path, monkeypatch):
