@@ -80,7 +80,7 @@ def inspect_image(path: str, decode: bool) -> tuple[Optional[tuple[int, int]], O
 
 class More(str):
     """The line that stands for ``count`` problems not listed one by one."""
-    count: int
+    n_problems: int
 
 
 def capped(problems: list[str], items: Sequence[str], more: str) -> None:
@@ -88,12 +88,12 @@ def capped(problems: list[str], items: Sequence[str], more: str) -> None:
     problems.extend(items[:LIST_LIMIT])
     if len(items) > LIST_LIMIT:
         line = More(f'... and {len(items) - LIST_LIMIT} more {more}')
-        line.count = len(items) - LIST_LIMIT
+        line.n_problems = len(items) - LIST_LIMIT
         problems.append(line)
 
 
 def count_problems(problems: Sequence[str]) -> int:
-    return sum(getattr(problem, 'count', 1) for problem in problems)
+    return sum(getattr(problem, 'n_problems', 1) for problem in problems)
 
 
 def size_summary(sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> str:
