@@ -157,7 +157,8 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
     if distributed.is_main_process():
         RunLock.take(paths)
     if args.overwrite:
-        removed = [path for path in paths.files() if os.path.isfile(path)]
+        removed = [path for path in paths.files() if path != paths.identity and os.path.isfile(path)]  # the
+        # identity holds the lock, and is rewritten
         if distributed.is_main_process():
             for path in removed:
                 os.remove(path)
@@ -226,9 +227,10 @@ def describe_differences(diff: dict) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run's files for the life of this process (``<run>.lock``, fcntl.flock): a
-    second process training the same run is refused; a crash releases the lock with the process."""
-    held: dict = {}  # lock path -> its open file, for this process
+    """An exclusive lock on a run for the life of this process: fcntl.flock on its identity file
+    (<run>.run.json, which every run writes anyway), so a second process training the same run is
+    refused, and a crash releases the lock with the process."""
+    held: dict = {}  # locked path -> its open file, for this process
 
     @classmethod
     def take(cls, paths: RunPaths) -> None:
@@ -236,23 +238,17 @@ class RunLock:
             import fcntl
         except ImportError:  # no flock (Windows): no lock
             return
-        path = os.path.abspath(os.path.splitext(paths.best)[0] + '.lock')
+        path = os.path.abspath(paths.identity)
         if path in cls.held:  # this process holds it already (a run started again in the same process)
             return
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        f = open(path, 'a+')
+        f = open(path, 'a')
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
-            pid = f.read().strip() or 'unknown'
             f.close()
-            raise UserError(f'this run is being trained by another process (pid {pid}; lock {path}): wait for it to '
+            raise UserError(f'this run is being trained by another process (its lock is on {path}): wait for it to '
                             f'end, or stop it; a crashed process releases the lock') from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         cls.held[path] = f
 
 

@@ -172,8 +172,9 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
         raise OSError('disk full')
 
     monkeypatch.setattr(torch, 'save', failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError) as error:  # one line naming the file
         atomic_save({'a': torch.zeros(3)}, path)
+    assert path in str(error.value)
     monkeypatch.setattr(torch, 'save', real_save)
     assert torch.equal(torch.load(path)['a'], torch.ones(2))
 
