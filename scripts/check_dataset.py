@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from dataloader import (SPLITS, convertible, dataset_format, npz_array_info, open_split, read_split,  # noqa: E402
                         read_tiered_labels, split_csv_path, tiered_paths, to_rgb)
 from pickles import FORM_NAMES  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 FORMAT_NAMES = {'folder': 'images/ and split/*.csv', 'tiered': "tiered-ImageNet's {split}_images.npz and {split}_labels.pkl"}
 LIST_LIMIT = 10  # problems of one kind listed one by one per split; the rest are counted
@@ -355,7 +355,9 @@ def compare_with_benchmarks(counts: dict, sizes: dict, summary: list[str], probl
                        f'{" / ".join(map(str, classes))} classes')
 
 
+@exits_cleanly
 def main(argv: Optional[list[str]] = None) -> int:
+    interrupt_on_sigterm()
     parser = get_parser()
     args = parser.parse_args(argv)
     for flag in ('N', 'K', 'Q'):

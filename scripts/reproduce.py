@@ -133,6 +133,9 @@ def write_results(path: str, opts, cells: dict, check: dict, commands: dict, pre
 def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()
     opts = get_parser().parse_args(argv)
+    if opts.N < 2 or min(opts.shots) < 1:
+        raise UserError(f'--N must be at least 2 and every --shots at least 1, got --N {opts.N} --shots '
+                        f'{" ".join(map(str, opts.shots))}')
     if opts.pretrain and opts.pretrained:
         raise UserError('--pretrain writes the encoder weights itself: give --pretrained or --pretrain, not both')
     out = os.path.abspath(opts.out)
