@@ -43,7 +43,8 @@ def read_file(path: str, what: str, weights_only: bool = True) -> Any:
         text = str(error).strip()
         reason = text.splitlines()[0].split('. ')[0].rstrip('.') if text else type(error).__name__
         if 'Weights only load failed' in text:
-            reason = 'unreadable, or it holds objects other than tensors and plain containers'
+            raise UserError(f'{what} {path} holds objects other than tensors and plain containers, which could run '
+                            f'code when read: refused (read with weights_only=True)') from None
         raise UserError(f'{what} {path} is not a PyTorch checkpoint ({reason})') from None
 
 
