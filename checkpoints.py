@@ -42,7 +42,7 @@ def read_file(path: str, what: str, weights_only: bool = True) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as error:
         text = str(error).strip()
         reason = text.splitlines()[0].split('. ')[0].rstrip('.') if text else type(error).__name__
-        if 'Weights only load failed' in text:
+        if 'Weights only load failed' in text and 'unsupported global' in text.lower():
             raise UserError(f'{what} {path} holds objects other than tensors and plain containers, which could run '
                             f'code when read: refused (read with weights_only=True)') from None
         raise UserError(f'{what} {path} is not a PyTorch checkpoint ({reason})') from None
