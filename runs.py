@@ -7,6 +7,9 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,7 +20,7 @@ import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
 from dataloader import SPLITS, FewShotDataset, TieredDataset, dataset_format, overlap_error, root_names
-from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser
+from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser, parse_args
 from models import FewShotModel
 from models.feat import FEAT
 from models.glofa import GLoFA
@@ -362,6 +365,38 @@ def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_f
     more = f' and {len(found) - 5} more' if len(found) > 5 else ''
     return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
             f'(give the flags of one of them, or its file with {file_flag})')
+
+
+# ------------------------------------------------------------------ runs of the scripts that chain commands
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_stage(command: list[str], log: str, done: list) -> None:
+    """Run one command of this repository (``['train.py', flags...]``) in its own process, its output shown
+    as it comes and appended to ``log``; a failure is one line. The command line is appended to ``done``."""
+    line = shlex.join(['python', *command])
+    print(f'\n$ {line}', flush=True)
+    os.makedirs(os.path.dirname(log) or '.', exist_ok=True)
+    with writing(log), open(log, 'a') as f:
+        f.write(f'$ {line}\n')
+        f.flush()
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: process.stdout.read1(65536), b''):  # as it comes: progress bars stay live
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            f.write(chunk.decode(errors='replace'))
+        code = process.wait()
+    if code != 0:
+        raise UserError(f'{line} stopped with exit code {code} (its output: {log}); run the same script again '
+                        f'with the same flags to continue')
+    done.append(line)
+
+
+def run_finished(argv: list[str]) -> bool:
+    """Whether train.py with ``argv`` has a finished run (its 'last' state says so)."""
+    path = run_paths(parse_args(argv)).last
+    return os.path.isfile(path) and bool(read_file(path, 'resume state').get('finished'))
 
 
 def prepare_demo(args) -> None:

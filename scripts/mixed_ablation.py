@@ -19,10 +19,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reproduce import finished, stage  # noqa: E402  (which also puts the repository on the path)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from arguments import parse_args  # noqa: E402
-from runs import run_paths  # noqa: E402
+from runs import run_finished, run_paths, run_stage  # noqa: E402
 from utils import exits_cleanly  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
@@ -53,7 +52,7 @@ def main(argv=None) -> dict:
         weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
         if not os.path.isfile(weights + '.done'):
             resume = ['--resume'] if os.path.isfile(os.path.splitext(weights)[0] + '.last.pth') else []
-            stage(['pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra,
+            run_stage(['pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra,
                    *resume], os.path.join(save_dir, 'pretrain.log'), done)
             open(weights + '.done', 'w').close()
         protocol = ['--pretrained', weights, *PRETRAINED_RATES]
@@ -64,8 +63,8 @@ def main(argv=None) -> dict:
             flags = ['--demo', 'mixed', '--seed', str(seed), *VARIANTS[variant], *protocol, '--save_dir', save_dir,
                      *opts.extra, '--json', base + '.test.json']
             if not os.path.isfile(base + '.test.json'):
-                command = 'test.py' if finished(flags) else 'train.py'
-                stage([command, *flags, *(['--resume'] if command == 'train.py' else [])], base + '.log', done)
+                command = 'test.py' if run_finished(flags) else 'train.py'
+                run_stage([command, *flags, *(['--resume'] if command == 'train.py' else [])], base + '.log', done)
             with open(base + '.test.json') as f:
                 figures[(variant, seed)] = json.load(f)['settings'][0]
             with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
@@ -81,7 +80,8 @@ def main(argv=None) -> dict:
         rows = [figures[(variant, s)] for s in opts.seeds]
         accuracies = np.array([r['accuracy'] for r in rows])
         ci = 1.96 * accuracies.std() / np.sqrt(len(accuracies))
-        groups = {g: float(np.mean([r['groups'][g]['accuracy'] for r in rows])) for g in ('single-source', 'mixed')}
+        groups = {g: float(np.mean([r['groups'][g]['accuracy'] for r in rows if g in r.get('groups', {})] or [np.nan]))
+                  for g in ('single-source', 'mixed')}  # nan: no episode of that group
         strengths = [f"{np.mean([r[key] for r in rows]):.3f}" if 'alpha_task' in rows[0] else '-'
                      for key in ('alpha_task', 'alpha_cls')]
         table[variant] = {'mean': float(accuracies.mean()), 'ci_over_seeds': float(ci), 'groups': groups, 'runs': rows}

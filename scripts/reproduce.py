@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from arguments import parse_args  # noqa: E402
-from runs import run_paths  # noqa: E402
+from runs import run_finished, run_stage  # noqa: E402
 from utils import UserError, check_output_folder, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights
@@ -60,36 +58,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrain_extra', type=shlex.split, default=[],
                    help='more flags for pretrain.py, as one string: --pretrain_extra "--epochs 20 --n_workers 2"')
     return p
-
-
-def stage(command: list[str], log: str, done: list) -> None:
-    """Run one command of this repository in its own process, its output also in ``log``."""
-    line = shlex.join(['python', *command])
-    print(f'\n$ {line}', flush=True)
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, 'a') as f:
-        f.write(f'$ {line}\n')
-        f.flush()
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for chunk in iter(lambda: process.stdout.read1(65536), b''):  # as it comes: progress bars stay live
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            f.write(chunk.decode(errors='replace'))
-        code = process.wait()
-    if code != 0:
-        raise UserError(f'{line} stopped with exit code {code} (its output: {log}); '
-                        f'run scripts/reproduce.py again with the same flags to continue')
-    done.append(line)
-
-
-def finished(argv: list[str]) -> bool:
-    """Whether train.py with ``argv`` has a finished run (its 'last' state says so)."""
-    import torch
-    path = run_paths(parse_args(argv)).last
-    if not os.path.isfile(path):
-        return False
-    return bool(torch.load(path, map_location='cpu', weights_only=True).get('finished'))
 
 
 def read_figures(path: str) -> dict:
@@ -158,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         commands['pretraining'] = shlex.join(['python', *command])
         if not os.path.isfile(pretrained + '.done'):
             resume = ['--resume'] if os.path.isfile(os.path.splitext(pretrained)[0] + '.last.pth') else []
-            stage(command + resume, os.path.join(logs, 'pretrain.log'), done)
+            run_stage(command + resume, os.path.join(logs, 'pretrain.log'), done)
             open(pretrained + '.done', 'w').close()
     weights = ['--pretrained', pretrained] if pretrained else []
     base = [*(DEMO_TRAIN if opts.demo else []), *common, *weights, '--save_dir', saves, '--N', str(opts.N)]
@@ -169,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                '--json', check_json]
     commands['check of data and weights'] = shlex.join(['python', *command])
     if not os.path.isfile(check_json):
-        stage(command, os.path.join(logs, 'check.log'), done)
+        run_stage(command, os.path.join(logs, 'check.log'), done)
 
     # ---------------- 3. meta-training and test of each model and shot
     cells = {}
@@ -180,10 +148,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             flags = [*base, '--model_name', model, '--K', str(k), *opts.extra, '--json', figures]
             commands[name] = shlex.join(['python', 'train.py', *flags])
             if not os.path.isfile(figures):
-                if finished(flags):  # trained, but stopped before its test wrote the figures
-                    stage(['test.py', *flags], os.path.join(logs, f'{name}.log'), done)
+                if run_finished(flags):  # trained, but stopped before its test wrote the figures
+                    run_stage(['test.py', *flags], os.path.join(logs, f'{name}.log'), done)
                 else:
-                    stage(['train.py', *flags, '--resume'], os.path.join(logs, f'{name}.log'), done)
+                    run_stage(['train.py', *flags, '--resume'], os.path.join(logs, f'{name}.log'), done)
             cells[(model, k)] = read_figures(figures)['settings'][0]
 
     check = read_figures(check_json)
