@@ -134,3 +134,12 @@ def test_check_dataset_decode_finds_repeated_images_in_a_pickled_split(tmp_path,
     assert check_dataset.main(['--data_path', root, '--N', '3', '--Q', '2']) == 0
     assert check_dataset.main(['--data_path', root, '--N', '3', '--Q', '2', '--decode']) == 2
     assert 'val: 1 image of' in capsys.readouterr().out
+
+
+def test_a_pickled_form_mixes_with_other_roots(tmp_path, tiny_dataset):
+    root = write_pickled_dataset(str(tmp_path / 'mini'), 'learn2learn')
+    union = open_split([root, str(tiny_dataset)], 'test')
+    alone = open_split(root, 'test')
+    assert len(union) == len(alone) + len(open_split(str(tiny_dataset), 'test'))
+    assert union.class_names[:len(alone.class_names)] == [f'mini/{c}' for c in alone.class_names]
+    np.testing.assert_array_equal(np.asarray(union.load_image(2)), np.asarray(alone.load_image(2)))
