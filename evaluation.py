@@ -34,6 +34,14 @@ def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episo
     return 'cached' if n_images < n_episodes * images_per_episode else 'episodic'
 
 
+def split_episodes(args, dataset, generator: torch.Generator, n_episodes: int, n_way: int,
+                   n_shot: int) -> tuple['Episodes', str]:
+    """A split's N-way K-shot episodes (--Q queries, --task_mix) drawn from ``generator``, and the way
+    --eval_mode chooses for them: what every entry point evaluates."""
+    episodes = Episodes(n_episodes, n_way, n_shot, args.Q, generator, args.task_mix)
+    return episodes, choose_eval_mode(args.eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
+
+
 def describe_eval_mode(mode: str, chosen: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
     """'cached evaluation (auto: the split's 12000 images once, not 10000 episodes x 80 images)'."""
     how = 'auto' if mode == 'auto' else 'forced by --eval_mode'
@@ -280,7 +288,7 @@ def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str 
               for group, values in results.group_accuracies().items()]
     if results.has_adaptors:
         lines.append(diagnostics_line(results))
-    if results.has_adaptors and results.adaptors_off(adaptor):
+    if results.adaptors_off(adaptor):
         lines.append(adaptors_off_warning(results, 'test', adaptor))
     return lines
 

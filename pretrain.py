@@ -17,14 +17,14 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from arguments import PRETRAIN_DOMAINS, domain_error, parse_pretrain_args
+from arguments import PRETRAIN_DOMAINS, parse_pretrain_args
 from checkpoints import atomic_save, model_state_dict
 from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, \
     open_split, train_transform
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
-from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite, data_path,
+from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, check_existing_run, check_finite, data_path,
                   interrupted_message, load_last, prepare_demo, pretrain_identity, pretrain_paths, save_last,
                   write_identity)
 from utils import (ProcessError, UserError, append_log, backward_and_step, check_output_file, exit_on_interrupt,
@@ -34,9 +34,7 @@ from utils import (ProcessError, UserError, append_log, backward_and_step, check
 
 # ------------------------------------------------------------------ flags
 def check_flags(args, device: torch.device) -> None:
-    error = domain_error(args, PRETRAIN_DOMAINS)
-    if error:
-        raise UserError(error)
+    check_domains(args, PRETRAIN_DOMAINS)
     processes = distributed.world_size()
     if args.batch_size % processes:
         lower = max(processes, args.batch_size - args.batch_size % processes)

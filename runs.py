@@ -184,10 +184,11 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
     if args.resume and distributed.is_main_process():
-        others = other_runs(args) if paths.stat else []  # train.py's runs are named by their identity
-        unfinished = [(name, diff, state) for name, diff, state in others if state == 'unfinished']
+        others = [(name, diff, saved_state(os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')))
+                  for name, diff in (other_runs(args) if paths.stat else [])]  # train.py's runs: named by identity
+        unfinished = [(name, diff) for name, diff, state in others if state == 'unfinished']
         if unfinished:
-            name, diff, _ = unfinished[0]
+            name, diff = unfinished[0]
             raise UserError(f'--resume: no run with these flags, but the unfinished run {name} of the same data and '
                             f'model differs only in {describe_differences(diff)}: give its flags to continue it, or '
                             f'drop --resume to start this new run')
@@ -197,10 +198,10 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
     return None
 
 
-def other_runs(args) -> list[tuple[str, dict, str]]:
+def other_runs(args) -> list[tuple[str, dict]]:
     """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
-    (here, there)}, 'finished' / 'unfinished' / 'not started'), fewest differences first."""
-    here = run_identity(args)
+    (here, there)}), fewest differences first. Reads their identity files only."""
+    here, name_here = run_identity(args), run_name(args)
     folder = os.path.join(args.save_dir, 'statistics')
     found = []
     for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -212,17 +213,22 @@ def other_runs(args) -> list[tuple[str, dict, str]]:
         except (OSError, ValueError):
             continue
         name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
-        if name is None or name == run_name(args) or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+        if name is None or name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
             continue
-        diff = {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)}
-        last = os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')
-        try:
-            state = ('not started' if not os.path.isfile(last) else
-                     'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished')
-        except UserError:  # a state this version cannot read: listed all the same
-            state = 'saved'
-        found.append((name, diff, state))
+        found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
+                             if here.get(k) != there.get(k)}))
     return sorted(found, key=lambda run: len(run[1]))
+
+
+def saved_state(last: str) -> str:
+    """What a run's 'last' file says: 'not started' (no file), 'finished', 'unfinished', or 'saved' (a state
+    this version cannot read). A state without the 'finished' key is finished, as train.py reads it."""
+    if not os.path.isfile(last):
+        return 'not started'
+    try:
+        return 'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished'
+    except UserError:
+        return 'saved'
 
 
 def describe_differences(diff: dict) -> str:
@@ -395,8 +401,7 @@ def run_stage(command: list[str], log: str, done: list) -> None:
 
 def run_finished(argv: list[str]) -> bool:
     """Whether train.py with ``argv`` has a finished run (its 'last' state says so)."""
-    path = run_paths(parse_args(argv)).last
-    return os.path.isfile(path) and bool(read_file(path, 'resume state').get('finished'))
+    return saved_state(run_paths(parse_args(argv)).last) == 'finished'
 
 
 def prepare_demo(args) -> None:
@@ -483,16 +488,19 @@ def split_files_beside(root: str, split: str) -> dict:
         return {}
 
 
-def check_episode_flags(N: int, K: int, Q: int) -> None:
-    error = domain_error(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
+def check_domains(args, domains: dict) -> None:
+    """Refuse, in one line, the first flag of ``domains`` outside its domain (arguments.domain_error)."""
+    error = domain_error(args, domains)
     if error:
         raise UserError(error)
+
+
+def check_episode_flags(N: int, K: int, Q: int) -> None:
+    check_domains(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
 
 
 def check_args(args, device: torch.device) -> None:
     """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
-    error = domain_error(args, DOMAINS)
-    if error:
-        raise UserError(error)
+    check_domains(args, DOMAINS)
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')

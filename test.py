@@ -18,8 +18,8 @@ import torch
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
 from dataloader import episode_sampler, eval_transform, open_split
-from evaluation import (Episodes, EvalOptions, SplitFeatures, choose_eval_mode, describe_eval_mode, result_lines,
-                        run_episodes, setting_figures, write_figures)
+from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_lines, run_episodes, setting_figures,
+                        split_episodes, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   check_disjoint, other_runs, run_paths, split_files_beside)
 from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
@@ -80,9 +80,8 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     for n, k in settings:
         for metric in ('euclidean', 'cosine'):
             model.metric = metric
-            episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
-                                args.task_mix)
-            mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, episodes.images_per_episode)
+            episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
+                                            args.n_testing_episodes, n, k)
             result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{metric} {n}-way {k}-shot')
             quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) else None
             lines = result_lines(result, n, k)
@@ -116,7 +115,7 @@ def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
 def trained_in_another_setting(args, path: str) -> str:
     """The rule for a setting nobody trained: the one run of the same flags but N and K is evaluated (any
     way and shot can be, from one checkpoint); several such runs are listed, none is the usual error."""
-    trained = [(name, diff) for name, diff, _ in other_runs(args) if set(diff) <= {'N', 'K'}
+    trained = [(name, diff) for name, diff in other_runs(args) if set(diff) <= {'N', 'K'}
                and os.path.isfile(os.path.join(args.save_dir, 'trained_models', f'{name}.model'))]
     if len(trained) == 1:
         name, diff = trained[0]
@@ -148,11 +147,9 @@ def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[s
 def evaluate_settings(args, settings, dataset, model, options, features, results: dict, rows: list) -> None:
     """Each (N, K) setting on its own seeded episodes, its lines printed as it ends; filled into ``results``."""
     for n, k in settings:
-        episodes = Episodes(args.n_testing_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed),
-                            args.task_mix)
-        per_episode = episodes.images_per_episode
-        mode = choose_eval_mode(args.eval_mode, len(dataset), args.n_testing_episodes, per_episode)
-        print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, per_episode)}')
+        episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
+                                        args.n_testing_episodes, n, k)
+        print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, episodes.images_per_episode)}')
         result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'test {n}-way {k}-shot')
         print('\n'.join(result_lines(result, n, k, args.adaptor)))
         results[(n, k)] = result
@@ -182,9 +179,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
         dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
-        for root in data_path(args):  # the splits beside it, where their label files tell them cheaply
-            single = open_split(root, 'test') if len(data_path(args)) > 1 else dataset
-            check_disjoint(args, {'test': single, **split_files_beside(root, 'test')})
+        parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
+        for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
+            check_disjoint(args, {'test': part, **split_files_beside(root, 'test')})
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
@@ -198,7 +195,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         validated = f"validation accuracy {100 * float(record['validating_accuracy']):.2f} %, episode {record.get('epoch')}"
     else:
         validated = 'no validation record: not written by train.py'
-
     print(f"loaded {model_path} ({validated})")
     trained_as = trained_as_line(record, settings)
     if trained_as:
@@ -212,7 +208,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    f'test.py writes nothing before the end: run the same command again'):
         evaluate_settings(args, settings, dataset, model, options, features, results, rows)
     if len(settings) > 1:
-
         print(summary_table(rows))
     print(f'seed {args.seed}, revision {git_revision()}')
     if args.json:

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from arguments import parse_args
 from checkpoints import atomic_save, load_model_checkpoint, model_state_dict
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, choose_eval_mode,
-                        describe_eval_mode, result_lines, run_episodes, setting_figures, write_figures)
+from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, describe_eval_mode, result_lines,
+                        run_episodes, setting_figures, split_episodes, write_figures)
 from models.glofa import query_targets
 from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
                   check_disjoint, check_existing_run,
@@ -48,12 +48,6 @@ def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}')
     return losses
-
-
-def split_episodes(args, dataset: FewShotDataset, generator: torch.Generator, n_episodes: int) -> tuple[Episodes, str]:
-    """The run's N-way K-shot episodes of a split, and the evaluation way --eval_mode chooses for them, once."""
-    episodes = Episodes(n_episodes, args.N, args.K, args.Q, generator, args.task_mix)
-    return episodes, choose_eval_mode(args.eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
 
 
 def save_state(run: Run) -> None:
@@ -147,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     trim_log(paths.log, 'episode', run.progress.done)
     write_identity({'run': run_name(args), **run.config}, paths)
 
-    validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes)
+    validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
     print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
           f'in train / val / test; validation: {describe_eval_mode(args.eval_mode, validation[1], len(val_set), args.n_validating_episodes, validation[0].images_per_episode)}')
 
@@ -180,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     record = load_model_checkpoint(model, paths.best, model_config(args))
     print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
           f"checkpoint {paths.best}")
-    test = split_episodes(args, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes)
+    test = split_episodes(args, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes, args.N,
+                          args.K)
     with exit_on_interrupt(lambda: f'interrupted during the test; training is finished and saved: python test.py '
                                    f'with the same flags evaluates {paths.best}'):
         results = run_episodes(model, test_set, *test, EvalOptions.from_args(args, device), desc='test')
