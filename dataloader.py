@@ -115,39 +115,35 @@ def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int]
         raise UserError(f'split file {csv_path} is a folder, not a CSV with rows filename,label')
     if not os.path.isfile(csv_path):
         raise UserError(f'split file {csv_path} not found (expected a CSV with rows filename,label)')
-    filenames, labels, class_names, lines = [], [], [], []
-    index = {}
+    filenames, labels, class_names = [], [], []
+    index, first_line = {}, {}
     try:
         with open(csv_path, newline='', encoding='utf-8-sig') as f:
             rows = list(enumerate(csv.reader(f), start=1))
     except UnicodeDecodeError as error:
         raise UserError(f'split file {csv_path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}): '
                         f'save it as UTF-8') from None
-    header = next((row for line_no, row in rows if line_no == 1), [])
+    header = rows[0][1] if rows else []
     for line_no, row in rows:
         if line_no == 1 or not row or (len(row) == 1 and not row[0].strip()):
             continue  # header line and blank lines
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{csv_path}, line {line_no}: expected 'filename,label', got {','.join(row)!r}")
         name, label = row[0].strip(), row[1].strip()
+        if strict and name in first_line:
+            raise UserError(f'split file {csv_path} lists {name} twice (lines {first_line[name]} and {line_no}): '
+                            f'an image listed twice can be its own query; remove the repeated rows')
+        first_line.setdefault(name, line_no)
         if label not in index:
             index[label] = len(class_names)
             class_names.append(label)
         filenames.append(name)
         labels.append(index[label])
-        lines.append(line_no)
     if not filenames:
         raise UserError(f'split file {csv_path} lists no images (expected a header, then rows filename,label)')
-    if strict:
-        if len(header) >= 2 and header[1].strip() in index:
-            raise UserError(f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
-                            f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
-        first = {}
-        for name, line_no in zip(filenames, lines):
-            if name in first:
-                raise UserError(f'split file {csv_path} lists {name} twice (lines {first[name]} and {line_no}): '
-                                f'an image listed twice can be its own query; remove the repeated rows')
-            first[name] = line_no
+    if strict and len(header) >= 2 and header[1].strip() in index:
+        raise UserError(f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
+                        f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
     return filenames, labels, class_names
 
 
@@ -186,7 +182,8 @@ def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
 def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
     """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
     label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
-    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer labels, class names in order of first appearance)."""
+    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer
+    labels, class names in order of first appearance)."""
     if not os.path.isfile(pkl_path):
         raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')
     record = safe_load(pkl_path, 'label file')

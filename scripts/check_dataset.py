@@ -205,7 +205,7 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
                                                                counts, sizes)
     else:
         check_folder(data_path, N, K, Q, decode, sample, n_threads, summary, problems, counts, sizes)
-    compare_with_benchmarks(counts, sizes, summary, problems)
+    compare_with_benchmarks(counts, sizes, summary)
     return summary, problems
 
 
@@ -320,7 +320,7 @@ BENCHMARKS = {'mini-ImageNet': ((64, 16, 20), 600), 'tiered-ImageNet': ((351, 97
               "FEAT's CUB split": ((100, 50, 50), None)}
 
 
-def compare_with_benchmarks(counts: dict, sizes: dict, summary: list[str], problems: list[str]) -> None:
+def compare_with_benchmarks(counts: dict, sizes: dict, summary: list[str]) -> None:
     """Which benchmark the split looks like, what differs from it, the image sizes, and a one-line verdict."""
     if len(counts) < len(SPLITS):
         summary.append('verdict: not usable as it is (see the problems)')

@@ -101,7 +101,7 @@ def test_check_dataset_names_each_form(pickled, capsys):
 
 def verdict(counts, sizes):
     summary = []
-    check_dataset.compare_with_benchmarks(counts, {s: list(sizes) for s in counts}, summary, [])
+    check_dataset.compare_with_benchmarks(counts, {s: list(sizes) for s in counts}, summary)
     return summary[-1]
 
 
