@@ -1,4 +1,5 @@
-"""Shared fixtures: a small dataset in the real on-disk format (written by demo.py, the one writer), the spec's keys."""
+"""Shared fixtures: a small dataset in the real on-disk format (written by demo.py, the one writer), the spec's
+keys; and ``exits_with``, how the tests run an entry point that must stop."""
 import pytest
 
 from demo import write_colour_dataset
@@ -33,3 +34,14 @@ def spec_model_keys(spec_encoder_keys) -> set:
                 for name in ('weight', 'bias'):
                     keys.add(f'{f}.{part}.{layer}.{name}')
     return keys
+
+
+def exits_with(main, argv, capsys, code=2) -> str:
+    """Run an entry point's ``main(argv)``, which must exit with ``code`` (2: a user mistake, 130: an
+    interrupt) and no traceback; returns the last line it printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return err.strip().splitlines()[-1]

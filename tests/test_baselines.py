@@ -12,6 +12,7 @@ import test as test_script
 import train
 from arguments import feat_regulariser, parse_args
 from checkpoints import atomic_save
+from conftest import exits_with
 from dataloader import FewShotDataset, eval_transform, episode_sampler
 from evaluation import EvalOptions, encode_split
 from models.feat import FEAT
@@ -205,13 +206,6 @@ def flags(data, save_dir, *extra):
     return ['--data_path', str(data), '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '3', '--K', '1', '--Q', '2', '--n_training_episodes', '4', '--episode_gap', '2',
             '--n_validating_episodes', '3', '--n_testing_episodes', '5', '--n_workers', '0', *extra]
-
-
-def exits_with(main, argv, capsys, code=2):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == code
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize('model_name', ['protonet', 'feat'])

@@ -186,3 +186,16 @@ def test_fine_dataset_deterministic_and_idempotent(fine_root, tmp_path, capsys):
     assert os.stat(os.path.join(fine_root, 'split', 'train.csv')).st_mtime_ns == stamp
     assert 'already generated' in capsys.readouterr().out
 
+
+
+def test_mini_scale_writes_mini_imagenets_shape(monkeypatch, tmp_path, capsys):
+    """demo.py --kind mini_scale: 64 / 16 / 20 classes of 600 84 x 84 images (the writer is faked here:
+    60000 JPEGs take half a minute); without --root it is refused."""
+    import demo
+    calls = []
+    monkeypatch.setattr(demo, 'write_colour_dataset', lambda *args: calls.append(args))
+    demo.main(['--kind', 'mini_scale', '--root', str(tmp_path / 'mini')])
+    assert calls == [(str(tmp_path / 'mini'), (64, 16, 20), 600, (84, 84), 0)]
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(['--kind', 'mini_scale'])
+    assert exit_info.value.code == 2 and '--root' in capsys.readouterr().err

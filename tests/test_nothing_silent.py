@@ -19,6 +19,7 @@ import test as test_script
 import train
 from arguments import parse_args
 from checkpoints import atomic_save
+from conftest import exits_with
 from dataloader import FewShotDataset, eval_transform
 from demo import write_colour_dataset, write_tiered_dataset
 from networks import build_encoder
@@ -33,15 +34,6 @@ def flags(data, save_dir, *extra):
     return ['--data_path', str(data), '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained',
             'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '2', '--episode_gap', '1',
             '--n_validating_episodes', '2', '--n_testing_episodes', '2', '--n_workers', '0', *extra]
-
-
-def fails(main, argv, capsys, code=2):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err
-    return err.strip().splitlines()[-1]
 
 
 def digests(folder) -> dict:
@@ -63,7 +55,7 @@ def data(tiny_dataset, tmp_path):
                                         ('--wd', '-0.0005'), ('--mo', '0'), ('--mo', '1'), ('--N', '1'), ('--delta', '0'),
                                         ('--point', '0'), ('--tau', '0')])
 def test_train_refuses_a_flag_outside_its_domain_before_any_work(data, tmp_path, capsys, flag, value):
-    line = fails(train.main, flags(data, tmp_path / 'saves', flag, value), capsys)
+    line = exits_with(train.main, flags(data, tmp_path / 'saves', flag, value), capsys)
     assert line.startswith(f'error: {flag} must be') and float(line.rsplit('got ', 1)[1]) == float(value)
     assert not os.path.exists(tmp_path / 'saves' / 'trained_models')
 
@@ -73,9 +65,9 @@ def test_train_refuses_a_flag_outside_its_domain_before_any_work(data, tmp_path,
                                               ('pretrain', '--gamma', '2'), ('pretrain', '--val_way', '1')])
 def test_every_entry_point_checks_domains(data, tmp_path, capsys, entry, flag, value):
     if entry == 'test':
-        line = fails(test_script.main, flags(data, tmp_path, '--model_path', __file__, flag, value), capsys)
+        line = exits_with(test_script.main, flags(data, tmp_path, '--model_path', __file__, flag, value), capsys)
     else:
-        line = fails(pretrain.main, ['--data_path', str(data), '--save_dir', str(tmp_path), '--network_name', 'convnet',
+        line = exits_with(pretrain.main, ['--data_path', str(data), '--save_dir', str(tmp_path), '--network_name', 'convnet',
                                      '--n_workers', '0', flag, value], capsys)
     assert line.startswith(f'error: {flag} must be')
 
@@ -112,7 +104,7 @@ def test_a_nan_in_pretrained_weights_is_refused_naming_the_tensor(data, tmp_path
     state[tensor].view(-1)[0] = float('nan')
     path = tmp_path / 'con-pre.pth'
     torch.save({'params': state}, path)
-    line = fails(train.main, flags(data, tmp_path / 'saves', '--pretrained', str(path)), capsys)
+    line = exits_with(train.main, flags(data, tmp_path / 'saves', '--pretrained', str(path)), capsys)
     assert str(path) in line and tensor[len('encoder.'):] in line and 'non-finite' in line
     assert not os.path.exists(tmp_path / 'saves' / 'trained_models' / 'x')  # nothing trained
 
@@ -129,14 +121,14 @@ def test_a_repeated_row_a_missing_header_and_shared_classes_are_refused(data, tm
     test_csv = os.path.join(data, 'split', 'test.csv')
     original = open(test_csv).read()
     rewrite(test_csv, lambda text: text + text.splitlines()[1] + '\n')
-    line = fails(train.main, flags(data, tmp_path), capsys)
+    line = exits_with(train.main, flags(data, tmp_path), capsys)
     assert test_csv in line and 'twice' in line
     rewrite(test_csv, lambda text: '\n'.join(original.splitlines()[1:]) + '\n')  # no header line
-    line = fails(train.main, flags(data, tmp_path), capsys)
+    line = exits_with(train.main, flags(data, tmp_path), capsys)
     assert test_csv in line and 'no header' in line
     shutil.copyfile(os.path.join(data, 'split', 'train.csv'), test_csv)  # the test split is the train split
     for main in (train.main, test_script.main):
-        line = fails(main, flags(data, tmp_path, '--model_path', __file__) if main is test_script.main
+        line = exits_with(main, flags(data, tmp_path, '--model_path', __file__) if main is test_script.main
                      else flags(data, tmp_path), capsys)
         assert 'train split' in line and 'test split' in line and '--allow_overlap' in line
     assert len(train.main(flags(data, tmp_path, '--allow_overlap'))['test_accuracies']) == 2
@@ -148,7 +140,7 @@ def test_a_split_file_in_another_encoding_is_one_line(data, tmp_path, capsys, en
     text = open(path).read().replace('filename', 'fïlename')
     with open(path, 'w', encoding=encoding) as f:
         f.write(text)
-    line = fails(train.main, flags(data, tmp_path), capsys)
+    line = exits_with(train.main, flags(data, tmp_path), capsys)
     assert path in line and 'UTF-8' in line
 
 
@@ -167,7 +159,7 @@ def test_a_folder_where_a_split_file_should_be(data, tmp_path, capsys):
     path = os.path.join(data, 'split', 'val.csv')
     os.remove(path)
     os.mkdir(path)
-    line = fails(train.main, flags(data, tmp_path), capsys)
+    line = exits_with(train.main, flags(data, tmp_path), capsys)
     assert path in line and 'is a folder' in line
 
 
@@ -183,7 +175,7 @@ def interrupted_run(data, save_dir, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args)
     monkeypatch.setattr(train, 'train_one_gap', stop_on_the_second_gap)
-    fails(train.main, argv, capsys, code=130)
+    exits_with(train.main, argv, capsys, code=130)
     monkeypatch.setattr(train, 'train_one_gap', real)
     return argv
 
@@ -191,7 +183,7 @@ def interrupted_run(data, save_dir, monkeypatch, capsys):
 def test_resume_with_overwrite_keeps_the_unfinished_run(data, tmp_path, monkeypatch, capsys):
     argv = interrupted_run(data, tmp_path, monkeypatch, capsys)
     before = digests(tmp_path / 'trained_models')
-    line = fails(train.main, argv + ['--resume', '--overwrite'], capsys)
+    line = exits_with(train.main, argv + ['--resume', '--overwrite'], capsys)
     assert '--resume' in line and '--overwrite' in line
     assert digests(tmp_path / 'trained_models') == before
 
@@ -200,7 +192,7 @@ def test_resume_with_a_changed_flag_names_the_unfinished_run(data, tmp_path, mon
     argv = interrupted_run(data, tmp_path, monkeypatch, capsys)
     saved = runs.run_name(parse_args(argv))
     before = digests(tmp_path)
-    line = fails(train.main, argv + ['--resume', '--lr', '0.02'], capsys)
+    line = exits_with(train.main, argv + ['--resume', '--lr', '0.02'], capsys)
     assert saved in line and 'lr (0.02 here, 0.01 there)' in line
     assert {path: digest for path, digest in digests(tmp_path).items() if path in before} == before
     assert train.main(argv + ['--resume'])['statistics']['training_loss']  # the flags of the saved run continue it
@@ -234,7 +226,7 @@ def test_a_run_being_trained_by_another_process_is_refused(data, tmp_path, capsy
         deadline = time.time() + 120
         while time.time() < deadline and not (os.path.isfile(lock) and open(lock).read().strip()):  # written when locked
             time.sleep(0.2)
-        line = fails(train.main, argv + ['--resume'], capsys)
+        line = exits_with(train.main, argv + ['--resume'], capsys)
         assert 'being trained by another process' in line and lock in line
     finally:
         process.send_signal(signal.SIGTERM)
@@ -246,10 +238,10 @@ def test_a_run_being_trained_by_another_process_is_refused(data, tmp_path, capsy
 # ------------------------------------------------------------------ output paths
 def test_output_paths_are_checked_before_any_work(data, tmp_path, capsys):
     (tmp_path / 'a_file').write_text('x')
-    line = fails(train.main, flags(data, tmp_path / 'a_file'), capsys)
+    line = exits_with(train.main, flags(data, tmp_path / 'a_file'), capsys)
     assert str(tmp_path / 'a_file') in line and '--save_dir' in line and 'is a file' in line
     os.mkdir(tmp_path / 'figures')
-    line = fails(test_script.main, flags(data, tmp_path, '--model_path', __file__, '--json', str(tmp_path / 'figures')),
+    line = exits_with(test_script.main, flags(data, tmp_path, '--model_path', __file__, '--json', str(tmp_path / 'figures')),
                  capsys)
     assert str(tmp_path / 'figures') in line and '--json' in line and 'folder' in line
 
@@ -283,7 +275,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_file(full_disk, data, capsy
         pass
     finally:
         os.close(fd)
-    line = fails(train.main, flags(data, full_disk / 'saves'), capsys)
+    line = exits_with(train.main, flags(data, full_disk / 'saves'), capsys)
     assert str(full_disk / 'saves') in line and 'Traceback' not in line
     assert target.read_bytes() == before
 
@@ -324,7 +316,7 @@ def test_ctrl_c_during_the_one_time_conversion_leaves_no_partial_file(tmp_path, 
     monkeypatch.setattr(zipfile.ZipExtFile, 'read', interrupted_read)
     model = runs.build_model(parse_args(flags(root, tmp_path)), pretrained=False)
     atomic_save({'state_dict': model.state_dict()}, str(tmp_path / 'x.model'))
-    line = fails(test_script.main, flags(root, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys, code=130)
+    line = exits_with(test_script.main, flags(root, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys, code=130)
     assert line.startswith('interrupted')
     assert reads and [f for f in os.listdir(root) if 'part' in f or f.endswith('.npy')] == []
 
@@ -342,7 +334,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path, capsys):
     model = runs.build_model(parse_args(flags(data, tmp_path)), pretrained=False)
     marker = tmp_path / 'ran'
     torch.save({'state_dict': model.state_dict(), 'extra': Shell(marker)}, tmp_path / 'x.model')
-    line = fails(test_script.main, flags(data, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys)
+    line = exits_with(test_script.main, flags(data, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys)
     assert str(tmp_path / 'x.model') in line
     assert not marker.exists()
 
