@@ -3,8 +3,9 @@
 One self-attention layer adapts the N prototypes of a task as one sequence; queries are not adapted;
 logit(q, n) = -||q - p'_n||^2 / temperature (cosine: <q, p'_n / ||p'_n||> / temperature). In training,
 the contrastive regulariser adapts each class's K support and Q query embeddings as a sequence of its
-own, and classifies every unadapted embedding against the means c_n of those sequences:
-balance * CE(-||x - c_n||^2 / temperature2). Parameter names are FEAT's (``slf_attn.*``), so FEAT's
+own, and classifies every unadapted embedding against the means c_n of those sequences, with the metric of
+the main logits as FEAT's code does: balance * CE(-||x - c_n||^2 / temperature2), or with cosine
+balance * CE(<x, c_n / ||c_n||> / temperature2). Parameter names are FEAT's (``slf_attn.*``), so FEAT's
 released checkpoints load unchanged.
 """
 import math
@@ -57,9 +58,10 @@ class FEAT(FewShotModel):
         return prototype_logits(query, adapted, self.metric, self.temperature), None
 
     def auxiliary_loss(self, features: torch.Tensor, n_way: int, n_shot: int) -> Optional[torch.Tensor]:
-        """balance * the contrastive regulariser's cross-entropy, over all N*(K+Q) embeddings (training)."""
+        """balance * the contrastive regulariser's cross-entropy, over all N*(K+Q) embeddings (training), with
+        the metric of the main logits."""
         per_class = features.unflatten(-2, (-1, n_way)).transpose(-3, -2)  # (N, K+Q, d): class n's sequence
         centres = self.slf_attn(per_class).mean(dim=-2)  # (N, d)
-        logits = prototype_logits(features, centres, 'euclidean', self.temperature2)  # (N*(K+Q), N)
+        logits = prototype_logits(features, centres, self.metric, self.temperature2)  # (N*(K+Q), N), FEAT's metric
         targets = torch.arange(features.size(-2), device=features.device) % n_way
         return self.balance * F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)

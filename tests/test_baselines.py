@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import test as test_script
 import train
@@ -117,22 +118,47 @@ def test_feat_logits_equal_a_naive_loop(metric):
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_feat_regulariser_in_train_mode_equals_a_naive_loop():
+def naive_score(x, centre, metric, temperature):
+    """One regulariser logit, differentiable: -||x - c||^2 / t, or with cosine <x, c / ||c||> / t (FEAT's metric)."""
+    if metric == 'euclidean':
+        return -((x - centre) ** 2).sum() / temperature
+    return x @ (centre / centre.norm()) / temperature
+
+
+@pytest.mark.parametrize('metric', ['euclidean', 'cosine'])
+def test_feat_training_loss_and_gradients_equal_a_naive_loop(metric):
+    """The whole training loss, CE of the logits + balance * the regulariser with the main logits' metric (as
+    FEAT's own code computes it), and every gradient, against an element-by-element loop in float64."""
     n_way, n_shot, n_query, d = 3, 2, 3, 6
-    model = feat_model(d).train()
+    model = feat_model(d, metric).train()
     model.slf_attn.attention_dropout.p = model.slf_attn.dropout.p = 0.0  # train mode, dropout off
     x = episode_features(n_way, n_shot, n_query, d, seed=2)
     centres = []
     for n in range(n_way):  # class n's K support then Q query embeddings, adapted as one sequence
         sequence = [x[s * n_way + n] for s in range(n_shot + n_query)]
         centres.append(sum(naive_attention(model.slf_attn, sequence)) / len(sequence))
-    loss = 0.0
+    regulariser = 0.0
     for position in range(len(x)):  # every unadapted embedding against the centres, target position % N
-        row = naive_logits([x[position]], centres, 'euclidean', model.temperature2)[0]
-        loss += -(row[position % n_way] - torch.logsumexp(row, 0))
-    expected = model.balance * loss / len(x)
-    with torch.no_grad():
-        torch.testing.assert_close(model.auxiliary_loss(x, n_way, n_shot), expected, rtol=1e-9, atol=1e-9)
+        row = torch.stack([naive_score(x[position], c, metric, model.temperature2) for c in centres])
+        regulariser = regulariser - (row[position % n_way] - torch.logsumexp(row, 0))
+    adapted = naive_attention(model.slf_attn, naive_prototypes(x, n_way, n_shot))
+    main = 0.0
+    for j, q in enumerate(x[n_way * n_shot:]):
+        if metric == 'euclidean':
+            row = torch.stack([-((q - p) ** 2).sum() / model.temperature for p in adapted])
+        else:
+            row = torch.stack([q @ (p / p.norm()) / model.temperature for p in adapted])
+        main = main - (row[j % n_way] - torch.logsumexp(row, 0))
+    naive = main / (n_way * n_query) + model.balance * regulariser / len(x)
+    naive_grads = torch.autograd.grad(naive, list(model.parameters()))
+
+    auxiliary = model.auxiliary_loss(x, n_way, n_shot)
+    torch.testing.assert_close(auxiliary, model.balance * regulariser / len(x), rtol=1e-12, atol=1e-12)
+    loss = F.cross_entropy(model.logits_from_embeddings(x, n_way, n_shot), torch.arange(n_way * n_query) % n_way) \
+        + auxiliary
+    torch.testing.assert_close(loss, naive, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(loss, list(model.parameters())), naive_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_feat_dropout_acts_in_training_only():
@@ -273,8 +299,3 @@ def test_pretrained_check_evaluates_the_encoder_with_both_metrics(tiny_dataset, 
     for metric in ('euclidean', 'cosine'):
         np.testing.assert_allclose(results[(3, 1, metric)].accuracies, expected[metric])
     assert not os.path.isdir(tmp_path / 'trained_models')  # no checkpoint needed, none written
-
-
-def test_pretrained_check_needs_weights(tiny_dataset, tmp_path, capsys):
-    line = exits_with(test_script.main, flags(tiny_dataset, tmp_path, '--model_name', 'protonet'), capsys)
-    assert '--pretrained' in line
