@@ -419,6 +419,27 @@ def _fine_params(seed: int, images_per_class: int, image_size: int) -> dict:
             'hue_jitter': FINE_HUE_JITTER}
 
 
+def demo_owns(root: str) -> bool:
+    """Whether the demo may write into ``root``: it is missing or empty, or it carries the demo's marker
+    (written before anything else, so an interrupted generation is still the demo's)."""
+    if not os.path.exists(root):
+        return True
+    return os.path.isdir(root) and (not os.listdir(root) or os.path.isfile(os.path.join(root, _MARKER)))
+
+
+def refuse_unowned(roots: Sequence[str]) -> None:
+    """Before anything is written: every root is the demo's to write (``demo_owns``), or a ValueError
+    naming the first that is not. A user's dataset is never written into."""
+    for root in roots:
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f'the demo writes its data into the folder {root}, but it is a file: choose an empty '
+                             f'or new folder')
+        if not demo_owns(root):
+            raise ValueError(f'{root} is not empty and holds no demo data (no {_MARKER} file): the demo writes only '
+                             f'into an empty or new folder or its own, so nothing of yours is overwritten; choose '
+                             f'another folder')
+
+
 def _is_complete(root: str, params: dict) -> bool:
     try:
         with open(os.path.join(root, _MARKER)) as f:
@@ -444,14 +465,16 @@ def _write_dataset(root: str, design: Dict[str, List[dict]], params: dict, file_
         if verbose:
             print(f'{what} in {root}: {counts} classes (train / val / test), {n_images} images, already generated')
         return root
+    refuse_unowned([root])
     start = time.time()
     image_dir = os.path.join(root, 'images')
     split_dir = os.path.join(root, 'split')
+    marker = os.path.join(root, _MARKER)
+    os.makedirs(root, exist_ok=True)
+    with open(marker, 'w') as f:  # first: the folder is the demo's, its data not yet complete
+        json.dump({'complete': False}, f)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(split_dir, exist_ok=True)
-    marker = os.path.join(root, _MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
     for name in os.listdir(image_dir):  # stale images of an earlier demo dataset only
         if file_re.match(name):
             os.remove(os.path.join(image_dir, name))
@@ -522,7 +545,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     generate = generate_fine_dataset if args.kind == 'fine' else generate_demo_dataset
     root = args.root or os.path.join('datasets', 'demo_fine' if args.kind == 'fine' else 'demo')
-    generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)
+    try:
+        generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f'error: {error}\n')
 
 
 if __name__ == '__main__':

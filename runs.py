@@ -20,13 +20,13 @@ import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
 from dataloader import SPLITS, FewShotDataset, TieredDataset, dataset_format, overlap_error, root_names
-from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser, parse_args
+from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser, parse_args, parse_pretrain_args
 from models import FewShotModel
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
-from networks import build_encoder, data_parallel, forward_count, set_forward_count
-from utils import NonFiniteLoss, UserError, random_states, set_random_states, writing
+from networks import NETWORKS, build_encoder, data_parallel, forward_count, set_forward_count
+from utils import NonFiniteLoss, UserError, on_failed_start, random_states, set_random_states, writing
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 # the flags that choose what the data layer reads, named when it refuses something
@@ -231,6 +231,23 @@ def saved_state(last: str) -> str:
         return 'saved'
 
 
+def unfinished_line(checkpoint: str) -> Optional[str]:
+    """For the best checkpoint of a run that is still training or was stopped: 'note: ... unfinished (episode
+    k of n) ...'; None for a finished run or a file that is not a run's."""
+    if not checkpoint.endswith('.model') or checkpoint.endswith('.last.model'):
+        return None
+    last = checkpoint[:-len('.model')] + '.last.model'
+    try:
+        state = read_file(last, 'resume state') if os.path.isfile(last) else None
+    except UserError:
+        return None
+    if not isinstance(state, dict) or state.get('finished', True):
+        return None
+    total = (state.get('config') or {}).get('n_training_episodes', '?')
+    return (f"note: this run is unfinished (episode {state.get('episode')} of {total}: still training, or stopped): "
+            f"its best checkpoint so far is evaluated, not the run's result")
+
+
 def describe_differences(diff: dict) -> str:
     return ', '.join(f'{k} ({here} here, {there} there)' for k, (here, there) in diff.items())
 
@@ -251,6 +268,7 @@ class RunLock:
         if path in cls.held:  # this process holds it already (a run started again in the same process)
             return
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        new = not os.path.exists(path)
         f = open(path, 'a')
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -259,6 +277,16 @@ class RunLock:
             raise UserError(f'this run is being trained by another process (its lock is on {path}): wait for it to '
                             f'end, or stop it; a crashed process releases the lock') from None
         cls.held[path] = f
+        if new:  # a start that fails before the identity is written leaves no empty file behind
+            on_failed_start(lambda: cls.release_unstarted(path))
+
+    @classmethod
+    def release_unstarted(cls, path: str) -> None:
+        f = cls.held.pop(path, None)
+        if f is not None:
+            f.close()
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.remove(path)
 
 
 def write_identity(identity: dict, paths: RunPaths) -> None:
@@ -404,21 +432,38 @@ def run_finished(argv: list[str]) -> bool:
     return saved_state(run_paths(parse_args(argv)).last) == 'finished'
 
 
+def pretraining_finished(argv: list[str]) -> bool:
+    """Whether pretrain.py with ``argv`` has finished: its 'last' state holds all --epochs."""
+    args = parse_pretrain_args(argv)
+    last = pretrain_paths(args).last
+    try:
+        return os.path.isfile(last) and read_file(last, 'resume state').get('epoch', 0) >= args.epochs
+    except (UserError, AttributeError):
+        return False
+
+
 def prepare_demo(args) -> None:
     """Generate the built-in demo data once (deterministic), where --data_path points: one root for
-    --demo, two (coarse, then fine) for --demo mixed."""
-    from demo import generate_demo_dataset, generate_fine_dataset
+    --demo, two (coarse, then fine) for --demo mixed. A folder that is neither empty nor the demo's is
+    refused before anything is written (a user's dataset given by mistake stays as it was)."""
+    from demo import generate_demo_dataset, generate_fine_dataset, refuse_unowned
     roots = data_path(args)
-    if args.demo == 'mixed':
-        if len(roots) != 2:
-            raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '
-                            f'COARSE FINE (got {len(roots)} root{"s" if len(roots) > 1 else ""})')
-        generate_demo_dataset(roots[0])
-        generate_fine_dataset(roots[1])
-    else:
-        if len(roots) != 1:
-            raise UserError(f'--demo writes one root, got {len(roots)} in --data_path (--demo mixed writes two)')
-        generate_demo_dataset(roots[0])
+    wanted = 2 if args.demo == 'mixed' else 1
+    if len(roots) != wanted:
+        raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '
+                        f'COARSE FINE (got {len(roots)} root{"s" if len(roots) > 1 else ""})' if wanted == 2 else
+                        f'--demo writes one root, got {len(roots)} in --data_path (--demo mixed writes two)')
+    try:
+        refuse_unowned(roots)
+    except ValueError as error:
+        raise UserError(f'{error} with --data_path, or drop --demo to use the dataset that is there') from None
+    for root, generate in zip(roots, (generate_demo_dataset, generate_fine_dataset)):
+        try:
+            generate(root)
+        except OSError as error:
+            raise UserError(f'the demo data cannot be written to {root} ({error.strerror or error}'
+                            f'{f": {error.filename}" if error.filename else ""}): run from a folder you can write '
+                            f'to, or give --data_path a writable folder') from None
 
 
 # ------------------------------------------------------------------ model
@@ -430,7 +475,7 @@ def build_model(args, pretrained: bool = True) -> FewShotModel:
             raise UserError(f'pretrained weights {args.pretrained} not found: download FEAT\'s '
                             f'{FEAT_WEIGHTS[args.network_name]} (github.com/Sha-Lab/FEAT) and pass --pretrained PATH, '
                             f'or use --pretrained none to train from scratch')
-        n = load_pretrained(encoder, args.pretrained)
+        n = load_encoder_weights(encoder, args.pretrained, args.network_name)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
     if args.model_name == 'protonet':
         return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
@@ -440,6 +485,22 @@ def build_model(args, pretrained: bool = True) -> FewShotModel:
                     temperature2=temperature2, balance=balance)
     return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
                  h_bias_init=args.h_bias_init)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str, network_name: str) -> int:
+    """load_pretrained, and for a file that does not fit: the --network_name it does fit, when there is one."""
+    try:
+        return load_pretrained(encoder, path)
+    except UserError:
+        for other in NETWORKS:
+            if other != network_name:
+                try:
+                    load_pretrained(build_encoder(other), path)
+                except UserError:
+                    continue
+                raise UserError(f'pretrained weights {path} hold a {other} encoder, not a {network_name} one: pass '
+                                f'--network_name {other}') from None
+        raise
 
 
 def build_optimizer(args, model: FewShotModel) -> torch.optim.SGD:

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from arguments import parse_args  # noqa: E402
-from runs import run_finished, run_paths, run_stage  # noqa: E402
+from runs import pretraining_finished, run_finished, run_paths, run_stage  # noqa: E402
 from utils import exits_cleanly  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
@@ -50,11 +50,9 @@ def main(argv=None) -> dict:
     protocol = []
     if opts.protocol == 'pretrained':
         weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
-        if not os.path.isfile(weights + '.done'):
-            resume = ['--resume'] if os.path.isfile(os.path.splitext(weights)[0] + '.last.pth') else []
-            run_stage(['pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra,
-                   *resume], os.path.join(save_dir, 'pretrain.log'), done)
-            open(weights + '.done', 'w').close()
+        command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra]
+        if not pretraining_finished(command):
+            run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
         protocol = ['--pretrained', weights, *PRETRAINED_RATES]
     figures = {}
     for variant in opts.variants:

@@ -23,8 +23,9 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from runs import run_finished, run_stage  # noqa: E402
-from utils import UserError, check_output_folder, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from demo import refuse_unowned  # noqa: E402
+from runs import pretraining_finished, run_finished, run_stage  # noqa: E402
+from utils import UserError, check_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights
 # (the README's results table gives their sources; none was measured by this repository)
@@ -85,7 +86,7 @@ def write_results(path: str, opts, cells: dict, check: dict, commands: dict, pre
                               f"{100 * c['alpha_task_active']:.0f} / {100 * c['alpha_cls_active']:.0f} % of episodes)"
                               for k in shots if (c := cells.get((model, k))) and 'alpha_task' in c)
         lines.append(f'| {model} | ' + ' | '.join(row) + f' | {strengths} |')
-    if check:
+    if check.get('settings'):
         lines += ['', 'The check of data and weights (ProtoNet on the pretrained encoder, no meta-training):', '',
                   '| metric | ours | quoted |', '|---|---|---|']
         for setting in check['settings']:
@@ -106,6 +107,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         f'{" ".join(map(str, opts.shots))}')
     if opts.pretrain and opts.pretrained:
         raise UserError('--pretrain writes the encoder weights itself: give --pretrained or --pretrain, not both')
+    if opts.demo and opts.data_path:
+        try:
+            refuse_unowned(opts.data_path)  # before any stage writes anything
+        except ValueError as error:
+            raise UserError(f'{error} with --data_path, or drop --demo to use the dataset that is there') from None
     out = os.path.abspath(opts.out)
     check_output_folder(out, '--out')
     logs, saves = os.path.join(out, 'logs'), os.path.join(out, 'saves')
@@ -115,47 +121,58 @@ def main(argv: Optional[list[str]] = None) -> dict:
             common += [f'--{flag}', getattr(opts, flag)]
     if opts.data_path:
         common += ['--data_path', *opts.data_path]
-    done, commands = [], {}
 
-    # ---------------- 1. pretraining
+    # ---------------- the stages: (name, command, log, whether its result exists)
+    stages, commands, cells = [], {}, {}
     pretrained = opts.pretrained
-    if opts.pretrain or opts.demo and not pretrained:
+    if opts.pretrain or opts.demo and not pretrained:  # 1. pretraining
         pretrained = os.path.join(out, 'pretrained.pth')
         command = ['pretrain.py', *(DEMO_PRETRAIN if opts.demo else []), *common, '--save_dir', saves,
                    '--out', pretrained, *opts.pretrain_extra]
         commands['pretraining'] = shlex.join(['python', *command])
-        if not os.path.isfile(pretrained + '.done'):
-            resume = ['--resume'] if os.path.isfile(os.path.splitext(pretrained)[0] + '.last.pth') else []
-            run_stage(command + resume, os.path.join(logs, 'pretrain.log'), done)
-            open(pretrained + '.done', 'w').close()
+        stages.append(('pretraining', command + ['--resume'], os.path.join(logs, 'pretrain.log'),
+                       lambda command=command: pretraining_finished(command[1:])))
     weights = ['--pretrained', pretrained] if pretrained else []
     base = [*(DEMO_TRAIN if opts.demo else []), *common, *weights, '--save_dir', saves, '--N', str(opts.N)]
-
-    # ---------------- 2. the check of data and weights
-    check_json = os.path.join(out, 'figures', 'check.json')
+    check_json = os.path.join(out, 'figures', 'check.json')  # 2. the check of data and weights
     command = ['test.py', *base, '--model_name', 'protonet', '--model_path', 'none', '--K', '1', *opts.extra,
                '--json', check_json]
     commands['check of data and weights'] = shlex.join(['python', *command])
-    if not os.path.isfile(check_json):
-        run_stage(command, os.path.join(logs, 'check.log'), done)
-
-    # ---------------- 3. meta-training and test of each model and shot
-    cells = {}
-    for model in opts.models:
+    stages.append(('the check of data and weights', command, os.path.join(logs, 'check.log'),
+                   lambda: os.path.isfile(check_json)))
+    figures = {}
+    for model in opts.models:  # 3. meta-training and test of each model and shot
         for k in opts.shots:
             name = f'{model}-{opts.N}way-{k}shot'
-            figures = os.path.join(out, 'figures', f'{name}.json')
-            flags = [*base, '--model_name', model, '--K', str(k), *opts.extra, '--json', figures]
+            figures[(model, k)] = os.path.join(out, 'figures', f'{name}.json')
+            flags = [*base, '--model_name', model, '--K', str(k), *opts.extra, '--json', figures[(model, k)]]
             commands[name] = shlex.join(['python', 'train.py', *flags])
-            if not os.path.isfile(figures):
-                if run_finished(flags):  # trained, but stopped before its test wrote the figures
-                    run_stage(['test.py', *flags], os.path.join(logs, f'{name}.log'), done)
-                else:
-                    run_stage(['train.py', *flags, '--resume'], os.path.join(logs, f'{name}.log'), done)
-            cells[(model, k)] = read_figures(figures)['settings'][0]
+            stages.append((name, flags, os.path.join(logs, f'{name}.log'),
+                           lambda path=figures[(model, k)]: os.path.isfile(path)))
 
-    check = read_figures(check_json)
-    write_results(os.path.join(out, 'results.md'), opts, cells, check, commands, pretrained or 'train.py default')
+    def results() -> dict:
+        """results.md from every figure there is so far (a cell not yet run says so)."""
+        cells.update({cell: read_figures(path)['settings'][0] for cell, path in figures.items() if os.path.isfile(path)})
+        check = read_figures(check_json) if os.path.isfile(check_json) else {}
+        write_results(os.path.join(out, 'results.md'), opts, cells, check, commands, pretrained or 'train.py default')
+        return check
+
+    done, current = [], ['start-up']
+    with exit_on_interrupt(lambda: f'interrupted during {current[0]}: {len(done)} of {len(stages)} stages ran now and '
+                                   f'{os.path.join(out, "results.md")} holds every result so far; run the same command '
+                                   f'again to continue'):
+        for name, command, log, finished in stages:
+            if finished():
+                continue
+            current[0] = name
+            if command[0] in ('pretrain.py', 'test.py'):
+                run_stage(command, log, done)
+            elif run_finished(command):  # trained, but stopped before its test wrote the figures
+                run_stage(['test.py', *command], log, done)
+            else:
+                run_stage(['train.py', *command, '--resume'], log, done)
+            results()
+    check = results()
     print(f'\nwrote {os.path.join(out, "results.md")} ({len(done)} stage{"s" if len(done) != 1 else ""} run now, '
           f'the rest already done)')
     return {'ran': done, 'cells': cells, 'check': check}

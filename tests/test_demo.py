@@ -109,7 +109,8 @@ def test_changed_parameters_regenerate_without_stale_files(tmp_path):
 def test_incomplete_dataset_is_regenerated(tmp_path):
     root = str(tmp_path / 'f')
     generate_demo_dataset(root, images_per_class=1)
-    os.remove(os.path.join(root, '.demo_complete'))
+    with open(os.path.join(root, '.demo_complete'), 'w') as f:  # as an interrupted generation leaves it
+        json.dump({'complete': False}, f)
     os.remove(os.path.join(root, 'split', 'test.csv'))
     generate_demo_dataset(root, images_per_class=1)
     assert os.path.isfile(os.path.join(root, 'split', 'test.csv'))
