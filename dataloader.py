@@ -29,11 +29,11 @@ from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional,
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from utils import progress
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision import transforms
 
-from pickles import cache_dir, convert_split, pickled_form, safe_load, source_file
+from pickles import cache_dir, cache_folder, convert_split, pickled_form, safe_load, source_file
 from utils import UserError
 
 SPLITS = ('train', 'val', 'test')
@@ -141,10 +141,19 @@ def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int]
         labels.append(index[label])
     if not filenames:
         raise UserError(f'split file {csv_path} lists no images (expected a header, then rows filename,label)')
-    if strict and len(header) >= 2 and header[1].strip() in index:
-        raise UserError(f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
-                        f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
+    error = header_error(csv_path, header, index)
+    if strict and error:
+        raise UserError(error)
     return filenames, labels, class_names
+
+
+def header_error(csv_path: str, header: Sequence[str], class_names: Iterable[str]) -> Optional[str]:
+    """The split file's first line is a row of one of its classes (no header), which would be skipped: the
+    line that says so, else None."""
+    if len(header) >= 2 and header[1].strip() in set(class_names):
+        return (f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
+                f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
+    return None
 
 
 def overlap_error(splits: dict) -> Optional[str]:
@@ -160,6 +169,20 @@ def overlap_error(splits: dict) -> Optional[str]:
                             f'({second.location}), e.g. {shared[0]}: few-shot splits must not share them, or the '
                             f'accuracy is not few-shot (pass --allow_overlap if it is on purpose)')
     return None
+
+
+# the benchmarks a dataset is compared with: classes per split (train, val, test), and images per class
+# where the benchmark fixes it
+BENCHMARKS = {'mini-ImageNet': ((64, 16, 20), 600), 'tiered-ImageNet': ((351, 97, 160), None),
+              "FEAT's CUB split": ((100, 50, 50), None)}
+
+
+def looks_like_mini_imagenet_test(dataset) -> bool:
+    """Whether a test split has mini-ImageNet's shape (20 classes of 600 images): where figures quoted for
+    mini-ImageNet may be printed beside ours."""
+    (_, _, classes), per_class = BENCHMARKS['mini-ImageNet']
+    counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.class_names))
+    return len(counts) == classes and bool((counts == per_class).all())
 
 
 # ------------------------------------------------------------------ tiered-ImageNet files
@@ -253,8 +276,7 @@ def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
     name = os.path.splitext(os.path.basename(npz_path))[0] + '.npy'
     if not is_writable(folder):
         digest = hashlib.sha1(os.path.abspath(npz_path).encode()).hexdigest()[:12]
-        folder = os.path.join(cache_dir(), 'tiered', digest)
-        os.makedirs(folder, exist_ok=True)
+        folder = cache_folder(os.path.join(cache_dir(), 'tiered', digest), npz_path)
     target = os.path.join(folder, name)
     if os.path.isfile(target) and os.path.getsize(target) == info.member_size \
             and os.path.getmtime(target) >= os.path.getmtime(npz_path):
@@ -269,7 +291,7 @@ def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
     partial = f'{target}.part{os.getpid()}'
     try:
         with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, open(partial, 'wb') as out, \
-                tqdm(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
+                progress(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
                      leave=False) as bar:
             while chunk := source.read(1 << 24):
                 out.write(chunk)
@@ -314,9 +336,14 @@ class SplitDataset(Dataset):
         return torch.zeros(len(self), dtype=torch.long)
 
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        return self.read(item)[:2]
+
+    def read(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, Optional[str]]:
+        """(image, label, a note about the image or None: ``small_image_note``), for ``Reported``."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         i = int(i)
         image = self.load_image(i)
+        note = small_image_note(self.image_path(i), image.size)
         if seed is None:
             x = self.transform(image)
         elif get_worker_info() is None:  # main process: keep the global random state untouched
@@ -326,7 +353,11 @@ class SplitDataset(Dataset):
         else:
             torch.manual_seed(seed)
             x = self.transform(image)
-        return x, self.labels[i]
+        return x, self.labels[i], note
+
+    def image_path(self, i: int) -> str:
+        """How notes and errors name image i."""
+        return f'{i} of {self.location}'
 
 
 class FewShotDataset(SplitDataset):
@@ -351,8 +382,11 @@ class FewShotDataset(SplitDataset):
                 if name not in present and not os.path.isfile(os.path.join(self.image_dir, name)):
                     raise UserError(f'image {name} listed in {self.csv_path} is missing from {self.image_dir}')
 
+    def image_path(self, i: int) -> str:
+        return os.path.join(self.image_dir, self.filenames[i])
+
     def load_image(self, i: int) -> Image.Image:
-        path = os.path.join(self.image_dir, self.filenames[i])
+        path = self.image_path(i)
         try:
             with Image.open(path) as image:
                 return to_rgb(image, path)
@@ -423,7 +457,16 @@ class LabelledSplit:
         return len(self.labels)
 
 
+ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.zip', '.tar.bz2', '.tar.xz')
+
+
 def missing_root_message(root: str) -> str:
+    if os.path.isfile(root):
+        if root.lower().endswith(ARCHIVES):
+            unpack = f'unzip {root} -d DIR' if root.lower().endswith('.zip') else f'tar -xf {root} -C DIR'
+            return (f'{root} is an archive, not a data folder: unpack it first ({unpack}) and give --data_path the '
+                    f'folder that holds images/ and split/')
+        return f'{root} is a file, not a data folder (expected a folder holding images/ and split/{{train,val,test}}.csv)'
     return (f'data folder {root} not found (expected images/ and split/{{train,val,test}}.csv, or tiered-ImageNet\'s '
             f'{{train,val,test}}_images.npz and _labels.pkl)')
 
@@ -511,10 +554,13 @@ class MultiSourceDataset(Dataset):
         return self.datasets[k].load_image(j)
 
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        return self.read(item)[:2]
+
+    def read(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, Optional[str]]:
         i, seed = item if isinstance(item, tuple) else (item, None)
         k, j = self.locate(int(i))
-        x, _ = self.datasets[k][(j, seed) if seed is not None else j]
-        return x, self.labels[int(i)]
+        x, _, note = self.datasets[k].read((j, seed) if seed is not None else j)
+        return x, self.labels[int(i)], note
 
 
 def open_split(paths: Union[str, Sequence[str]], split: str,
@@ -714,6 +760,26 @@ def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n
     return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
 
 
+# an image whose smaller side is under this is far below the input size: upscaled without detail (a warning)
+SMALL_SIDE = IMAGE_SIZE // 2
+
+
+def small_image_note(path: str, size: tuple[int, int]) -> Optional[str]:
+    """'image X is 1x1, far below the 84 x 84 input...' for an image whose smaller side is under SMALL_SIDE."""
+    if min(size) >= SMALL_SIDE:
+        return None
+    return (f'warning: image {path} is {size[0]}x{size[1]}, far below the {IMAGE_SIZE} x {IMAGE_SIZE} input: it is '
+            f'scaled up without any detail (said once per dataset; scripts/check_dataset.py lists every such image)')
+
+
+class Noted(NamedTuple):
+    """An item and a note about it (``small_image_note``), carried to the main process, which says the
+    first note of each dataset (``key``) once."""
+    item: tuple
+    key: str
+    note: str
+
+
 class Failure(NamedTuple):
     """A UserError met while reading an item, carried as data: a loader worker's exceptions reach the
     main process as traceback text, its results intact."""
@@ -731,15 +797,32 @@ class Reported(Dataset):
 
     def __getitem__(self, item):
         try:
-            return self.dataset[item]
+            x, label, note = self.dataset.read(item)
         except UserError as error:
             return Failure(str(error))
+        return Noted((x, label), self.dataset.location, note) if note else (x, label)
 
 
 def collate(items: list):
-    """The batch of ``items``, or the first Failure among them."""
+    """The batch of ``items`` (with a third element, the notes, when any item has one), or the first Failure."""
     failure = next((item for item in items if isinstance(item, Failure)), None)
-    return failure if failure is not None else default_collate(items)
+    if failure is not None:
+        return failure
+    notes = [(item.key, item.note) for item in items if isinstance(item, Noted)]
+    batch = default_collate([item.item if isinstance(item, Noted) else item for item in items])
+    return [*batch, notes] if notes else batch
+
+
+_said: set = set()  # the datasets whose note this process has said
+
+
+def say_notes(notes: list[tuple[str, str]]) -> None:
+    """Print the first note of each dataset (key) once per process: the main process, which reads every
+    loader's batches, says each once per run."""
+    for key, note in notes:
+        if key not in _said:
+            _said.add(key)
+            print(note, file=sys.stderr)
 
 
 def iterate(loader: DataLoader) -> Iterator:
@@ -776,6 +859,9 @@ class _raise_failures:
         batch = next(self.batches)
         if isinstance(batch, Failure):
             raise UserError(batch.message)
+        if len(batch) == 3:  # images, labels, notes
+            say_notes(batch[2])
+            batch = batch[:2]
         return batch
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from utils import progress
 
 from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
 from models import FewShotModel, prototype_logits, split_episode
@@ -86,7 +86,7 @@ def encode_split(encoder: nn.Module, dataset: FewShotDataset, options: EvalOptio
     encoder.eval()
     device, features = options.device, []
     loader = image_loader(dataset, batch_size, options.n_workers, pin_memory=device.type == 'cuda')
-    with tqdm(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
+    with progress(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
               unit='batch', disable=desc == '') as bar:
         for images, _ in bar:
             with autocast(device, options.amp):
@@ -230,7 +230,7 @@ def run_episodes(model: FewShotModel, dataset: FewShotDataset, episodes: Episode
     if mode == 'cached':  # encoded before the episodes' progress bar starts
         cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
         advance_forward_count(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
-    with tqdm(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
+    with progress(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
         if mode == 'cached':
             batch, draws, done = episode_batch_size(options, e, cache.size(1)), iter(sampler), 0
             while done < e.n_episodes:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from utils import progress
 
 from utils import UserError
 
@@ -167,6 +167,20 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'glofa')
 
 
+def cache_folder(folder: str, source: str) -> str:
+    """Create ``folder`` (a copy of ``source`` goes there) and check it can be written, or one line naming it
+    and the way out. Returns ``folder``."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+        reason = 'it is read-only'
+    except OSError as error:
+        reason = error.strerror or str(error)
+    raise UserError(f'{source} is read in a converted copy, which cannot be written to {folder} ({reason}): set '
+                    f'GLOFA_CACHE to a folder you can write to (now {cache_dir()})')
+
+
 def converted_folder(root: str) -> str:
     """<root>/.glofa-arrays, or, for a read-only root, a folder of its own under the cache folder."""
     if os.access(root, os.W_OK):
@@ -203,7 +217,7 @@ def convert_split(root: str, split: str) -> str:
         with open(stamp_path) as f:
             if json.load(f) == stamp:
                 return folder
-    os.makedirs(folder, exist_ok=True)
+    cache_folder(folder, source)
     print(f'{source}: {FORM_NAMES[form]}; converting the {split} split once to {folder} '
           f'(memory-mapped from then on)')
     if form == 'tiered_png':
@@ -212,7 +226,7 @@ def convert_split(root: str, split: str) -> str:
         shape = first.shape
 
         def rows() -> Iterator[np.ndarray]:
-            for i, item in enumerate(tqdm(encoded, desc=f'decoding {os.path.basename(source)}', unit='image',
+            for i, item in enumerate(progress(encoded, desc=f'decoding {os.path.basename(source)}', unit='image',
                                           leave=False)):
                 image = decode_png(item, source, i)
                 if image.shape != shape:
@@ -225,7 +239,7 @@ def convert_split(root: str, split: str) -> str:
         shape, n = data.shape[1:], len(data)
 
         def rows() -> Iterator[np.ndarray]:
-            yield from tqdm(np.array_split(data, max(1, n // 1000)) if n else [],
+            yield from progress(np.array_split(data, max(1, n // 1000)) if n else [],
                             desc=f'writing {os.path.basename(images_path)}', unit='chunk', leave=False)
     needed = n * int(np.prod(shape)) + 2 ** 20
     free = shutil.disk_usage(folder).free

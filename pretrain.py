@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from utils import progress
 
 import distributed
 from arguments import PRETRAIN_DOMAINS, parse_pretrain_args
@@ -72,7 +72,7 @@ def save_state(run: Run, finished: bool) -> None:
 
 
 # ------------------------------------------------------------------ phases
-def train_one_epoch(run: Run, loader, bar: tqdm) -> tuple[float, float, float]:
+def train_one_epoch(run: Run, loader, bar) -> tuple[float, float, float]:
     """One pass over this process's share of the epoch's batches: (mean loss, accuracy) over all
     processes, and the seconds it took."""
     run.model.train()
@@ -104,12 +104,12 @@ def validate(run: Run, val_set: SplitDataset) -> dict[str, np.ndarray]:
     set_forward_count(encoder, count)
     sampler = episode_sampler(val_set, args.val_episodes, args.val_way, args.val_shot + args.val_query,
                               torch.Generator().manual_seed(args.seed + 1), args.task_mix)
-    episodes = tqdm(sampler, desc='validation', leave=False, unit='ep')
+    episodes = progress(sampler, desc='validation', leave=False, unit='ep')
     return prototype_accuracies(features, episodes, args.val_way, args.val_shot)
 
 
 def validate_and_save(run: Run, val_set: SplitDataset, loss: float, accuracy: float, lr: float,
-                      seconds: float, steps: int, bar: tqdm) -> None:
+                      seconds: float, steps: int, bar) -> None:
     """Rank 0: validation, the best weights in FEAT's format when the cosine accuracy beats the best so
     far, one JSON line in the log and one line on screen."""
     args, p = run.args, run.progress
@@ -201,7 +201,7 @@ def pretrain(args, built: list) -> dict:
               f'{f" of {args.batch_size // processes} images a step" if processes > 1 else ""}')
 
     # ---------------- training, validation on rank 0 while the others wait
-    with tqdm(total=args.epochs * len(sampler), initial=min(p.done, args.epochs) * len(sampler),
+    with progress(total=args.epochs * len(sampler), initial=min(p.done, args.epochs) * len(sampler),
               desc='pretraining', unit='step', dynamic_ncols=True, disable=not main_process) as bar:
         if p.done == 0:
             save_state(run, finished=False)

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from utils import progress
 
 from arguments import parse_args
 from checkpoints import atomic_save, load_model_checkpoint, model_state_dict
@@ -29,7 +29,7 @@ from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_
 
 
 # ------------------------------------------------------------------ phases
-def train_one_gap(run: Run, loader, bar: tqdm) -> list[float]:
+def train_one_gap(run: Run, loader, bar) -> list[float]:
     """Train on the loader's episodes (one gap); returns their losses. A non-finite loss stops the run."""
     model, optimizer, scaler, args, device = run.model, run.optimizer, run.scaler, run.args, run.device
     model.train()
@@ -104,6 +104,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_seed(args.seed)
     device = select_device(args.device, args.devices)
     check_args(args, device)
+    if device.type == 'cpu' and args.network_name == 'resnet':
+        print(f'note: the ResNet-12 is slow on the CPU (seconds per training episode, minutes per encoded split)'
+              f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '
+              f'--network_name convnet (Conv-4) takes seconds')
     check_output_folder(args.save_dir, '--save_dir')
     if args.json:
         check_output_file(args.json, '--json')
@@ -153,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 'validation': f'the validation after episode {p.done}'}.get(phase, phase)
 
     with exit_on_interrupt(lambda: interrupted_message(run, during(), 'episode')):
-        with tqdm(total=args.n_training_episodes, initial=min(p.done, args.n_training_episodes),
+        with progress(total=args.n_training_episodes, initial=min(p.done, args.n_training_episodes),
                   desc='training', unit='ep', dynamic_ncols=True) as bar:
             if p.done == 0:
                 save_state(run)

@@ -1,4 +1,5 @@
 """Small helpers shared by the entry points: errors, seeding, devices, reporting."""
+import codecs
 import contextlib
 import functools
 import json
@@ -30,22 +31,79 @@ class NonFiniteLoss(ProcessError):
 
 def exits_cleanly(main: Callable) -> Callable:
     """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback; Ctrl-C (or
-    SIGTERM, with interrupt_on_sigterm) anywhere else into one line and exit code 130.
+    SIGTERM, with interrupt_on_sigterm) anywhere else into one line and exit code 130. Output prints
+    whatever the terminal's encoding (``printable_output``), and a closed pipe (``... | head -1``) ends the
+    process quietly with exit code 141, as a program stopped by SIGPIPE.
     (A UserError met in a DataLoader worker reaches the main process as one too: see dataloader.iterate.)
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        printable_output()
         try:
-            return main(*args, **kwargs)
-        except UserError as error:
-            print(f'error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}', file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:  # a phase without its own message (exit_on_interrupt gives the others)
-            quieten_teardown()
-            print('\ninterrupted; every file is written whole or not at all, so nothing half-written is left',
-                  file=sys.stderr)
-            sys.exit(130)
+            try:
+                try:
+                    result = main(*args, **kwargs)
+                    _unstarted.clear()  # started: nothing to take back
+                    sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+                    return result
+                except UserError as error:
+                    print(f'error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}', file=sys.stderr)
+                    sys.exit(2)
+                except KeyboardInterrupt:  # a phase without its own message (exit_on_interrupt gives the others)
+                    quieten_teardown()
+                    print('\ninterrupted; every file is written whole or not at all, so nothing half-written is left',
+                          file=sys.stderr)
+                    sys.exit(130)
+            except SystemExit as stop:
+                if stop.code not in (0, None):
+                    undo_unstarted()
+                sys.stdout.flush()
+                raise
+        except BrokenPipeError:
+            undo_unstarted()
+            for stream in (sys.stdout, sys.stderr):  # what is left to print goes nowhere, silently
+                try:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                except (OSError, ValueError, AttributeError):
+                    pass
+            sys.exit(141)
     return wrapper
+
+
+# characters of the output that an ASCII terminal lacks, and what it shows instead
+ASCII_FALLBACK = {'±': '+-', '—': '-', '–': '-', '…': '...', '×': 'x', '≥': '>=', '≤': '<=', '→': '->', '·': '.'}
+
+
+def _fallback(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return ''.join(ASCII_FALLBACK.get(c, '?') for c in text), error.end
+
+
+codecs.register_error('glofa-fallback', _fallback)
+
+
+def printable_output() -> None:
+    """Make stdout and stderr print every line whatever their encoding: where '±' cannot be encoded (an ASCII or
+    legacy code-page terminal, PYTHONIOENCODING=ascii), it prints as '+-' (ASCII_FALLBACK), never an error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            '±'.encode(getattr(stream, 'encoding', None) or 'ascii')
+        except (UnicodeEncodeError, LookupError):
+            if hasattr(stream, 'reconfigure'):
+                stream.reconfigure(errors='glofa-fallback')
+
+
+_unstarted: list = []  # what a start that fails takes back (an empty run identity file, see runs.RunLock)
+
+
+def on_failed_start(undo: Callable[[], None]) -> None:
+    """Register ``undo`` to run when the entry point ends in an error or an interrupt (exit code not 0)."""
+    _unstarted.append(undo)
+
+
+def undo_unstarted() -> None:
+    while _unstarted:
+        _unstarted.pop()()
 
 
 _interrupts: list = []  # the signals interrupt_on_sigterm's handler has turned into KeyboardInterrupt
@@ -266,6 +324,40 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = 
     """A batch of images on ``device`` (asynchronously from pinned memory), channels-last if asked."""
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+class _Lines:
+    """Where progress bars write when stderr is not a terminal (a log file, a notebook, a cluster job): each
+    refresh becomes one plain line instead of a carriage return."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @property
+    def encoding(self) -> Optional[str]:
+        return getattr(self.stream, 'encoding', None)
+
+    def write(self, text: str) -> None:
+        text = text.replace('\r', '').strip()
+        if text:
+            self.stream.write(text + '\n')
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+# off a terminal, a bar shows after this many seconds and then at most once per interval
+PLAIN_PROGRESS_INTERVAL = 30.0
+
+
+def progress(*args, **kwargs):
+    """A tqdm progress bar (rate, ETA) on stderr. When stderr is not a terminal, a few plain lines instead:
+    none for a bar that ends within PLAIN_PROGRESS_INTERVAL seconds, then one line per interval."""
+    from tqdm import tqdm
+    if not sys.stderr.isatty() and 'file' not in kwargs:
+        kwargs.update(file=_Lines(sys.stderr), mininterval=PLAIN_PROGRESS_INTERVAL,
+                      maxinterval=PLAIN_PROGRESS_INTERVAL, delay=PLAIN_PROGRESS_INTERVAL, dynamic_ncols=False, ncols=100)
+    return tqdm(*args, **kwargs)
 
 
 def save_figure(figure, path: str) -> None:

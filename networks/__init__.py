@@ -2,6 +2,9 @@
 import torch.nn as nn
 
 
+NETWORKS = ('resnet', 'convnet')
+
+
 def build_encoder(network_name: str) -> nn.Module:
     """'resnet' -> ResNet-12 (640-d), 'convnet' -> Conv-4 (64-d). The encoder has ``out_dim``."""
     if network_name == 'resnet':

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from utils import progress  # noqa: E402
 
 from dataloader import SPLITS, read_split, split_csv_path, to_rgb  # noqa: E402
 from utils import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
@@ -126,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, (wnid, index, path) in rows.items():
         by_class.setdefault(wnid, []).append((index, name, path))
     sources = {}
-    for wnid, items in tqdm(by_class.items(), desc='listing classes', unit='class', leave=False):
+    for wnid, items in progress(by_class.items(), desc='listing classes', unit='class', leave=False):
         source = sources[wnid] = Source(args.imagenet, wnid)
         index, name, path = max(items)
         if index > len(source.files):
@@ -147,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     written = 0
     with exit_on_interrupt(lambda: f'interrupted: {done + written} of {len(rows)} images are in {images}; '
                                    f'run the same command again to write the rest'):
-        for wnid, index, name in tqdm(todo, desc='writing images', unit='image'):
+        for wnid, index, name in progress(todo, desc='writing images', unit='image'):
             source = sources[wnid]
             write_image(source.read(index), os.path.join(images, name), args.size,
                         f'{source.where}: {source.files[index - 1]}')
