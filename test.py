@@ -17,11 +17,11 @@ import torch
 
 from arguments import parse_args
 from checkpoints import load_model_checkpoint
-from dataloader import episode_sampler, eval_transform, open_split
+from dataloader import episode_sampler, eval_transform, looks_like_mini_imagenet_test, open_split
 from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_lines, run_episodes, setting_figures,
                         split_episodes, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
-                  check_disjoint, other_runs, run_paths, split_files_beside)
+                  check_disjoint, other_runs, run_paths, split_files_beside, unfinished_line)
 from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
                    interrupt_on_sigterm, mean_ci, select_device, set_seed)
 
@@ -56,9 +56,6 @@ def checks_pretrained(args, settings: list[tuple[int, int]]) -> bool:
     if args.model_name != 'protonet' or (args.model_path and args.model_path.lower() != 'none'):
         return False
     if args.model_path or not os.path.isfile(run_paths(with_setting(args, *settings[0])).best):
-        if args.pretrained.lower() == 'none':
-            raise UserError('ProtoNet without a meta-trained checkpoint evaluates the pretrained encoder: '
-                            'give its weights with --pretrained FILE')
         return True
     print(f'evaluating the meta-trained ProtoNet run of these flags; --model_path none evaluates the '
           f'pretrained encoder {args.pretrained} itself')
@@ -71,9 +68,15 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     model = place_model(build_model(with_setting(args, *settings[0])), args, device)
     options = EvalOptions.from_args(args, device)
     features = SplitFeatures(model.encoder, dataset, options)
-    print(f'ProtoNet on the pretrained encoder {args.pretrained}, no meta-training: the check that data and '
-          f'weights match')
-    if args.network_name == 'resnet' and args.normalization != 'feat':
+    untrained = args.pretrained.lower() == 'none'
+    if untrained:
+        print(f'ProtoNet on an untrained {args.network_name} encoder (random initialisation, seed {args.seed}), no '
+              f'training: the floor any training must beat')
+    else:
+        print(f'ProtoNet on the pretrained encoder {args.pretrained}, no meta-training: the check that data and '
+              f'weights match')
+    benchmark = looks_like_mini_imagenet_test(dataset)
+    if args.network_name == 'resnet' and args.normalization != 'feat' and not untrained:
         print("note: FEAT's Res12-pre.pth was pretrained with FEAT's normalisation; evaluate FEAT's weights "
               "with --normalization feat")
     results, figures = {}, []
@@ -83,7 +86,8 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
             episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
                                             args.n_testing_episodes, n, k)
             result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{metric} {n}-way {k}-shot')
-            quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) else None
+            quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) and benchmark \
+                and not untrained else None  # FEAT's figures are for mini-ImageNet's test split
             lines = result_lines(result, n, k)
             lines[0] = f'{metric}: {lines[0]}' + (f'   [quoted on mini-ImageNet: {quoted}]' if quoted else '')
             print('\n'.join(lines))
@@ -196,6 +200,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         validated = 'no validation record: not written by train.py'
     print(f"loaded {model_path} ({validated})")
+    unfinished = unfinished_line(model_path)
+    if unfinished:
+        print(unfinished)
     trained_as = trained_as_line(record, settings)
     if trained_as:
         print(trained_as)

@@ -16,6 +16,7 @@ Each root given is checked in turn. Exit code 0 when nothing is wrong, 2 otherwi
 """
 import argparse
 import collections
+import csv
 import hashlib
 import os
 import random
@@ -29,12 +30,12 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from dataloader import (SPLITS, convertible, dataset_format, npz_array_info, open_split, read_split,  # noqa: E402
-                        read_tiered_labels, split_csv_path, tiered_paths, to_rgb)
+from dataloader import (BENCHMARKS, IMAGE_SIZE, SMALL_SIDE, SPLITS, convertible, dataset_format, header_error,  # noqa: E402
+                        missing_root_message, npz_array_info, open_split, read_split, read_tiered_labels,
+                        small_image_note, split_csv_path, tiered_paths, to_rgb)
 from pickles import FORM_NAMES  # noqa: E402
-from utils import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from utils import UserError, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
 
 FORMAT_NAMES = {'folder': 'images/ and split/*.csv', 'tiered': "tiered-ImageNet's {split}_images.npz and {split}_labels.pkl"}
 LIST_LIMIT = 10  # problems of one kind listed one by one per split; the rest are counted
@@ -51,16 +52,18 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--K', type=int, default=1, help='support images per class')
     p.add_argument('--Q', type=int, default=15, help='query images per class: every class needs K + Q images')
     p.add_argument('--sample', type=int, default=50,
-                   help='images per split whose header is read (sizes, unreadable files); ignored with --decode')
+                   help='images per split fully decoded, as training will (the header of every listed image is read '
+                        'in any case); ignored with --decode')
     p.add_argument('--decode', action='store_true',
-                   help='fully decode every listed image, as training will (slower: minutes for mini-ImageNet)')
+                   help='fully decode every listed image (slower: minutes for mini-ImageNet)')
     p.add_argument('--n_threads', type=int, default=min(8, os.cpu_count() or 1),
                    help='threads that read images')
     return p
 
 
 def inspect_image(path: str, decode: bool) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[str]]:
-    """(size, mode, None) for a readable image, (None, None, reason) otherwise.
+    """(size, mode, None) for a readable image, (None, None, reason) otherwise (a folder, an empty, dangling
+    or foreign file among them).
 
     Without ``decode`` only the header is read; with it the pixels are decoded and converted to RGB,
     as the data loader does.
@@ -68,10 +71,10 @@ def inspect_image(path: str, decode: bool) -> tuple[Optional[tuple[int, int]], O
     try:
         with Image.open(path) as image:
             size, mode = image.size, image.mode
+            if not convertible(mode):
+                return None, None, f'mode {mode} cannot be converted to 8-bit RGB'
             if decode:
                 to_rgb(image, path)
-            elif not convertible(mode):
-                return None, None, f'mode {mode} cannot be converted to 8-bit RGB'
         return size, mode, None
     except Exception as error:  # any failure means training would stop on this file
         reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else ''
@@ -127,7 +130,7 @@ def read_member(npz_path: str, key: str = 'images') -> Optional[str]:
     import zipfile
     try:
         with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as member, \
-                tqdm(total=archive.getinfo(f'{key}.npy').file_size, unit='B', unit_scale=True,
+                progress(total=archive.getinfo(f'{key}.npy').file_size, unit='B', unit_scale=True,
                      desc=f'reading {os.path.basename(npz_path)}', leave=False) as bar:
             while chunk := member.read(1 << 24):
                 bar.update(len(chunk))
@@ -190,8 +193,7 @@ def check_dataset(data_path: str, N: int = 5, K: int = 1, Q: int = 15, decode: b
     """
     summary, problems = [f'dataset {data_path} (checked for {N}-way {K}-shot {Q}-query episodes)'], []
     if not os.path.isdir(data_path):
-        problems.append(f'data folder {data_path} not found (expected images/ and split/{{train,val,test}}.csv, '
-                        f'or {{train,val,test}}_images.npz and _labels.pkl, inside it; see --data_path)')
+        problems.append(f'{missing_root_message(data_path)}; see --data_path')
         return summary, problems
     counts, sizes = {}, {}  # per split: (class names, images per class); image sizes (width, height) seen
     try:
@@ -229,6 +231,10 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
             problems.append(str(error))
             summary.append(f'{split}: not checked ({csv_path} cannot be read, see the problems)')
             continue
+        with open(csv_path, newline='', encoding='utf-8-sig') as f:
+            error = header_error(csv_path, next(csv.reader(f), []), class_names)  # as train.py checks it
+        if error:
+            problems.append(error)
         splits[split] = (csv_path, filenames, labels, class_names)
 
     # ---------------- per split: counts, episode needs, missing files, duplicates
@@ -254,8 +260,8 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
         capped(problems, [f'{split}: image {name} listed in {csv_path} is missing from {image_dir}' for name in missing],
                f'images of {split} missing from {image_dir}')
         found = [name for name in dict.fromkeys(filenames) if name in present]
-        chosen = found if decode or len(found) <= sample else rng.sample(found, sample)
-        to_read.extend((split, os.path.join(image_dir, name)) for name in chosen)
+        chosen = set(found if decode or len(found) <= sample else rng.sample(found, sample))
+        to_read.extend((split, os.path.join(image_dir, name), name in chosen) for name in found)
 
     shared = [f'class {name} appears in more than one split: {", ".join(s)}' for name, s in owners.items() if len(s) > 1]
     capped(problems, shared, 'classes in more than one split')
@@ -263,32 +269,39 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
                     for name, s in file_owners.items() if len(s) > 1]
     capped(problems, shared_files, 'filenames in more than one split')
 
-    # ---------------- images: headers of a sample, or every image decoded
+    # ---------------- images: the header of every listed image, a sample (or every image) decoded
     if present is not None:
         listed = set(file_owners)
         summary.append(f'images/: {len(present)} files, {len(present - listed)} not listed in any split')
     if to_read:
-        unique = list(dict.fromkeys(path for _, path in to_read))
+        unique = list({path: full for _, path, full in to_read}.items())
         with ThreadPoolExecutor(max(1, n_threads)) as pool:
-            results = pool.map(lambda path: inspect_image(path, decode), unique)
-            results = dict(zip(unique, tqdm(results, total=len(unique), desc='decoding', unit='image',
-                                            leave=False, disable=not decode)))
+            results = pool.map(lambda item: inspect_image(*item), unique)
+            results = dict(zip((path for path, _ in unique),
+                               progress(results, total=len(unique), desc='reading images', unit='image', leave=False)))
         for split in splits:
-            paths = [path for s, path in to_read if s == split]
+            paths = [(path, full) for s, path, full in to_read if s == split]
             if not paths:
                 continue
-            good = [results[path] for path in paths if results[path][2] is None]
+            good = [results[path] for path, _ in paths if results[path][2] is None]
             sizes[split] = [g[0] for g in good]
-            what = f'all {len(paths)} decoded' if decode else f'headers of {len(paths)}'
+            decoded = sum(full for _, full in paths)
+            what = f'all {len(paths)} decoded' if decoded == len(paths) else f'{len(paths)} headers, {decoded} decoded'
             summary.append(f'{split}: image sizes ({what}): '
                            f'{size_summary([g[0] for g in good], [g[1] for g in good])}')
-            capped(problems, [f'{split}: image {path} cannot be {"decoded" if decode else "read"} ({results[path][2]})'
-                              for path in paths if results[path][2] is not None],
+            capped(problems, [f'{split}: image {path} cannot be {"decoded" if full else "read"} ({results[path][2]})'
+                              for path, full in paths if results[path][2] is not None],
                    f'unreadable images of {split}')
-        if not decode:
-            summary.append('(only a sample of image headers was read; --decode decodes every image)')
-
-
+            small = [(path, results[path][0]) for path, _ in paths
+                     if results[path][2] is None and small_image_note(path, results[path][0])]
+            if small:
+                summary.append(f'{split}: warning: {len(small)} images are far below the {IMAGE_SIZE} x {IMAGE_SIZE} '
+                               f'input (smaller side under {SMALL_SIDE} px) and are scaled up without detail: '
+                               + ', '.join(f'{path} ({w}x{h})' for path, (w, h) in small[:LIST_LIMIT])
+                               + (f' and {len(small) - LIST_LIMIT} more' if len(small) > LIST_LIMIT else ''))
+        if not decode and any(not full for _, _, full in to_read):
+            summary.append(f'(every listed image\'s header was read and up to {sample} images per split decoded: an '
+                           f'image damaged after its header is found only when decoded, by --decode or in training)')
 def check_pickled(root: str, N: int, K: int, Q: int, decode: bool, summary: list[str], problems: list[str],
                   counts: dict, sizes: dict) -> None:
     """A pickled form: each split opened as train.py opens it (converted once to the array layout, then
@@ -307,7 +320,7 @@ def check_pickled(root: str, N: int, K: int, Q: int, decode: bool, summary: list
                        f'{dataset.shape} in {dataset.array_path})')
         if decode:
             digests = collections.Counter(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-                                          for image in tqdm(dataset.images, desc=f'hashing {split}', leave=False))
+                                          for image in progress(dataset.images, desc=f'hashing {split}', leave=False))
             repeated = sum(n - 1 for n in digests.values() if n > 1)
             if repeated:
                 problems.append(f'{split}: {repeated} image{"s" if repeated > 1 else ""} of {dataset.location} '
@@ -315,9 +328,6 @@ def check_pickled(root: str, N: int, K: int, Q: int, decode: bool, summary: list
 
 
 # ------------------------------------------------------------------ the benchmark it looks like
-# classes per split (train, val, test), and images per class where the benchmark fixes it
-BENCHMARKS = {'mini-ImageNet': ((64, 16, 20), 600), 'tiered-ImageNet': ((351, 97, 160), None),
-              "FEAT's CUB split": ((100, 50, 50), None)}
 
 
 def compare_with_benchmarks(counts: dict, sizes: dict, summary: list[str]) -> None:

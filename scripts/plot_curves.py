@@ -38,8 +38,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--log', type=str, default=None,
                    help="a pretraining log written by pretrain.py (<save_dir>/pretrained/<name>.log.jsonl): "
                         "training loss and validation accuracies against epochs")
-    p.add_argument('--out', type=str, default='curves.png', help='PNG file to write')
+    p.add_argument('--out', type=str, default=None,
+                   help='PNG file to write (default: beside the statistics or the log, <file>.curves.png)')
     return p
+
+
+def picture_beside(path: str, suffix: str) -> str:
+    """saves/statistics/<run>.stat -> saves/statistics/<run>.curves.png: the picture beside the run's files."""
+    return (path[:-len(suffix)] if path.endswith(suffix) else path) + '.curves.png'
 
 
 def log_path(stat_path: str) -> str:
@@ -228,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     if own.log is not None:
         if rest or own.stat is not None:
             raise UserError(f'--log names the file; {" ".join(rest) or "--stat"} would be ignored: give one or the other')
-        return plot_pretraining(own.log, own.out)
+        return plot_pretraining(own.log, own.out or picture_beside(own.log, '.log.jsonl'))
     if own.stat is not None:
         if rest:
             raise UserError(f'--stat names the file; the run flags {" ".join(rest)} would be ignored: give one or the other')
@@ -241,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> str:
             raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX, '--stat'))
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
+    own.out = own.out or picture_beside(stat_path, STAT_SUFFIX)
     losses, accuracies = load_statistics(stat_path)
     episodes, entries = episodes_of(stat_path, len(losses), episode_gap)
     name = os.path.basename(stat_path)

@@ -28,8 +28,8 @@ CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
     'mask, one column per feature dimension; the columns are sorted by the task mask, largest first, so the top row '
     'falls from left to right and every row uses the same order. A class n scales feature d of every image by '
-    '(1 + alpha_task * m_task[d]) * (1 + alpha_cls * m_cls[n, d]): 0 (dark) leaves the feature as it is, delta '
-    '(bright) amplifies it most. The task mask is shared by all classes and should pick the coarse patterns useful '
+    '(1 + alpha_task * m_task[d]) * (1 + alpha_cls * m_cls[n, d]): 0 (dark) leaves the feature as it is, larger '
+    '(brighter) values amplify it more; the task mask and the class masks each have their own colour scale. The task mask is shared by all classes and should pick the coarse patterns useful '
     'for the whole task; where a class row departs from the task row are the details that class adds. The strengths '
     'at right say how much each mask acts.')
 
@@ -44,7 +44,8 @@ def get_parser() -> argparse.ArgumentParser:
         allow_abbrev=False)
     p.add_argument('--split', type=str, default='test', choices=list(SPLITS), help='split the episode is drawn from')
     p.add_argument('--episode_seed', type=int, default=0, help='seed of the episode sampler')
-    p.add_argument('--out', type=str, default='masks.png', help='PNG file to write')
+    p.add_argument('--out', type=str, default=None,
+                   help='PNG file to write (default: beside the checkpoint, <checkpoint without .model>.masks.png)')
     return p
 
 
@@ -95,16 +96,27 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
             ax.set_title(class_names[n], fontsize=9)
     top.suptitle(title, fontsize=11)
 
-    # ---------------- masks, one row each, columns sorted by the task mask; strengths beside them
-    ax_heat, ax_alpha = bottom.subplots(1, 2, width_ratios=[6, 1])
-    heat = ax_heat.imshow(rows, aspect='auto', interpolation='nearest', cmap='viridis', vmin=0, vmax=delta)
-    ax_heat.axhline(0.5, color='white', linewidth=2)
+    # ---------------- masks, one row each, columns sorted by the task mask; strengths beside them. The task
+    # mask and the class masks each get their own colour scale (0 to their largest value), since class masks
+    # are often far smaller than the task mask and would all look alike on a common 0..delta scale
+    grid = bottom.subplots(2, 2, width_ratios=[6, 1], height_ratios=[1, n_way], squeeze=False)
+    (ax_task, ax_alpha), (ax_cls, ax_empty) = grid
+    ax_empty.axis('off')
     labels = ['task mask'] + [f'class {name}' for name in class_names]
-    ax_heat.set_yticks(range(n_way + 1), [f'{label} (max {row.max():.2f})' for label, row in zip(labels, rows)],
-                       fontsize=8)
-    ax_heat.set_xlabel(f'feature dimension ({d}), sorted by the task mask (largest first)')
-    ax_heat.set_title('masks (colour: mask value in [0, delta])', fontsize=10)
-    bottom.colorbar(heat, ax=ax_heat, label=f'mask value (delta = {delta:g})', fraction=0.04, pad=0.01)
+    for ax, part, names in ((ax_task, rows[:1], labels[:1]), (ax_cls, rows[1:], labels[1:])):
+        top_value = float(part.max()) if part.max() > 0 else delta
+        heat = ax.imshow(part, aspect='auto', interpolation='nearest', cmap='viridis', vmin=0, vmax=top_value)
+        ax.set_yticks(range(len(names)), [f'{label} (max {row.max():.3f})' for label, row in zip(names, part)],
+                      fontsize=8)
+        bottom.colorbar(heat, ax=ax, label=f'mask value (0 to {top_value:.3g})', fraction=0.04, pad=0.01)
+    ax_task.set_xticks([])
+    ax_task.set_title(f'masks in [0, delta = {delta:g}], each panel on its own colour scale', fontsize=10)
+    ax_cls.set_xlabel(f'feature dimension ({d}), sorted by the task mask (largest first)')
+    if alpha[0] == 0 and alpha[1] == 0:  # said on the figure, where the masks are
+        ax_cls.text(0.5, 0.5, 'alpha_task = alpha_cls = 0: these masks have NO effect on this episode\n'
+                    '(the model is normalised-prototype ProtoNet here)', transform=ax_cls.transAxes, ha='center',
+                    va='center', fontsize=11, color='white', weight='bold',
+                    bbox=dict(facecolor='tab:red', alpha=0.85, edgecolor='none'))
     bars = ax_alpha.bar([0, 1], alpha, color=['tab:blue', 'tab:orange'])
     ax_alpha.set_xticks([0, 1], ['alpha_task', 'alpha_cls'], fontsize=8)
     ax_alpha.bar_label(bars, fmt='%.3f', fontsize=8)
@@ -156,8 +168,9 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
           f'max {adaptation.scale.max().item():.4f}')
     title = (f'GLoFA masks: {own.split} split, {args.N}-way {args.K}-shot, episode seed {own.episode_seed}; '
              f'alpha_task = {alpha_task:.3f}, alpha_cls = {alpha_cls:.3f}')
-    draw(images, class_names, adaptation, args.N, args.K, args.delta, title, own.out, args.normalization)
-    print(f'wrote {own.out}')
+    out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
+    draw(images, class_names, adaptation, args.N, args.K, args.delta, title, out, args.normalization)
+    print(f'wrote {out}')
     return adaptation
 
 
