@@ -1,45 +1,94 @@
-"""Speed of evaluation, loading and training, two ways side by side in one process.
+"""Speed: two ways of the same work, timed side by side in one process, in one table.
 
-    python scripts/benchmark.py [--network convnet|resnet] [--json bench.json]
+    python scripts/benchmark.py [SECTION ...] [--network convnet|resnet] [--device all|cpu|cuda] [--json PATH]
 
-(a) evaluation, cached vs episodic, at mini-ImageNet's test proportions: 10000 5-way 1-shot
-    episodes of 80 images over a 12000-image split encode each image 66.7 times (83.3 times for
-    5-shot); the split and the episode count are shrunk together so that the proportion stays;
-(b) loader episodes per second with 0 and with --n_workers workers;
-(c) seconds per training episode, the model alone (one episode kept in memory) and with the loader;
-(d) the same on CUDA when present;
-(e) training with --channels_last (and --amp on CUDA), the model alone;
-(f) the head on cached 640-d embeddings (set functions, masks, prototypes, logits), 5-way 1-shot and
-    5-shot: one episode at a time against --head_batch episodes at once, and a whole cached test of
-    --full_episodes episodes over a 12000-image split (encoding excluded) with --episode_batch 1 against
-    the batch chosen by memory; same accuracies checked.
-Data is generated in the real on-disk format under --work_dir.
+Sections (none named: the quick set, evaluation loading training settings):
+  evaluation  cached vs episodic evaluation at mini-ImageNet's test proportions (10000 episodes of N*(K+15)
+              images over 12000 images: the split and the episode count are shrunk together)
+  head        the head on cached 640-d embeddings (GLoFA, strengths above 0): one episode at a time vs
+              many at once, and a whole cached test of --full_episodes with --episode_batch 1 vs auto
+  loading     training episodes per second from the loader, 0 workers vs --n_workers
+  training    seconds per training episode: with the loader vs the model alone (one episode in memory);
+              plain vs --channels_last, and plain vs --amp on CUDA
+  formats     per-image read cost, JPEG folder vs memory-mapped tiered npz; loader memory of --workers
+              workers reading every image, memory map vs np.load, with fork and spawn workers
+  pickled     each pickled form of the images of --data_path (a folder-form dataset; default a small
+              generated one): the one-time conversion and disk use, and train.py --flag_debug's first
+              start (converting) vs a later one (mapped); the folder form beside them
+  pretrain    seconds per pretraining step (batch in memory), one process vs --processes under torchrun
+  settings    test.py's choices: 3 episodes auto vs the whole split cached; --K 1 5 in one command vs
+              two commands (the accuracy lines identical)
+Every row is | section | what | A | B | A / B | same results |; --json writes the rows. Data is written
+in the real on-disk formats under --work_dir (a temporary folder by default). Speed is never asserted.
 """
 import argparse
+import glob
 import json
 import os
+import pickle
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
+import distributed  # noqa: E402
 import runs  # noqa: E402
-from arguments import default_workers, parse_args  # noqa: E402
-from demo import write_colour_dataset  # noqa: E402
-from dataloader import FewShotDataset, LabelledSplit, eval_transform, generate_data_loader  # noqa: E402
-from evaluation import Episodes, EvalOptions, SplitFeatures, episode_batch_size, run_episodes  # noqa: E402
-from models.glofa import GLoFA  # noqa: E402
-from utils import autocast  # noqa: E402
+from arguments import default_workers, parse_args, parse_pretrain_args  # noqa: E402
+from dataloader import (SPLITS, FewShotDataset, LabelledSplit, TieredDataset, eval_transform,  # noqa: E402
+                        generate_data_loader, ignore_interrupts, open_split)
+from demo import PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split  # noqa: E402
+from evaluation import Episodes, EvalOptions, SplitFeatures, choose_eval_mode, episode_batch_size, run_episodes  # noqa: E402
+from models.classifier import EncoderClassifier, build_optimizer, classification_loss  # noqa: E402
+from models.glofa import GLoFA, query_targets  # noqa: E402
+from networks import build_encoder  # noqa: E402
+from pickles import CONVERTED, convert_split  # noqa: E402
+from utils import accuracy_line, autocast, backward_and_step, exits_cleanly, select_device  # noqa: E402
 
-# mini-ImageNet's test split and the reference protocol
-FULL_IMAGES, FULL_EPISODES = 12000, 10000
+FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
+MIB, GIB = 2 ** 20, 2 ** 30
+QUICK = ['evaluation', 'loading', 'training', 'settings']
+RESULT = 'RESULT '  # how a torchrun worker of the pretrain section reports
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
+@dataclass
+class Row:
+    """One measurement: way A against way B (B absent for a single figure), and whether they agreed."""
+    section: str
+    what: str
+    a: str
+    a_value: float
+    b: str = ''
+    b_value: Optional[float] = None
+    unit: str = 's'
+    same: Optional[bool] = None
+
+    def cells(self) -> list[str]:
+        ratio = f'{self.a_value / self.b_value:.2f}x' if self.b_value else ''
+        same = '' if self.same is None else ('yes' if self.same else 'NO')
+        b = f'{self.b} {self.b_value:.4g} {self.unit}' if self.b_value is not None else ''
+        return [self.section, self.what, f'{self.a} {self.a_value:.4g} {self.unit}', b, ratio, same]
+
+
+def print_table(rows: list[Row]) -> None:
+    print('| section | what | A | B | A / B | same results |\n|---|---|---|---|---|---|')
+    for row in rows:
+        print('| ' + ' | '.join(row.cells()) + ' |', flush=True)
+
+
+def timed(fn, device: torch.device = torch.device('cpu')):
+    """(seconds, fn()) with CUDA synchronised around it."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -49,187 +98,377 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def bench_device(device: torch.device, opts, root: str) -> dict:
-    N, K, Q = 5, opts.K, 15
-    flags = ['--data_path', root, '--network_name', opts.network, '--pretrained', 'none', '--N', str(N),
-             '--K', str(K), '--Q', str(Q), '--n_workers', str(opts.n_workers)]
-    args = parse_args(flags)
+def shrunk_split(opts, work: str) -> str:
+    """A split of --classes classes of K + 15 images: episodes at mini-ImageNet's test proportions."""
+    c = opts.classes
+    return write_colour_dataset(os.path.join(work, f'split-{opts.K}shot'), (c, c, c), opts.K + 15, (84, 84))
+
+
+def model_and_args(opts, root: str, device: torch.device):
+    args = parse_args(['--data_path', root, '--network_name', opts.network, '--pretrained', 'none', '--N', '5',
+                       '--K', str(opts.K), '--n_workers', str(opts.n_workers)])
     torch.manual_seed(0)
-    model = runs.place_model(runs.build_model(args, pretrained=False), args, device)
+    return runs.place_model(runs.build_model(args, pretrained=False), args, device), args
+
+
+# ------------------------------------------------------------------ evaluation, head, loading, training
+def evaluation(opts, device: torch.device, work: str) -> list[Row]:
+    root = shrunk_split(opts, work)
+    model, _ = model_and_args(opts, root, device)
     test_set = FewShotDataset(root, 'test', eval_transform())
-    images_per_episode = N * (K + Q)
-    n_episodes = round(len(test_set) * FULL_EPISODES / FULL_IMAGES)  # same encodes per image as the full test
-    n_episodes = opts.eval_episodes or n_episodes
-    row = {'at_test_proportions': opts.eval_episodes is None, 'device': str(device), 'network': opts.network,
-           'shot': K, 'split_images': len(test_set),
-           'eval_episodes': n_episodes, 'encodes_per_image_episodic': n_episodes * images_per_episode / len(test_set)}
-
-    # (a) evaluation, cached vs episodic, same episodes (after one warm-up episode of each)
-    for mode in ('cached', 'episodic'):
-        run_episodes(model, test_set, Episodes(1, N, K, Q), mode, EvalOptions(device), desc='warm-up')
-    results = {}
-    for mode in ('cached', 'episodic'):
-        episodes = Episodes(n_episodes, N, K, Q, torch.Generator().manual_seed(1))
-        seconds, out = timed(lambda: run_episodes(model, test_set, episodes, mode, EvalOptions(device, opts.n_workers),
-                                                  desc=f'eval {mode}'), device)
-        results[mode] = (seconds, out.accuracies)
-    row['eval_cached_s'], row['eval_episodic_s'] = results['cached'][0], results['episodic'][0]
-    row['eval_speedup'] = row['eval_episodic_s'] / row['eval_cached_s']
-    row['eval_episodic_s_per_ep'] = row['eval_episodic_s'] / n_episodes
-    row['eval_same_accuracies'] = bool(np.array_equal(results['cached'][1], results['episodic'][1]))
-    row['full_test_cached_s_estimate'] = row['eval_cached_s'] * FULL_IMAGES / len(test_set)
-
-    # (b) loader episodes per second, 0 vs n workers
-    for workers in (0, opts.n_workers):
-        loader = generate_data_loader(root, 'train', opts.loader_episodes, N, K + Q, n_workers=workers, seed=0,
-                                      pin_memory=device.type == 'cuda')
-        iterator = iter(loader)
-        next(iterator)  # worker start-up is not counted
-        seconds, count = timed(lambda: sum(1 for _ in iterator), device)
-        row[f'loader_eps_per_s_{workers}_workers'] = count / seconds
-        del iterator, loader
-
-    # (c) seconds per training episode: model alone vs with the loader
-    optimizer = runs.build_optimizer(args, model)
-    targets = torch.arange(N * Q, device=device) % N
-    loader = generate_data_loader(root, 'train', opts.train_episodes + 1, N, K + Q, n_workers=opts.n_workers,
-                                  seed=0, pin_memory=device.type == 'cuda')
-
-    def step(images, amp=False):
-        with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True), N, K)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    iterator = iter(loader)
-    kept, _ = next(iterator)
-    step(kept)  # warm-up
-    seconds, _ = timed(lambda: [step(kept) for _ in range(opts.train_episodes)], device)
-    row['train_model_only_s_per_ep'] = seconds / opts.train_episodes
-    seconds, _ = timed(lambda: [step(images) for images, _ in iterator], device)
-    row['train_with_loader_s_per_ep'] = seconds / opts.train_episodes
-    row['loader_bound'] = row['train_with_loader_s_per_ep'] > 1.2 * row['train_model_only_s_per_ep']
-
-    # (e) the optional speed-ups, model alone: --channels_last anywhere, --amp on CUDA
-    model.encoder.to(memory_format=torch.channels_last)
-    kept_cl = kept.contiguous(memory_format=torch.channels_last)
-    step(kept_cl)
-    seconds, _ = timed(lambda: [step(kept_cl) for _ in range(opts.train_episodes)], device)
-    row['train_channels_last_s_per_ep'] = seconds / opts.train_episodes
-    model.encoder.to(memory_format=torch.contiguous_format)
-    if device.type == 'cuda':
-        step(kept, amp=True)
-        seconds, _ = timed(lambda: [step(kept, amp=True) for _ in range(opts.train_episodes)], device)
-        row['train_amp_s_per_ep'] = seconds / opts.train_episodes
-    return row
+    n = opts.eval_episodes or round(len(test_set) * FULL_EPISODES / FULL_IMAGES)
+    for mode in ('cached', 'episodic'):  # warm-up
+        run_episodes(model, test_set, Episodes(1, 5, opts.K, 15), mode, EvalOptions(device), desc='warm-up')
+    seconds, accuracies = {}, {}
+    for mode in ('episodic', 'cached'):
+        episodes = Episodes(n, 5, opts.K, 15, torch.Generator().manual_seed(1))
+        seconds[mode], out = timed(lambda: run_episodes(model, test_set, episodes, mode,
+                                                        EvalOptions(device, opts.n_workers), desc=mode), device)
+        accuracies[mode] = out.accuracies
+    at = 'at test proportions' if opts.eval_episodes is None else 'NOT at test proportions'
+    return [Row('evaluation', f'{device.type} {opts.network} 5-way {opts.K}-shot, {n} episodes over {len(test_set)} '
+                f'images ({at}; a full cached test ~{seconds["cached"] * FULL_IMAGES / len(test_set):.0f} s)',
+                'episodic', seconds['episodic'], 'cached', seconds['cached'],
+                same=bool(np.array_equal(accuracies['episodic'], accuracies['cached'])))]
 
 
-def bench_head(device: torch.device, opts) -> dict:
-    """(f): GLoFA's head on 640-d embeddings, one episode at a time against many at once."""
-    row, d = {}, 640
+def head(opts, device: torch.device, work: str) -> list[Row]:
+    d, rows = 640, []
     labels = torch.arange(20).repeat_interleave(FULL_IMAGES // 20)  # mini-ImageNet's test split: 20 classes of 600
     split = LabelledSplit(labels.tolist(), [f'n{c:08d}' for c in range(20)])
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, d, generator=g).relu()
-    embeddings = (centres[labels] + 2.5 * torch.randn(len(split), d, generator=g)).relu().to(device)
+    embeddings = (torch.randn(20, d, generator=g).relu()[labels] + 2.5 * torch.randn(len(split), d, generator=g)).relu()
+    embeddings = embeddings.to(device)
     torch.manual_seed(0)
     model = GLoFA(torch.nn.Identity(), d, h_bias_init=1.0).to(device).eval()  # strengths above 0: the masks act
-    for K in (1, 5):
-        N, Q = 5, 15
-        episodes = Episodes(opts.head_episodes, N, K, Q)
-        indices = torch.randint(len(split), (opts.head_episodes, N * (K + Q)), generator=g).to(device)
+    for k in (1, 5):
+        indices = torch.randint(len(split), (opts.head_episodes, 5 * (k + 15)), generator=g).to(device)
+        batch = opts.head_batch or episode_batch_size(EvalOptions(device), Episodes(opts.head_episodes, 5, k, 15), d)
         with torch.no_grad():
-            model.episode(embeddings[indices[0]], N, K)  # warm-up
-            alone, _ = timed(lambda: [model.episode(embeddings[i], N, K) for i in indices], device)
-            batch = opts.head_batch or episode_batch_size(EvalOptions(device), episodes, d)
-            together, _ = timed(lambda: [model.episode(embeddings[indices[s:s + batch]], N, K)
+            model.episode(embeddings[indices[0]], 5, k)  # warm-up
+            alone, _ = timed(lambda: [model.episode(embeddings[i], 5, k) for i in indices], device)
+            together, _ = timed(lambda: [model.episode(embeddings[indices[s:s + batch]], 5, k)
                                          for s in range(0, len(indices), batch)], device)
-        row[f'head_{K}shot_one_ms'] = 1000 * alone / opts.head_episodes
-        row[f'head_{K}shot_batched_ms'] = 1000 * together / opts.head_episodes
-        row[f'head_{K}shot_batch'] = batch
-        row[f'head_{K}shot_speedup'] = alone / together
-
-        def full_test(episode_batch: int):
-            # the embeddings are given: the test's head work alone
-            return run_episodes(model, split, Episodes(opts.full_episodes, N, K, Q, torch.Generator().manual_seed(1)),
-                                'cached', EvalOptions(device, episode_batch=episode_batch),
-                                SplitFeatures.given(embeddings), desc=f'{opts.full_episodes} episodes, batch {episode_batch or "auto"}')
-
-        one, one_results = timed(lambda: full_test(1), device)
-        auto, auto_results = timed(lambda: full_test(0), device)
-        row[f'full_{K}shot_one_s'], row[f'full_{K}shot_batched_s'], row[f'full_{K}shot_speedup'] = one, auto, one / auto
-        row[f'full_{K}shot_same_accuracies'] = bool(np.array_equal(one_results.accuracies, auto_results.accuracies))
-    row['full_episodes'] = opts.full_episodes
-    return row
+        rows.append(Row('head', f'{device.type} 5-way {k}-shot, 640-d, per episode', 'one at a time',
+                        1000 * alone / opts.head_episodes, f'{batch} at once', 1000 * together / opts.head_episodes, 'ms'))
+        results = {}
+        for label, episode_batch in (('--episode_batch 1', 1), ('auto', 0)):  # the test's head work, encoding given
+            episodes = Episodes(opts.full_episodes, 5, k, 15, torch.Generator().manual_seed(1))
+            results[label] = timed(lambda: run_episodes(model, split, episodes, 'cached', EvalOptions(
+                device, episode_batch=episode_batch), SplitFeatures.given(embeddings), desc=label), device)
+        (one, a), (auto, b) = results.values()
+        rows.append(Row('head', f'{device.type} 5-way {k}-shot, a cached test of {opts.full_episodes} episodes, '
+                        f'encoding excluded', '--episode_batch 1', one, 'auto', auto,
+                        same=bool(np.array_equal(a.accuracies, b.accuracies))))
+    return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    for row in rows:
-        print(f"\n== {row['device']}, {row['network']}, 5-way {row['shot']}-shot ==")
-        at = "at mini-ImageNet's test proportions" if row['at_test_proportions'] else 'NOT at test proportions'
-        print(f"(a) evaluation {at} ({row['eval_episodes']} episodes over "
-              f"{row['split_images']} images, {row['encodes_per_image_episodic']:.1f} encodes per image episodic)")
-        print(f"    episodic {row['eval_episodic_s']:8.2f} s | cached {row['eval_cached_s']:8.2f} s | "
-              f"cached is {row['eval_speedup']:.1f}x faster | same accuracies: {row['eval_same_accuracies']}")
-        print(f"    episodic: {row['eval_episodic_s_per_ep']:.3f} s per episode | full 10000-episode test, "
-              f"cached, estimated: {row['full_test_cached_s_estimate']:.0f} s")
-        workers = [k for k in row if k.startswith('loader_eps_per_s_')]
-        print('(b) loader, training episodes per second: ' +
-              ' | '.join(f"{k.split('_')[4]} workers {row[k]:.2f}" for k in workers))
-        print(f"(c) training, seconds per episode: model alone {row['train_model_only_s_per_ep']:.3f} | "
-              f"with loader {row['train_with_loader_s_per_ep']:.3f} | loader-bound: {row['loader_bound']}")
-        extra = f" | --amp {row['train_amp_s_per_ep']:.3f}" if 'train_amp_s_per_ep' in row else ''
-        print(f"(e) training, model alone, seconds per episode: --channels_last "
-              f"{row['train_channels_last_s_per_ep']:.3f}{extra}")
-        for K in (1, 5):
-            print(f"(f) head on 640-d embeddings, 5-way {K}-shot: one at a time {row[f'head_{K}shot_one_ms']:.3f} ms | "
-                  f"{row[f'head_{K}shot_batch']} at once {row[f'head_{K}shot_batched_ms']:.3f} ms per episode | "
-                  f"{row[f'head_{K}shot_speedup']:.1f}x")
-            print(f"    cached test of {row['full_episodes']} episodes, encoding excluded: --episode_batch 1 "
-                  f"{row[f'full_{K}shot_one_s']:.2f} s | auto {row[f'full_{K}shot_batched_s']:.2f} s | "
-                  f"{row[f'full_{K}shot_speedup']:.1f}x | same accuracies: {row[f'full_{K}shot_same_accuracies']}")
+def loading(opts, device: torch.device, work: str) -> list[Row]:
+    root, speed = shrunk_split(opts, work), {}
+    for workers in (0, opts.n_workers):
+        loader = generate_data_loader(root, 'train', opts.loader_episodes, 5, opts.K + 15, n_workers=workers,
+                                      pin_memory=device.type == 'cuda')
+        batches = iter(loader)
+        next(batches)  # workers' start-up is not counted
+        seconds, count = timed(lambda: sum(1 for _ in batches))
+        speed[workers] = count / seconds
+    return [Row('loading', f'training episodes per second, 5-way {opts.K}-shot, 84 x 84 JPEGs', '0 workers', speed[0],
+                f'{opts.n_workers} workers', speed[opts.n_workers], 'ep/s')]
 
 
-def main(argv=None) -> list[dict]:
+def training(opts, device: torch.device, work: str) -> list[Row]:
+    root = shrunk_split(opts, work)
+    model, args = model_and_args(opts, root, device)
+    optimizer = runs.build_optimizer(args, model)
+    targets = query_targets(5, 15, device)
+    loader = generate_data_loader(root, 'train', opts.train_episodes + 1, 5, opts.K + 15, n_workers=opts.n_workers,
+                                  pin_memory=device.type == 'cuda')
+
+    def step(images, amp=False):
+        with autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True), 5, opts.K)
+        backward_and_step(torch.nn.functional.cross_entropy(logits.float(), targets), optimizer)
+
+    def per_episode(images, amp=False) -> float:
+        step(images, amp)  # warm-up
+        return timed(lambda: [step(images, amp) for _ in range(opts.train_episodes)], device)[0] / opts.train_episodes
+
+    model.train()
+    batches = iter(loader)
+    kept, _ = next(batches)
+    alone = per_episode(kept)
+    with_loader = timed(lambda: [step(images) for images, _ in batches], device)[0] / opts.train_episodes
+    what = f'{device.type} {opts.network} 5-way {opts.K}-shot, seconds per training episode'
+    rows = [Row('training', what, f'with the loader ({opts.n_workers} workers)', with_loader, 'model alone', alone)]
+    model.encoder.to(memory_format=torch.channels_last)
+    rows.append(Row('training', what + ', model alone', 'plain', alone, '--channels_last',
+                    per_episode(kept.contiguous(memory_format=torch.channels_last))))
+    model.encoder.to(memory_format=torch.contiguous_format)
+    if device.type == 'cuda':
+        rows.append(Row('training', what + ', model alone', 'plain', alone, '--amp', per_episode(kept, amp=True)))
+    return rows
+
+
+# ------------------------------------------------------------------ formats: JPEG folder vs memory-mapped npz
+def smooth_images(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 84, 84, 3) uint8 smooth colour fields plus a little noise: closer to photographs than noise."""
+    rng, images = np.random.default_rng(seed), []
+    for _ in range(n):
+        low = Image.fromarray(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)).resize((84, 84), Image.Resampling.BICUBIC)
+        images.append(np.clip(np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (84, 84, 3)), 0, 255))
+    return np.stack(images).astype(np.uint8)
+
+
+class NaiveTiered(TieredDataset):
+    """What a reader without memory-mapping does: np.load the whole array into memory."""
+
+    def __init__(self, root: str, split: str, transform=None):
+        super().__init__(root, split, transform)
+        with np.load(self.images_path) as archive:
+            self.array = archive['images']
+
+    def load_image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.array[i])
+
+
+def memory(pid: int) -> dict:
+    """Pss, Pss_Anon and Pss_File of a process in bytes (zeros once it is gone)."""
+    out = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)
+    try:
+        with open(f'/proc/{pid}/smaps_rollup') as f:
+            for line in f:
+                key, _, rest = line.partition(':')
+                if key in out:
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def workers_peak(dataset, workers: int, context: str) -> dict:
+    """Peak summed memory of the loader's workers while they read every image once."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, multiprocessing_context=context,
+                        worker_init_fn=ignore_interrupts)
+    peak = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)
+    for b, _ in enumerate(loader):
+        if b % 10 == 0 or b == len(loader) - 1:
+            pids = [int(p) for path in glob.glob(f'/proc/{os.getpid()}/task/*/children') for p in open(path).read().split()]
+            sums = [memory(pid) for pid in pids]
+            peak = {k: max(v, sum(s[k] for s in sums)) for k, v in peak.items()}
+    return peak
+
+
+def formats(opts, device: torch.device, work: str) -> list[Row]:
+    array, labels = smooth_images(opts.images), np.arange(opts.images) % 100
+    folder, tiered = os.path.join(work, 'jpeg'), os.path.join(work, 'tiered')
+    write_split(folder, 'train', ((f'{i:08d}.jpg', f'c{labels[i]:04d}', image) for i, image in enumerate(array)))
+    write_tiered_split(tiered, 'train', labels, array)
+    jpeg, mapped = (open_split(root, 'train', eval_transform()) for root in (folder, tiered))
+    indices = torch.randperm(opts.images, generator=torch.Generator().manual_seed(0))[:opts.reads].tolist()
+    ms = {}
+    for name, fn in (('load', lambda d: d.load_image), ('item', lambda d: d.__getitem__)):
+        for dataset in (jpeg, mapped):
+            [fn(dataset)(i) for i in indices[:50]]  # warm page cache
+            ms[(name, dataset)] = 1000 * timed(lambda: [fn(dataset)(i) for i in indices])[0] / len(indices)
+    rows = [Row('formats', f'{what}, {len(indices)} random 84 x 84 images, warm page cache', 'JPEG folder',
+                ms[(name, jpeg)], 'tiered memmap', ms[(name, mapped)], 'ms')
+            for name, what in (('load', 'raw read (load_image)'), ('item', 'item with the eval transform'))]
+    warnings.filterwarnings('ignore', message='This DataLoader will create')  # more workers than cores, on purpose
+    for context in (opts.contexts if opts.workers else []):
+        peaks = [workers_peak(cls(tiered, 'train', eval_transform()), opts.workers, context)
+                 for cls in (NaiveTiered, TieredDataset)]
+        for key, what in (('Pss', 'all'), ('Pss_Anon', 'private'), ('Pss_File', 'page cache')):
+            rows.append(Row('formats', f'loader memory, {opts.workers} {context} workers reading {opts.images} '
+                            f'images: peak PSS, {what}', 'np.load', peaks[0][key] / MIB, 'memory map',
+                            peaks[1][key] / MIB, 'MiB'))
+    rows.append(Row('formats', 'bytes a worker receives (the pickled dataset)', 'np.load',
+                    len(pickle.dumps(NaiveTiered(tiered, 'train'))) / 1024, 'memory map',
+                    len(pickle.dumps(TieredDataset(tiered, 'train'))) / 1024, 'KiB'))
+    return rows
+
+
+# ------------------------------------------------------------------ pickled forms
+def disk(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def debug_start(data: str, saves: str) -> float:
+    """Seconds of train.py --flag_debug on Conv-4 from scratch, in its own process."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--flag_debug', '--network_name', 'convnet',
+                    '--pretrained', 'none', '--data_path', data, '--save_dir', saves, '--overwrite', '--n_workers',
+                    str(default_workers())], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def pickled(opts, device: torch.device, work: str) -> list[Row]:
+    data = opts.data_path or write_colour_dataset(os.path.join(work, 'folder'), (5, 5, 5), 16, (84, 84))
+    saves, splits, rows = os.path.join(work, 'saves'), {split: open_split(data, split) for split in SPLITS}, []
+    for form in opts.forms:
+        root, first = os.path.join(work, form), 0
+        for split, dataset in splits.items():
+            images = np.stack([np.asarray(dataset.load_image(i)) for i in range(len(dataset))])
+            write_pickled_split(root, form, split, images, [dataset.class_names[c] for c in dataset.labels], first)
+            first += len(dataset.class_names)
+        conversion, _ = timed(lambda: [convert_split(root, split) for split in SPLITS])
+        converted = disk(os.path.join(root, CONVERTED))
+        shutil.rmtree(os.path.join(root, CONVERTED))
+        rows += [Row('pickled', f'{form}: the one-time conversion of the three splits', 'conversion', conversion),
+                 Row('pickled', f'{form}: on disk', 'pickles', (disk(root)) / GIB, 'converted arrays', converted / GIB,
+                     'GiB'),
+                 Row('pickled', f'{form}: train.py --flag_debug', 'first start (converts)', debug_start(root, saves),
+                     'later start (maps)', debug_start(root, saves))]
+    rows.append(Row('pickled', 'folder of JPEGs: train.py --flag_debug', 'a start', debug_start(data, saves)))
+    return rows
+
+
+# ------------------------------------------------------------------ pretraining, one process vs several
+def pretrain_worker(opts) -> None:
+    """One pretraining step (loss, backward, optimiser step) on this process's share of a batch in memory,
+    timed; rank 0 prints the result as JSON."""
+    device = distributed.setup(select_device(opts.device if opts.device != 'all' else 'auto', [0]))
+    args = parse_pretrain_args(['--network_name', opts.network])  # the network's default optimiser
+    torch.manual_seed(distributed.rank())
+    model = distributed.wrap(EncoderClassifier(build_encoder(opts.network), 64).to(device), device)
+    optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
+    share = opts.batch_size // distributed.world_size()
+    images, labels = torch.randn(share, 3, 84, 84, device=device), torch.randint(64, (share,), device=device)
+
+    def steps(n: int) -> float:
+        return timed(lambda: [backward_and_step(classification_loss(model, images, labels)[0], optimizer)
+                              for _ in range(n)], device)[0]
+    steps(opts.warmup)
+    seconds = steps(opts.steps) / opts.steps
+    if distributed.is_main_process():
+        print(RESULT + json.dumps({'s_per_step': seconds, 'threads': torch.get_num_threads()}), flush=True)
+    distributed.cleanup()
+
+
+def pretrain(opts, device: torch.device, work: str) -> list[Row]:
+    figures = {}
+    for processes in (1, opts.processes):
+        command = [os.path.abspath(__file__), '--pretrain_worker', '--network', opts.network, '--batch_size',
+                   str(opts.batch_size), '--steps', str(opts.steps), '--warmup', str(opts.warmup), '--device',
+                   device.type]
+        env = dict(os.environ)
+        if processes > 1:
+            command = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), *command]
+            env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f'the pretrain section with {processes} process(es) failed:\n{done.stderr[-2000:]}')
+        figures[processes] = json.loads(lines[0][len(RESULT):])
+    one, several = figures[1], figures[opts.processes]
+    return [Row('pretrain', f'{device.type} {opts.network}, seconds per step of {opts.batch_size} images (100 epochs '
+                f'of 300 steps, 1 process: {one["s_per_step"] * 30000 / 3600:.1f} h)',
+                f'1 process ({one["threads"]} threads)', one['s_per_step'],
+                f'{opts.processes} processes ({several["threads"]} thread(s) each)', several['s_per_step'])]
+
+
+# ------------------------------------------------------------------ test.py's choices
+def timed_test(args, settings: list[tuple[int, int]], n_episodes: int, eval_mode: str) -> tuple[float, list[str]]:
+    """Seconds of one test.py command's work for these settings (split opened, model built, episodes), and
+    its accuracy lines."""
+    start, lines = time.perf_counter(), []
+    dataset = open_split(runs.data_path(args), 'test', eval_transform())
+    torch.manual_seed(0)
+    model = runs.build_model(args, pretrained=False).eval()
+    options = EvalOptions(torch.device('cpu'), args.n_workers)
+    features = SplitFeatures(model.encoder, dataset, options)  # shared by the settings, as in test.py
+    for n, k in settings:
+        episodes = Episodes(n_episodes, n, k, args.Q, torch.Generator().manual_seed(args.seed))
+        mode = choose_eval_mode(eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
+        results = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{n}-way {k}-shot')
+        lines.append(accuracy_line('test', results.accuracies, n, k))
+    return time.perf_counter() - start, lines
+
+
+def settings(opts, device: torch.device, work: str) -> list[Row]:
+    data = opts.data_path or write_colour_dataset(os.path.join(work, 'settings'), (5, 5, 5), 20, (48, 48))
+    args = parse_args(['--data_path', data, '--network_name', opts.network, '--pretrained', 'none', '--n_workers',
+                       str(opts.n_workers)])
+    auto, _ = timed_test(args, [(5, 1)], 3, 'auto')
+    cached, _ = timed_test(args, [(5, 1)], 3, 'cached')
+    together, lines = timed_test(args, [(5, 1), (5, 5)], opts.episodes, 'auto')
+    (one, line_1), (five, line_5) = (timed_test(args, [setting], opts.episodes, 'auto') for setting in ((5, 1), (5, 5)))
+    return [Row('settings', f'{opts.network}, 3 test episodes', 'the whole split cached', cached, 'auto', auto),
+            Row('settings', f'{opts.network}, --K 1 5, {opts.episodes} episodes each', 'two commands', one + five,
+                'one command', together, same=lines == line_1 + line_5)]
+
+
+SECTIONS = {'evaluation': evaluation, 'head': head, 'loading': loading, 'training': training, 'formats': formats,
+            'pickled': pickled, 'pretrain': pretrain, 'settings': settings}
+PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'pretrain')  # the others time CPU work
+
+
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('sections', nargs='*', metavar='SECTION',
+                   help=f'sections to run: {", ".join(SECTIONS)} (default: {" ".join(QUICK)})')
     p.add_argument('--network', default='convnet', choices=['convnet', 'resnet'], help='encoder to time')
     p.add_argument('--K', type=int, default=1, help='shots of the 5-way episodes (15 queries per class)')
-    p.add_argument('--classes', type=int, default=5, help='classes of the shrunk split (5-way needs 5)')
-    p.add_argument('--images_per_class', type=int, default=None,
-                   help='images per class (default: K + 15, the fewest an episode needs)')
-    p.add_argument('--image_size', type=int, default=84, help='side of the generated JPEGs')
-    p.add_argument('--n_workers', type=int, default=default_workers(), help='workers for the n-worker figures')
-    p.add_argument('--loader_episodes', type=int, default=20, help='episodes timed for the loader')
-    p.add_argument('--train_episodes', type=int, default=5, help='episodes timed for training')
+    p.add_argument('--classes', type=int, default=5, help='classes of the shrunk split (evaluation, loading, training)')
+    p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where the per-device sections run')
+    p.add_argument('--n_workers', type=int, default=default_workers(), help='loader workers')
     p.add_argument('--eval_episodes', type=int, default=None,
-                   help="episodes timed in (a) (default: mini-ImageNet's proportion; another count gives "
-                        "per-episode times, not a fair ratio)")
-    p.add_argument('--head_episodes', type=int, default=1000, help='episodes timed for the head in (f)')
-    p.add_argument('--head_batch', type=int, default=0, help='episodes at once in (f) (default: chosen by memory)')
-    p.add_argument('--full_episodes', type=int, default=10000, help='episodes of the whole cached test in (f)')
-    p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where to run')
-    p.add_argument('--work_dir', default=None, help='where to write the data (default: a temporary folder)')
-    p.add_argument('--json', default=None, help='also write the figures to this JSON file')
-    opts = p.parse_args(argv)
-    opts.images_per_class = opts.images_per_class or opts.K + 15
-    torch.backends.cudnn.benchmark = True
+                   help="evaluation: episodes (default: mini-ImageNet's proportion; another count gives no fair ratio)")
+    p.add_argument('--loader_episodes', type=int, default=20, help='loading: episodes timed')
+    p.add_argument('--train_episodes', type=int, default=5, help='training: episodes timed')
+    p.add_argument('--head_episodes', type=int, default=1000, help='head: episodes timed one at a time and batched')
+    p.add_argument('--head_batch', type=int, default=0, help='head: episodes at once (default: chosen by memory)')
+    p.add_argument('--full_episodes', type=int, default=10000, help='head: episodes of the whole cached test')
+    p.add_argument('--images', type=int, default=20000, help='formats: images written in both layouts')
+    p.add_argument('--reads', type=int, default=2000, help='formats: random images read per layout')
+    p.add_argument('--workers', type=int, default=8, help='formats: loader workers for the memory figures (0: none)')
+    p.add_argument('--contexts', nargs='+', default=['fork', 'spawn'], choices=['fork', 'spawn', 'forkserver'],
+                   help='formats: how the workers are started')
+    p.add_argument('--data_path', default=None, help='pickled, settings: a folder-form dataset (default: generated)')
+    p.add_argument('--forms', nargs='+', default=list(PICKLED_FORMS), choices=list(PICKLED_FORMS), help='pickled: forms')
+    p.add_argument('--processes', type=int, default=2, help='pretrain: processes of the torchrun way')
+    p.add_argument('--batch_size', type=int, default=128, help="pretrain: images a step over all processes")
+    p.add_argument('--steps', type=int, default=3, help='pretrain: timed steps')
+    p.add_argument('--warmup', type=int, default=1, help='pretrain: untimed steps first')
+    p.add_argument('--episodes', type=int, default=2000, help='settings: episodes of each setting')
+    p.add_argument('--work_dir', default=None, help='where data is written (default: a temporary folder)')
+    p.add_argument('--json', default=None, help='also write the rows to this JSON file')
+    p.add_argument('--pretrain_worker', action='store_true', help=argparse.SUPPRESS)  # what the pretrain section runs
+    return p
+
+
+def run_sections(opts, names: list[str]) -> list[Row]:
+    """The rows of the named sections, on every device --device asks for that this machine has."""
     devices = [torch.device('cpu')] if opts.device != 'cuda' else []
     if opts.device != 'cpu' and torch.cuda.is_available():
         devices.append(torch.device('cuda'))
+    torch.backends.cudnn.benchmark = True
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        c = opts.classes
-        root = write_colour_dataset(os.path.join(opts.work_dir or tmp, 'bench_data'), (c, c, c), opts.images_per_class,
-                                    (opts.image_size, opts.image_size))
-        rows = [{**bench_device(device, opts, root), **bench_head(device, opts)} for device in devices]
+        for name in names:
+            for device in devices if name in PER_DEVICE else [torch.device('cpu')]:
+                work = os.path.join(opts.work_dir or tmp, f'{name}-{device.type}')
+                os.makedirs(work, exist_ok=True)
+                rows += SECTIONS[name](opts, device, work)
+    return rows
+
+
+@exits_cleanly
+def main(argv: Optional[list[str]] = None) -> list[Row]:
+    parser = get_parser()
+    opts = parser.parse_args(argv)
+    unknown = [name for name in opts.sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f'unknown section {unknown[0]}: choose from {", ".join(SECTIONS)}')
+    if opts.pretrain_worker:
+        return pretrain_worker(opts)
+    rows = run_sections(opts, opts.sections or QUICK)
     print_table(rows)
     if opts.json:
         with open(opts.json, 'w') as f:
-            json.dump(rows, f, indent=2)
+            json.dump([asdict(row) for row in rows], f, indent=1)
     return rows
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:])

@@ -1,16 +1,17 @@
 """On a CUDA machine, check and time in one command what the CPU cannot: python scripts/gpu_check.py [--json gpu.json]
 
-(1) GLoFA on ResNet-12 (dropout off, BatchNorm in training mode): logits and every gradient on CUDA
-    against the CPU in float32 with TF32 off; passes when max |cuda - cpu| / max |cpu| <= 1e-3 for the
-    logits and for each parameter's gradient;
+(1) GLoFA, ProtoNet and FEAT on ResNet-12 (dropout off, BatchNorm in training mode): logits and every
+    gradient of the training loss (FEAT's regulariser included) on CUDA against the CPU in float32 with
+    TF32 off; passes when max |cuda - cpu| / max |cpu| <= 1e-3 for the logits and for each gradient;
 (2) train.py, a short run plain, with --amp and with --channels_last: finite training losses, and
     seconds per training episode (the difference of a long and a short run, so start-up, validation
     and test cancel out);
 (3) pretrain.py under torchrun on every GPU present (and on one GPU when there are several), plain
     and with --amp --channels_last: exit code, one output file, seconds per step of the last epoch,
     and the projected time of the default pretraining (100 epochs of 300 steps);
-(4) scripts/benchmark.py's CUDA rows for ResNet-12, 5-way 1-shot, with the head on cached embeddings one
-    episode at a time against many at once, and a whole 10000-episode cached test.
+(4) scripts/benchmark.py's sections evaluation, head and training on CUDA for ResNet-12, 5-way 1-shot
+    (cached vs episodic, the head one episode at a time vs many at once, --channels_last and --amp), in
+    the benchmark's own table.
 Data in the real on-disk format is generated in a temporary folder. Prints a table; --json PATH writes
 every figure; exit code 1 when a check fails. Sized to take under 8 minutes on one GPU (not yet
 timed on one). Without CUDA it says so and exits 0.
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -38,7 +40,10 @@ for folder in (ROOT, SCRIPTS):
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from demo import write_colour_dataset  # noqa: E402
+import benchmark  # noqa: E402
+from models.feat import FEAT  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
+from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
 
@@ -63,24 +68,33 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def check_cuda_against_cpu(network: str, device: torch.device) -> dict:
+def check_cuda_against_cpu(network: str, device: torch.device, model_name: str) -> dict:
+    """One training step's logits and gradients of ``model_name`` (glofa, protonet, feat; dropout off), CUDA
+    against the CPU, the whole training loss (FEAT's regulariser included)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(3)
     encoder = ResNet12(drop_rate=0.0) if network == 'resnet' else build_encoder(network)
-    model = GLoFA(encoder, encoder.out_dim)
+    model = {'glofa': lambda: GLoFA(encoder, encoder.out_dim), 'protonet': lambda: ProtoNet(encoder),
+             'feat': lambda: FEAT(encoder, encoder.out_dim)}[model_name]()
+    for module in model.modules():  # dropout off, so that both devices compute the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     images = torch.randn(5 * 16, 3, 84, 84)
     outputs = {}
     for where in (torch.device('cpu'), device):
         copy_ = copy.deepcopy(model).to(where).train()
-        logits = copy_(images.to(where), 5, 1)  # (75, 5)
-        F.cross_entropy(logits, query_targets(5, 15, where)).backward()
+        features = copy_.encode(images.to(where))
+        logits = copy_.logits_from_embeddings(features, 5, 1)  # (75, 5)
+        loss = F.cross_entropy(logits, query_targets(5, 15, where))
+        auxiliary = copy_.auxiliary_loss(features, 5, 1)
+        (loss if auxiliary is None else loss + auxiliary).backward()
         outputs[where.type] = (logits.detach().cpu(),
                                {n: p.grad.cpu() for n, p in copy_.named_parameters() if p.grad is not None})
     (cpu_logits, cpu_grads), (gpu_logits, gpu_grads) = outputs['cpu'], outputs[device.type]
     grad_errors = {n: relative_error(gpu_grads[n], g) for n, g in cpu_grads.items()}
     worst = max(grad_errors, key=grad_errors.get)
-    row = {'logits_rel_error': relative_error(gpu_logits, cpu_logits), 'worst_grad': worst,
+    row = {'model': model_name, 'logits_rel_error': relative_error(gpu_logits, cpu_logits), 'worst_grad': worst,
            'worst_grad_rel_error': grad_errors[worst], 'n_grads': len(grad_errors), 'tolerance': TOLERANCE}
     row['passed'] = row['logits_rel_error'] <= TOLERANCE and row['worst_grad_rel_error'] <= TOLERANCE
     return row
@@ -149,28 +163,27 @@ def check_pretrain(data: str, work: str, network: str, processes: list[int], var
     return rows
 
 
-# ------------------------------------------------------------------ (4) the benchmark's CUDA rows
-def check_benchmark(network: str, device: str, work: str, timeout: float) -> dict:
-    out = os.path.join(work, 'benchmark.json')
-    code, seconds, err = run([sys.executable, os.path.join('scripts', 'benchmark.py'), '--device', device,
-                              '--network', network, '--train_episodes', '5', '--loader_episodes', '20',
-                              '--n_workers', '4', '--work_dir', work, '--json', out]
-                             + (['--head_episodes', '20', '--full_episodes', '50'] if device == 'cpu' else []), timeout)
-    if code != 0:
-        return {'exit': code, 'error': err, 'passed': False}
-    with open(out) as f:
-        rows = json.load(f)
-    return {'exit': code, 'wall_s': seconds, 'rows': rows, 'passed': True}
+# ------------------------------------------------------------------ (4) the benchmark's sections on CUDA
+def check_benchmark(network: str, device: str, work: str) -> dict:
+    """benchmark.py's evaluation, head and training sections on ``device``, in this process."""
+    flags = ['evaluation', 'head', 'training', '--device', device, '--network', network, '--train_episodes', '5',
+             '--n_workers', '4', '--work_dir', work] + (['--head_episodes', '20', '--full_episodes', '50']
+                                                        if device == 'cpu' else [])
+    opts = benchmark.get_parser().parse_args(flags)
+    try:
+        rows = benchmark.run_sections(opts, opts.sections)
+    except Exception as error:  # a check reports, it does not stop the others
+        return {'error': f'{type(error).__name__}: {error}', 'passed': False}
+    return {'rows': rows, 'passed': all(row.same is not False for row in rows)}
 
 
 # ------------------------------------------------------------------ report
 def print_table(report: dict) -> None:
     lines = [f"== {report['device_name']}, torch {report['torch']}, {report['n_gpus']} GPU(s) =="]
-    c = report.get('cuda_vs_cpu')
-    if c:
-        lines.append(f"(1) CUDA vs CPU, float32, TF32 off: logits rel. error {c['logits_rel_error']:.2e}, worst of "
-                     f"{c['n_grads']} gradients {c['worst_grad_rel_error']:.2e} ({c['worst_grad']}); tolerance "
-                     f"{c['tolerance']:g}: {'PASS' if c['passed'] else 'FAIL'}")
+    for c in report.get('cuda_vs_cpu', []):
+        lines.append(f"(1) {c['model']}, CUDA vs CPU, float32, TF32 off: logits rel. error {c['logits_rel_error']:.2e}, "
+                     f"worst of {c['n_grads']} gradients {c['worst_grad_rel_error']:.2e} ({c['worst_grad']}); "
+                     f"tolerance {c['tolerance']:g}: {'PASS' if c['passed'] else 'FAIL'}")
     for row in report.get('train', []):
         detail = (f"{row['s_per_episode']:.4f} s per episode, last loss {row['training_loss']:.4f}, finite: "
                   f"{row['finite']}" if 'error' not in row else f"failed: {row['error']}")
@@ -182,27 +195,13 @@ def print_table(report: dict) -> None:
         lines.append(f"(3) pretrain.py, {row['processes']} process(es), {row['variant']}: {detail}: "
                      f"{'PASS' if row['passed'] else 'FAIL'}")
     b = report.get('benchmark')
-    if b:
-        if b['passed']:
-            for r in b['rows']:
-                if r['device'].startswith('cuda') or report['device_name'] == 'cpu':
-                    lines.append(f"(4) benchmark {r['device']} {r['network']}: eval cached {r['eval_cached_s']:.2f} s vs "
-                                 f"episodic {r['eval_episodic_s']:.2f} s ({r['eval_speedup']:.1f}x, same accuracies: "
-                                 f"{r['eval_same_accuracies']}); training s per episode: model alone "
-                                 f"{r['train_model_only_s_per_ep']:.4f}, with loader {r['train_with_loader_s_per_ep']:.4f}, "
-                                 f"channels-last {r['train_channels_last_s_per_ep']:.4f}"
-                                 + (f", amp {r['train_amp_s_per_ep']:.4f}" if 'train_amp_s_per_ep' in r else ''))
-                    for k in (1, 5):
-                        lines.append(f"(4) head, 5-way {k}-shot, 640-d: one at a time {r[f'head_{k}shot_one_ms']:.3f} ms vs "
-                                     f"{r[f'head_{k}shot_batch']} at once {r[f'head_{k}shot_batched_ms']:.3f} ms per "
-                                     f"episode ({r[f'head_{k}shot_speedup']:.1f}x); {r['full_episodes']}-episode cached "
-                                     f"test {r[f'full_{k}shot_one_s']:.2f} s vs {r[f'full_{k}shot_batched_s']:.2f} s "
-                                     f"({r[f'full_{k}shot_speedup']:.1f}x, same accuracies: "
-                                     f"{r[f'full_{k}shot_same_accuracies']})")
-        else:
-            lines.append(f"(4) benchmark failed: exit {b['exit']}: {b['error']}")
-    lines.append(f"all passed: {report['passed']}; {report['seconds']:.0f} s")
+    if b and 'error' in b:
+        lines.append(f"(4) benchmark failed: {b['error']}")
     print('\n'.join(lines))
+    if b and 'rows' in b:
+        print('(4) benchmark.py evaluation head training:')
+        benchmark.print_table(b['rows'])
+    print(f"all passed: {report['passed']}; {report['seconds']:.0f} s")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -225,21 +224,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         data = write_colour_dataset(os.path.join(work, 'data'), (16, 16, 16), 20 if dry else 40, (84, 84))
         if not dry:
-            report['cuda_vs_cpu'] = check_cuda_against_cpu(network, device)
+            report['cuda_vs_cpu'] = [check_cuda_against_cpu(network, device, model) for model in ('glofa', 'protonet', 'feat')]
         modes = ['plain', 'channels_last'] + ([] if dry else ['amp'])
         report['train'] = check_train(data, work, network, 2 if dry else 20, 4 if dry else 120, modes, 180)
         processes = [2] if dry else sorted({1, n_gpus})
         variants = {'plain': []} if dry else {'plain': [], '--amp --channels_last': ['--amp', '--channels_last']}
         report['pretrain'] = check_pretrain(data, work, network, processes, variants, 2 if dry else 3,
                                             64 if dry else 128, 240)
-        report['benchmark'] = check_benchmark(network, 'cpu' if dry else 'cuda', work, 240)
-    parts = [report.get('cuda_vs_cpu', {'passed': True}), *report['train'], *report['pretrain'], report['benchmark']]
+        report['benchmark'] = check_benchmark(network, 'cpu' if dry else 'cuda', work)
+    parts = [*report.get('cuda_vs_cpu', []), *report['train'], *report['pretrain'], report['benchmark']]
     report['passed'] = all(part['passed'] for part in parts)
     report['seconds'] = time.perf_counter() - start
     print_table(report)
     if opts.json:
         with open(opts.json, 'w') as f:
-            json.dump(report, f, indent=2)
+            json.dump(report, f, indent=2, default=lambda row: asdict(row))
     return 0 if report['passed'] else 1
 
 

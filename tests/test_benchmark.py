@@ -1,50 +1,52 @@
-"""The benchmark script runs and reports both ways side by side (no timing is asserted)."""
+"""scripts/benchmark.py: every section runs, tiny, and reports both ways side by side in one table and one
+JSON file (no timing is asserted: these machines are shared)."""
 import json
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 
 import benchmark  # noqa: E402
 
+TINY = ['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
+        '--head_episodes', '8', '--full_episodes', '20', '--images', '40', '--reads', '10', '--workers', '1',
+        '--contexts', 'fork', '--forms', 'metaoptnet', '--episodes', '4', '--batch_size', '8', '--steps', '1',
+        '--warmup', '0']
 
-def test_benchmark_runs_and_writes_json(tmp_path, capsys):
+
+def test_every_section_but_the_slow_starts_runs_into_one_table_and_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    rows = benchmark.main(['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
-                           '--head_episodes', '8', '--full_episodes', '20', '--work_dir', str(tmp_path),
-                           '--json', str(out)])
-    (row,) = json.loads(out.read_text())
-    assert row == json.loads(json.dumps(rows[0]))
-    assert row['split_images'] == 80 and row['eval_episodes'] == 67  # 10000 * 80 / 12000 episodes
-    assert row['eval_same_accuracies'] is True
-    assert row['full_1shot_same_accuracies'] is True and row['full_5shot_same_accuracies'] is True
-    assert row['full_episodes'] == 20 and 1 <= row['head_5shot_batch'] <= row['head_1shot_batch'] <= 8
-    for key in ('eval_cached_s', 'eval_episodic_s', 'loader_eps_per_s_0_workers', 'train_model_only_s_per_ep',
-                'train_with_loader_s_per_ep', 'train_channels_last_s_per_ep', 'head_1shot_one_ms',
-                'head_5shot_batched_ms', 'full_1shot_one_s', 'full_5shot_batched_s'):
-        assert row[key] > 0
-    assert 'faster' in capsys.readouterr().out
-
-
-def test_settings_benchmark_runs_and_compares_lines(capsys):
-    import benchmark_settings
-    figures = benchmark_settings.main(['--episodes', '4', '--n_workers', '0'])
-    assert figures['b']['identical_lines'] is True
-    assert figures['a']['auto_s'] > 0 and figures['a']['cached_s'] > 0
-    out = capsys.readouterr().out
-    assert '(a) 3 test episodes' in out and '(b) --K 1 5' in out
-
-
-def test_format_benchmark_runs_and_reports_both_layouts(tmp_path, capsys):
-    import benchmark_formats
-    out = tmp_path / 'formats.json'
-    figures = benchmark_formats.main(['--images', '40', '--reads', '10', '--workers', '1', '--contexts', 'fork',
-                                      '--work_dir', str(tmp_path), '--json', str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
-    assert all(v > 0 for v in figures['read_cost'].values())
-    rows = {row['reader']: row for row in figures['memory']}
-    assert set(rows) == {'memmap', 'naive np.load'}
-    assert rows['memmap']['pickled_bytes'] < 5000 < rows['naive np.load']['pickled_bytes']
-    assert rows['memmap']['workers_Pss'] > 0
+    rows = benchmark.main(['evaluation', 'head', 'loading', 'training', 'formats', 'settings', *TINY,
+                           '--work_dir', str(tmp_path), '--json', str(out)])
+    saved = json.loads(out.read_text())
+    assert [row['section'] for row in saved] == [row.section for row in rows]
+    assert {row.section for row in rows} == {'evaluation', 'head', 'loading', 'training', 'formats', 'settings'}
+    for row in rows:
+        assert row.a_value > 0 and (row.b_value is None or row.b_value > 0), row
+        assert row.same is not False, row  # cached = episodic, batched = one at a time, lines alike
+    (evaluation,) = [row for row in rows if row.section == 'evaluation']
+    assert '67 episodes over 80 images' in evaluation.what and evaluation.same  # 10000 * 80 / 12000
     printed = capsys.readouterr().out
-    assert 'JPEG folder' in printed and 'tiered memmap' in printed and 'ratio' in printed
+    assert sum(line.startswith('| ') for line in printed.splitlines()) == len(rows) + 1  # the header, then a row each
+
+
+def test_the_pretrain_section_runs_one_process_and_torchrun(tmp_path, capsys):
+    (row,) = benchmark.main(['pretrain', *TINY, '--work_dir', str(tmp_path)])
+    assert row.section == 'pretrain' and row.a_value > 0 and row.b_value > 0 and '2 processes' in row.b
+
+
+def test_the_pickled_section_converts_and_starts_every_form(tmp_path, capsys, monkeypatch):
+    started = []  # train.py --flag_debug itself is run by the command-line tests; here, which data it is given
+    monkeypatch.setattr(benchmark, 'debug_start', lambda data, saves: started.append(data) or 1.0)
+    rows = benchmark.main(['pickled', *TINY, '--forms', 'metaoptnet', 'tiered_png', '--work_dir', str(tmp_path)])
+    assert [os.path.basename(path) for path in started] == ['metaoptnet'] * 2 + ['tiered_png'] * 2 + ['folder']
+    disk = [row for row in rows if 'on disk' in row.what]
+    assert len(disk) == 2 and all(row.a_value > 0 and row.b_value > 0 for row in disk)
+
+
+def test_an_unknown_section_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(['evaluations'])
+    assert stop.value.code == 2 and 'evaluations' in capsys.readouterr().err
