@@ -130,7 +130,10 @@ def test_pretrained_of_another_network(data, tmp_path, capsys):
     from networks.resnet import ResNet12
     torch.save({'params': {f'encoder.{k}': v for k, v in ResNet12().state_dict().items()}}, path)
     line = fails(train.main, base_flags(data, tmp_path, '--pretrained', str(path)), capsys)
-    assert str(path) in line and 'key' in line
+    assert str(path) in line and '--network_name resnet' in line  # the flag that fixes it
+    torch.save({'params': {'encoder.something.weight': torch.zeros(3)}}, path)  # fits no network
+    line = fails(train.main, base_flags(data, tmp_path, '--pretrained', str(path)), capsys)
+    assert str(path) in line and '--network_name' not in line
 
 
 def save_checkpoint(tmp_path, data, *extra):

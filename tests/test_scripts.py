@@ -246,7 +246,7 @@ def break_undecodable_image(root):
     name = rows(root, 'val')[2].split(',')[0]
     with open(os.path.join(root, 'images', name), 'wb') as f:
         f.write(b'this is not a JPEG at all' * 10)
-    return [name, 'cannot be read']
+    return [name, 'cannot be']
 
 
 def break_too_few_images(root):
@@ -273,9 +273,48 @@ def break_images_folder(root):
     return ['image folder', 'not found']
 
 
+def listed_image(root, split='train', row=4):
+    name = rows(root, split)[row].split(',')[0]
+    path = os.path.join(root, 'images', name)
+    os.remove(path)
+    return name, path
+
+
+def break_empty_file(root):
+    name, path = listed_image(root)
+    open(path, 'wb').close()
+    return [name, 'cannot be']
+
+
+def break_folder_as_image(root):
+    name, path = listed_image(root)
+    os.mkdir(path)
+    return [name, 'cannot be']
+
+
+def break_text_as_image(root):
+    name, path = listed_image(root, 'val', 2)
+    with open(path, 'w') as f:
+        f.write('filename,label\n' * 40)
+    return [name, 'cannot be']
+
+
+def break_dangling_link(root):
+    name, path = listed_image(root, 'test', 3)
+    os.symlink(os.path.join(root, 'nowhere.jpg'), path)
+    return [name, 'cannot be']
+
+
+def break_missing_header(root):
+    write_rows(root, 'train', rows(root, 'train')[1:])  # train.py refuses it: its first row would be skipped
+    return ['train.csv', 'no header']
+
+
 @pytest.mark.parametrize('breaker', [break_missing_split, break_malformed_row, break_missing_image,
                                      break_undecodable_image, break_too_few_images, break_shared_class,
-                                     break_duplicate_filename, break_images_folder])
+                                     break_duplicate_filename, break_images_folder, break_empty_file,
+                                     break_folder_as_image, break_text_as_image, break_dangling_link,
+                                     break_missing_header])
 def test_check_dataset_reports_each_problem(capsys, dataset_copy, breaker):
     expected = breaker(dataset_copy)
     code, out = run_check(capsys, dataset_copy)
@@ -301,9 +340,38 @@ def test_check_dataset_decode_finds_truncated_images(dataset_copy):
         data = f.read()
     with open(path, 'wb') as f:
         f.write(data[:len(data) // 2])  # the header is intact: only decoding fails
-    assert check_dataset.check_dataset(str(dataset_copy), 3, 1, 5)[1] == []
-    problems = check_dataset.check_dataset(str(dataset_copy), 3, 1, 5, decode=True)[1]
-    assert len(problems) == 1 and name in problems[0] and 'cannot be decoded' in problems[0]
+    for problems in (check_dataset.check_dataset(str(dataset_copy), 3, 1, 5)[1],  # a sample is decoded: here all
+                     check_dataset.check_dataset(str(dataset_copy), 3, 1, 5, decode=True)[1]):
+        assert len(problems) == 1 and name in problems[0] and 'cannot be decoded' in problems[0]
+    summary, problems = check_dataset.check_dataset(str(dataset_copy), 3, 1, 5, sample=0)  # headers only
+    assert problems == [] and any('--decode' in line for line in summary)  # and the summary says so
+
+
+def test_check_dataset_and_the_loader_warn_of_tiny_images(capsys, dataset_copy, tmp_path):
+    name = rows(dataset_copy, 'train')[3].split(',')[0]
+    Image.new('RGB', (1, 1), (200, 10, 10)).save(os.path.join(dataset_copy, 'images', name))
+    code, out = run_check(capsys, dataset_copy)
+    assert code == 0 and name in out and '1x1' in out  # a warning, named; not a problem
+    import train
+    argv = ['--data_path', str(dataset_copy), '--save_dir', str(tmp_path / 'saves'), '--network_name', 'convnet',
+            '--pretrained', 'none', '--N', '3', '--K', '1', '--Q', '5', '--n_training_episodes', '6',
+            '--episode_gap', '3', '--n_validating_episodes', '1', '--n_testing_episodes', '1', '--n_workers', '2']
+    train.main(argv)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith('warning: image')]
+    assert len(warnings) == 1 and name in warnings[0] and '1x1' in warnings[0]  # once per run, workers or not
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_one(capsys, tmp_path):
+    archive = tmp_path / 'mini_imagenet.tar'
+    archive.write_bytes(b'x' * 100)
+    code, out = run_check(capsys, archive)
+    assert code == 2 and 'archive' in out and 'tar -xf' in out
+    import train
+    with pytest.raises(SystemExit):
+        train.main(['--data_path', str(archive), '--save_dir', str(tmp_path / 's'), '--network_name', 'convnet'])
+    err = capsys.readouterr().err
+    assert str(archive) in err and 'tar -xf' in err
 
 
 def test_check_dataset_command_exits_2_without_traceback(dataset_copy):
