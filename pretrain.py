@@ -87,9 +87,10 @@ def train_one_epoch(run: Run, loader, bar) -> tuple[float, float, float]:
         backward_and_step(loss, run.optimizer, run.scaler)  # DistributedDataParallel averages the gradients
         loss = loss.item()
         loss_sum, correct, count = loss_sum + loss * len(labels), correct + right, count + len(labels)
-        bar.update(1)
         bar.set_postfix(epoch=run.progress.done + 1, loss=f'{loss_sum / count:.4f}',
-                        acc=f'{100 * correct / count:.1f}%', lr=f'{run.optimizer.param_groups[0]["lr"]:.2g}')
+                        acc=f'{100 * correct / count:.1f}%', lr=f'{run.optimizer.param_groups[0]["lr"]:.2g}',
+                        refresh=False)
+        bar.update(1)  # shows the bar at most once per refresh interval (off a terminal: every 30 s)
     seconds = time.perf_counter() - start
     loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count], device)
     return loss_sum / count, correct / count, seconds

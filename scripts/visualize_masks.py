@@ -107,8 +107,9 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
         top_value = float(part.max()) if part.max() > 0 else delta
         heat = ax.imshow(part, aspect='auto', interpolation='nearest', cmap='viridis', vmin=0, vmax=top_value)
         ax.set_yticks(range(len(names)), [f'{label} (max {row.max():.3f})' for label, row in zip(names, part)],
-                      fontsize=8)
-        bottom.colorbar(heat, ax=ax, label=f'mask value (0 to {top_value:.3g})', fraction=0.04, pad=0.01)
+                      fontsize=8)  # the colour bar beside each panel runs from 0 to that panel's largest value
+        bar = bottom.colorbar(heat, ax=ax, fraction=0.04, pad=0.01)
+        bar.ax.tick_params(labelsize=7)
     ax_task.set_xticks([])
     ax_task.set_title(f'masks in [0, delta = {delta:g}], each panel on its own colour scale', fontsize=10)
     ax_cls.set_xlabel(f'feature dimension ({d}), sorted by the task mask (largest first)')

@@ -467,6 +467,18 @@ def test_plot_curves_finds_the_run_from_its_flags(capsys, tmp_path):
     assert 'up to episode 150' in capsys.readouterr().out
 
 
+def test_pictures_go_beside_the_run_by_default(capsys, tmp_path, monkeypatch, checkpoint_flags):
+    monkeypatch.chdir(tmp_path)  # nothing is written here
+    flags = ['--save_dir', str(tmp_path / 'saves'), '--N', '2', '--K', '1', '--episode_gap', '25']
+    stat = runs.run_paths(parse_args(flags)).stat
+    write_stat(stat)
+    plot_curves.main(flags)
+    assert_png(stat[:-len('.stat')] + '.curves.png')
+    visualize_masks.main(checkpoint_flags)
+    assert_png(runs.run_paths(parse_args(checkpoint_flags)).best[:-len('.model')] + '.masks.png')
+    assert os.listdir(tmp_path) == ['saves']
+
+
 @pytest.mark.parametrize('content', [None, b'not a torch file', {'training_loss': [1.0]},
                                      {'training_loss': [], 'validating_accuracy': []}])
 def test_plot_curves_rejects_bad_statistics(capsys, tmp_path, content):

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -194,3 +195,19 @@ def test_reproduce_says_how_far_it_got_when_interrupted(tmp_path, monkeypatch, c
                                        '--shots', '1'], capsys, code=130)
     assert '1 of 3 stages' in line and 'same command' in line
     assert (tmp_path / 'out' / 'results.md').exists()  # written after each stage
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(monkeypatch):
+    import io
+    import utils
+    stream = io.StringIO()  # not a terminal, as a log file or a cluster job's output
+    monkeypatch.setattr(sys, 'stderr', stream)
+    monkeypatch.setattr(utils, 'PLAIN_PROGRESS_INTERVAL', 0.1)
+    for _ in utils.progress(range(10), desc='quick'):  # ends before the first interval: says nothing
+        pass
+    assert stream.getvalue() == ''
+    for _ in utils.progress(range(500), desc='work'):  # about 0.6 s
+        time.sleep(0.001)
+    text = stream.getvalue()
+    assert '\r' not in text and 2 <= text.count('\n') < 20  # a line per interval, not one per refresh
+    assert text.splitlines()[-1].startswith('work: 100%')
