@@ -33,6 +33,22 @@ class FewShotModel(nn.Module):
         """Everything but the encoder: the second learning-rate group (--lr)."""
         return [p for name, p in self.named_parameters() if not name.startswith('encoder.')]
 
+    def logits_for_sets(self, sets: list[torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
+        """One task as N support sets (K_n, d), any K_n >= 1, and M queries (M, d) -> (logits (M, N), the
+        adaptation). Sets of one size run as the shot-major episode; others through ``uneven_logits``."""
+        if len({len(s) for s in sets}) == 1:
+            support = torch.stack(sets, dim=1).flatten(0, 1)  # (K, N, d) -> (K*N, d): position k*N + n, shot-major
+            return self.episode(torch.cat([support, query]), len(sets), len(sets[0]))
+        return self.uneven_logits(sets, query)
+
+    def uneven_logits(self, sets: list[torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
+        """Classes of different sizes: by default the head on the prototypes, each the mean of its class's set."""
+        return self.head(torch.stack([s.mean(dim=0) for s in sets]), query), None
+
+    def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """prototypes (..., N, d), query (..., M, d) -> logits (..., M, N), for a model that works on prototypes."""
+        raise NotImplementedError
+
     def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
         """features: (..., N*(K+Q), d), shot-major -> logits (..., N*Q, N); query j's target is j % N."""
         return self.episode(features, n_way, n_shot)[0]

@@ -54,8 +54,11 @@ class FEAT(FewShotModel):
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, None]:
         """features (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), None)."""
         _, query, prototypes = split_episode(features, n_way, n_shot)
+        return self.head(prototypes, query), None
+
+    def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         adapted = self.slf_attn(prototypes)  # (..., N, d): the task's prototypes, one sequence
-        return prototype_logits(query, adapted, self.metric, self.temperature), None
+        return prototype_logits(query, adapted, self.metric, self.temperature)
 
     def auxiliary_loss(self, features: torch.Tensor, n_way: int, n_shot: int) -> Optional[torch.Tensor]:
         """balance * the contrastive regulariser's cross-entropy, over all N*(K+Q) embeddings (training), with

@@ -53,8 +53,14 @@ class GLoFA(FewShotModel):
         """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.
         Returns the masks, the strengths and the per-class scale."""
         per_class = support.unflatten(-2, (n_shot, n_way)).transpose(-3, -2)  # (..., N, K, d): class n's set
+        return self.adaptation(support, lambda: self.f_class(per_class))
+
+    def adaptation(self, support: torch.Tensor, class_outputs) -> Adaptation:
+        """The masks, strengths and scale from all support embeddings (..., S, d) and ``class_outputs()``, f_class
+        of each class's set (..., N, d); called in this order, as the reference computes them (so autograd sums
+        the gradients reaching the support in the reference's order)."""
         m_task = F.relu6(self.f_task(support)) / 6 * self.delta  # (..., d)
-        m_cls = F.relu6(self.f_class(per_class)) / 6 * self.delta  # (..., N, d)
+        m_cls = F.relu6(class_outputs()) / 6 * self.delta  # (..., N, d)
         alpha = F.relu(self.h(support))  # (..., 2)
         if self.adaptor in ('class', 'none'):
             m_task = torch.zeros_like(m_task)
@@ -72,13 +78,23 @@ class GLoFA(FewShotModel):
         """
         support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]  # (..., N*K | N*Q, d)
         adaptation = self.adapt(support, n_way, n_shot)
-        scale = adaptation.scale  # (..., N, d)
         # the mean after the set functions, as the reference orders it: autograd then sums the gradients
         # reaching the support in the same order, so training gives the reference's numbers to the last bit
         mean_support = support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)  # (..., N, d)
+        return self.logits(query, mean_support, adaptation.scale), adaptation  # (..., N*Q, N)
+
+    def logits(self, query: torch.Tensor, mean_support: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """query (..., M, d), each class's mean support embedding and scale (..., N, d) -> (..., M, N)."""
         prototypes = F.normalize(mean_support * scale, dim=-1)  # (..., N, d): p_n = normalise(mean_k T_n(s))
         # <T_n(q), p_n> = sum_d q_d * scale_{n,d} * p_{n,d}
-        return query @ (scale * prototypes).transpose(-1, -2) / self.tau, adaptation  # (..., N*Q, N)
+        return query @ (scale * prototypes).transpose(-1, -2) / self.tau  # (..., M, N)
+
+    def uneven_logits(self, sets: list[torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, Adaptation]:
+        """Classes with K_n support images each (sets: N tensors (K_n, d)), as the method defines them: f_class
+        takes each class's set as it is, f_task and h the whole support (sums, in any order)."""
+        adaptation = self.adaptation(torch.cat(sets), lambda: torch.stack([self.f_class(s) for s in sets]))
+        mean_support = torch.stack([s.mean(dim=0) for s in sets])  # (N, d)
+        return self.logits(query, mean_support, adaptation.scale), adaptation
 
 
 def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:

@@ -20,4 +20,7 @@ class ProtoNet(FewShotModel):
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, None]:
         """features (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), None)."""
         _, query, prototypes = split_episode(features, n_way, n_shot)
-        return prototype_logits(query, prototypes, self.metric, self.temperature), None
+        return self.head(prototypes, query), None
+
+    def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return prototype_logits(query, prototypes, self.metric, self.temperature)

@@ -1,0 +1,249 @@
+"""Few-shot classification of your own images: python scripts/classify.py --model_path RUN.model --support DIR --query PATH ...
+
+DIR holds one sub-folder per class, named as the class, with that class's example images (any number of
+classes from 2, any number of images each); every query is an image file or a folder of them. With
+--pretrained FILE --model_name protonet the encoder alone classifies (no meta-training). The model, the
+network and the normalisation come from the checkpoint's record, as in test.py. Prints one line per query
+(its predicted class, the probability, the runner-up); --out writes a CSV with every class's probability,
+--picture draws the support images by class beside each query and its prediction.
+
+Classes with different numbers of images are classified exactly as the method defines them: GLoFA's set
+functions take each class's set as it is (f_class sums over the class's K_n images, f_task and h over the
+whole support), and a prototype is the mean over its class's images. --shots K keeps the first K images
+(by file name) of every class.
+"""
+import argparse
+import csv
+import os
+import sys
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import runs  # noqa: E402
+from arguments import MODEL_FLAGS, parse_args  # noqa: E402
+from checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
+from dataloader import NORMALIZATIONS, eval_transform, to_rgb  # noqa: E402
+from networks import NETWORKS, build_encoder  # noqa: E402
+from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model_path', default=None, help="a checkpoint of train.py (<run>.model), or FEAT's {'params'} file")
+    p.add_argument('--pretrained', default=None, help='with --model_name protonet: encoder weights alone')
+    p.add_argument('--model_name', default=None, choices=['glofa', 'protonet', 'feat'],
+                   help="default: the checkpoint's (protonet with --pretrained)")
+    p.add_argument('--network_name', default=None, choices=list(NETWORKS),
+                   help="default: the checkpoint's record, else the network its tensors fit")
+    p.add_argument('--normalization', default=None, choices=list(NORMALIZATIONS),
+                   help="default: the checkpoint's record, else imagenet")
+    p.add_argument('--metric', default=None, choices=['euclidean', 'cosine'],
+                   help="protonet with --pretrained (default euclidean); a checkpoint's own otherwise")
+    p.add_argument('--support', required=True, help='a folder with one sub-folder of example images per class')
+    p.add_argument('--query', nargs='+', required=True, help='image files, or folders of them, to classify')
+    p.add_argument('--shots', type=int, default=None, help='use the first K images (by name) of every class')
+    p.add_argument('--out', default=None, help='write the predictions to this CSV file')
+    p.add_argument('--picture', default=None, help='draw the support images and each query with its prediction (PNG)')
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    return p
+
+
+# ------------------------------------------------------------------ images
+def read_image(path: str) -> Optional[Image.Image]:
+    """The image at ``path`` as 8-bit RGB, or None when the file is no image; a mode that cannot be
+    converted faithfully is a UserError naming the file."""
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image, path)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(class names, each class's image files, notes): sub-folders in name order, images by file name."""
+    if not os.path.isdir(folder):
+        raise UserError(f'--support {folder} is not a folder (expected one sub-folder of images per class)')
+    names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith('.'))
+    if len(names) < 2:
+        raise UserError(f'--support {folder} holds {len(names)} class folder{"" if len(names) == 1 else "s"}: a '
+                        f'few-shot task needs at least 2 classes, one sub-folder of example images each')
+    files, notes = [], []
+    for name in names:
+        class_dir = os.path.join(folder, name)
+        found = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir)) if not f.startswith('.')
+                 and os.path.isfile(os.path.join(class_dir, f))]
+        images = [path for path in found if read_image(path) is not None]
+        if len(images) < len(found):
+            notes.append(f'note: class {name}: {len(found) - len(images)} file(s) that are not images skipped')
+        if not images:
+            raise UserError(f'class folder {class_dir} holds no readable image')
+        if shots is not None:
+            if len(images) < shots:
+                raise UserError(f'--shots {shots}: class {name} has {len(images)} image(s) ({class_dir})')
+            images = images[:shots]
+        files.append(images)
+    return names, files, notes
+
+
+def query_files(paths: list[str]) -> list[str]:
+    """Every query image: the files given, and the images of the folders given (in name order)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
+            found += [f for f in inside if os.path.isfile(f) and read_image(f) is not None]
+        elif not os.path.isfile(path):
+            raise UserError(f'query {path} not found')
+        elif read_image(path) is None:
+            raise UserError(f'query {path} is not an image PIL can read')
+        else:
+            found.append(path)
+    if not found:
+        raise UserError(f'no query image in {" ".join(paths)}')
+    return found
+
+
+# ------------------------------------------------------------------ the model
+def model_flags(opts) -> tuple[list[str], Optional[str]]:
+    """train.py's flags that build the checkpoint's model (from its record), and the checkpoint's path."""
+    if opts.pretrained:
+        if opts.model_path or (opts.model_name or 'protonet') != 'protonet':
+            raise UserError('--pretrained FILE evaluates the encoder alone: give it with --model_name protonet, '
+                            'without --model_path')
+        flags = ['--model_name', 'protonet', '--pretrained', opts.pretrained, '--metric', opts.metric or 'euclidean',
+                 '--network_name', opts.network_name or 'resnet']
+        return flags, None
+    if not opts.model_path:
+        raise UserError('give --model_path RUN.model (a trained run) or --pretrained FILE --model_name protonet')
+    record = read_file(opts.model_path, 'checkpoint')
+    state = tensors_of(record)
+    if state is None:
+        raise UserError(f"checkpoint {opts.model_path} is not a model checkpoint (expected a 'state_dict' or FEAT's "
+                        f"'params')")
+    config = record.get('config') if isinstance(record.get('config'), dict) else {}
+    model = opts.model_name or config.get('model_name') or model_of(strip_module(state))
+    flags = ['--model_name', model, '--pretrained', 'none']
+    for key in ('adaptor', 'tau', 'delta', 'h_bias_init', 'metric', 'temperature', 'temperature2', 'balance'):
+        if key in config and config[key] is not None and key in MODEL_FLAGS[model]:
+            flags += [f'--{key}', str(config[key])]
+    network = opts.network_name or config.get('network_name') or fitting_network(opts.model_path)
+    return flags + ['--network_name', network, '--normalization',
+                    opts.normalization or config.get('normalization', 'imagenet')], opts.model_path
+
+
+def fitting_network(path: str) -> str:
+    """The network whose encoder the checkpoint's tensors fit (a file without a record, e.g. FEAT's)."""
+    for name in NETWORKS:
+        try:
+            load_pretrained(build_encoder(name), path)
+            return name
+        except UserError:
+            continue
+    raise UserError(f'checkpoint {path} holds no encoder of a known network ({", ".join(NETWORKS)})')
+
+
+@torch.no_grad()
+def embed(encoder, paths: list[str], transform, device) -> torch.Tensor:
+    """(len(paths), d): the images encoded in eval mode, in batches of 64."""
+    out = []
+    for start in range(0, len(paths), 64):
+        batch = torch.stack([transform(read_image(p)) for p in paths[start:start + 64]]).to(device)
+        out.append(encoder(batch).float())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------ output
+def draw(names: list[str], files: list[list[str]], queries: list[str], predictions: list[int],
+         probabilities: torch.Tensor, out: str) -> None:
+    """Support images by class (a column each, up to 3 shown) above the queries, each with its prediction."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    shown, per_row = min(3, max(len(f) for f in files)), min(6, len(queries))
+    query_rows = -(-len(queries) // per_row)
+    fig = Figure(figsize=(max(2 * len(names), 2 * per_row), 2.1 * (shown + query_rows) + 0.8), dpi=100,
+                 layout='constrained')
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[shown, query_rows])
+    axes = top.subplots(shown, len(names), squeeze=False)
+    for n, (name, paths) in enumerate(zip(names, files)):
+        for k in range(shown):
+            ax = axes[k][n]
+            ax.axis('off')
+            if k < len(paths):
+                ax.imshow(read_image(paths[k]))
+            if k == 0:
+                ax.set_title(f'{name} ({len(paths)} image{"s" if len(paths) > 1 else ""})', fontsize=9)
+    top.suptitle('support: the examples of each class', fontsize=10)
+    axes = bottom.subplots(query_rows, per_row, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis('off')
+        if i < len(queries):
+            ax.imshow(read_image(queries[i]))
+            ax.set_title(f'{os.path.basename(queries[i])}\n-> {names[predictions[i]]} '
+                         f'({100 * probabilities[i, predictions[i]]:.0f} %)', fontsize=8)
+    bottom.suptitle('queries and what the model predicts', fontsize=10)
+    save_figure(fig, out)
+
+
+@exits_cleanly
+def main(argv: Optional[list[str]] = None) -> dict:
+    opts = get_parser().parse_args(argv)
+    if opts.shots is not None and opts.shots < 1:
+        raise UserError(f'--shots must be at least 1, got {opts.shots}')
+    flags, checkpoint = model_flags(opts)
+    args = parse_args(flags)
+    device = select_device(opts.device, [0])
+    model = runs.build_model(args, pretrained=checkpoint is None)
+    if checkpoint:
+        load_model_checkpoint(model, checkpoint, runs.model_config(args))
+    model.to(device).eval()
+    names, files, notes = support_sets(opts.support, opts.shots)
+    queries = query_files(opts.query)
+    for note in notes:
+        print(note)
+    supports = {os.path.realpath(p) for paths in files for p in paths}
+    repeated = [q for q in queries if os.path.realpath(q) in supports]
+    if repeated:
+        print(f'warning: {len(repeated)} quer{"y is" if len(repeated) == 1 else "ies are"} also in the support set '
+              f'(e.g. {repeated[0]}): their predictions say little')
+    transform = eval_transform(args.normalization)
+    sets = [embed(model.encoder, paths, transform, device) for paths in files]  # each (K_n, d)
+    logits, adaptation = model.logits_for_sets(sets, embed(model.encoder, queries, transform, device))  # (M, N)
+    probabilities = torch.softmax(logits.float(), dim=1).cpu()
+    shots = sorted({len(f) for f in files})
+    print(f'{len(names)}-way task, {"-".join(map(str, shots))} support image(s) a class ({args.model_name} on '
+          f'{args.network_name}, {checkpoint or args.pretrained}); {len(queries)} quer{"y" if len(queries) == 1 else "ies"}')
+    predictions = []
+    for path, p in zip(queries, probabilities):
+        order = torch.argsort(p, descending=True).tolist()
+        predictions.append(order[0])
+        print(f'{path}: {names[order[0]]} ({100 * p[order[0]]:.1f} %), runner-up {names[order[1]]} '
+              f'({100 * p[order[1]]:.1f} %)')
+    if adaptation is not None:
+        alpha = adaptation.alpha.tolist()
+        print(f'adaptors: alpha_task {alpha[0]:.4f}, alpha_cls {alpha[1]:.4f}'
+              + ('; both 0: the masks have no effect, the model is normalised-prototype ProtoNet on this task'
+                 if alpha[0] == 0 and alpha[1] == 0 else ''))
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['file', 'prediction', 'probability', *names])
+            for path, n, p in zip(queries, predictions, probabilities):
+                writer.writerow([path, names[n], f'{p[n]:.6f}', *(f'{v:.6f}' for v in p.tolist())])
+        print(f'wrote {opts.out}')
+    if opts.picture:
+        draw(names, files, queries, predictions, probabilities, opts.picture)
+        print(f'wrote {opts.picture}')
+    return {'classes': names, 'queries': queries, 'predictions': [names[n] for n in predictions],
+            'probabilities': probabilities, 'logits': logits.cpu(), 'adaptation': adaptation}
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
