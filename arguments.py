@@ -85,6 +85,9 @@ def common_parser() -> argparse.ArgumentParser:
                    help='replace the files of a run with the same identity (finished or not) instead of stopping')
     g.add_argument('--amp', action='store_true',
                    help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
+    g.add_argument('--tensorboard', action='store_true',
+                   help='train.py and pretrain.py: also write the scalars of the JSON log (losses, accuracies, learning '
+                        'rates, strengths) for TensorBoard under <save_dir>/tensorboard/<run>; needs the tensorboard package')
     g.add_argument('--channels_last', action='store_true',
                    help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
     g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=list(DEMO_ROOTS),
@@ -180,6 +183,10 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--episode_batch', type=int, default=0,
                    help='cached evaluation: episodes computed at once (default 0: as many as a memory bound allows; '
                         'any value gives the same results)')
+    g.add_argument('--feature_cache', type=str, default='on', choices=['on', 'off'],
+                   help="the test's cached evaluation stores the split's embeddings under <save_dir>/features, one file "
+                        "per checkpoint content, split files, transform and network; a later test of the same "
+                        "checkpoint reuses them (validations always encode: the weights change)")
     g.add_argument('--json', type=str, default=None,
                    help='write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')
     g.add_argument('--flag_debug', action='store_true',

@@ -359,6 +359,14 @@ class SplitDataset(Dataset):
         """How notes and errors name image i."""
         return f'{i} of {self.location}'
 
+    def stamp(self) -> dict:
+        """What the split's pixels and labels depend on, cheaply: its files' locations, sizes and modification
+        times (``evaluation.FeatureCache``'s key)."""
+        return {'split': self.split, 'files': [file_stamp(path) for path in self.stamp_files()]}
+
+    def stamp_files(self) -> list[str]:
+        return [self.location]
+
 
 class FewShotDataset(SplitDataset):
     """A folder of images with split files, as mini-ImageNet and CUB (FEAT's split) are distributed:
@@ -384,6 +392,17 @@ class FewShotDataset(SplitDataset):
 
     def image_path(self, i: int) -> str:
         return os.path.join(self.image_dir, self.filenames[i])
+
+    def stamp(self) -> dict:
+        """The split file, and every image's size and modification time, hashed (12000 stats: milliseconds)."""
+        images = hashlib.sha256()
+        for name in self.filenames:
+            try:
+                info = os.stat(os.path.join(self.image_dir, name))
+                images.update(f'{name}:{info.st_size}:{info.st_mtime_ns};'.encode())
+            except OSError:  # reported when the image is read
+                images.update(f'{name}:unreadable;'.encode())
+        return {'split': self.split, 'files': [file_stamp(self.csv_path)], 'images': images.hexdigest()}
 
     def load_image(self, i: int) -> Image.Image:
         path = self.image_path(i)
@@ -440,8 +459,17 @@ class TieredDataset(SplitDataset):
         state['_images'] = None  # a worker maps the file itself
         return state
 
+    def stamp_files(self) -> list[str]:
+        return [self.images_path, self.labels_path]
+
     def load_image(self, i: int) -> Image.Image:
         return Image.fromarray(np.array(self.images[i]))
+
+
+def file_stamp(path: str) -> list:
+    """[absolute path, size, modification time in ns] of a file."""
+    info = os.stat(path)
+    return [os.path.abspath(path), info.st_size, info.st_mtime_ns]
 
 
 class LabelledSplit:
@@ -541,6 +569,9 @@ class MultiSourceDataset(Dataset):
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def stamp(self) -> dict:
+        return {'split': self.split, 'roots': [d.stamp() for d in self.datasets]}
 
     def locate(self, i: int) -> tuple[int, int]:
         """(root index, index inside that root's dataset) of image i."""

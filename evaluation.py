@@ -5,6 +5,7 @@ Two ways give the same answers: 'episodic' encodes every episode's images, as th
 prototypes, logits), on many episodes at once. An entry point chooses the way once
 (``choose_eval_mode``), then ``run_episodes(model, dataset, Episodes(...), way, EvalOptions(...))``.
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 from utils import progress
 
-from dataloader import FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
+from dataloader import IMAGE_SIZE, FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
 from models import FewShotModel, prototype_logits, split_episode
 from models.glofa import query_targets
 from networks import advance_forward_count, forward_count, set_forward_count
@@ -94,14 +95,90 @@ def encode_split(encoder: nn.Module, dataset: FewShotDataset, options: EvalOptio
     return torch.cat(features)
 
 
+class FeatureCache:
+    """A split's embeddings stored on disk, so that the same checkpoint never encodes the same split twice:
+    ``<folder>/<digest>.npy`` (float32, (n_images, d)) with ``<digest>.json`` beside it, where the digest is
+    that of ``key``: the checkpoint's content, the split's files (split file, every image's size and
+    modification time), the transform, the network and how it ran. Any change of those is another file. Both
+    are written atomically; on reading, the array is memory-mapped and checked against the SHA-256 its
+    record holds, so a damaged or partial file is rebuilt, never read as numbers."""
+
+    def __init__(self, folder: str, key: dict):
+        self.folder, self.key = folder, key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path, self.record = os.path.join(folder, f'{digest}.npy'), os.path.join(folder, f'{digest}.json')
+
+    def load(self) -> Optional[torch.Tensor]:
+        """The stored embeddings, or None (none stored, another key, or a damaged file: said in one line)."""
+        try:
+            with open(self.record) as f:
+                record = json.load(f)
+            if record.get('key') != self.key:
+                return None
+            array = np.load(self.path, mmap_mode='r')
+            if list(array.shape) != record['shape'] or hashlib.sha256(memoryview(np.ascontiguousarray(array))) \
+                    .hexdigest() != record['sha256']:
+                raise ValueError('its content does not match its record')
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f'note: the stored embeddings {self.path} are damaged ({error}): encoding again')
+            return None
+        print(f'embeddings of the {self.key["split"]["split"]} split reused from {self.path} '
+              f'({os.path.getsize(self.path) / 2 ** 20:.1f} MiB; --feature_cache off, or deleting {self.folder}, '
+              f'encodes again)')
+        return torch.from_numpy(np.array(array))
+
+    def save(self, features: torch.Tensor) -> None:
+        array = np.ascontiguousarray(features.detach().cpu().float().numpy())
+        os.makedirs(self.folder, exist_ok=True)
+        with writing(self.path):
+            np.save(self.path + '.part.npy', array)
+            with open(self.record + '.part', 'w') as f:
+                json.dump({'key': self.key, 'shape': list(array.shape),
+                           'sha256': hashlib.sha256(memoryview(array)).hexdigest()}, f, indent=1)
+            os.replace(self.path + '.part.npy', self.path)
+            os.replace(self.record + '.part', self.record)
+        print(f'embeddings of the {self.key["split"]["split"]} split stored in {self.path} '
+              f'({os.path.getsize(self.path) / 2 ** 20:.1f} MiB): a later evaluation of this checkpoint reuses them')
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's content (a checkpoint: its cached embeddings follow its content, not its name)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def feature_cache(save_dir: str, checkpoint: str, dataset, normalization: str, network_name: str,
+                  options: 'EvalOptions') -> 'FeatureCache':
+    """The cache of ``dataset``'s embeddings by the encoder of ``checkpoint`` under <save_dir>/features."""
+    key = {'checkpoint': file_digest(checkpoint), 'split': dataset.stamp(), 'transform': f'eval-{normalization}',
+           'image_size': IMAGE_SIZE, 'network': network_name, 'device': options.device.type, 'amp': options.amp,
+           'channels_last': options.channels_last}
+    return FeatureCache(os.path.join(save_dir, 'features'), key)
+
+
+def stored_features(args, checkpoint: Optional[str], dataset, options: 'EvalOptions') -> Optional['FeatureCache']:
+    """test.py's (and train.py's test's) cache of the split's embeddings: with --feature_cache on and a
+    checkpoint file, else None (encode, store nothing)."""
+    if args.feature_cache != 'on' or not checkpoint:
+        return None
+    return feature_cache(args.save_dir, checkpoint, dataset, args.normalization, args.network_name, options)
+
+
 class SplitFeatures:
-    """The embeddings of a split, encoded on first use and then shared (e.g. by several (N, K) settings).
+    """The embeddings of a split, encoded on first use and then shared (e.g. by several (N, K) settings),
+    and with a ``FeatureCache`` stored for the next evaluation of the same checkpoint.
 
     Encoding leaves the encoder's DropBlock counter as it was: evaluation counts one pass per episode.
     """
 
-    def __init__(self, encoder: nn.Module, dataset: FewShotDataset, options: EvalOptions):
-        self.encoder, self.dataset, self.options = encoder, dataset, options
+    def __init__(self, encoder: nn.Module, dataset: FewShotDataset, options: EvalOptions,
+                 cache: Optional[FeatureCache] = None):
+        self.encoder, self.dataset, self.options, self.cache = encoder, dataset, options, cache
         self.features: Optional[torch.Tensor] = None
 
     @classmethod
@@ -112,11 +189,16 @@ class SplitFeatures:
         return split
 
     def get(self) -> torch.Tensor:
+        if self.features is None and self.cache is not None:
+            stored = self.cache.load()
+            self.features = stored.to(self.options.device) if stored is not None else None
         if self.features is None:
             count = forward_count(self.encoder)
             self.features = encode_split(self.encoder, self.dataset, self.options,
                                          desc=f'encoding {self.dataset.split}')
             set_forward_count(self.encoder, count)
+            if self.cache is not None:
+                self.cache.save(self.features)
         return self.features
 
 

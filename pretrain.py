@@ -25,9 +25,9 @@ from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
 from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, check_existing_run, check_finite, data_path,
-                  interrupted_message, load_last, prepare_demo, pretrain_identity, pretrain_paths, save_last,
-                  write_identity)
-from utils import (ProcessError, UserError, append_log, backward_and_step, check_output_file, exit_on_interrupt,
+                  interrupted_message, load_last, log_entry, open_tensorboard, prepare_demo, pretrain_identity,
+                  pretrain_paths, save_last, tensorboard_writer_class, write_identity)
+from utils import (ProcessError, UserError, backward_and_step, check_output_file, exit_on_interrupt,
                    exits_cleanly,
                    flag_hint, git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -42,6 +42,8 @@ def check_flags(args, device: torch.device) -> None:
                         f'process takes an equal share (e.g. --batch_size {lower})')
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')
+    if args.tensorboard:
+        tensorboard_writer_class()  # refused now, before any work
     if args.sync_bn and device.type != 'cuda':
         raise UserError('--sync_bn needs CUDA devices (on the CPU each process keeps its own BatchNorm statistics)')
 
@@ -120,10 +122,10 @@ def validate_and_save(run: Run, val_set: SplitDataset, loss: float, accuracy: fl
     if improved:
         p.best_accuracy, p.best_at = cosine, p.done
         atomic_save({'params': model_state_dict(run.plain)}, run.paths.best)
-    append_log(run.paths.log, {'epoch': p.done, 'loss': loss, 'train_accuracy': accuracy, 'lr': lr,
+    log_entry(run, {'epoch': p.done, 'loss': loss, 'train_accuracy': accuracy, 'lr': lr,
                                'val_cosine': cosine, 'val_cosine_ci': cosine_ci, 'val_euclidean': euclidean,
                                'val_euclidean_ci': euclidean_ci, 'best_val_cosine': p.best_accuracy,
-                               'best_epoch': p.best_at, 'epoch_seconds': seconds, 'steps': steps})
+                               'best_epoch': p.best_at, 'epoch_seconds': seconds, 'steps': steps}, 'epoch')
     bar.write(f'epoch {p.done}: loss {loss:.4f}, train accuracy {100 * accuracy:.2f} %, lr {lr:.3g}; validation '
               f'({args.val_way}-way {args.val_shot}-shot, {args.val_episodes} episodes) cosine '
               f'{100 * cosine:.2f} ± {100 * cosine_ci:.2f} %, euclidean {100 * euclidean:.2f} ± {100 * euclidean_ci:.2f} %'
@@ -193,6 +195,7 @@ def pretrain(args, built: list) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(paths.log)), exist_ok=True)
         trim_log(paths.log, 'epoch', p.done)
         write_identity(run.config, paths)
+        open_tensorboard(run, os.path.splitext(os.path.basename(paths.best))[0])
         print(f'pretraining {args.network_name} on {", ".join(root)}: {len(train_set.class_names)} classes, {len(train_set)} '
               f'images (val {len(val_set.class_names)} classes, {len(val_set)} images); {args.epochs} '
               f'epoch{"s" if args.epochs > 1 else ""} of '

@@ -26,7 +26,7 @@ from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import NETWORKS, build_encoder, data_parallel, forward_count, set_forward_count
-from utils import NonFiniteLoss, UserError, on_failed_start, random_states, set_random_states, writing
+from utils import NonFiniteLoss, UserError, append_log, on_failed_start, random_states, set_random_states, writing
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 # the flags that choose what the data layer reads, named when it refuses something
@@ -320,10 +320,42 @@ class Run:
     config: dict              # what the saved state must agree with to be resumed
     progress: Progress = field(default_factory=Progress)
     generators: dict = field(default_factory=dict)  # named samplers' generators, saved with the state
+    tensorboard: Optional[object] = None  # a SummaryWriter with --tensorboard (open_tensorboard)
 
     @property
     def plain(self) -> nn.Module:
         return distributed.unwrap(self.model)
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or one line with the install command when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; '
+                        'the JSON log and scripts/plot_curves.py have the same figures)') from None
+    return SummaryWriter
+
+
+def open_tensorboard(run: Run, name: str) -> None:
+    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name> that continues after the saved state:
+    events of later steps, written by the interrupted process after its last save, are dropped (purge_step), so
+    a resumed run has each step once."""
+    if not run.args.tensorboard or not distributed.is_main_process():
+        return
+    folder = os.path.join(run.args.save_dir, 'tensorboard', name)
+    run.tensorboard = tensorboard_writer_class()(folder, purge_step=run.progress.done + 1)
+    print(f'TensorBoard: tensorboard --logdir {os.path.join(run.args.save_dir, "tensorboard")} (this run: {folder})')
+
+
+def log_entry(run: Run, entry: dict, step: str) -> None:
+    """One line of the run's JSON log, and with --tensorboard its numbers as scalars at step ``entry[step]``."""
+    append_log(run.paths.log, entry)
+    if run.tensorboard is not None:
+        for key, value in entry.items():
+            if key != step and isinstance(value, (int, float)) and not isinstance(value, bool):
+                run.tensorboard.add_scalar(key, value, entry[step])
+        run.tensorboard.flush()
 
 
 def check_finite(loss: torch.Tensor, run: Run, where: str, unit: str, flags: str) -> None:

@@ -19,7 +19,7 @@ from arguments import parse_args
 from checkpoints import load_model_checkpoint
 from dataloader import episode_sampler, eval_transform, looks_like_mini_imagenet_test, open_split
 from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_lines, run_episodes, setting_figures,
-                        split_episodes, write_figures)
+                        split_episodes, stored_features, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   check_disjoint, other_runs, run_paths, split_files_beside, unfinished_line)
 from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
@@ -67,7 +67,8 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     beside FEAT's maintainer's figure where it applies (5-way 1-shot)."""
     model = place_model(build_model(with_setting(args, *settings[0])), args, device)
     options = EvalOptions.from_args(args, device)
-    features = SplitFeatures(model.encoder, dataset, options)
+    weights = None if args.pretrained.lower() == 'none' else args.pretrained
+    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, weights, dataset, options))
     untrained = args.pretrained.lower() == 'none'
     if untrained:
         print(f'ProtoNet on an untrained {args.network_name} encoder (random initialisation, seed {args.seed}), no '
@@ -208,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(trained_as)
     model = place_model(model, args, device)
     options = EvalOptions.from_args(args, device)
-    features = SplitFeatures(model.encoder, dataset, options)
+    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, model_path, dataset, options))
 
     results, rows = {}, []
     with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '

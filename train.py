@@ -16,14 +16,15 @@ from utils import progress
 from arguments import parse_args
 from checkpoints import atomic_save, load_model_checkpoint, model_state_dict
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (EpisodeResults, Episodes, EvalOptions, adaptors_off_warning, describe_eval_mode, result_lines,
-                        run_episodes, setting_figures, split_episodes, write_figures)
+from evaluation import (EpisodeResults, Episodes, EvalOptions, SplitFeatures, adaptors_off_warning, describe_eval_mode,
+                        result_lines, run_episodes, setting_figures, split_episodes, stored_features, write_figures)
 from models.glofa import query_targets
 from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
                   check_disjoint, check_existing_run,
-                  check_finite, data_path, interrupted_message, load_last, model_config, place_model, prepare_demo,
-                  run_identity, run_name, run_paths, save_last, write_identity)
-from utils import (NonFiniteLoss, UserError, append_log, autocast, backward_and_step, check_output_file,
+                  check_finite, data_path, interrupted_message, load_last, log_entry, model_config, open_tensorboard,
+                  place_model, prepare_demo, run_identity, run_name, run_paths, save_last, tensorboard_writer_class,
+                  write_identity)
+from utils import (NonFiniteLoss, UserError, autocast, backward_and_step, check_output_file,
                    check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
                    mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -78,11 +79,11 @@ def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episo
                      'epoch': p.done, 'config': run.config}, paths.best)
     run.scheduler.step()
     atomic_save(p.statistics, paths.stat)
-    append_log(paths.log, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy,
+    log_entry(run, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy,
                            'validating_ci': ci, 'best_validating_accuracy': p.best_accuracy,
                            'lr_network': run.optimizer.param_groups[0]['lr'],
                            **({'lr': run.optimizer.param_groups[1]['lr']} if len(run.optimizer.param_groups) > 1 else {}),
-                           **results.diagnostics()})
+                           **results.diagnostics()}, 'episode')
     save_state(run)
     return results, improved
 
@@ -104,6 +105,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_seed(args.seed)
     device = select_device(args.device, args.devices)
     check_args(args, device)
+    if args.tensorboard:
+        tensorboard_writer_class()  # refused now, not after the data is opened
     if device.type == 'cpu' and args.network_name == 'resnet':
         print(f'note: the ResNet-12 is slow on the CPU (seconds per training episode, minutes per encoded split)'
               f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '
@@ -144,6 +147,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"resumed {paths.last} at episode {run.progress.done}")
     trim_log(paths.log, 'episode', run.progress.done)
     write_identity({'run': run_name(args), **run.config}, paths)
+    open_tensorboard(run, run_name(args))
 
     validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
     print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
@@ -182,7 +186,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           args.K)
     with exit_on_interrupt(lambda: f'interrupted during the test; training is finished and saved: python test.py '
                                    f'with the same flags evaluates {paths.best}'):
-        results = run_episodes(model, test_set, *test, EvalOptions.from_args(args, device), desc='test')
+        options = EvalOptions.from_args(args, device)
+        features = SplitFeatures(model.encoder, test_set, options, stored_features(args, paths.best, test_set, options))
+        results = run_episodes(model, test_set, *test, options, features, desc='test')
     print('\n'.join(result_lines(results, args.N, args.K, args.adaptor)))
     print(f'seed {args.seed}, {results.mode} evaluation, revision {git_revision()}')
     if args.json:

@@ -28,7 +28,8 @@ from PIL import Image  # noqa: E402
 import runs  # noqa: E402
 from arguments import MODEL_FLAGS, parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
-from dataloader import NORMALIZATIONS, eval_transform, to_rgb  # noqa: E402
+from dataloader import IMAGE_SIZE, NORMALIZATIONS, eval_transform, file_stamp, to_rgb  # noqa: E402
+from evaluation import FeatureCache, file_digest  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
 
@@ -51,6 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default=None, help='write the predictions to this CSV file')
     p.add_argument('--picture', default=None, help='draw the support images and each query with its prediction (PNG)')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--save_dir', default='saves', help='where the support set\'s embeddings are stored (features/)')
+    p.add_argument('--feature_cache', default='on', choices=['on', 'off'],
+                   help="store the support set's embeddings, and reuse them while its files and the weights are the same")
     return p
 
 
@@ -158,6 +162,24 @@ def embed(encoder, paths: list[str], transform, device) -> torch.Tensor:
     return torch.cat(out)
 
 
+def support_embeddings(opts, args, model, weights: str, files: list[list[str]], transform, device) -> list:
+    """Each class's embeddings (K_n, d): stored under --save_dir/features by the first call with these support
+    files and weights (the same cache as test.py's), reused by the next ones."""
+    paths = [p for class_files in files for p in class_files]
+    cache = None
+    if opts.feature_cache == 'on':
+        key = {'checkpoint': file_digest(weights), 'split': {'split': 'support', 'files': [file_stamp(p) for p in paths]},
+               'transform': f'eval-{args.normalization}', 'image_size': IMAGE_SIZE, 'network': args.network_name,
+               'device': device.type, 'amp': False, 'channels_last': False}
+        cache = FeatureCache(os.path.join(opts.save_dir, 'features'), key)
+    features = cache.load() if cache is not None else None
+    if features is None:
+        features = embed(model.encoder, paths, transform, device)
+        if cache is not None:
+            cache.save(features)
+    return list(features.to(device).split([len(class_files) for class_files in files]))
+
+
 # ------------------------------------------------------------------ output
 def draw(names: list[str], files: list[list[str]], queries: list[str], predictions: list[int],
          probabilities: torch.Tensor, out: str) -> None:
@@ -213,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f'warning: {len(repeated)} quer{"y is" if len(repeated) == 1 else "ies are"} also in the support set '
               f'(e.g. {repeated[0]}): their predictions say little')
     transform = eval_transform(args.normalization)
-    sets = [embed(model.encoder, paths, transform, device) for paths in files]  # each (K_n, d)
+    sets = support_embeddings(opts, args, model, checkpoint or args.pretrained, files, transform, device)
     logits, adaptation = model.logits_for_sets(sets, embed(model.encoder, queries, transform, device))  # (M, N)
     probabilities = torch.softmax(logits.float(), dim=1).cpu()
     shots = sorted({len(f) for f in files})

@@ -21,6 +21,7 @@ from arguments import parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
+from evaluation import EvalOptions, stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
 
@@ -150,8 +151,10 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     indices = sampler.sample()  # (K*N,), shot-major: the support set
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
     class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]
+    stored = stored_features(args, model_path, dataset, EvalOptions(device))  # test.py's, when it stored them
+    stored = stored.load() if stored is not None else None
     with torch.no_grad():
-        support = model.encode(images.to(device))  # (N*K, d)
+        support = stored[indices].to(device) if stored is not None else model.encode(images.to(device))  # (N*K, d)
         adaptation = Adaptation(*(t.float().cpu() for t in model.adapt(support, args.N, args.K)))
 
     # ---------------- numbers, then the picture

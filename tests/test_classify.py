@@ -80,6 +80,11 @@ def test_baselines_on_classes_of_any_size_use_each_class_mean(make):
 
 
 # ------------------------------------------------------------------ the script
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the support set's embeddings go to ./saves/features
+
+
 @pytest.fixture(scope='module')
 def trained(tiny_dataset, tmp_path_factory):
     save = tmp_path_factory.mktemp('saves')
@@ -204,3 +209,14 @@ def test_classify_with_a_pretrained_encoder_alone(tiny_dataset, tmp_path, capsys
     result = classify.main(['--pretrained', str(weights), '--model_name', 'protonet', '--network_name', 'convnet',
                             '--support', support, '--query', *queries[:3]])
     assert result['adaptation'] is None and result['probabilities'].shape == (3, 3)
+
+
+def test_classify_reuses_the_support_sets_embeddings(trained, tiny_dataset, tmp_path, capsys):
+    _, checkpoint = trained
+    dataset = FewShotDataset(tiny_dataset, 'test', eval_transform())
+    support, queries, _ = class_folders(dataset, tmp_path, {0: 2, 1: 2, 2: 2})
+    first = classify.main(['--model_path', checkpoint, '--support', support, '--query', *queries[:2]])
+    assert 'stored in' in capsys.readouterr().out
+    second = classify.main(['--model_path', checkpoint, '--support', support, '--query', *queries[:2]])
+    assert 'reused from' in capsys.readouterr().out
+    assert torch.equal(first['probabilities'], second['probabilities'])
