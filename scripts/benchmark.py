@@ -18,6 +18,9 @@ Sections (none named: the quick set, evaluation loading training settings):
   pretrain    seconds per pretraining step (batch in memory), one process vs --processes under torchrun
   settings    test.py's choices: 3 episodes auto vs the whole split cached; --K 1 5 in one command vs
               two commands (the accuracy lines identical)
+  cache       test.py of one checkpoint on --data_path's test split (default a small generated one), three
+              processes: the first call (encodes, stores the embeddings) vs a second (reuses them), and
+              --feature_cache off vs the second (the accuracies identical)
 Every row is | section | what | A | B | A / B | same results |; --json writes the rows. Data is written
 in the real on-disk formats under --work_dir (a temporary folder by default). Speed is never asserted.
 """
@@ -54,6 +57,7 @@ from models.classifier import EncoderClassifier, build_optimizer, classification
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from pickles import CONVERTED, convert_split  # noqa: E402
+from checkpoints import atomic_save, model_state_dict  # noqa: E402
 from utils import accuracy_line, autocast, backward_and_step, exits_cleanly, select_device  # noqa: E402
 
 FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
@@ -398,9 +402,37 @@ def settings(opts, device: torch.device, work: str) -> list[Row]:
                 'one command', together, same=lines == line_1 + line_5)]
 
 
+# ------------------------------------------------------------------ the stored embeddings
+def cache(opts, device: torch.device, work: str) -> list[Row]:
+    """test.py three times, each its own process, on one checkpoint: the first call (encodes the split and
+    stores its embeddings), a second (reuses them), and the same call with --feature_cache off."""
+    data = opts.data_path or write_colour_dataset(os.path.join(work, 'data'), (5, 5, 5), 20, (84, 84))
+    args = parse_args(['--data_path', data, '--network_name', opts.network, '--pretrained', 'none'])
+    torch.manual_seed(0)
+    checkpoint = os.path.join(work, f'random-{opts.network}.model')
+    atomic_save({'state_dict': model_state_dict(runs.build_model(args, pretrained=False))}, checkpoint)
+    figures, seconds = {}, {}
+    for call, extra in (('first', []), ('second', []), ('off', ['--feature_cache', 'off'])):
+        out = os.path.join(work, f'{call}.json')
+        seconds[call], _ = timed(lambda: subprocess.run(
+            [sys.executable, os.path.join(ROOT, 'test.py'), '--data_path', data, '--network_name', opts.network,
+             '--model_path', checkpoint, '--save_dir', os.path.join(work, 'saves'), '--eval_mode', 'cached',
+             '--n_testing_episodes', str(opts.cache_episodes), '--n_workers', str(opts.n_workers), '--device',
+             device.type, '--json', out, *extra], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with open(out) as f:
+            figures[call] = [(s['accuracy'], s['ci95']) for s in json.load(f)['settings']]
+    n = len(open_split(data, 'test'))
+    same = figures['first'] == figures['second'] == figures['off']
+    what = f'{device.type} {opts.network}, test.py of one checkpoint, {opts.cache_episodes} episodes over {n} images'
+    return [Row('cache', what, 'first call (encodes, stores)', seconds['first'], 'second call (reuses)',
+                seconds['second'], same=same),
+            Row('cache', what, '--feature_cache off', seconds['off'], 'second call (reuses)', seconds['second'],
+                same=same)]
+
+
 SECTIONS = {'evaluation': evaluation, 'head': head, 'loading': loading, 'training': training, 'formats': formats,
-            'pickled': pickled, 'pretrain': pretrain, 'settings': settings}
-PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'pretrain')  # the others time CPU work
+            'pickled': pickled, 'pretrain': pretrain, 'settings': settings, 'cache': cache}
+PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'pretrain', 'cache')  # the others time CPU work
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -431,6 +463,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, default=3, help='pretrain: timed steps')
     p.add_argument('--warmup', type=int, default=1, help='pretrain: untimed steps first')
     p.add_argument('--episodes', type=int, default=2000, help='settings: episodes of each setting')
+    p.add_argument('--cache_episodes', type=int, default=10000, help="cache: test.py's --n_testing_episodes")
     p.add_argument('--work_dir', default=None, help='where data is written (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
     p.add_argument('--pretrain_worker', action='store_true', help=argparse.SUPPRESS)  # what the pretrain section runs

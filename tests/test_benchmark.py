@@ -46,6 +46,12 @@ def test_the_pickled_section_converts_and_starts_every_form(tmp_path, capsys, mo
     assert len(disk) == 2 and all(row.a_value > 0 and row.b_value > 0 for row in disk)
 
 
+def test_the_cache_section_times_three_calls_with_the_same_accuracies(tmp_path, capsys):
+    rows = benchmark.main(['cache', *TINY, '--cache_episodes', '20', '--work_dir', str(tmp_path)])
+    assert len(rows) == 2 and all(row.same for row in rows)
+    assert len(os.listdir(tmp_path / 'cache-cpu' / 'saves' / 'features')) == 2  # one array and its record
+
+
 def test_an_unknown_section_is_refused(capsys):
     with pytest.raises(SystemExit) as stop:
         benchmark.main(['evaluations'])
