@@ -207,8 +207,10 @@ def draw(names: list[str], files: list[list[str]], queries: list[str], predictio
         ax.axis('off')
         if i < len(queries):
             ax.imshow(read_image(queries[i]))
-            ax.set_title(f'{os.path.basename(queries[i])}\n-> {names[predictions[i]]} '
-                         f'({100 * probabilities[i, predictions[i]]:.0f} %)', fontsize=8)
+            name = os.path.basename(queries[i])
+            name = name if len(name) <= 24 else f'{name[:10]}...{name[-11:]}'  # fits above its image
+            ax.set_title(f'{name}\n-> {names[predictions[i]]} ({100 * probabilities[i, predictions[i]]:.0f} %)',
+                         fontsize=8)
     bottom.suptitle('queries and what the model predicts', fontsize=10)
     save_figure(fig, out)
 

@@ -1,5 +1,10 @@
 """Shared fixtures: a small dataset in the real on-disk format (written by demo.py, the one writer), the spec's
-keys; and ``exits_with``, how the tests run an entry point that must stop."""
+keys; ``exits_with``, how the tests run an entry point that must stop; the flags of a tiny run and the
+digests of a folder's files (what must stay byte-identical)."""
+import hashlib
+import os
+import shutil
+
 import pytest
 
 from demo import write_colour_dataset
@@ -45,3 +50,26 @@ def exits_with(main, argv, capsys, code=2) -> str:
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     return err.strip().splitlines()[-1]
+
+
+def tiny_run_flags(data, save_dir, *extra) -> list[str]:
+    """train.py / test.py flags of a 2-way 1-shot Conv-4 run of 2 episodes on ``data`` (the tiny dataset)."""
+    return ['--data_path', str(data), '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained',
+            'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '2', '--episode_gap', '1',
+            '--n_validating_episodes', '2', '--n_testing_episodes', '2', '--n_workers', '0', *extra]
+
+
+def digests(folder) -> dict:
+    """{path: SHA-256} of every file under ``folder``."""
+    found = {}
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(directory, name), 'rb') as f:
+                found[os.path.join(directory, name)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def data(tiny_dataset, tmp_path):
+    """A copy of the tiny dataset that a test may change."""
+    return shutil.copytree(tiny_dataset, tmp_path / 'data')

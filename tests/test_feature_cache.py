@@ -1,7 +1,6 @@
 """The embeddings of a split stored by the first test of a checkpoint and reused by the next: the same
 accuracies, and a new encoding whenever the checkpoint, the split's files or the transform change, or the
 stored file is damaged."""
-import json
 import os
 import shutil
 

@@ -1,6 +1,5 @@
 """Nothing silent, nothing lost: each family of careless or unlucky use ends with one line naming the
 culprit (exit 2), or for an interrupt exit 130, with no traceback and every file saved before unchanged."""
-import hashlib
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import test as test_script
 import train
 from arguments import parse_args
 from checkpoints import atomic_save
-from conftest import exits_with
+from conftest import digests, exits_with, tiny_run_flags as flags
 from dataloader import FewShotDataset, eval_transform
 from demo import write_colour_dataset, write_tiered_dataset
 from networks import build_encoder
@@ -28,26 +27,6 @@ from utils import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import check_dataset  # noqa: E402
-
-
-def flags(data, save_dir, *extra):
-    return ['--data_path', str(data), '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained',
-            'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '2', '--episode_gap', '1',
-            '--n_validating_episodes', '2', '--n_testing_episodes', '2', '--n_workers', '0', *extra]
-
-
-def digests(folder) -> dict:
-    found = {}
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(directory, name), 'rb') as f:
-                found[os.path.join(directory, name)] = hashlib.sha256(f.read()).hexdigest()
-    return found
-
-
-@pytest.fixture
-def data(tiny_dataset, tmp_path):
-    return shutil.copytree(tiny_dataset, tmp_path / 'data')
 
 
 # ------------------------------------------------------------------ numeric flags

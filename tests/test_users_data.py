@@ -1,8 +1,6 @@
 """A user's data is never written into, the environment never ends in a traceback, output prints on any
 terminal and through a closed pipe, and the tools agree with train.py about what they pass."""
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,32 +14,12 @@ import test as test_script
 import train
 from arguments import parse_args
 from checkpoints import atomic_save, model_state_dict
-from conftest import exits_with
+from conftest import digests, exits_with, tiny_run_flags as flags
 from demo import write_pickled_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import reproduce  # noqa: E402
-
-
-def flags(data, save_dir, *extra):
-    return ['--data_path', str(data), '--save_dir', str(save_dir), '--network_name', 'convnet', '--pretrained',
-            'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '2', '--episode_gap', '1',
-            '--n_validating_episodes', '2', '--n_testing_episodes', '3', '--n_workers', '0', *extra]
-
-
-def digests(folder) -> dict:
-    found = {}
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(directory, name), 'rb') as f:
-                found[os.path.join(directory, name)] = hashlib.sha256(f.read()).hexdigest()
-    return found
-
-
-@pytest.fixture
-def data(tiny_dataset, tmp_path):
-    return shutil.copytree(tiny_dataset, tmp_path / 'data')
 
 
 @pytest.fixture
