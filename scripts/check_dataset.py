@@ -295,7 +295,7 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
             small = [(path, results[path][0]) for path, _ in paths
                      if results[path][2] is None and small_image_note(path, results[path][0])]
             if small:
-                summary.append(f'{split}: warning: {len(small)} images are far below the {IMAGE_SIZE} x {IMAGE_SIZE} '
+                summary.append(f'{split}: warning: {len(small)} image{"s are" if len(small) > 1 else " is"} far below the {IMAGE_SIZE} x {IMAGE_SIZE} '
                                f'input (smaller side under {SMALL_SIDE} px) and are scaled up without detail: '
                                + ', '.join(f'{path} ({w}x{h})' for path, (w, h) in small[:LIST_LIMIT])
                                + (f' and {len(small) - LIST_LIMIT} more' if len(small) > LIST_LIMIT else ''))
