@@ -46,6 +46,7 @@ from models.glofa import GLoFA, query_targets  # noqa: E402
 from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
+from utils import exits_cleanly  # noqa: E402
 
 TOLERANCE = 1e-3
 FULL_PRETRAINING_STEPS = 100 * 300  # pretrain.py's defaults on mini-ImageNet: 100 epochs of 38400 / 128 steps
@@ -204,6 +205,7 @@ def print_table(report: dict) -> None:
     print(f"all passed: {report['passed']}; {report['seconds']:.0f} s")
 
 
+@exits_cleanly
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--json', default=None, help='also write every figure to this JSON file')
