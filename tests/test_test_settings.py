@@ -99,7 +99,7 @@ def test_several_settings_encode_the_split_once(wide_data, one_shot_run, capsys,
     monkeypatch.setattr(evaluation, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
     path = runs.run_paths(parse_args(flags(wide_data, one_shot_run))).best
     _, out = run_test(flags(wide_data, one_shot_run, '--model_path', path, '--N', '3', '5', '--K', '1', '2',
-                            '--eval_mode', 'cached'), capsys)
+                            '--eval_mode', 'cached', '--feature_cache', 'off'), capsys)  # none stored: encodes
     assert len(LINE.findall(out)) == 4 and len(calls) == 1
 
 
