@@ -152,10 +152,11 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def feature_cache(save_dir: str, checkpoint: str, dataset, normalization: str, network_name: str,
+def feature_cache(save_dir: str, checkpoint: str, stamp: dict, normalization: str, network_name: str,
                   options: 'EvalOptions') -> 'FeatureCache':
-    """The cache of ``dataset``'s embeddings by the encoder of ``checkpoint`` under <save_dir>/features."""
-    key = {'checkpoint': file_digest(checkpoint), 'split': dataset.stamp(), 'transform': f'eval-{normalization}',
+    """The cache under <save_dir>/features of the embeddings, by the encoder of ``checkpoint``, of the images
+    that ``stamp`` describes (a split's ``dataset.stamp()``, or any {'split': name, 'files': [file_stamp, ...]})."""
+    key = {'checkpoint': file_digest(checkpoint), 'split': stamp, 'transform': f'eval-{normalization}',
            'image_size': IMAGE_SIZE, 'network': network_name, 'device': options.device.type, 'amp': options.amp,
            'channels_last': options.channels_last}
     return FeatureCache(os.path.join(save_dir, 'features'), key)
@@ -166,7 +167,7 @@ def stored_features(args, checkpoint: Optional[str], dataset, options: 'EvalOpti
     checkpoint file, else None (encode, store nothing)."""
     if args.feature_cache != 'on' or not checkpoint:
         return None
-    return feature_cache(args.save_dir, checkpoint, dataset, args.normalization, args.network_name, options)
+    return feature_cache(args.save_dir, checkpoint, dataset.stamp(), args.normalization, args.network_name, options)
 
 
 class SplitFeatures:

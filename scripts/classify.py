@@ -28,8 +28,8 @@ from PIL import Image  # noqa: E402
 import runs  # noqa: E402
 from arguments import MODEL_FLAGS, parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
-from dataloader import IMAGE_SIZE, NORMALIZATIONS, eval_transform, file_stamp, to_rgb  # noqa: E402
-from evaluation import FeatureCache, file_digest  # noqa: E402
+from dataloader import NORMALIZATIONS, eval_transform, file_stamp, to_rgb  # noqa: E402
+from evaluation import EvalOptions, feature_cache  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
 from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
 
@@ -168,10 +168,8 @@ def support_embeddings(opts, args, model, weights: str, files: list[list[str]], 
     paths = [p for class_files in files for p in class_files]
     cache = None
     if opts.feature_cache == 'on':
-        key = {'checkpoint': file_digest(weights), 'split': {'split': 'support', 'files': [file_stamp(p) for p in paths]},
-               'transform': f'eval-{args.normalization}', 'image_size': IMAGE_SIZE, 'network': args.network_name,
-               'device': device.type, 'amp': False, 'channels_last': False}
-        cache = FeatureCache(os.path.join(opts.save_dir, 'features'), key)
+        cache = feature_cache(opts.save_dir, weights, {'split': 'support', 'files': [file_stamp(p) for p in paths]},
+                              args.normalization, args.network_name, EvalOptions(device))
     features = cache.load() if cache is not None else None
     if features is None:
         features = embed(model.encoder, paths, transform, device)

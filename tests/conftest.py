@@ -4,6 +4,7 @@ digests of a folder's files (what must stay byte-identical)."""
 import hashlib
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -73,3 +74,15 @@ def digests(folder) -> dict:
 def data(tiny_dataset, tmp_path):
     """A copy of the tiny dataset that a test may change."""
     return shutil.copytree(tiny_dataset, tmp_path / 'data')
+
+
+def mounted_tmpfs(mount, options: str):
+    """A real tmpfs mounted at ``mount`` with ``options`` (e.g. 'size=512k', 'ro'), unmounted afterwards; the
+    test is skipped where mounting needs a root this machine does not give. A generator, for fixtures."""
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip('a tmpfs needs root and mount')
+    yield mount
+    if subprocess.run(['umount', str(mount)], capture_output=True).returncode != 0:
+        subprocess.run(['umount', '-l', str(mount)], check=False)  # busy: detached now, freed when released

@@ -18,7 +18,7 @@ import test as test_script
 import train
 from arguments import parse_args
 from checkpoints import atomic_save
-from conftest import digests, exits_with, tiny_run_flags as flags
+from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from dataloader import FewShotDataset, eval_transform
 from demo import write_colour_dataset, write_tiered_dataset
 from networks import build_encoder
@@ -228,14 +228,7 @@ def test_output_paths_are_checked_before_any_work(data, tmp_path, capsys):
 @pytest.fixture
 def full_disk(tmp_path):
     """A real file system of 512 KiB (tmpfs; needs root), unmounted afterwards."""
-    mount = tmp_path / 'small_disk'
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip('a small tmpfs needs root and mount')
-    yield mount
-    if subprocess.run(['umount', str(mount)], capture_output=True).returncode != 0:
-        subprocess.run(['umount', '-l', str(mount)], check=False)  # busy: detached now, freed when released
+    yield from mounted_tmpfs(tmp_path / 'small_disk', 'size=512k')
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_file(full_disk, data, capsys):

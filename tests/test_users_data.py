@@ -14,7 +14,7 @@ import test as test_script
 import train
 from arguments import parse_args
 from checkpoints import atomic_save, model_state_dict
-from conftest import digests, exits_with, tiny_run_flags as flags
+from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from demo import write_pickled_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,14 +25,7 @@ import reproduce  # noqa: E402
 @pytest.fixture
 def read_only(tmp_path):
     """A read-only file system (tmpfs mounted ro; needs root and mount), unmounted afterwards."""
-    mount = tmp_path / 'read_only'
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=64k', 'tmpfs', str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip('a read-only tmpfs needs root and mount')
-    yield mount
-    if subprocess.run(['umount', str(mount)], capture_output=True).returncode != 0:
-        subprocess.run(['umount', '-l', str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / 'read_only', 'ro,size=64k')
 
 
 # ------------------------------------------------------------------ the demo writes only where it owns the folder
