@@ -162,6 +162,10 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr_network', type=float, default=0.0001, help='learning rate of the encoder')
+    g.add_argument('--freeze_encoder', action='store_true',
+                   help='meta-train the head alone: the encoder in eval mode (BatchNorm statistics fixed), no backward '
+                        'pass through it, no update (--lr_network 0 still normalises by each episode\'s batch '
+                        'statistics and moves the running ones)')
     g.add_argument('--lr', type=float, default=0.01, help="learning rate of the head: GLoFA's set functions, FEAT's attention layer (ProtoNet has none)")
     g.add_argument('--point', type=int, nargs='+', default=[20, 30, 40],
                    help='MultiStepLR milestones, counted in validations')

@@ -67,7 +67,8 @@ def model_flags(args) -> dict:
 def later_flags(args) -> dict:
     """Flags added after runs were first named: in an identity only when they differ from their default,
     so that every run named before them keeps its name and files."""
-    return {'normalization': args.normalization} if args.normalization != 'imagenet' else {}
+    return {**({'normalization': args.normalization} if args.normalization != 'imagenet' else {}),
+            **({'freeze_encoder': True} if getattr(args, 'freeze_encoder', False) else {})}
 
 
 def run_identity(args) -> dict:
@@ -113,6 +114,8 @@ def run_name(args) -> str:
             variant += f'-hbias{args.h_bias_init:g}'
     else:
         variant = '' if args.metric == 'euclidean' else f'-{args.metric}'
+    if getattr(args, 'freeze_encoder', False):
+        variant += '-frozen'
     return (f'{data_label(args)}-{args.network_name}-{args.model_name}{variant}-N{args.N}-K{args.K}-seed{args.seed}'
             f'-{digest}')
 
@@ -509,13 +512,18 @@ def build_model(args, pretrained: bool = True) -> FewShotModel:
                             f'or use --pretrained none to train from scratch')
         n = load_encoder_weights(encoder, args.pretrained, args.network_name)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
+    return model_on(args, encoder, encoder.out_dim)
+
+
+def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:
+    """--model_name and its flags on ``encoder`` (embeddings of ``feature_dim``), its head freshly initialised."""
     if args.model_name == 'protonet':
         return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
     if args.model_name == 'feat':
         temperature2, balance = feat_regulariser(args, args.K)
-        return FEAT(encoder, encoder.out_dim, metric=args.metric, temperature=args.temperature,
+        return FEAT(encoder, feature_dim, metric=args.metric, temperature=args.temperature,
                     temperature2=temperature2, balance=balance)
-    return GLoFA(encoder, encoder.out_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
+    return GLoFA(encoder, feature_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
                  h_bias_init=args.h_bias_init)
 
 
@@ -595,5 +603,8 @@ def check_episode_flags(N: int, K: int, Q: int) -> None:
 def check_args(args, device: torch.device) -> None:
     """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
     check_domains(args, DOMAINS)
+    if getattr(args, 'freeze_encoder', False) and args.model_name == 'protonet':
+        raise UserError('--freeze_encoder leaves ProtoNet nothing to train (it has no head parameters): evaluate the '
+                        'encoder as it is with test.py --model_name protonet --pretrained FILE')
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')

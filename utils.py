@@ -307,16 +307,22 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                      scaler: Optional['torch.amp.GradScaler'] = None) -> None:
+                      scaler: Optional['torch.amp.GradScaler'] = None, inspect: Optional[Callable[[], None]] = None) -> None:
     """One optimisation step from ``loss``: gradients zeroed, backward, step (through the grad scaler
-    of float16 autocast when there is one)."""
+    of float16 autocast when there is one). ``inspect()`` runs between backward and step, on the gradients
+    of the loss (unscaled first under the grad scaler)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if inspect is not None:
+            scaler.unscale_(optimizer)
+            inspect()
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if inspect is not None:
+            inspect()
         optimizer.step()
 
 

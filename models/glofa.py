@@ -24,6 +24,7 @@ class Adaptation(NamedTuple):
     m_cls: torch.Tensor   # (..., N, d) in [0, delta]
     alpha: torch.Tensor   # (..., 2) = (alpha_task, alpha_cls) >= 0
     scale: torch.Tensor   # (..., N, d) = (1 + alpha_task * m_task) * (1 + alpha_cls * m_cls[n])
+    h_output: torch.Tensor  # (..., 2) = h(S), the strengths before the relu: at or below 0, h gets no gradient
 
 
 class GLoFA(FewShotModel):
@@ -61,14 +62,15 @@ class GLoFA(FewShotModel):
         the gradients reaching the support in the reference's order)."""
         m_task = F.relu6(self.f_task(support)) / 6 * self.delta  # (..., d)
         m_cls = F.relu6(class_outputs()) / 6 * self.delta  # (..., N, d)
-        alpha = F.relu(self.h(support))  # (..., 2)
+        h_output = self.h(support)  # (..., 2)
+        alpha = F.relu(h_output)
         if self.adaptor in ('class', 'none'):
             m_task = torch.zeros_like(m_task)
         if self.adaptor in ('task', 'none'):
             m_cls = torch.zeros_like(m_cls)
         alpha_task, alpha_cls = alpha[..., 0, None, None], alpha[..., 1, None, None]  # (..., 1, 1)
         scale = (1 + alpha_task * m_task.unsqueeze(-2)) * (1 + alpha_cls * m_cls)  # (..., N, d)
-        return Adaptation(m_task, m_cls, alpha, scale)
+        return Adaptation(m_task, m_cls, alpha, scale, h_output)
 
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Adaptation]:
         """features: (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), the episode's Adaptation).

@@ -122,3 +122,33 @@ def test_run_paths_lie_under_save_dir(tmp_path):
         assert runs.run_name(args) in os.path.basename(path)
     other = runs.run_paths(parse_args(['--save_dir', str(tmp_path), '--tau', '0.5']))
     assert other.best != paths.best and other.stat != paths.stat
+
+
+def test_freeze_encoder_keeps_every_encoder_tensor_and_lr_network_0_does_not(tiny_dataset, tmp_path, capsys):
+    """--freeze_encoder: weights and BatchNorm's running statistics as pretrained, the head trained; with
+    --lr_network 0 the weights stay but the running statistics move (train-mode BatchNorm)."""
+    import train
+    from checkpoints import atomic_save
+    from conftest import exits_with, tiny_run_flags
+    from networks import build_encoder
+    torch.manual_seed(0)
+    encoder = build_encoder('convnet')
+    weights = str(tmp_path / 'pre.pth')
+    atomic_save({'params': {f'encoder.{k}': v for k, v in encoder.state_dict().items()}}, weights)
+    before = encoder.state_dict()
+
+    def trained(*extra):
+        argv = tiny_run_flags(tiny_dataset, tmp_path / 'saves', '--pretrained', weights, *extra)
+        result = train.main(argv)
+        state = torch.load(result['paths'].last, weights_only=False)['state_dict']
+        return {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}, state
+
+    frozen, state = trained('--freeze_encoder', '--lr_network', '0.1', '--h_bias_init', '1')
+    assert all(torch.equal(frozen[k], before[k]) for k in before)
+    assert not torch.equal(state['h.rho.2.bias'], torch.ones(2))  # the head was trained (h's bias started at 1)
+    zero_rate, _ = trained('--lr_network', '0')
+    weights_same = [k for k in before if 'running' not in k and 'num_batches' not in k]
+    assert all(torch.equal(zero_rate[k], before[k]) for k in weights_same)
+    assert not all(torch.equal(zero_rate[k], before[k]) for k in before if 'running_mean' in k)
+    exits_with(train.main, tiny_run_flags(tiny_dataset, tmp_path / 'p', '--model_name', 'protonet',
+                                          '--freeze_encoder'), capsys)
