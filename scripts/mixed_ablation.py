@@ -32,6 +32,31 @@ VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--ada
 PRETRAINED_RATES = ['--lr_network', '0.0001', '--lr', '0.01']
 
 
+def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
+    """The Conv-4 of pretrain.py --demo mixed in save_dir, pretrained once (continued when unfinished)."""
+    weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
+    command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *pretrain_extra]
+    if not pretraining_finished(command):
+        run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
+    return weights
+
+
+def run_variant(base: str, flags: list, done: list) -> dict:
+    """train.py with ``flags`` (test.py for a finished run without figures; nothing when base.test.json exists):
+    the test's figures, with GLoFA's strengths at each validation from the run's log."""
+    if not os.path.isfile(base + '.test.json'):
+        command = 'test.py' if run_finished(flags) else 'train.py'
+        run_stage([command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'],
+                  base + '.log', done)
+    with open(base + '.test.json') as f:
+        figures = json.load(f)['settings'][0]
+    with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
+        entries = [json.loads(line) for line in f if line.strip()]
+    figures['validation_strengths'] = [
+        f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
+    return figures
+
+
 @exits_cleanly
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,26 +74,14 @@ def main(argv=None) -> dict:
     done = []
     protocol = []
     if opts.protocol == 'pretrained':
-        weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
-        command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *opts.pretrain_extra]
-        if not pretraining_finished(command):
-            run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
-        protocol = ['--pretrained', weights, *PRETRAINED_RATES]
+        protocol = ['--pretrained', pretrained_encoder(save_dir, opts.pretrain_extra, done), *PRETRAINED_RATES]
     figures = {}
     for variant in opts.variants:
         for seed in opts.seeds:
             base = os.path.join(save_dir, f'{opts.protocol}-{variant}-seed{seed}')
             flags = ['--demo', 'mixed', '--seed', str(seed), *VARIANTS[variant], *protocol, '--save_dir', save_dir,
-                     *opts.extra, '--json', base + '.test.json']
-            if not os.path.isfile(base + '.test.json'):
-                command = 'test.py' if run_finished(flags) else 'train.py'
-                run_stage([command, *flags, *(['--resume'] if command == 'train.py' else [])], base + '.log', done)
-            with open(base + '.test.json') as f:
-                figures[(variant, seed)] = json.load(f)['settings'][0]
-            with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
-                entries = [json.loads(line) for line in f if line.strip()]
-            figures[(variant, seed)]['validation_strengths'] = [
-                f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
+                     *opts.extra]
+            figures[(variant, seed)] = run_variant(base, flags, done)
     table = {}
     print(f'\n{opts.protocol} protocol; test accuracy (%), 5-way 1-shot, mix-grained demo')
     print('| variant | mean over seeds ± CI | ' + ' | '.join(f'seed {s}' for s in opts.seeds)
