@@ -1,5 +1,8 @@
 """Plot a run's training loss and validation accuracy: python scripts/plot_curves.py --stat RUN.stat.
 
+For GLoFA, also the adaptors' strengths at each validation (from the log) and in training, every episode:
+alpha_task, alpha_cls, h(S) before the relu and the gradient norm reaching h (from the statistics file).
+
 Instead of --stat, the run's own flags (those of train.py, e.g. --N 5 --K 1 --save_dir saves) name
 the statistics file. The x axis counts training episodes: taken from the JSON-lines log beside the
 statistics file when it has one entry per validation, else (i + 1) * --episode_gap.
@@ -109,17 +112,51 @@ def episodes_of(stat_path: str, n: int, episode_gap: int) -> tuple[list[int], Op
     return [(i + 1) * episode_gap for i in range(n)], None
 
 
+TRAINING_KEYS = ('episode', 'alpha_task', 'alpha_cls', 'h_task', 'h_cls', 'grad_h')
+
+
+def training_episodes(path: str) -> Optional[dict]:
+    """GLoFA's per-training-episode record in a statistics file (train.py's 'training_episodes': strengths,
+    h(S) before the relu, gradient norm reaching h), or None when the file has none."""
+    record = read_file(path, 'statistics file').get('training_episodes')
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), (list, tuple)) for k in TRAINING_KEYS):
+        return None
+    if not record['episode'] or len({len(record[k]) for k in TRAINING_KEYS}) != 1:
+        return None
+    return record
+
+
+def draw_training(ax, record: dict) -> None:
+    """The adaptors in training, per episode: the strengths, h(S) before the relu, and on a second axis the
+    gradient norm reaching h (0 on a dead episode: relu passes none)."""
+    episodes = record['episode']
+    for key, h, colour in (('alpha_task', 'h_task', 'tab:green'), ('alpha_cls', 'h_cls', 'tab:purple')):
+        ax.plot(episodes, record[key], color=colour, linewidth=1, label=f'{key} = relu(h)')
+        ax.plot(episodes, record[h], color=colour, linewidth=1, linestyle=':', label=f'h before the relu ({key})')
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set_title('adaptors in training, every episode')
+    ax.set_xlabel('training episode')
+    ax.set_ylabel('strength, h(S)')
+    grad = ax.twinx()
+    grad.plot(episodes, record['grad_h'], color='tab:red', linewidth=1, alpha=0.6, label='gradient norm reaching h')
+    grad.set_ylabel('gradient norm reaching h')
+    grad.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels(), grad.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc='upper right', fontsize=7)
+
+
 def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
-         title: str, out: str) -> None:
-    """Training loss and validation accuracy (%) against episodes, and the adaptors' strengths when
-    the log has them, saved as a PNG."""
+         title: str, out: str, training: Optional[dict] = None) -> None:
+    """Training loss and validation accuracy (%) against episodes, the adaptors' strengths at each validation
+    when the log has them, and their record in training (``training``, per episode) when given, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     strengths = entries is not None and all(isinstance(e.get('alpha_task'), (int, float)) for e in entries)
-    fig = Figure(figsize=(18 if strengths else 12, 4.5), dpi=120, layout='constrained')
+    n_axes = 2 + strengths + (training is not None)
+    fig = Figure(figsize=(6 * n_axes, 4.5), dpi=120, layout='constrained')
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3 if strengths else 2)
+    axes = fig.subplots(1, n_axes)
     ax_loss, ax_acc = axes[:2]
     marker = 'o' if len(episodes) <= 60 else None
     percent = [100 * a for a in accuracies]
@@ -156,6 +193,8 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
         ax_alpha.set_xlabel('training episode')
         ax_alpha.set_ylabel('strength')
         ax_alpha.legend(loc='upper right', fontsize=8)
+    if training is not None:
+        draw_training(axes[-1], training)
     for ax in axes:
         ax.grid(alpha=0.3)
     ax_acc.legend(loc='lower right', fontsize=8)
@@ -252,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     episodes, entries = episodes_of(stat_path, len(losses), episode_gap)
     name = os.path.basename(stat_path)
     draw(losses, accuracies, episodes, entries, name[:-len(STAT_SUFFIX)] if name.endswith(STAT_SUFFIX) else name,
-         own.out)
+         own.out, training_episodes(stat_path))
     best = max(accuracies)
     print(f'wrote {own.out}: {len(losses)} validations up to episode {episodes[-1]}, best validation accuracy '
           f'{100 * best:.2f} % at episode {episodes[accuracies.index(best)]}, last training loss {losses[-1]:.4f}')

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import plot_curves
 import train
 from conftest import tiny_run_flags
 from models.glofa import GLoFA
@@ -75,6 +76,7 @@ def test_the_diagnostics_equal_a_naive_computation(tiny_dataset, tmp_path, monke
     # the statistics file on disk holds the same record, beside the reference's lists
     saved = torch.load(result['paths'].stat, weights_only=False)
     assert saved['training_episodes'] == history and len(saved['training_loss']) == 2
+    assert plot_curves.training_episodes(result['paths'].stat) == history  # what plot_curves.py draws
 
 
 def test_dead_strengths_are_reported_once_with_the_episode_and_the_measured_gradient(tiny_dataset, tmp_path,

@@ -2,13 +2,11 @@
 JSON file (no timing is asserted: these machines are shared)."""
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 
-import benchmark  # noqa: E402
+import benchmark  # from scripts/ (pytest.ini puts it on the path)
 
 TINY = ['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
         '--head_episodes', '8', '--full_episodes', '20', '--images', '40', '--reads', '10', '--workers', '1',

@@ -3,7 +3,6 @@ computed exactly as the method defines them (each class's set as it is)."""
 import csv
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -20,9 +19,7 @@ from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import classify  # noqa: E402
+import classify  # from scripts/ (pytest.ini puts it on the path)
 
 
 # ------------------------------------------------------------------ uneven shots, exactly

@@ -3,7 +3,6 @@ hand-made split files: the mapping, copies and resized copies, the refusals, a r
 import csv
 import io
 import os
-import sys
 import tarfile
 
 import numpy as np
@@ -12,8 +11,7 @@ from PIL import Image
 
 from dataloader import open_split
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-import make_mini_imagenet  # noqa: E402
+import make_mini_imagenet  # from scripts/ (pytest.ini puts it on the path)
 
 SUFFIXES = [9, 10, 100, 23, 5]  # numeric order 5, 9, 10, 23, 100; not the order of the names as text
 CLASSES = {'train': ['n00000001', 'n00000002'], 'val': ['n00000003'], 'test': ['n00000004']}

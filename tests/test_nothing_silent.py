@@ -25,8 +25,7 @@ from networks import build_encoder
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import check_dataset  # noqa: E402
+import check_dataset  # from scripts/ (pytest.ini puts it on the path)
 
 
 # ------------------------------------------------------------------ numeric flags

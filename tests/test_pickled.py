@@ -3,7 +3,6 @@ al.'s PNG lists), written in miniature with their real keys and layouts: read to
 labels as the folder form, converted once, and no pickle runs code."""
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ from demo import PICKLED_FORMS, write_pickled_dataset
 from pickles import CONVERTED, SPLIT_FILES
 from utils import UserError
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-import check_dataset  # noqa: E402
+import check_dataset  # from scripts/ (pytest.ini puts it on the path)
 
 
 @pytest.fixture(params=PICKLED_FORMS)

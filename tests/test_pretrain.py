@@ -1,5 +1,4 @@
 """pretrain.py: FEAT-format output that train.py loads, exact resume, torchrun/DDP, refusals, SIGTERM."""
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,8 @@ import torch
 import torch.nn as nn
 
 import distributed
+import gpu_check  # scripts/ is on pytest's path (pytest.ini)
+import plot_curves
 import pretrain
 from arguments import parse_args, parse_pretrain_args
 import runs
@@ -361,13 +362,6 @@ def test_prototype_accuracies_pinned():
 
 
 # ------------------------------------------------------------------ scripts
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f'scripts_{name}', os.path.join(ROOT, 'scripts', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plot_curves_draws_a_pretraining_log(tmp_path, capsys):
     log = tmp_path / 'run.log.jsonl'
     entries = [{'epoch': e, 'loss': 3.0 - 0.1 * e, 'train_accuracy': 0.02 * e, 'lr': lr, 'val_cosine': cos,
@@ -375,7 +369,7 @@ def test_plot_curves_draws_a_pretraining_log(tmp_path, capsys):
                for e, lr, cos in ((5, 0.1, 0.40), (10, 0.1, 0.50), (5, 0.1, 0.40), (10, 0.1, 0.50), (15, 0.01, 0.45))]
     log.write_text(''.join(json.dumps(e) + '\n' for e in entries) + '{"epoch": 20, "lo')  # a restart, a cut line
     out = tmp_path / 'curves.png'
-    load_script('plot_curves').main(['--log', str(log), '--out', str(out)])
+    plot_curves.main(['--log', str(log), '--out', str(out)])
     assert os.path.getsize(out) > 1000
     assert capsys.readouterr().out.strip() == (f'wrote {out}: 3 validations up to epoch 15, best validation accuracy '
                                                f'(cosine) 50.00 % at epoch 10, last training loss 1.5000')
@@ -383,7 +377,7 @@ def test_plot_curves_draws_a_pretraining_log(tmp_path, capsys):
 
 def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert load_script('gpu_check').main(['--json', str(tmp_path / 'gpu.json')]) == 0
+    assert gpu_check.main(['--json', str(tmp_path / 'gpu.json')]) == 0
     assert 'no CUDA device' in capsys.readouterr().out
     assert not os.path.exists(tmp_path / 'gpu.json')
 

@@ -2,12 +2,10 @@
 a second call runs none, and a cell that lost its figures is tested again without being retrained."""
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-import reproduce  # noqa: E402
+import reproduce  # from scripts/ (pytest.ini puts it on the path)
 
 TINY = ['--extra', '--n_training_episodes', '2', '--episode_gap', '1', '--n_validating_episodes', '2',
         '--n_testing_episodes', '3', '--Q', '2', '--n_workers', '0']

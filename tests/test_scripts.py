@@ -1,5 +1,4 @@
 """The helper scripts: the Colab notebook, check_dataset.py, plot_curves.py and visualize_masks.py."""
-import importlib.util
 import json
 import os
 import re
@@ -11,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import check_dataset  # scripts/ is on pytest's path (pytest.ini)
+import plot_curves
 import runs
+import visualize_masks
 from arguments import get_parser, parse_args
 from checkpoints import model_state_dict
 from demo import write_tiered_dataset
@@ -27,16 +29,6 @@ STEP_KEYS = ['nvidia-smi', 'drive.mount', 'sample_data/GLoFA', 'mini_imagenet.ta
 RUN_FLAG_SCRIPTS = ('plot_curves', 'visualize_masks')
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f'scripts_{name}', os.path.join(SCRIPTS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_dataset = load_script('check_dataset')
-plot_curves = load_script('plot_curves')
-visualize_masks = load_script('visualize_masks')
 SCRIPT_MODULES = {'check_dataset': check_dataset, 'plot_curves': plot_curves, 'visualize_masks': visualize_masks}
 
 
@@ -457,6 +449,30 @@ def test_plot_curves_takes_episodes_from_the_log(capsys, tmp_path):
     plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'c.png')])
     assert_png(tmp_path / 'c.png')
     assert 'up to episode 210' in capsys.readouterr().out
+
+
+def test_plot_curves_adds_the_adaptors_in_training_when_the_statistics_have_them(capsys, tmp_path):
+    plain, glofa = tmp_path / 'plain.stat', tmp_path / 'glofa.stat'
+    write_stat(plain)
+    stat = write_stat(glofa)
+    n = 12  # GLoFA's per-episode record: alive for 3 episodes, then dead with no gradient
+    stat['training_episodes'] = {'episode': list(range(1, n + 1)), 'alpha_task': [0.3] * 3 + [0.0] * 9,
+                                 'alpha_cls': [0.1] * 3 + [0.0] * 9, 'h_task': [0.3] * 3 + [-0.5] * 9,
+                                 'h_cls': [0.1] * 3 + [-0.4] * 9, 'grad_h': [0.02] * 3 + [0.0] * 9,
+                                 'grad_f_task': [0.1] * n, 'grad_f_class': [0.1] * n}
+    torch.save(stat, glofa)
+    assert plot_curves.training_episodes(str(plain)) is None
+    assert plot_curves.training_episodes(str(glofa))['h_task'][3] == -0.5
+    sizes = {}
+    for path in (plain, glofa):
+        plot_curves.main(['--stat', str(path), '--episode_gap', '50', '--out', str(tmp_path / f'{path.stem}.png')])
+        assert_png(tmp_path / f'{path.stem}.png')
+        with Image.open(tmp_path / f'{path.stem}.png') as image:
+            sizes[path.stem] = image.size
+    assert sizes['glofa'][0] > 1.4 * sizes['plain'][0]  # one more panel
+    stat['training_episodes']['grad_h'] = stat['training_episodes']['grad_h'][:5]  # lengths disagree: no panel
+    torch.save(stat, glofa)
+    assert plot_curves.training_episodes(str(glofa)) is None
 
 
 def test_plot_curves_finds_the_run_from_its_flags(capsys, tmp_path):

@@ -18,8 +18,7 @@ from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from demo import write_pickled_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import reproduce  # noqa: E402
+import reproduce  # from scripts/ (pytest.ini puts it on the path)
 
 
 @pytest.fixture
