@@ -290,6 +290,61 @@ def adaptors_off_warning(results: EpisodeResults, where: str, adaptor: str = 'bo
             f'are switched off and the model is normalised-prototype ProtoNet at this point')
 
 
+# what GLoFA's adaptors do in training (runs.training_step records it)
+# per training episode: the strengths relu(h(S)), h(S) before the relu, and the norms of the loss's gradients
+ADAPTOR_RECORD = ('alpha_task', 'alpha_cls', 'h_task', 'h_cls', 'grad_f_task', 'grad_f_class', 'grad_h')
+
+
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of the gradients of a module's parameters (0 where none reached them)."""
+    squares = [p.grad.detach().float().pow(2).sum() for p in module.parameters() if p.grad is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=next(module.parameters()).device)
+
+
+def training_diagnostics(record: dict) -> dict:
+    """The JSON log's train_* keys: means over a gap's episodes of the strengths, the share of episodes where
+    each is above 0, h's output before the relu (both strengths together, and each), the gradient norms."""
+    mean = {key: float(np.mean(values)) for key, values in record.items()}
+    return {'train_alpha_task': mean['alpha_task'], 'train_alpha_cls': mean['alpha_cls'],
+            'train_alpha_task_active': float(np.mean(np.array(record['alpha_task']) > 0)),
+            'train_alpha_cls_active': float(np.mean(np.array(record['alpha_cls']) > 0)),
+            'train_h_preactivation': (mean['h_task'] + mean['h_cls']) / 2,
+            'train_h_preactivation_task': mean['h_task'], 'train_h_preactivation_cls': mean['h_cls'],
+            'train_grad_f_task': mean['grad_f_task'], 'train_grad_f_class': mean['grad_f_class'],
+            'train_grad_h': mean['grad_h']}
+
+
+STRENGTHS = [('alpha_task', 'h_task'), ('alpha_cls', 'h_cls')]
+
+
+def dead_since(history: dict, gap: int, adaptor: str) -> Optional[int]:
+    """The episode since which the strengths the adaptor acts through have been 0 on every training episode,
+    when that holds for at least the last ``gap`` episodes of ``history`` (the per-episode record); else None."""
+    acting = [STRENGTHS[i][0] for i in ACTING_STRENGTHS[adaptor]]
+    alive = [any(history[a][i] > 0 for a in acting) for i in range(len(history['episode']))]
+    if not acting or not alive or any(alive[-gap:]):
+        return None
+    return history['episode'][max((i for i, on in enumerate(alive) if on), default=-1) + 1]
+
+
+def adaptors_died_line(history: dict, gap: int, adaptor: str) -> Optional[str]:
+    """When the strengths the adaptor acts through were 0 on every one of the last ``gap`` training episodes
+    (``history``: the statistics' per-episode record): since which episode, h's output, and the gradient that
+    reached h over those episodes, as measured. None otherwise."""
+    since = dead_since(history, gap, adaptor)
+    if since is None:
+        return None
+    acting = [STRENGTHS[i] for i in ACTING_STRENGTHS[adaptor]]
+    largest = max(history['grad_h'][-gap:])
+    names = ' = '.join(a for a, _ in acting)
+    before = ', '.join(f'{np.mean(history[h][-gap:]):.3f} ({a})' for a, h in acting)
+    back = ('exactly 0 on each: relu passes h no gradient, so h is not trained back and the strengths return only '
+            'if the encoder moves h\'s input' if largest == 0 else f'not 0 (largest norm {largest:.3g})')
+    return (f'adaptors: {names} = 0 on all {gap} training episodes up to episode {history["episode"][-1]}, and on '
+            f'every training episode since episode {since}; h(S) before the relu averaged {before} over this '
+            f'interval, and the gradient reaching h was {back}')
+
+
 @torch.no_grad()
 def run_episodes(model: FewShotModel, dataset: FewShotDataset, episodes: Episodes, mode: str, options: EvalOptions,
                  features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:

@@ -15,10 +15,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import distributed
 from checkpoints import atomic_save, check_config, load_pretrained, load_strict, model_state_dict, read_file, \
     saved_forward_count
+from evaluation import ADAPTOR_RECORD, gradient_norm
 from dataloader import SPLITS, FewShotDataset, TieredDataset, dataset_format, overlap_error, root_names
 from arguments import DOMAINS, MODEL_FLAGS, domain_error, feat_regulariser, parse_args, parse_pretrain_args
 from models import FewShotModel
@@ -26,7 +28,7 @@ from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import NETWORKS, build_encoder, data_parallel, forward_count, set_forward_count
-from utils import NonFiniteLoss, UserError, append_log, on_failed_start, random_states, set_random_states, writing
+from utils import NonFiniteLoss, UserError, append_log, backward_and_step, on_failed_start, random_states, set_random_states, writing
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 # the flags that choose what the data layer reads, named when it refuses something
@@ -436,6 +438,29 @@ def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_f
             f'(give the flags of one of them, or its file with {file_flag})')
 
 
+# ------------------------------------------------------------------ one training episode
+def episode_loss(model, features: torch.Tensor, targets: torch.Tensor, n_way: int, n_shot: int):
+    """The training loss of one episode's embeddings (cross-entropy, plus FEAT's regulariser) and the head's
+    adaptation (GLoFA's; None for the others)."""
+    logits, adaptation = model.episode(features, n_way, n_shot)
+    loss = F.cross_entropy(logits.float(), targets)
+    auxiliary = model.auxiliary_loss(features, n_way, n_shot)  # FEAT's regulariser; None for the others
+    return (loss if auxiliary is None else loss + auxiliary), adaptation
+
+
+def training_step(model, loss: torch.Tensor, adaptation, optimizer, scaler, record: Optional[dict]) -> None:
+    """One optimisation step; with a ``record`` (GLoFA), what its adaptors did on the episode is appended to it:
+    the strengths, h(S) before the relu, and the norms of the loss's gradients reaching f_task, f_class and h."""
+    gradients = []
+    backward_and_step(loss, optimizer, scaler, None if record is None else lambda: gradients.extend(
+        gradient_norm(part) for part in (model.f_task, model.f_class, model.h)))
+    if record is not None:
+        values = torch.cat([adaptation.alpha.detach().float(), adaptation.h_output.detach().float(),
+                            torch.stack(gradients)]).tolist()
+        for key, value in zip(ADAPTOR_RECORD, values):
+            record[key].append(value)
+
+
 # ------------------------------------------------------------------ runs of the scripts that chain commands
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -475,6 +500,35 @@ def pretraining_finished(argv: list[str]) -> bool:
         return os.path.isfile(last) and read_file(last, 'resume state').get('epoch', 0) >= args.epochs
     except (UserError, AttributeError):
         return False
+
+
+# the reference's meta-training rates for a pretrained encoder (train.py's defaults), on the demo's schedule
+PRETRAINED_RATES = ['--lr_network', '0.0001', '--lr', '0.01']
+
+
+def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
+    """The Conv-4 of pretrain.py --demo mixed in save_dir, pretrained once (continued when unfinished)."""
+    weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
+    command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *pretrain_extra]
+    if not pretraining_finished(command):
+        run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
+    return weights
+
+
+def run_variant(base: str, flags: list, done: list) -> dict:
+    """train.py with ``flags`` (test.py for a finished run without figures; nothing when base.test.json exists):
+    the test's figures, with GLoFA's strengths at each validation from the run's log."""
+    if not os.path.isfile(base + '.test.json'):
+        command = 'test.py' if run_finished(flags) else 'train.py'
+        run_stage([command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'],
+                  base + '.log', done)
+    with open(base + '.test.json') as f:
+        figures = json.load(f)['settings'][0]
+    with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
+        entries = [json.loads(line) for line in f if line.strip()]
+    figures['validation_strengths'] = [
+        f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
+    return figures
 
 
 def prepare_demo(args) -> None:

@@ -11,21 +11,21 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from utils import progress
 
 from arguments import parse_args
 from checkpoints import atomic_save, load_model_checkpoint, model_state_dict
 from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (ACTING_STRENGTHS, EpisodeResults, Episodes, EvalOptions, SplitFeatures, adaptors_off_warning, describe_eval_mode,
-                        result_lines, run_episodes, setting_figures, split_episodes, stored_features, write_figures)
+from evaluation import (ADAPTOR_RECORD, EpisodeResults, Episodes, EvalOptions, SplitFeatures, adaptors_off_warning, describe_eval_mode,
+                        adaptors_died_line, result_lines, run_episodes, setting_figures, split_episodes, stored_features,
+                        training_diagnostics, write_figures)
 from models.glofa import GLoFA, query_targets
 from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
                   check_disjoint, check_existing_run,
-                  check_finite, data_path, interrupted_message, load_last, log_entry, model_config, open_tensorboard,
+                  check_finite, data_path, episode_loss, interrupted_message, load_last, log_entry, model_config, open_tensorboard,
                   place_model, prepare_demo, run_identity, run_name, run_paths, save_last, tensorboard_writer_class,
-                  write_identity)
-from utils import (NonFiniteLoss, UserError, autocast, backward_and_step, check_output_file,
+                  training_step, write_identity)
+from utils import (NonFiniteLoss, UserError, autocast, check_output_file,
                    check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
                    mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -47,88 +47,11 @@ def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
                 features = model.encode(to_device(images, device, args.channels_last))  # (N*(K+Q), d)
             loss, adaptation = episode_loss(model, features, targets, args.N, args.K)
         check_finite(loss, run, f'episode {run.progress.done + len(losses) + 1}', 'episode', '--lr or --lr_network')
-        step(model, loss, adaptation, optimizer, scaler, record)
+        training_step(model, loss, adaptation, optimizer, scaler, record)
         losses.append(loss.item())
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}', refresh=False)
         bar.update(1)  # shows the bar at most once per refresh interval (off a terminal: every 30 s)
     return losses, record
-
-
-def episode_loss(model, features: torch.Tensor, targets: torch.Tensor, n_way: int, n_shot: int):
-    """The training loss of one episode's embeddings (cross-entropy, plus FEAT's regulariser) and the head's
-    adaptation (GLoFA's; None for the others)."""
-    logits, adaptation = model.episode(features, n_way, n_shot)
-    loss = F.cross_entropy(logits.float(), targets)
-    auxiliary = model.auxiliary_loss(features, n_way, n_shot)  # FEAT's regulariser; None for the others
-    return (loss if auxiliary is None else loss + auxiliary), adaptation
-
-
-def step(model, loss: torch.Tensor, adaptation, optimizer, scaler, record: Optional[dict]) -> None:
-    """One optimisation step; with a ``record`` (GLoFA), what its adaptors did on the episode is appended to it:
-    the strengths, h(S) before the relu, and the norms of the loss's gradients reaching f_task, f_class and h."""
-    gradients = []
-    backward_and_step(loss, optimizer, scaler, None if record is None else lambda: gradients.extend(
-        gradient_norm(part) for part in (model.f_task, model.f_class, model.h)))
-    if record is not None:
-        values = torch.cat([adaptation.alpha.detach().float(), adaptation.h_output.detach().float(),
-                            torch.stack(gradients)]).tolist()
-        for key, value in zip(ADAPTOR_RECORD, values):
-            record[key].append(value)
-
-
-# ------------------------------------------------------------------ what GLoFA's adaptors do in training
-# per training episode: the strengths relu(h(S)), h(S) before the relu, and the norms of the loss's gradients
-ADAPTOR_RECORD = ('alpha_task', 'alpha_cls', 'h_task', 'h_cls', 'grad_f_task', 'grad_f_class', 'grad_h')
-
-
-def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
-    """The L2 norm of the gradients of a module's parameters (0 where none reached them)."""
-    squares = [p.grad.detach().float().pow(2).sum() for p in module.parameters() if p.grad is not None]
-    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=next(module.parameters()).device)
-
-
-def training_diagnostics(record: dict) -> dict:
-    """The JSON log's train_* keys: means over a gap's episodes of the strengths, the share of episodes where
-    each is above 0, h's output before the relu (both strengths together, and each), the gradient norms."""
-    mean = {key: float(np.mean(values)) for key, values in record.items()}
-    return {'train_alpha_task': mean['alpha_task'], 'train_alpha_cls': mean['alpha_cls'],
-            'train_alpha_task_active': float(np.mean(np.array(record['alpha_task']) > 0)),
-            'train_alpha_cls_active': float(np.mean(np.array(record['alpha_cls']) > 0)),
-            'train_h_preactivation': (mean['h_task'] + mean['h_cls']) / 2,
-            'train_h_preactivation_task': mean['h_task'], 'train_h_preactivation_cls': mean['h_cls'],
-            'train_grad_f_task': mean['grad_f_task'], 'train_grad_f_class': mean['grad_f_class'],
-            'train_grad_h': mean['grad_h']}
-
-
-STRENGTHS = [('alpha_task', 'h_task'), ('alpha_cls', 'h_cls')]
-
-
-def dead_since(history: dict, gap: int, adaptor: str) -> Optional[int]:
-    """The episode since which the strengths the adaptor acts through have been 0 on every training episode,
-    when that holds for at least the last ``gap`` episodes of ``history`` (the per-episode record); else None."""
-    acting = [STRENGTHS[i][0] for i in ACTING_STRENGTHS[adaptor]]
-    alive = [any(history[a][i] > 0 for a in acting) for i in range(len(history['episode']))]
-    if not acting or not alive or any(alive[-gap:]):
-        return None
-    return history['episode'][max((i for i, on in enumerate(alive) if on), default=-1) + 1]
-
-
-def adaptors_died_line(history: dict, gap: int, adaptor: str) -> Optional[str]:
-    """When the strengths the adaptor acts through were 0 on every one of the last ``gap`` training episodes
-    (``history``: the statistics' per-episode record): since which episode, h's output, and the gradient that
-    reached h over those episodes, as measured. None otherwise."""
-    since = dead_since(history, gap, adaptor)
-    if since is None:
-        return None
-    acting = [STRENGTHS[i] for i in ACTING_STRENGTHS[adaptor]]
-    largest = max(history['grad_h'][-gap:])
-    names = ' = '.join(a for a, _ in acting)
-    before = ', '.join(f'{np.mean(history[h][-gap:]):.3f} ({a})' for a, h in acting)
-    back = ('exactly 0 on each: relu passes h no gradient, so h is not trained back and the strengths return only '
-            'if the encoder moves h\'s input' if largest == 0 else f'not 0 (largest norm {largest:.3g})')
-    return (f'adaptors: {names} = 0 on all {gap} training episodes up to episode {history["episode"][-1]}, and on '
-            f'every training episode since episode {since}; h(S) before the relu averaged {before} over this '
-            f'interval, and the gradient reaching h was {back}')
 
 
 def save_state(run: Run) -> None:

@@ -20,43 +20,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from arguments import parse_args  # noqa: E402
-from runs import pretraining_finished, run_finished, run_paths, run_stage  # noqa: E402
+from runs import PRETRAINED_RATES, pretrained_encoder, run_variant  # noqa: E402
 from utils import exits_cleanly  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
             'class': ['--adaptor', 'class'], 'none': ['--adaptor', 'none'],
             'protonet': ['--model_name', 'protonet'], 'protonet-cosine': ['--model_name', 'protonet', '--metric', 'cosine'],
             'feat': ['--model_name', 'feat']}
-# the reference's meta-training rates for a pretrained encoder (train.py's defaults), on the demo's schedule
-PRETRAINED_RATES = ['--lr_network', '0.0001', '--lr', '0.01']
-
-
-def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
-    """The Conv-4 of pretrain.py --demo mixed in save_dir, pretrained once (continued when unfinished)."""
-    weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
-    command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *pretrain_extra]
-    if not pretraining_finished(command):
-        run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
-    return weights
-
-
-def run_variant(base: str, flags: list, done: list) -> dict:
-    """train.py with ``flags`` (test.py for a finished run without figures; nothing when base.test.json exists):
-    the test's figures, with GLoFA's strengths at each validation from the run's log."""
-    if not os.path.isfile(base + '.test.json'):
-        command = 'test.py' if run_finished(flags) else 'train.py'
-        run_stage([command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'],
-                  base + '.log', done)
-    with open(base + '.test.json') as f:
-        figures = json.load(f)['settings'][0]
-    with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
-        entries = [json.loads(line) for line in f if line.strip()]
-    figures['validation_strengths'] = [
-        f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
-    return figures
-
-
 @exits_cleanly
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

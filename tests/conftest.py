@@ -1,14 +1,17 @@
 """Shared fixtures: a small dataset in the real on-disk format (written by demo.py, the one writer), the spec's
-keys; ``exits_with``, how the tests run an entry point that must stop; the flags of a tiny run and the
-digests of a folder's files (what must stay byte-identical)."""
+keys; ``exits_with``, how the tests run an entry point that must stop; a pretrained Conv-4 file; the flags of a
+tiny run and the digests of a folder's files (what must stay byte-identical)."""
 import hashlib
 import os
 import shutil
 import subprocess
 
 import pytest
+import torch
 
+from checkpoints import atomic_save
 from demo import write_colour_dataset
+from networks import build_encoder
 
 
 @pytest.fixture(scope='session')
@@ -51,6 +54,16 @@ def exits_with(main, argv, capsys, code=2) -> str:
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     return err.strip().splitlines()[-1]
+
+
+def pretrained_file(path, seed=3):
+    """A Conv-4 from ``seed`` saved at ``path`` in FEAT's pretrained format (with a 4-class fc); the encoder."""
+    torch.manual_seed(seed)
+    encoder = build_encoder('convnet')
+    state = {f'encoder.{k}': v for k, v in encoder.state_dict().items()}
+    state.update({'fc.weight': torch.randn(4, encoder.out_dim), 'fc.bias': torch.zeros(4)})
+    atomic_save({'params': state}, str(path))
+    return encoder
 
 
 def tiny_run_flags(data, save_dir, *extra) -> list[str]:

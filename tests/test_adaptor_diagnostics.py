@@ -9,6 +9,7 @@ import torch
 import plot_curves
 import train
 from conftest import tiny_run_flags
+from evaluation import adaptors_died_line
 from models.glofa import GLoFA
 
 
@@ -106,10 +107,10 @@ def test_a_model_without_adaptors_records_none(tiny_dataset, tmp_path):
 def test_died_line_names_the_episode_after_the_last_active_one():
     history = {'episode': [1, 2, 3, 4, 5, 6], 'alpha_task': [0.5, 0, 0.2, 0, 0, 0], 'alpha_cls': [0, 0, 0, 0, 0, 0],
                'h_task': [0.5, -1, 0.2, -1, -2, -3], 'h_cls': [-1] * 6, 'grad_h': [1, 0, 1, 0, 0, 0]}
-    line = train.adaptors_died_line(history, 3, 'both')
+    line = adaptors_died_line(history, 3, 'both')
     assert 'up to episode 6' in line and 'since episode 4;' in line and '-2.000 (alpha_task)' in line
-    assert train.adaptors_died_line(history, 4, 'both') is None  # episode 3 was active
-    assert train.adaptors_died_line(history, 3, 'none') is None  # no strength acts
+    assert adaptors_died_line(history, 4, 'both') is None  # episode 3 was active
+    assert adaptors_died_line(history, 3, 'none') is None  # no strength acts
     history['alpha_cls'][4] = 1.0
-    assert train.adaptors_died_line(history, 3, 'task') is not None  # alpha_cls does not act on 'task'
-    assert train.adaptors_died_line(history, 3, 'class') is None
+    assert adaptors_died_line(history, 3, 'task') is not None  # alpha_cls does not act on 'task'
+    assert adaptors_died_line(history, 3, 'class') is None

@@ -13,7 +13,7 @@ import test as test_script
 import train
 from arguments import feat_regulariser, parse_args
 from checkpoints import atomic_save
-from conftest import exits_with
+from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, eval_transform, episode_sampler
 from evaluation import EvalOptions, encode_split
 from models.feat import FEAT
@@ -268,15 +268,6 @@ def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path, capsys):
     line = exits_with(test_script.main, flags(tiny_dataset, tmp_path, '--model_name', 'feat', '--model_path', best),
                       capsys)
     assert 'model_name = glofa' in line and os.path.basename(best) in line
-
-
-def pretrained_file(path, seed=3):
-    torch.manual_seed(seed)
-    encoder = build_encoder('convnet')
-    state = {f'encoder.{k}': v for k, v in encoder.state_dict().items()}
-    state.update({'fc.weight': torch.randn(4, encoder.out_dim), 'fc.bias': torch.zeros(4)})
-    atomic_save({'params': state}, str(path))  # FEAT's pretrained format
-    return encoder
 
 
 def test_pretrained_check_evaluates_the_encoder_with_both_metrics(tiny_dataset, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import runs
 import train
 from arguments import parse_args
-from conftest import exits_with
+from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, eval_transform
 from evaluation import encode_split, EvalOptions
 from models.feat import FEAT
@@ -193,11 +193,8 @@ def test_classify_warns_when_a_query_is_in_the_support(trained, tiny_dataset, tm
 
 
 def test_classify_with_a_pretrained_encoder_alone(tiny_dataset, tmp_path, capsys):
-    from checkpoints import atomic_save
-    from networks import build_encoder
-    torch.manual_seed(0)
     weights = tmp_path / 'con-pre.pth'
-    atomic_save({'params': {f'encoder.{k}': v for k, v in build_encoder('convnet').state_dict().items()}}, str(weights))
+    pretrained_file(weights, seed=0)
     dataset = FewShotDataset(tiny_dataset, 'test', eval_transform())
     support, queries, _ = class_folders(dataset, tmp_path, {0: 1, 1: 1, 2: 1})
     line = exits_with(classify.main, ['--pretrained', str(weights), '--model_name', 'protonet', '--support', support,
