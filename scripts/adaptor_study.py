@@ -27,8 +27,10 @@ their share of episodes above 0, and whether the strengths died: 0 on every one 
 
 Stages (one per knob and seed, the pretraining, one per image-level run) are skipped when their result exists:
 an interrupted study, started again with the same command, continues. DIR/results.md (tables, every command),
-DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, short runs, to
-check the pipeline (minutes; its numbers answer nothing).
+DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, 200 episodes
+at feature level; at image level GLoFA and ProtoNet only, one epoch of pretraining, a few episodes: a check of
+the pipeline (minutes; its numbers answer nothing). --pretrained FILE: the image level from these Conv-4
+weights instead of its own pretraining (its runs then go to a folder of their own).
 """
 import argparse
 import hashlib
@@ -42,6 +44,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
@@ -151,10 +154,38 @@ def test_head(model, features: torch.Tensor, batch: int = 250) -> np.ndarray:
                            for i in range(0, len(features), batch)])
 
 
+INITIAL_EPISODES = 100  # training episodes on which the untrained GLoFA's pull on its strengths is measured
+
+
+def initial_pull(features: torch.Tensor, seed: int) -> dict:
+    """Which way the loss pulls GLoFA's strengths before any training: on the first training episodes where both
+    are above 0, the share where d loss / d alpha > 0 (a step lowers the strength), and the share where its sign
+    for alpha_task equals that of d loss / d c for the logits scaled by c (the strength acting as a temperature)."""
+    model, _ = head('glofa', seed)
+    model.train()
+    targets = query_targets(N_WAY, N_QUERY)
+    down, agrees, accuracies = [], [], []
+    for episode in features[:INITIAL_EPISODES]:
+        logits, adaptation = model.episode(episode, N_WAY, N_SHOT)
+        if not (adaptation.alpha > 0).all():
+            continue
+        pull = torch.autograd.grad(F.cross_entropy(logits, targets), adaptation.alpha)[0]
+        scale = torch.ones((), requires_grad=True)
+        temperature = torch.autograd.grad(F.cross_entropy(scale * logits.detach(), targets), scale)[0]
+        down.append((pull > 0).tolist())
+        agrees.append(bool((pull[0] > 0) == (temperature > 0)))
+        accuracies.append((logits.argmax(dim=1) == targets).float().mean().item())
+    down = np.array(down, dtype=float).reshape(-1, 2)
+    return {'episodes': len(agrees), 'accuracy': 100 * float(np.mean(accuracies)) if agrees else float('nan'),
+            'alpha_task_pushed_down': float(down[:, 0].mean()) if agrees else float('nan'),
+            'alpha_cls_pushed_down': float(down[:, 1].mean()) if agrees else float('nan'),
+            'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else float('nan')}
+
+
 def feature_stage(knob: float, seed: int, data: tuple[dict, dict], heads: list, bar) -> dict:
     """Every head trained and tested at one knob and seed: {head: figures}."""
     train_features, test_features = embeddings(data[0], knob), embeddings(data[1], knob)
-    found = {}
+    found = {'initial_pull': initial_pull(train_features, seed)}
     for name in heads:
         start = time.perf_counter()
         model, args = head(name, seed)
@@ -228,6 +259,28 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
              f"## Feature level ({settings['train_episodes']} training episodes, {settings['test_episodes']} test episodes "
              'a seed)', '']
     knobs = [k for k in settings['knobs'] if any((k, s) in feature for s in seeds)]
+    if knobs:  # the summary: accuracy of every head against the knob, and what GLoFA's strengths did
+        rows = {k: {name: over_seeds([feature[(k, s)][name] for s in seeds if (k, s) in feature])
+                    for name in FEATURE_HEADS} for k in knobs}
+        lines += ['| head | ' + ' | '.join(f's = {k:g}' for k in knobs) + ' |', '|---|' + '---|' * len(knobs)]
+        lines += [f'| {name} | ' + ' | '.join(accuracy_text(rows[k][name]) for k in knobs) + ' |' for name in FEATURE_HEADS]
+        for name in ('glofa', 'ablation: glofa-hbias1'):
+            lines.append(f'| {name} minus glofa-none, paired by seed | ' + ' | '.join(
+                '{:+.2f} ± {:.2f}'.format(*mean_ci([feature[(k, s)][name]['accuracy'] - feature[(k, s)]['glofa-none']['accuracy']
+                                                    for s in seeds if (k, s) in feature])) for k in knobs) + ' |')
+            lines.append(f'| {name}: alpha_task / alpha_cls on the test | ' + ' | '.join(
+                f"{rows[k][name]['alpha_task']:.2f} / {rows[k][name]['alpha_cls']:.2f}" for k in knobs) + ' |')
+            lines.append(f'| {name}: died in training | ' + ' | '.join(
+                f"{rows[k][name]['died']} of {rows[k][name]['seeds']}" for k in knobs) + ' |')
+        pulls = {k: [feature[(k, s)]['initial_pull'] for s in seeds if (k, s) in feature] for k in knobs}
+        for key, text in (('accuracy', 'accuracy (%)'),
+                          ('alpha_task_pushed_down', 'share of episodes where d loss / d alpha_task > 0'),
+                          ('alpha_cls_pushed_down', 'share where d loss / d alpha_cls > 0'),
+                          ('agrees_with_logit_scale', 'share where d loss / d alpha_task has the sign of d loss / d (a '
+                                                      'scale on the logits)')):
+            lines.append(f'| untrained glofa, first {INITIAL_EPISODES} training episodes: {text} | ' + ' | '.join(
+                f"{np.mean([p[key] for p in pulls[k]]):.2f}" for k in knobs) + ' |')
+        lines += ['', 'Each knob in full:', '']
     for knob in knobs:
         runs = [feature[(knob, s)] for s in seeds if (knob, s) in feature]
         lines += [f'Nuisance s = {knob:g} ({len(runs)} of {len(seeds)} seeds):', '',
@@ -263,45 +316,56 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
 
 
 def draw(table: dict, path: str) -> None:
-    """Feature level: accuracy and GLoFA's strengths against the knob; image level: accuracy per model and arm."""
+    """Feature level: accuracy, and its difference to GLoFA without adaptors, and GLoFA's strengths against the
+    knob; image level: accuracy per model and arm."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(18, 5), dpi=110, layout='constrained')
+    fig = Figure(figsize=(14, 10), dpi=100, layout='constrained')
     FigureCanvasAgg(fig)
-    ax_acc, ax_alpha, ax_image = fig.subplots(1, 3)
+    (ax_acc, ax_gain), (ax_alpha, ax_image) = fig.subplots(2, 2)
     knobs = sorted(table['feature'], key=float)
     x = [float(k) for k in knobs]
     for name in FEATURE_HEADS:
         rows = [table['feature'][k][name] for k in knobs]
-        ax_acc.errorbar(x, [r['accuracy'] for r in rows], yerr=[r['ci_over_seeds'] for r in rows], marker='o',
-                        markersize=3, capsize=2, label=name, linestyle='--' if 'ablation' in name else '-')
+        style = dict(marker='o', markersize=3, capsize=2, label=name, linestyle='--' if 'ablation' in name else '-')
+        ax_acc.errorbar(x, [r['accuracy'] for r in rows], yerr=[r['ci_over_seeds'] for r in rows], **style)
+        # per seed, then over seeds: the same episodes, so the seeds' differences are paired
+        gains = [[a['accuracy'] - b['accuracy'] for a, b in zip(r['runs'], table['feature'][k]['glofa-none']['runs'])]
+                 for r, k in zip(rows, knobs)]
+        ax_gain.errorbar(x, [mean_ci(g)[0] for g in gains], yerr=[mean_ci(g)[1] for g in gains], **style)
     ax_acc.set_title('feature level: test accuracy (mean over seeds, 95 % CI)')
-    ax_acc.set_xlabel('nuisance s in the other kind\'s dimensions (0 = homogeneous)')
     ax_acc.set_ylabel('accuracy (%)')
-    ax_acc.legend(fontsize=7)
+    ax_gain.axhline(0, color='black', linewidth=0.8)
+    ax_gain.set_title("feature level: accuracy minus glofa-none's, paired by seed")
+    ax_gain.set_ylabel('difference (points)')
+    ax_gain.legend(fontsize=7)
     for name, style in (('glofa', '-'), ('ablation: glofa-hbias1', '--')):
         for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
             ax_alpha.plot(x, [table['feature'][k][name][key] for k in knobs], marker='o', markersize=3, color=colour,
                           linestyle=style, label=f'{name}: {key}')
     ax_alpha.set_title("feature level: GLoFA's strengths relu(h(S)) on the test (0 = adaptors off)")
-    ax_alpha.set_xlabel('nuisance s')
     ax_alpha.set_ylabel('strength (mean over episodes and seeds)')
     ax_alpha.legend(fontsize=7)
+    for ax in (ax_acc, ax_gain, ax_alpha):
+        ax.set_xlabel("nuisance s in the other kind's dimensions (0 = homogeneous tasks)")
     width = 0.38
+    models = [m for m in IMAGE_MODELS if any(m in arm for arm in table['image'].values())]
     for j, arm in enumerate(IMAGE_ARMS):
         rows = table['image'].get(arm, {})
-        positions = [i + (j - 0.5) * width for i, model in enumerate(IMAGE_MODELS) if model in rows]
-        ax_image.bar(positions, [rows[m]['accuracy'] for m in IMAGE_MODELS if m in rows], width,
-                     yerr=[rows[m]['ci_over_seeds'] for m in IMAGE_MODELS if m in rows], capsize=3, label=arm)
-    ax_image.set_xticks(range(len(IMAGE_MODELS)), list(IMAGE_MODELS))
-    low = [r['accuracy'] for arm in table['image'].values() for r in arm.values()]
-    if low:
-        ax_image.set_ylim(max(0.0, min(low) - 10), 100)
+        present = [m for m in models if m in rows]
+        ax_image.bar([models.index(m) + (j - 0.5) * width for m in present], [rows[m]['accuracy'] for m in present],
+                     width, yerr=[rows[m]['ci_over_seeds'] for m in present], capsize=3, label=f'encoder {arm}')
+    ax_image.set_xticks(range(len(models)), models)
+    accuracies = [r['accuracy'] for arm in table['image'].values() for r in arm.values()]
+    if accuracies:
+        ax_image.set_ylim(max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 3))
+        ax_image.legend(fontsize=8)
+    else:
+        ax_image.text(0.5, 0.5, 'not run yet', ha='center', va='center', transform=ax_image.transAxes)
     ax_image.set_title('image level, mix-grained demo: test accuracy (95 % CI over seeds)')
     ax_image.set_ylabel('accuracy (%)')
-    ax_image.legend(fontsize=8)
-    for ax in (ax_acc, ax_alpha, ax_image):
+    for ax in (ax_acc, ax_gain, ax_alpha, ax_image):
         ax.grid(alpha=0.3)
     save_figure(fig, path)
 
@@ -374,6 +438,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                             data = data or feature_data(seed, settings['train_episodes'], settings['test_episodes'])
                             atomic_save(feature_stage(knob, seed, data, list(FEATURE_HEADS), bar), stage_path(knob, seed))
                         feature[(knob, seed)] = read_file(stage_path(knob, seed), 'stage result')
+                        if 'initial_pull' not in feature[(knob, seed)]:  # a stage file of an earlier version
+                            data = data or feature_data(seed, settings['train_episodes'], settings['test_episodes'])
+                            feature[(knob, seed)]['initial_pull'] = initial_pull(embeddings(data[0], knob), seed)
+                            atomic_save(feature[(knob, seed)], stage_path(knob, seed))
                         results()
         if 'image' in opts.levels:
             current[0] = 'the pretraining'
