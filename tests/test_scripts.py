@@ -548,7 +548,7 @@ def test_visualize_masks_episode_depends_on_the_seed_only(capsys, tmp_path, chec
 
 def test_visualize_masks_feature_order_follows_the_task_mask():
     adaptation = visualize_masks.Adaptation(torch.tensor([0.1, 0.9, 0.0, 0.5]), torch.rand(3, 4), torch.ones(2),
-                                            torch.ones(3, 4))
+                                            torch.ones(3, 4), torch.ones(2))
     assert visualize_masks.feature_order(adaptation).tolist() == [1, 3, 0, 2]
     line = visualize_masks.mask_line('task mask', adaptation.m_task, 1.0)
     assert line == 'task mask: mean 0.3750, min 0.0000, max 0.9000, 25.0 % of 4 features above delta/2 = 0.5'
