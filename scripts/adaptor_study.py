@@ -411,6 +411,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings = SCALES[scale]
     out = os.path.abspath(opts.out)
     check_output_folder(out, '--out')
+    if opts.pretrained is not None and not os.path.isfile(opts.pretrained):  # before the feature level's minutes
+        raise UserError(f'--pretrained {opts.pretrained}: no such file (expected Conv-4 weights in FEAT\'s format, '
+                        f'as pretrain.py --demo mixed writes them)')
     os.makedirs(os.path.join(out, 'feature'), exist_ok=True)
     feature, image, done = {}, {}, []
     command = shlex.join(['python', 'scripts/adaptor_study.py', '--out', opts.out, *(['--quick'] if opts.quick else [])])
@@ -452,9 +455,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                             weights, *settings['pretrain_extra']]) + ' (the pretraining)')
             else:  # runs from other weights go to a folder of their own
                 weights = os.path.abspath(opts.pretrained)
-                if not os.path.isfile(weights):
-                    raise UserError(f'--pretrained {opts.pretrained}: no such file (expected Conv-4 weights in FEAT\'s '
-                                    f'format, as pretrain.py --demo mixed writes them)')
                 save_dir += '-' + hashlib.sha1(weights.encode()).hexdigest()[:8]
             for arm in IMAGE_ARMS:
                 for model in settings['image_models']:

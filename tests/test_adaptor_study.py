@@ -11,21 +11,25 @@ import adaptor_study  # from scripts/ (pytest.ini puts it on the path)
 from conftest import exits_with, pretrained_file
 
 
+def study_in(folder, argv) -> dict:
+    """adaptor_study.main(argv) from ``folder``: --demo mixed writes its data under the current folder."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return adaptor_study.main(argv)
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
     """The --quick study on a given Conv-4 (the pretraining itself is tested in test_pretrain and test_reproduce),
-    in a folder of its own: --demo mixed writes its data under the current folder."""
+    in a folder of its own."""
     folder = tmp_path_factory.mktemp('study')
     weights = folder / 'con-pre.pth'
     pretrained_file(weights)
     argv = ['--out', str(folder / 'out'), '--quick', '--pretrained', str(weights)]
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        table = adaptor_study.main(argv)
-    finally:
-        os.chdir(cwd)
-    return folder, argv, table
+    return folder, argv, study_in(folder, argv)
 
 
 def test_quick_writes_every_table_and_a_second_call_runs_nothing(quick):
@@ -50,13 +54,7 @@ def test_quick_writes_every_table_and_a_second_call_runs_nothing(quick):
     stamps = {p: os.stat(p).st_mtime_ns for p in (out / 'feature').iterdir()}
     stamps.update({p: os.stat(p).st_mtime_ns for p in out.glob('image-quick-*/*.test.json')})
     assert len(stamps) == 2 + 4
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        again = adaptor_study.main(argv)
-    finally:
-        os.chdir(cwd)
-    assert again == table
+    assert study_in(folder, argv) == table
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # no stage was run again
 
 
@@ -95,9 +93,10 @@ def test_the_embeddings_follow_the_design():
 
 
 def test_the_study_refuses_bad_input_naming_the_flag(tmp_path, capsys):
-    line = exits_with(adaptor_study.main, ['--out', str(tmp_path / 'o'), '--quick', '--levels', 'image',
-                                           '--pretrained', str(tmp_path / 'missing.pth')], capsys)
+    line = exits_with(adaptor_study.main, ['--out', str(tmp_path / 'o'), '--quick', '--pretrained',
+                                           str(tmp_path / 'missing.pth')], capsys)
     assert '--pretrained' in line and 'missing.pth' in line
+    assert not os.path.exists(tmp_path / 'o' / 'feature')  # refused before the feature level runs
     (tmp_path / 'file').write_text('x')
     assert '--out' in exits_with(adaptor_study.main, ['--out', str(tmp_path / 'file'), '--quick'], capsys)
 

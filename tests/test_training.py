@@ -150,5 +150,5 @@ def test_freeze_encoder_keeps_every_encoder_tensor_and_lr_network_0_does_not(tin
     weights_same = [k for k in before if 'running' not in k and 'num_batches' not in k]
     assert all(torch.equal(zero_rate[k], before[k]) for k in weights_same)
     assert not all(torch.equal(zero_rate[k], before[k]) for k in before if 'running_mean' in k)
-    exits_with(train.main, tiny_run_flags(tiny_dataset, tmp_path / 'p', '--model_name', 'protonet',
-                                          '--freeze_encoder'), capsys)
+    assert '--freeze_encoder' in exits_with(train.main, tiny_run_flags(tiny_dataset, tmp_path / 'p', '--model_name',
+                                                                       'protonet', '--freeze_encoder'), capsys)
