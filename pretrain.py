@@ -29,7 +29,7 @@ from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, chec
                   pretrain_paths, save_last, tensorboard_writer_class, write_identity)
 from utils import (ProcessError, UserError, backward_and_step, check_output_file, exit_on_interrupt,
                    exits_cleanly,
-                   flag_hint, git_revision, interrupt_on_sigterm, mean_ci, select_device, set_seed, to_device, trim_log)
+                   flag_hint, git_revision, interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ flags
@@ -228,6 +228,7 @@ def pretrain(args, built: list) -> dict:
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()
+    keep_freed_memory()
     args = parse_pretrain_args(argv)
     built = []  # the run, once it exists
 

@@ -23,7 +23,7 @@ from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_l
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
                   check_disjoint, other_runs, run_paths, split_files_beside, unfinished_line)
 from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
-                   interrupt_on_sigterm, mean_ci, select_device, set_seed)
+                   interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed)
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -170,6 +170,7 @@ def summary_table(rows: list[tuple[int, int, float, float]]) -> str:
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()
+    keep_freed_memory()
     args = parse_args(argv, several_settings=True)
     if args.demo:
         prepare_demo(args)

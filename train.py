@@ -27,7 +27,7 @@ from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_o
                   training_step, write_identity)
 from utils import (NonFiniteLoss, UserError, autocast, check_output_file,
                    check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
-                   mean_ci, select_device, set_seed, to_device, trim_log)
+                   keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
 # ------------------------------------------------------------------ phases
@@ -108,6 +108,7 @@ def validation_line(episode: int, losses: list[float], results: EpisodeResults, 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()
+    keep_freed_memory()
     args = parse_args(argv)
     if args.demo:
         prepare_demo(args)

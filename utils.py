@@ -1,6 +1,7 @@
 """Small helpers shared by the entry points: errors, seeding, devices, reporting."""
 import codecs
 import contextlib
+import ctypes
 import functools
 import json
 import math
@@ -258,6 +259,21 @@ def trim_log(path: str, key: str, last: int) -> None:
                 pass
     with open(path, 'w') as f:
         f.writelines(kept)
+
+
+def keep_freed_memory() -> None:
+    """Let the C allocator keep freed memory for the next tensors instead of handing it back to the system.
+
+    glibc maps every block over 32 MiB afresh and unmaps it when it is freed, so on the CPU the activations of
+    each episode (a Conv-4 episode's first layer alone is 100 MB) were faulted in page by page every time:
+    40 % of a training step's CPU time went to the kernel. No number changes, only where memory comes from;
+    the process keeps its peak memory until it ends. Nothing is done where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)          # M_MMAP_MAX: serve large blocks from the heap, which keeps them when freed
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: hand the heap's free top back only beyond 2 GiB
+    except (OSError, AttributeError):
+        pass
 
 
 def select_device(device: str, devices: Sequence[int]) -> torch.device:
