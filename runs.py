@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -28,7 +29,8 @@ from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import NETWORKS, build_encoder, data_parallel, forward_count, set_forward_count
-from utils import NonFiniteLoss, UserError, append_log, backward_and_step, on_failed_start, random_states, set_random_states, writing
+from utils import NonFiniteLoss, UserError, append_log, backward_and_step, on_failed_start, progress, random_states, \
+    set_random_states, writing
 
 FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
 # the flags that choose what the data layer reads, named when it refuses something
@@ -487,6 +489,51 @@ def run_stage(command: list[str], log: str, done: list) -> None:
     done.append(line)
 
 
+def run_stages(stages: list[tuple[list, str]], done: list, jobs: int = 1,
+               finished: Callable[[int], None] = lambda i: None) -> None:
+    """Run the (command, log) stages as run_stage does, ``jobs`` at a time, calling ``finished(i)`` after stage i.
+    With jobs > 1 each process gets cpu_count // jobs threads (which can move a figure's last decimal against
+    one process on every core) and writes only to its log; a bar counts the stages. A failure, or an interrupt,
+    stops the others, which keep what they saved: the same command continues them."""
+    if jobs <= 1 or len(stages) <= 1:
+        for i, (command, log) in enumerate(stages):
+            run_stage(command, log, done)
+            finished(i)
+        return
+    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // jobs))}
+    waiting, running = list(enumerate(stages)), {}
+    with progress(total=len(stages), desc=f'runs, {jobs} at a time', unit='run') as bar:
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    i, (command, log) = waiting.pop(0)
+                    line = shlex.join(['python', *command])
+                    os.makedirs(os.path.dirname(log) or '.', exist_ok=True)
+                    with writing(log):
+                        f = open(log, 'a')
+                        f.write(f'$ {line}\n')
+                        f.flush()
+                    bar.write(f'$ {line}  (output: {log})')
+                    process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
+                                               stdout=f, stderr=subprocess.STDOUT, env=env)
+                    running[process] = (i, line, log, f)
+                for process in [p for p in running if p.poll() is not None]:
+                    i, line, log, f = running.pop(process)
+                    f.close()
+                    if process.returncode != 0:
+                        raise UserError(f'{line} stopped with exit code {process.returncode} (its output: {log}); '
+                                        f'run the same script again with the same flags to continue')
+                    done.append(line)
+                    bar.update(1)
+                    finished(i)
+                time.sleep(0.5)
+        finally:
+            for process, (_, _, _, f) in running.items():
+                process.terminate()  # train.py saves its last state on SIGTERM
+                process.wait()
+                f.close()
+
+
 def run_finished(argv: list[str]) -> bool:
     """Whether train.py with ``argv`` has a finished run (its 'last' state says so)."""
     return saved_state(run_paths(parse_args(argv)).last) == 'finished'
@@ -515,13 +562,17 @@ def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
     return weights
 
 
-def run_variant(base: str, flags: list, done: list) -> dict:
-    """train.py with ``flags`` (test.py for a finished run without figures; nothing when base.test.json exists):
-    the test's figures, with GLoFA's strengths at each validation from the run's log."""
-    if not os.path.isfile(base + '.test.json'):
-        command = 'test.py' if run_finished(flags) else 'train.py'
-        run_stage([command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'],
-                  base + '.log', done)
+def variant_stage(base: str, flags: list) -> Optional[tuple[list, str]]:
+    """What run_variant runs for ``flags``: (command, log), train.py (test.py for a finished run without figures);
+    None when base.test.json exists."""
+    if os.path.isfile(base + '.test.json'):
+        return None
+    command = 'test.py' if run_finished(flags) else 'train.py'
+    return [command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'], base + '.log'
+
+
+def variant_figures(base: str, flags: list) -> dict:
+    """The test's figures of a variant that has run, with GLoFA's strengths at each validation from its log."""
     with open(base + '.test.json') as f:
         figures = json.load(f)['settings'][0]
     with open(run_paths(parse_args(flags)).log) as f:  # GLoFA's strengths at each validation
@@ -529,6 +580,15 @@ def run_variant(base: str, flags: list, done: list) -> dict:
     figures['validation_strengths'] = [
         f"episode {e['episode']}: {e['alpha_task']:.3f}, {e['alpha_cls']:.3f}" for e in entries if 'alpha_task' in e]
     return figures
+
+
+def run_variant(base: str, flags: list, done: list) -> dict:
+    """train.py with ``flags`` (test.py for a finished run without figures; nothing when base.test.json exists):
+    the test's figures, with GLoFA's strengths at each validation from the run's log."""
+    stage = variant_stage(base, flags)
+    if stage is not None:
+        run_stage(*stage, done)
+    return variant_figures(base, flags)
 
 
 def prepare_demo(args) -> None:

@@ -57,7 +57,7 @@ from evaluation import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since,
                         training_diagnostics)
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from runs import (PRETRAINED_RATES, build_optimizer, episode_loss, model_on, pretrained_encoder, run_paths,  # noqa: E402
-                  run_stage, run_variant, training_step)
+                  run_stages, training_step, variant_figures, variant_stage)
 from utils import (UserError, check_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm,  # noqa: E402
                    mean_ci, progress, save_figure)
 
@@ -371,19 +371,31 @@ def draw(table: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------ the study
-def image_run(save_dir: str, arm: str, model: str, seed: int, weights: str, extra: list, done: list) -> dict:
-    """One image-level run: its test figures, what the adaptors did in training, and its command."""
-    base = os.path.join(save_dir, f'{arm}-{model}-seed{seed}')
-    flags = ['--demo', 'mixed', '--seed', str(seed), *IMAGE_MODELS[model], '--pretrained', weights,
-             *PRETRAINED_RATES, *IMAGE_ARMS[arm], '--save_dir', save_dir, *extra]
-    if arm == 'frozen' and model == 'protonet':  # nothing to train: the pretrained encoder as it is
-        command = ['test.py', *[f for f in flags if f != '--freeze_encoder'], '--model_path', 'none',
-                   '--json', base + '.test.json']
-        if not os.path.isfile(base + '.test.json'):
-            run_stage(command, base + '.log', done)
+def image_flags(save_dir: str, arm: str, model: str, seed: int, weights: str, extra: list) -> tuple[str, list]:
+    """The base path of one image-level run's files and its train.py flags."""
+    return (os.path.join(save_dir, f'{arm}-{model}-seed{seed}'),
+            ['--demo', 'mixed', '--seed', str(seed), *IMAGE_MODELS[model], '--pretrained', weights,
+             *PRETRAINED_RATES, *IMAGE_ARMS[arm], '--save_dir', save_dir, *extra])
+
+
+def frozen_protonet(flags: list, base: str) -> list:
+    """Frozen ProtoNet has nothing to train: test.py on the pretrained encoder as it is."""
+    return ['test.py', *[f for f in flags if f != '--freeze_encoder'], '--model_path', 'none', '--json', base + '.test.json']
+
+
+def image_stage(base: str, flags: list, arm: str, model: str) -> Optional[tuple[list, str]]:
+    """What one image-level run still has to run: (command, log), or None when its figures exist."""
+    if arm == 'frozen' and model == 'protonet':
+        return None if os.path.isfile(base + '.test.json') else (frozen_protonet(flags, base), base + '.log')
+    return variant_stage(base, flags)
+
+
+def image_figures(base: str, flags: list, arm: str, model: str) -> dict:
+    """One image-level run's test figures, what the adaptors did in training, and its command."""
+    if arm == 'frozen' and model == 'protonet':
         with open(base + '.test.json') as f:
-            return {**json.load(f)['settings'][0], 'command': shlex.join(['python', *command])}
-    figures = run_variant(base, flags, done)
+            return {**json.load(f)['settings'][0], 'command': shlex.join(['python', *frozen_protonet(flags, base)])}
+    figures = variant_figures(base, flags)
     figures['command'] = shlex.join(['python', 'train.py', *flags])
     args = parse_args(flags)
     history = read_file(run_paths(args).stat, 'statistics file').get('training_episodes')
@@ -406,7 +418,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument('--pretrained', default=None,
                    help="the image level's Conv-4 weights (FEAT's format, as pretrain.py --demo mixed writes them); "
                         "default: pretrain them in DIR/image")
+    p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
+                   help='image-level runs at a time, each on cpu_count // JOBS threads (default: 2, or 1 on a '
+                        'one-core machine); 1 shows each run\'s output as it comes')
     opts = p.parse_args(argv)
+    if opts.jobs < 1:
+        p.error(f'--jobs {opts.jobs}: expected a whole number of runs at a time, at least 1')
     scale = 'quick' if opts.quick else 'full'
     settings = SCALES[scale]
     out = os.path.abspath(opts.out)
@@ -415,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise UserError(f'--pretrained {opts.pretrained}: no such file (expected Conv-4 weights in FEAT\'s format, '
                         f'as pretrain.py --demo mixed writes them)')
     os.makedirs(os.path.join(out, 'feature'), exist_ok=True)
-    feature, image, done = {}, {}, []
+    feature, image, done, order = {}, {}, [], []
     command = shlex.join(['python', 'scripts/adaptor_study.py', '--out', opts.out, *(['--quick'] if opts.quick else [])])
     commands = [f'{command} (the whole study)']
 
@@ -423,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return os.path.join(out, 'feature', f'{scale}-s{knob:g}-seed{seed}.pt')
 
     def results() -> dict:
-        return write_results(out, scale, settings, feature, image, commands + [r['command'] for r in image.values()])
+        return write_results(out, scale, settings, feature, image, commands + [image[k]['command'] for k in order if k in image])
 
     current = ['start-up']
     stages = len(settings['seeds']) * (len(settings['knobs']) + len(IMAGE_ARMS) * len(settings['image_models'])) + 1
@@ -456,13 +473,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
             else:  # runs from other weights go to a folder of their own
                 weights = os.path.abspath(opts.pretrained)
                 save_dir += '-' + hashlib.sha1(weights.encode()).hexdigest()[:8]
-            for arm in IMAGE_ARMS:
-                for model in settings['image_models']:
-                    for seed in settings['seeds']:
-                        current[0] = f'the image level, {arm} {model}, seed {seed}'
-                        image[(arm, model, seed)] = image_run(save_dir, arm, model, seed, weights,
-                                                              settings['image_extra'], done)
-                        results()
+            keys = [(arm, model, seed) for arm in IMAGE_ARMS for model in settings['image_models']
+                    for seed in settings['seeds']]
+            runs = {key: image_flags(save_dir, *key, weights, settings['image_extra']) for key in keys}
+            order.extend(keys)
+
+            def collect(key: tuple) -> None:
+                image[key] = image_figures(*runs[key], *key[:2])
+                results()
+            pending = [key for key in keys if image_stage(*runs[key], *key[:2]) is not None]
+            for key in keys:
+                if key not in pending:
+                    collect(key)
+            current[0] = f'the image level ({len(pending)} runs to go when it started)'
+            run_stages([image_stage(*runs[key], *key[:2]) for key in pending], done, opts.jobs,
+                       finished=lambda i: collect(pending[i]))
     table = results()
     print(f'\nwrote {os.path.join(out, "results.md")}, results.json and study.png ({len(done)} command'
           f'{"s" if len(done) != 1 else ""} run now)')
