@@ -489,6 +489,11 @@ def run_stage(command: list[str], log: str, done: list) -> None:
     done.append(line)
 
 
+def threads_per_job(jobs: int) -> int:
+    """The threads of each of ``jobs`` processes that share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_stages(stages: list[tuple[list, str]], done: list, jobs: int = 1,
                finished: Callable[[int], None] = lambda i: None) -> None:
     """Run the (command, log) stages as run_stage does, ``jobs`` at a time, calling ``finished(i)`` after stage i.
@@ -500,7 +505,7 @@ def run_stages(stages: list[tuple[list, str]], done: list, jobs: int = 1,
             run_stage(command, log, done)
             finished(i)
         return
-    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // jobs))}
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads_per_job(jobs))}
     waiting, running = list(enumerate(stages)), {}
     with progress(total=len(stages), desc=f'runs, {jobs} at a time', unit='run') as bar:
         try:

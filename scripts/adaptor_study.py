@@ -35,8 +35,10 @@ weights instead of its own pretraining (its runs then go to a folder of their ow
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import Optional
@@ -57,7 +59,7 @@ from evaluation import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since,
                         training_diagnostics)
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from runs import (PRETRAINED_RATES, build_optimizer, episode_loss, model_on, pretrained_encoder, run_paths,  # noqa: E402
-                  run_stages, training_step, variant_figures, variant_stage)
+                  run_stages, threads_per_job, training_step, variant_figures, variant_stage)
 from utils import (UserError, check_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm,  # noqa: E402
                    mean_ci, progress, save_figure)
 
@@ -182,7 +184,7 @@ def initial_pull(features: torch.Tensor, seed: int) -> dict:
             'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else float('nan')}
 
 
-def feature_stage(knob: float, seed: int, data: tuple[dict, dict], heads: list, bar) -> dict:
+def feature_stage(knob: float, seed: int, data: tuple[dict, dict], heads: list) -> dict:
     """Every head trained and tested at one knob and seed: {head: figures}."""
     train_features, test_features = embeddings(data[0], knob), embeddings(data[1], knob)
     found = {'initial_pull': initial_pull(train_features, seed)}
@@ -207,8 +209,20 @@ def feature_stage(knob: float, seed: int, data: tuple[dict, dict], heads: list, 
                 figures['died_at'] = dead_since(history, last, args.adaptor)
         figures['seconds'] = time.perf_counter() - start
         found[name] = figures
-        bar.update(1)
     return found
+
+
+def feature_worker(threads: int) -> None:
+    """A process of the feature level: its share of the cores; Ctrl-C is for the study's own process."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def feature_job(job: tuple) -> tuple[float, int]:
+    """One stage of the feature level, in a process of its own: every head at one knob and seed, saved to path."""
+    knob, seed, train_episodes, test_episodes, path = job
+    atomic_save(feature_stage(knob, seed, feature_data(seed, train_episodes, test_episodes), list(FEATURE_HEADS)), path)
+    return knob, seed
 
 
 # ------------------------------------------------------------------ tables
@@ -419,8 +433,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="the image level's Conv-4 weights (FEAT's format, as pretrain.py --demo mixed writes them); "
                         "default: pretrain them in DIR/image")
     p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
-                   help='image-level runs at a time, each on cpu_count // JOBS threads (default: 2, or 1 on a '
-                        'one-core machine); 1 shows each run\'s output as it comes')
+                   help='feature-level stages and image-level runs at a time, each on cpu_count // JOBS threads '
+                        '(default: 2, or 1 on a one-core machine); with 1, image runs show their output as it comes')
     opts = p.parse_args(argv)
     if opts.jobs < 1:
         p.error(f'--jobs {opts.jobs}: expected a whole number of runs at a time, at least 1')
@@ -448,21 +462,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    f'result so far ({len(feature) + len(image)} of {stages} stages); run the same command '
                                    f'again to continue'):
         if 'feature' in opts.levels:
-            missing = [(k, s) for s in settings['seeds'] for k in settings['knobs'] if not os.path.isfile(stage_path(k, s))]
-            with progress(total=len(missing) * len(FEATURE_HEADS), desc='feature level', unit='head') as bar:
-                for seed in settings['seeds']:
-                    data = None
-                    for knob in settings['knobs']:
-                        current[0] = f'the feature level at s = {knob:g}, seed {seed}'
-                        if not os.path.isfile(stage_path(knob, seed)):
-                            data = data or feature_data(seed, settings['train_episodes'], settings['test_episodes'])
-                            atomic_save(feature_stage(knob, seed, data, list(FEATURE_HEADS), bar), stage_path(knob, seed))
-                        feature[(knob, seed)] = read_file(stage_path(knob, seed), 'stage result')
-                        if 'initial_pull' not in feature[(knob, seed)]:  # a stage file of an earlier version
-                            data = data or feature_data(seed, settings['train_episodes'], settings['test_episodes'])
-                            feature[(knob, seed)]['initial_pull'] = initial_pull(embeddings(data[0], knob), seed)
-                            atomic_save(feature[(knob, seed)], stage_path(knob, seed))
+            current[0] = 'the feature level'
+            keys = [(knob, seed) for seed in settings['seeds'] for knob in settings['knobs']]
+            jobs = [(*key, settings['train_episodes'], settings['test_episodes'], stage_path(*key)) for key in keys
+                    if not os.path.isfile(stage_path(*key))]
+            if jobs:  # each stage in a process of its own, opts.jobs at a time
+                with progress(total=len(jobs), desc=f'feature level, {opts.jobs} at a time', unit='stage') as bar, \
+                        multiprocessing.get_context('spawn').Pool(min(opts.jobs, len(jobs)), feature_worker,
+                                                                  (threads_per_job(opts.jobs),)) as pool:
+                    for key in pool.imap_unordered(feature_job, jobs):
+                        feature[key] = read_file(stage_path(*key), 'stage result')
                         results()
+                        bar.update(1)
+            for key in keys:
+                feature[key] = read_file(stage_path(*key), 'stage result')
+            results()
         if 'image' in opts.levels:
             current[0] = 'the pretraining'
             save_dir = os.path.join(out, 'image' if scale == 'full' else 'image-quick')

@@ -82,3 +82,67 @@ def test_identity_file_names_the_run(tiny_dataset, tmp_path):
     assert figures['accuracy'] == pytest.approx(100 * result['test_accuracies'].mean())
     assert identity['seed'] == 7 and identity['data'] == [os.path.abspath(tiny_dataset)]
     assert identity['run'] == os.path.basename(result['paths'].best)[:-len('.model')]
+
+
+# ------------------------------------------------------------------ runs.run_stages: stages several at a time
+WAIT_FOR = '''import os, sys, time
+mine, theirs = sys.argv[1], sys.argv[2]
+with open(mine, 'w') as f:
+    f.write(f"{os.getpid()} {os.environ.get('OMP_NUM_THREADS', '')}")
+deadline = time.time() + 60
+while not os.path.exists(theirs):
+    if time.time() > deadline:
+        sys.exit(5)
+    time.sleep(0.05)
+print('saw', theirs)
+'''
+
+
+def script(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / f'{name}.py'
+    path.write_text(text)
+    return str(path)
+
+
+def test_stages_run_at_once_each_on_its_share_of_the_cores(tmp_path):
+    """Each stage ends only once it has seen the other's file, so they finish only if they run at the same time."""
+    wait = script(tmp_path, 'wait', WAIT_FOR)
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    stages = [([wait, a, b], str(tmp_path / 'a.log')), ([wait, b, a], str(tmp_path / 'b.log'))]
+    done, finished = [], []
+    runs.run_stages(stages, done, jobs=2, finished=finished.append)
+    assert sorted(finished) == [0, 1] and len(done) == 2
+    for mine, log in ((a, 'a.log'), (b, 'b.log')):
+        with open(mine) as f:
+            assert f.read().split()[1] == str(max(1, (os.cpu_count() or 1) // 2))
+        text = (tmp_path / log).read_text()
+        assert text.startswith('$ python ') and 'saw' in text
+
+
+def test_a_failed_stage_stops_the_others_and_names_its_log(tmp_path):
+    wait = script(tmp_path, 'wait', WAIT_FOR)
+    fail = script(tmp_path, 'fail', 'import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n'
+                                    '    time.sleep(0.05)\nsys.exit(3)\n')  # once the waiting stage has started
+    started, never, third = (str(tmp_path / n) for n in ('started', 'never', 'third'))
+    stages = [([wait, started, never], str(tmp_path / 'wait.log')), ([fail, started], str(tmp_path / 'fail.log')),
+              ([wait, third, never], str(tmp_path / 'third.log'))]
+    done = []
+    with pytest.raises(runs.UserError) as error:
+        runs.run_stages(stages, done, jobs=2)
+    assert str(tmp_path / 'fail.log') in str(error.value) and 'code 3' in str(error.value)
+    assert done == [] and not os.path.exists(third)  # the third stage never started
+    with open(started) as f:  # the waiting stage was stopped, not left running
+        pid = int(f.read().split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_one_job_runs_the_stages_one_after_another(tmp_path):
+    """jobs=1: the second stage starts after the first has ended (it fails if the first has not)."""
+    first = script(tmp_path, 'first', 'import sys, time\ntime.sleep(0.5)\nopen(sys.argv[1], "w").close()\n')
+    second = script(tmp_path, 'second', 'import os, sys\nsys.exit(0 if os.path.exists(sys.argv[1]) else 4)\n')
+    ended = str(tmp_path / 'ended')
+    done, finished = [], []
+    runs.run_stages([([first, ended], str(tmp_path / 'first.log')), ([second, ended], str(tmp_path / 'second.log'))],
+                    done, jobs=1, finished=finished.append)
+    assert finished == [0, 1] and len(done) == 2
