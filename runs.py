@@ -568,12 +568,15 @@ def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
 
 
 def variant_stage(base: str, flags: list) -> Optional[tuple[list, str]]:
-    """What run_variant runs for ``flags``: (command, log), train.py (test.py for a finished run without figures);
-    None when base.test.json exists."""
+    """What run_variant runs for ``flags``: (command, log), train.py (with --resume for an unfinished run; test.py
+    for a finished run without figures); None when base.test.json exists."""
     if os.path.isfile(base + '.test.json'):
         return None
-    command = 'test.py' if run_finished(flags) else 'train.py'
-    return [command, *flags, *(['--resume'] if command == 'train.py' else []), '--json', base + '.test.json'], base + '.log'
+    state = saved_state(run_paths(parse_args(flags)).last)
+    command = 'test.py' if state == 'finished' else 'train.py'
+    # --resume only where this run has a state to continue: with runs at once, another seed's unfinished run
+    # would make --resume refuse a run that has not started
+    return [command, *flags, *(['--resume'] if state == 'unfinished' else []), '--json', base + '.test.json'], base + '.log'
 
 
 def variant_figures(base: str, flags: list) -> dict:

@@ -26,7 +26,9 @@ their share of episodes above 0, and whether the strengths died: 0 on every one 
 (the last 10 % at feature level, the last interval of --episode_gap at image level), and since which episode.
 
 Stages (one per knob and seed, the pretraining, one per image-level run) are skipped when their result exists:
-an interrupted study, started again with the same command, continues. DIR/results.md (tables, every command),
+an interrupted study, started again with the same command, continues. --jobs J (default 2) runs J feature-level
+stages, then J image-level runs, at a time, each on cpu_count // J threads: on a 2-core CPU that is quicker than
+one process on both cores, and it can move a figure's last decimal (float sums in another order). DIR/results.md (tables, every command),
 DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, 200 episodes
 at feature level; at image level GLoFA and ProtoNet only, one epoch of pretraining, a few episodes: a check of
 the pipeline (minutes; its numbers answer nothing). --pretrained FILE: the image level from these Conv-4
