@@ -16,6 +16,8 @@ Sections (none named: the quick set, evaluation loading training settings):
               generated one): the one-time conversion and disk use, and train.py --flag_debug's first
               start (converting) vs a later one (mapped); the folder form beside them
   pretrain    seconds per pretraining step (batch in memory), one process vs --processes under torchrun
+  allocator   seconds and page faults per training step (one episode's images in memory, the CPU), with glibc's
+              default allocator vs utils.keep_freed_memory as the entry points set it (the weights bit for bit)
   settings    test.py's choices: 3 episodes auto vs the whole split cached; --K 1 5 in one command vs
               two commands (the accuracy lines identical)
   cache       test.py of one checkpoint on --data_path's test split (default a small generated one), three
@@ -26,6 +28,7 @@ in the real on-disk formats under --work_dir (a temporary folder by default). Sp
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -58,7 +61,7 @@ from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from pickles import CONVERTED, convert_split  # noqa: E402
 from checkpoints import atomic_save, model_state_dict  # noqa: E402
-from utils import accuracy_line, autocast, backward_and_step, exits_cleanly, select_device  # noqa: E402
+from utils import accuracy_line, autocast, backward_and_step, exits_cleanly, keep_freed_memory, select_device  # noqa: E402
 
 FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
 MIB, GIB = 2 ** 20, 2 ** 30
@@ -349,6 +352,15 @@ def pretrain_worker(opts) -> None:
     distributed.cleanup()
 
 
+def worker_result(command: list[str], section: str, env: Optional[dict] = None) -> dict:
+    """Run this script as a worker of ``section`` (or torchrun around it) and return what it reported."""
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f'a worker of the {section} section failed:\n{done.stderr[-2000:]}')
+    return json.loads(lines[0][len(RESULT):])
+
+
 def pretrain(opts, device: torch.device, work: str) -> list[Row]:
     figures = {}
     for processes in (1, opts.processes):
@@ -359,16 +371,51 @@ def pretrain(opts, device: torch.device, work: str) -> list[Row]:
         if processes > 1:
             command = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), *command]
             env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
-        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-        if done.returncode != 0 or not lines:
-            raise SystemExit(f'the pretrain section with {processes} process(es) failed:\n{done.stderr[-2000:]}')
-        figures[processes] = json.loads(lines[0][len(RESULT):])
+        figures[processes] = worker_result(command, f'pretrain ({processes} process(es))', env)
     one, several = figures[1], figures[opts.processes]
     return [Row('pretrain', f'{device.type} {opts.network}, seconds per step of {opts.batch_size} images (100 epochs '
                 f'of 300 steps, 1 process: {one["s_per_step"] * 30000 / 3600:.1f} h)',
                 f'1 process ({one["threads"]} threads)', one['s_per_step'],
                 f'{opts.processes} processes ({several["threads"]} thread(s) each)', several['s_per_step'])]
+
+
+# ------------------------------------------------------------------ allocator: glibc's default vs kept freed memory
+def allocator_worker(opts) -> None:
+    """Training steps of the encoder and a classifier on one episode's images in memory, with the C allocator
+    as a process starts or as the entry points set it (utils.keep_freed_memory); reports seconds and page
+    faults per step after the warm-up, and a digest of the weights."""
+    import resource  # Unix only
+    if opts.allocator_worker == 'kept':
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = EncoderClassifier(build_encoder(opts.network), 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(5 * (opts.K + 15), 3, 84, 84)
+    labels = torch.randint(64, (len(images),))
+
+    def step() -> None:
+        backward_and_step(classification_loss(model, images, labels)[0], optimizer)
+    for _ in range(opts.warmup):
+        step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = timed(lambda: [step() for _ in range(opts.steps)])[0] / opts.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / opts.steps
+    digest = hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    print(RESULT + json.dumps({'s_per_step': seconds, 'faults_per_step': faults, 'digest': digest}), flush=True)
+
+
+def allocator(opts, device: torch.device, work: str) -> list[Row]:
+    figures = {mode: worker_result([os.path.abspath(__file__), '--allocator_worker', mode, '--network', opts.network,
+                                    '--K', str(opts.K), '--steps', str(opts.steps), '--warmup', str(opts.warmup)],
+                                   f'allocator ({mode})')
+               for mode in ('default', 'kept')}
+    default, kept = figures['default'], figures['kept']
+    what = f'cpu {opts.network}, a training step of {5 * (opts.K + 15)} images in memory'
+    same = default['digest'] == kept['digest']  # bit for bit the same weights
+    return [Row('allocator', what + ', seconds', "glibc's default", default['s_per_step'], 'keep_freed_memory',
+                kept['s_per_step'], same=same),
+            Row('allocator', what + ', minor page faults', "glibc's default", default['faults_per_step'],
+                'keep_freed_memory', kept['faults_per_step'], unit='faults', same=same)]
 
 
 # ------------------------------------------------------------------ test.py's choices
@@ -431,7 +478,7 @@ def cache(opts, device: torch.device, work: str) -> list[Row]:
 
 
 SECTIONS = {'evaluation': evaluation, 'head': head, 'loading': loading, 'training': training, 'formats': formats,
-            'pickled': pickled, 'pretrain': pretrain, 'settings': settings, 'cache': cache}
+            'pickled': pickled, 'pretrain': pretrain, 'allocator': allocator, 'settings': settings, 'cache': cache}
 PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'pretrain', 'cache')  # the others time CPU work
 
 
@@ -460,13 +507,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--forms', nargs='+', default=list(PICKLED_FORMS), choices=list(PICKLED_FORMS), help='pickled: forms')
     p.add_argument('--processes', type=int, default=2, help='pretrain: processes of the torchrun way')
     p.add_argument('--batch_size', type=int, default=128, help="pretrain: images a step over all processes")
-    p.add_argument('--steps', type=int, default=3, help='pretrain: timed steps')
-    p.add_argument('--warmup', type=int, default=1, help='pretrain: untimed steps first')
+    p.add_argument('--steps', type=int, default=3, help='pretrain, allocator: timed steps')
+    p.add_argument('--warmup', type=int, default=1, help='pretrain, allocator: untimed steps first')
     p.add_argument('--episodes', type=int, default=2000, help='settings: episodes of each setting')
     p.add_argument('--cache_episodes', type=int, default=10000, help="cache: test.py's --n_testing_episodes")
     p.add_argument('--work_dir', default=None, help='where data is written (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
     p.add_argument('--pretrain_worker', action='store_true', help=argparse.SUPPRESS)  # what the pretrain section runs
+    p.add_argument('--allocator_worker', choices=['default', 'kept'], help=argparse.SUPPRESS)  # the allocator section's
     return p
 
 
@@ -493,6 +541,9 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     unknown = [name for name in opts.sections if name not in SECTIONS]
     if unknown:
         parser.error(f'unknown section {unknown[0]}: choose from {", ".join(SECTIONS)}')
+    if opts.allocator_worker:
+        return allocator_worker(opts)
+    keep_freed_memory()  # as train.py, test.py and pretrain.py do
     if opts.pretrain_worker:
         return pretrain_worker(opts)
     rows = run_sections(opts, opts.sections or QUICK)

@@ -146,3 +146,19 @@ def test_one_job_runs_the_stages_one_after_another(tmp_path):
     runs.run_stages([([first, ended], str(tmp_path / 'first.log')), ([second, ended], str(tmp_path / 'second.log'))],
                     done, jobs=1, finished=finished.append)
     assert finished == [0, 1] and len(done) == 2
+
+
+def test_a_variant_resumes_only_its_own_unfinished_run(tiny_dataset, tmp_path):
+    """With runs at once, another seed's unfinished run must not make a new run's command carry --resume."""
+    base = str(tmp_path / 'variant')
+    fresh = flags(tiny_dataset, tmp_path, '--seed', '1')
+    command, log = runs.variant_stage(base, fresh)
+    assert command[0] == 'train.py' and '--resume' not in command and log == base + '.log'
+    train.main(fresh)
+    assert runs.variant_stage(base, fresh)[0][0] == 'test.py'  # finished, without figures: only its test
+    paths = runs.run_paths(runs.parse_args(fresh))
+    state = runs.read_file(paths.last, 'resume state')
+    runs.atomic_save({**state, 'finished': False}, paths.last)  # as a run stopped part-way leaves it
+    assert runs.variant_stage(base, fresh)[0][:1] == ['train.py'] and '--resume' in runs.variant_stage(base, fresh)[0]
+    (tmp_path / 'variant.test.json').write_text('{}')
+    assert runs.variant_stage(base, fresh) is None
