@@ -474,19 +474,28 @@ def run_stage(command: list[str], log: str, done: list) -> None:
     print(f'\n$ {line}', flush=True)
     os.makedirs(os.path.dirname(log) or '.', exist_ok=True)
     with writing(log), open(log, 'a') as f:
-        f.write(f'$ {line}\n')
-        f.flush()
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = start_stage(command, line, f, subprocess.PIPE)
         for chunk in iter(lambda: process.stdout.read1(65536), b''):  # as it comes: progress bars stay live
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             f.write(chunk.decode(errors='replace'))
         code = process.wait()
     if code != 0:
-        raise UserError(f'{line} stopped with exit code {code} (its output: {log}); run the same script again '
-                        f'with the same flags to continue')
+        raise stage_failed(line, code, log)
     done.append(line)
+
+
+def start_stage(command: list[str], line: str, log, stdout, env: Optional[dict] = None) -> subprocess.Popen:
+    """Write the command line at the head of its output in the open ``log``, then start it in its own process."""
+    log.write(f'$ {line}\n')
+    log.flush()
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]], stdout=stdout,
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def stage_failed(line: str, code: int, log: str) -> UserError:
+    return UserError(f'{line} stopped with exit code {code} (its output: {log}); run the same script again '
+                     f'with the same flags to continue')
 
 
 def threads_per_job(jobs: int) -> int:
@@ -516,18 +525,14 @@ def run_stages(stages: list[tuple[list, str]], done: list, jobs: int = 1,
                     os.makedirs(os.path.dirname(log) or '.', exist_ok=True)
                     with writing(log):
                         f = open(log, 'a')
-                        f.write(f'$ {line}\n')
-                        f.flush()
+                        process = start_stage(command, line, f, f, env)
                     bar.write(f'$ {line}  (output: {log})')
-                    process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
-                                               stdout=f, stderr=subprocess.STDOUT, env=env)
                     running[process] = (i, line, log, f)
                 for process in [p for p in running if p.poll() is not None]:
                     i, line, log, f = running.pop(process)
                     f.close()
                     if process.returncode != 0:
-                        raise UserError(f'{line} stopped with exit code {process.returncode} (its output: {log}); '
-                                        f'run the same script again with the same flags to continue')
+                        raise stage_failed(line, process.returncode, log)
                     done.append(line)
                     bar.update(1)
                     finished(i)

@@ -28,8 +28,8 @@ their share of episodes above 0, and whether the strengths died: 0 on every one 
 Stages (one per knob and seed, the pretraining, one per image-level run) are skipped when their result exists:
 an interrupted study, started again with the same command, continues. --jobs J (default 2) runs J feature-level
 stages, then J image-level runs, at a time, each on cpu_count // J threads: on a 2-core CPU that is quicker than
-one process on both cores, and it can move a figure's last decimal (float sums in another order). DIR/results.md (tables, every command),
-DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, 200 episodes
+one process on both cores, and it can move a figure's last decimal (float sums in another order).
+DIR/results.md (tables, every command), DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, 200 episodes
 at feature level; at image level GLoFA and ProtoNet only, one epoch of pretraining, a few episodes: a check of
 the pipeline (minutes; its numbers answer nothing). --pretrained FILE: the image level from these Conv-4
 weights instead of its own pretraining (its runs then go to a folder of their own).
@@ -497,13 +497,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
             def collect(key: tuple) -> None:
                 image[key] = image_figures(*runs[key], *key[:2])
                 results()
-            pending = [key for key in keys if image_stage(*runs[key], *key[:2]) is not None]
+            to_run = {key: image_stage(*runs[key], *key[:2]) for key in keys}
+            pending = [key for key in keys if to_run[key] is not None]
             for key in keys:
-                if key not in pending:
+                if to_run[key] is None:
                     collect(key)
             current[0] = f'the image level ({len(pending)} runs to go when it started)'
-            run_stages([image_stage(*runs[key], *key[:2]) for key in pending], done, opts.jobs,
-                       finished=lambda i: collect(pending[i]))
+            run_stages([to_run[key] for key in pending], done, opts.jobs, finished=lambda i: collect(pending[i]))
     table = results()
     print(f'\nwrote {os.path.join(out, "results.md")}, results.json and study.png ({len(done)} command'
           f'{"s" if len(done) != 1 else ""} run now)')

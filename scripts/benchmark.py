@@ -370,7 +370,7 @@ def pretrain(opts, device: torch.device, work: str) -> list[Row]:
         env = dict(os.environ)
         if processes > 1:
             command = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), *command]
-            env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
+            env['OMP_NUM_THREADS'] = str(runs.threads_per_job(processes))
         figures[processes] = worker_result(command, f'pretrain ({processes} process(es))', env)
     one, several = figures[1], figures[opts.processes]
     return [Row('pretrain', f'{device.type} {opts.network}, seconds per step of {opts.batch_size} images (100 epochs '
