@@ -65,7 +65,7 @@ def test_channels_last_gives_the_same_logits():
 
 def test_shortened_demo_runs_end_to_end(tmp_path):
     flags = ['--demo', '--data_path', str(tmp_path / 'demo'), '--save_dir', str(tmp_path / 'saves'),
-             '--n_training_episodes', '20', '--episode_gap', '10', '--n_validating_episodes', '10',
+             '--n_training_episodes', '8', '--episode_gap', '4', '--n_validating_episodes', '5',
              '--n_testing_episodes', '30', '--n_workers', '0']
     run = subprocess.run([sys.executable, 'train.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
