@@ -29,10 +29,10 @@ Stages (one per knob and seed, the pretraining, one per image-level run) are ski
 an interrupted study, started again with the same command, continues. --jobs J (default 2) runs J feature-level
 stages, then J image-level runs, at a time, each on cpu_count // J threads: on a 2-core CPU that is quicker than
 one process on both cores, and it can move a figure's last decimal (float sums in another order).
-DIR/results.md (tables, every command), DIR/results.json and DIR/study.png are written after every stage. --quick: one seed, two knobs, 200 episodes
-at feature level; at image level GLoFA and ProtoNet only, one epoch of pretraining, a few episodes: a check of
-the pipeline (minutes; its numbers answer nothing). --pretrained FILE: the image level from these Conv-4
-weights instead of its own pretraining (its runs then go to a folder of their own).
+DIR/results.md (tables, every command), DIR/results.json and DIR/study.png are written after every stage.
+--quick: one seed, two knobs, 200 episodes at feature level; at image level GLoFA and ProtoNet only, one epoch
+of pretraining, a few episodes: a check of the pipeline (minutes; its numbers answer nothing). --pretrained FILE:
+the image level from these Conv-4 weights instead of its own pretraining (its runs then go to a folder of their own).
 """
 import argparse
 import hashlib

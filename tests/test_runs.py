@@ -159,6 +159,7 @@ def test_a_variant_resumes_only_its_own_unfinished_run(tiny_dataset, tmp_path):
     paths = runs.run_paths(runs.parse_args(fresh))
     state = runs.read_file(paths.last, 'resume state')
     runs.atomic_save({**state, 'finished': False}, paths.last)  # as a run stopped part-way leaves it
-    assert runs.variant_stage(base, fresh)[0][:1] == ['train.py'] and '--resume' in runs.variant_stage(base, fresh)[0]
+    command = runs.variant_stage(base, fresh)[0]
+    assert command[0] == 'train.py' and '--resume' in command
     (tmp_path / 'variant.test.json').write_text('{}')
     assert runs.variant_stage(base, fresh) is None
