@@ -19,7 +19,8 @@ Image level: the mix-grained demo (--demo mixed) from the Conv-4 of pretrain.py 
 schedule (300 training episodes, 5-way 1-shot, 1000 test episodes), with the reference's rates for a pretrained
 encoder (--lr_network 0.0001 --lr 0.01, as scripts/mixed_ablation.py): the encoder fine-tuned, against frozen
 (--freeze_encoder: eval mode, so BatchNorm's statistics stay as pretrained; no backward pass; no update), for
-GLoFA, GLoFA --adaptor none, ProtoNet (frozen: the pretrained encoder as it is, by test.py) and FEAT.
+GLoFA, GLoFA --adaptor none, ProtoNet (frozen: the pretrained encoder as it is, by test.py) and FEAT. The runs
+use --channels_last, a speed option: the same numbers up to rounding, about 1.3x quicker on this CPU.
 
 Every head reports test accuracy (mean over seeds ± 1.96 std / sqrt(seeds)), GLoFA's strengths on the test and
 their share of episodes above 0, and whether the strengths died: 0 on every one of the last training episodes
@@ -391,7 +392,7 @@ def image_flags(save_dir: str, arm: str, model: str, seed: int, weights: str, ex
     """The base path of one image-level run's files and its train.py flags."""
     return (os.path.join(save_dir, f'{arm}-{model}-seed{seed}'),
             ['--demo', 'mixed', '--seed', str(seed), *IMAGE_MODELS[model], '--pretrained', weights,
-             *PRETRAINED_RATES, *IMAGE_ARMS[arm], '--save_dir', save_dir, *extra])
+             *PRETRAINED_RATES, *IMAGE_ARMS[arm], '--channels_last', '--save_dir', save_dir, *extra])
 
 
 def frozen_protonet(flags: list, base: str) -> list:
