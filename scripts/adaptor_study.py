@@ -20,7 +20,7 @@ schedule (300 training episodes, 5-way 1-shot, 1000 test episodes), with the ref
 encoder (--lr_network 0.0001 --lr 0.01, as scripts/mixed_ablation.py): the encoder fine-tuned, against frozen
 (--freeze_encoder: eval mode, so BatchNorm's statistics stay as pretrained; no backward pass; no update), for
 GLoFA, GLoFA --adaptor none, ProtoNet (frozen: the pretrained encoder as it is, by test.py) and FEAT. The runs
-use --channels_last, a speed option: the same numbers up to rounding, 1.25x quicker a training step on this CPU.
+use --channels_last, a speed option: the same numbers up to rounding, a training step 1.25x quicker on this CPU.
 
 Every head reports test accuracy (mean over seeds ± 1.96 std / sqrt(seeds)), GLoFA's strengths on the test and
 their share of episodes above 0, and whether the strengths died: 0 on every one of the last training episodes
