@@ -1,5 +1,6 @@
 """The command lines of the entry points: the flags they share (one parent parser), then each one's own."""
 import argparse
+import math
 import os
 from typing import Optional
 
@@ -16,12 +17,14 @@ DOMAINS = {  # train.py and test.py (a flag of None is not checked: its default 
     'lr_network': AT_LEAST_0, 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR,
     'mo': (lambda v: 0 < v < 1, 'in (0, 1): Nesterov momentum needs a momentum above 0, and 1 or more diverges'),
     'tau': POSITIVE, 'delta': POSITIVE, 'temperature': POSITIVE, 'temperature2': POSITIVE, 'balance': AT_LEAST_0,
-    'n_workers': AT_LEAST_0, 'episode_batch': AT_LEAST_0,
+    'n_workers': AT_LEAST_0, 'episode_batch': AT_LEAST_0, 'seed': (lambda v: 0 <= v < 2 ** 63, 'from 0 to 2^63 - 1'),
+    'h_bias_init': (lambda v: True, 'a number'),
 }
 PRETRAIN_DOMAINS = {
     'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'val_every': AT_LEAST_1, 'val_shot': AT_LEAST_1,
     'val_query': AT_LEAST_1, 'val_episodes': AT_LEAST_1, 'milestones': AT_LEAST_1,
     'val_way': DOMAINS['N'], 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR, 'n_workers': AT_LEAST_0,
+    'seed': DOMAINS['seed'],
 }
 
 
@@ -30,6 +33,8 @@ def domain_error(args, domains: dict) -> Optional[str]:
     for flag, (accepts, what) in domains.items():
         value = getattr(args, flag, None)
         for v in (value if isinstance(value, list) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                return f'--{flag} must be a finite number, {what}, got {v}'
             if v is not None and not accepts(v):
                 return f'--{flag} must be {what}, got {v}'
     return None

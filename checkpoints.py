@@ -1,27 +1,22 @@
 """Reading and writing weights: atomic saves, strict loading with one-line errors."""
+import hashlib
+import io
 import os
-import pickle
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from utils import UserError, writing
+from utils import UserError, atomic_write
+
+# BLAKE2b of the bytes each file was read from, by real path: what this process loaded, even if the file
+# has been replaced since (a stored embedding is keyed by the weights that made it)
+LOADED_DIGESTS: dict = {}
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = f'{path}.tmp'
-    try:
-        with writing(path):
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through utils.atomic_write: a crash never leaves half a file, a planted link is not followed."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def strip_module(state_dict: dict) -> dict:
@@ -35,11 +30,19 @@ def model_state_dict(model: nn.Module) -> dict:
 
 
 def read_file(path: str, what: str, weights_only: bool = True) -> Any:
+    """A torch file, read once into memory and loaded from those bytes (their digest kept in LOADED_DIGESTS);
+    anything that is not such a file is one line naming it."""
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} not found')
     try:
-        return torch.load(path, map_location='cpu', weights_only=weights_only)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as error:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as error:
+        raise UserError(f'{what} {path} cannot be read ({error.strerror or error})') from None
+    LOADED_DIGESTS[os.path.realpath(path)] = hashlib.blake2b(data, digest_size=20).hexdigest()
+    try:
+        return torch.load(io.BytesIO(data), map_location='cpu', weights_only=weights_only)
+    except Exception as error:  # noqa: BLE001 (torch's loader raises many kinds on a file that is not its own)
         text = str(error).strip()
         reason = text.splitlines()[0].split('. ')[0].rstrip('.') if text else type(error).__name__
         if 'Weights only load failed' in text and 'unsupported global' in text.lower():

@@ -31,10 +31,16 @@ import torch
 from PIL import Image
 from utils import progress
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
-from torchvision import transforms
+try:
+    from torchvision import transforms
+except RuntimeError as error:  # a torchvision built for another torch: 'operator torchvision::nms does not exist'
+    print(f'error: the installed torchvision does not fit torch {torch.__version__} '
+          f'({(str(error).strip().splitlines() or [""])[0]}); install the two together: pip install --upgrade torch '
+          f'torchvision (CPU-only: add --index-url https://download.pytorch.org/whl/cpu)', file=sys.stderr)
+    sys.exit(2)
 
 from pickles import cache_dir, cache_folder, convert_split, pickled_form, safe_load, source_file
-from utils import UserError
+from utils import UserError, too_large
 
 SPLITS = ('train', 'val', 'test')
 # per-channel (mean, std) of the images, in [0, 1] units (--normalization)
@@ -130,6 +136,9 @@ def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int]
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{csv_path}, line {line_no}: expected 'filename,label', got {','.join(row)!r}")
         name, label = row[0].strip(), row[1].strip()
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == '..':
+            raise UserError(f"{csv_path}, line {line_no}: {name!r} leaves the images folder (an absolute path or one "
+                            f"through '..'); a row names a file inside images/")
         if strict and name in first_line:
             raise UserError(f'split file {csv_path} lists {name} twice (lines {first_line[name]} and {line_no}): '
                             f'an image listed twice can be its own query; remove the repeated rows')
@@ -290,7 +299,7 @@ def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
     print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
     partial = f'{target}.part{os.getpid()}'
     try:
-        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, open(partial, 'wb') as out, \
+        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, open(partial, 'xb') as out, \
                 progress(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
                      leave=False) as bar:
             while chunk := source.read(1 << 24):
@@ -360,11 +369,12 @@ class SplitDataset(Dataset):
         return f'{i} of {self.location}'
 
     def stamp(self) -> dict:
-        """What the split's pixels and labels depend on, cheaply: its files' locations, sizes and modification
-        times (``evaluation.FeatureCache``'s key)."""
-        return {'split': self.split, 'files': [file_stamp(path) for path in self.stamp_files()]}
+        """What the split's pixels and labels depend on: the content of every file it is read from
+        (``evaluation.FeatureCache``'s key)."""
+        return {'split': self.split, 'content': content_digest(self.files())}
 
-    def stamp_files(self) -> list[str]:
+    def files(self) -> list[str]:
+        """Every file the split is read from (its content key's, and what no output of a command may be)."""
         return [self.location]
 
 
@@ -393,24 +403,16 @@ class FewShotDataset(SplitDataset):
     def image_path(self, i: int) -> str:
         return os.path.join(self.image_dir, self.filenames[i])
 
-    def stamp(self) -> dict:
-        """The split file, and every image's size and modification time, hashed (12000 stats: milliseconds)."""
-        images = hashlib.sha256()
-        for name in self.filenames:
-            try:
-                info = os.stat(os.path.join(self.image_dir, name))
-                images.update(f'{name}:{info.st_size}:{info.st_mtime_ns};'.encode())
-            except OSError:  # reported when the image is read
-                images.update(f'{name}:unreadable;'.encode())
-        return {'split': self.split, 'files': [file_stamp(self.csv_path)], 'images': images.hexdigest()}
+    def files(self) -> list[str]:
+        return [self.csv_path, *(os.path.join(self.image_dir, name) for name in self.filenames)]
 
     def load_image(self, i: int) -> Image.Image:
         path = self.image_path(i)
         try:
             with Image.open(path) as image:
                 return to_rgb(image, path)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise UserError(f'image {path} cannot be read or decoded ({type(error).__name__})') from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise UserError(f'image {path} cannot be read or decoded ({too_large(error) or type(error).__name__})') from None
 
 
 class TieredDataset(SplitDataset):
@@ -459,17 +461,27 @@ class TieredDataset(SplitDataset):
         state['_images'] = None  # a worker maps the file itself
         return state
 
-    def stamp_files(self) -> list[str]:
+    def files(self) -> list[str]:
         return [self.images_path, self.labels_path]
 
     def load_image(self, i: int) -> Image.Image:
         return Image.fromarray(np.array(self.images[i]))
 
 
-def file_stamp(path: str) -> list:
-    """[absolute path, size, modification time in ns] of a file."""
-    info = os.stat(path)
-    return [os.path.abspath(path), info.st_size, info.st_mtime_ns]
+def content_digest(paths: Sequence[str]) -> str:
+    """BLAKE2b of the files' names and contents, in order (a file that cannot be read counts as such: it is
+    reported when read)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for path in paths:
+        digest.update(f'{os.path.basename(path)}\0'.encode())
+        try:
+            with open(path, 'rb') as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+            digest.update(b'\0end\0')
+        except OSError:
+            digest.update(b'\0unreadable\0')
+    return digest.hexdigest()
 
 
 class LabelledSplit:
@@ -572,6 +584,9 @@ class MultiSourceDataset(Dataset):
 
     def stamp(self) -> dict:
         return {'split': self.split, 'roots': [d.stamp() for d in self.datasets]}
+
+    def files(self) -> list[str]:
+        return [path for d in self.datasets for path in d.files()]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(root index, index inside that root's dataset) of image i."""

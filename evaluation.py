@@ -14,13 +14,13 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from utils import progress
-
-from dataloader import IMAGE_SIZE, FewShotDataset, episode_group, episode_loader, episode_sampler, image_loader, iterate
+from checkpoints import LOADED_DIGESTS
+from dataloader import (IMAGE_SIZE, FewShotDataset, content_digest, episode_group, episode_loader, episode_sampler,
+                        image_loader, iterate)
 from models import FewShotModel, prototype_logits, split_episode
 from models.glofa import query_targets
 from networks import advance_forward_count, forward_count, set_forward_count
-from utils import UserError, accuracy_line, autocast, mean_ci, to_device, writing
+from utils import UserError, accuracy_line, atomic_write, autocast, mean_ci, progress, to_device, write_json
 
 
 MODES = ('auto', 'cached', 'episodic')
@@ -98,31 +98,37 @@ def encode_split(encoder: nn.Module, dataset: FewShotDataset, options: EvalOptio
 class FeatureCache:
     """A split's embeddings stored on disk, so that the same checkpoint never encodes the same split twice:
     ``<folder>/<digest>.npy`` (float32, (n_images, d)) with ``<digest>.json`` beside it, where the digest is
-    that of ``key``: the checkpoint's content, the split's files (split file, every image's size and
-    modification time), the transform, the network and how it ran. Any change of those is another file. Both
-    are written atomically; on reading, the array is memory-mapped and checked against the SHA-256 its
-    record holds, so a damaged or partial file is rebuilt, never read as numbers."""
+    that of ``key``: the digest of the checkpoint's bytes as they were loaded, the content of every file the split
+    is read from (split file and images, or the arrays), the transform, the network and how it ran. Any change of
+    those is another file. Both are written atomically (utils.atomic_write); on reading, the array is checked
+    against its record's SHA-256 and against the model (one row per image, its feature size, float32), so a
+    damaged, partial or foreign file is encoded again, with one line, never read as numbers."""
 
     def __init__(self, folder: str, key: dict):
         self.folder, self.key = folder, key
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.path, self.record = os.path.join(folder, f'{digest}.npy'), os.path.join(folder, f'{digest}.json')
+        self.warning: Optional[str] = None  # a store that failed: said after the result, never instead of it
 
-    def load(self) -> Optional[torch.Tensor]:
-        """The stored embeddings, or None (none stored, another key, or a damaged file: said in one line)."""
+    def load(self, rows: int, dim: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The stored embeddings of ``rows`` images of ``dim`` features, or None (none stored, another key, or a
+        damaged or mismatched file: said in one line)."""
         try:
             with open(self.record) as f:
                 record = json.load(f)
-            if record.get('key') != self.key:
+            if not isinstance(record, dict) or record.get('key') != self.key:
                 return None
-            array = np.load(self.path, mmap_mode='r')
+            array = np.load(self.path, mmap_mode='r', allow_pickle=False)
+            if array.dtype != np.float32 or array.ndim != 2 or array.shape[0] != rows or dim not in (None, array.shape[1]):
+                raise ValueError(f'it holds {array.dtype} of shape {tuple(array.shape)}, the model needs float32 of '
+                                 f'shape ({rows}, {dim if dim is not None else "d"})')
             if list(array.shape) != record['shape'] or hashlib.sha256(memoryview(np.ascontiguousarray(array))) \
                     .hexdigest() != record['sha256']:
                 raise ValueError('its content does not match its record')
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            print(f'note: the stored embeddings {self.path} are damaged ({error}): encoding again')
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+            print(f'note: the stored embeddings {self.path} are damaged or do not fit ({error}): encoding again')
             return None
         print(f'embeddings of the {self.key["split"]["split"]} split reused from {self.path} '
               f'({os.path.getsize(self.path) / 2 ** 20:.1f} MiB; --feature_cache off, or deleting {self.folder}, '
@@ -130,33 +136,31 @@ class FeatureCache:
         return torch.from_numpy(np.array(array))
 
     def save(self, features: torch.Tensor) -> None:
+        """Store the embeddings; a failure (read-only folder, full disk) is kept in ``warning``, not raised."""
         array = np.ascontiguousarray(features.detach().cpu().float().numpy())
-        os.makedirs(self.folder, exist_ok=True)
-        with writing(self.path):
-            np.save(self.path + '.part.npy', array)
-            with open(self.record + '.part', 'w') as f:
-                json.dump({'key': self.key, 'shape': list(array.shape),
-                           'sha256': hashlib.sha256(memoryview(array)).hexdigest()}, f, indent=1)
-            os.replace(self.path + '.part.npy', self.path)
-            os.replace(self.record + '.part', self.record)
+        try:
+            atomic_write(self.path, lambda f: np.save(f, array))
+            write_json(self.record, {'key': self.key, 'shape': list(array.shape),
+                                     'sha256': hashlib.sha256(memoryview(array)).hexdigest()})
+        except UserError as error:
+            self.warning = f'warning: the embeddings were not stored ({error}); the result above is not affected'
+            return
         print(f'embeddings of the {self.key["split"]["split"]} split stored in {self.path} '
               f'({os.path.getsize(self.path) / 2 ** 20:.1f} MiB): a later evaluation of this checkpoint reuses them')
 
 
-def file_digest(path: str) -> str:
-    """SHA-256 of a file's content (a checkpoint: its cached embeddings follow its content, not its name)."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def weights_digest(path: str) -> str:
+    """The digest of a checkpoint's bytes as this process loaded them (checkpoints.LOADED_DIGESTS), else of the
+    file now: its stored embeddings follow the weights that made them, not the file's name."""
+    loaded = LOADED_DIGESTS.get(os.path.realpath(path))
+    return loaded if loaded is not None else content_digest([path])
 
 
 def feature_cache(save_dir: str, checkpoint: str, stamp: dict, normalization: str, network_name: str,
                   options: 'EvalOptions') -> 'FeatureCache':
     """The cache under <save_dir>/features of the embeddings, by the encoder of ``checkpoint``, of the images
-    that ``stamp`` describes (a split's ``dataset.stamp()``, or any {'split': name, 'files': [file_stamp, ...]})."""
-    key = {'checkpoint': file_digest(checkpoint), 'split': stamp, 'transform': f'eval-{normalization}',
+    that ``stamp`` describes (a split's ``dataset.stamp()``, or any {'split': name, 'content': digest})."""
+    key = {'checkpoint': weights_digest(checkpoint), 'split': stamp, 'transform': f'eval-{normalization}',
            'image_size': IMAGE_SIZE, 'network': network_name, 'device': options.device.type, 'amp': options.amp,
            'channels_last': options.channels_last}
     return FeatureCache(os.path.join(save_dir, 'features'), key)
@@ -189,9 +193,14 @@ class SplitFeatures:
         split.features = features
         return split
 
+    def warning(self) -> Optional[str]:
+        """Why the embeddings could not be stored, if so: printed after the result."""
+        return self.cache.warning if self.cache is not None else None
+
     def get(self) -> torch.Tensor:
         if self.features is None and self.cache is not None:
-            stored = self.cache.load()
+            encoder = getattr(self.encoder, 'module', self.encoder)  # inside DataParallel
+            stored = self.cache.load(len(self.dataset), getattr(encoder, 'out_dim', None))
             self.features = stored.to(self.options.device) if stored is not None else None
         if self.features is None:
             count = forward_count(self.encoder)
@@ -445,11 +454,7 @@ def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
 
 def write_figures(path: str, settings: list[dict], **extra) -> None:
     """Write the figures of one or more settings to a JSON file (its folder is created)."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with writing(path), open(path, 'w') as f:
-        json.dump({**extra, 'settings': settings}, f, indent=1)
+    write_json(path, {**extra, 'settings': settings})
 
 
 PROTOTYPE_METRICS = ('cosine', 'euclidean')

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from utils import progress
 
-from utils import UserError
+from utils import UserError, too_large
 
 # what a pickle of plain containers, numbers, strings and numpy arrays needs (Python 2's and 3's)
 SAFE_GLOBALS = {
@@ -154,8 +154,8 @@ def decode_png(item: Any, path: str, i: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             return np.asarray(image.convert('RGB'))
-    except (OSError, ValueError, SyntaxError) as error:
-        raise UserError(f'{path}: image {i} cannot be decoded ({type(error).__name__})') from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UserError(f'{path}: image {i} cannot be decoded ({too_large(error) or type(error).__name__})') from None
 
 
 # ------------------------------------------------------------------ conversion
@@ -196,7 +196,7 @@ def source_stamp(path: str) -> dict:
 
 def write_stored_npz(path: str, n: int, height: int, width: int, rows: Iterator[np.ndarray]) -> None:
     """An .npz holding 'images' (uint8, (n, height, width, 3)), stored (not compressed), written row by row."""
-    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive, \
+    with open(path, 'xb') as file, zipfile.ZipFile(file, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive, \
             archive.open('images.npy', 'w', force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False,
                                                  'shape': (n, height, width, 3)})
@@ -249,7 +249,7 @@ def convert_split(root: str, split: str) -> str:
     partial = f'.part{os.getpid()}'
     try:
         write_stored_npz(images_path + partial, n, shape[0], shape[1], rows())
-        with open(labels_path + partial, 'wb') as f:
+        with open(labels_path + partial, 'xb') as f:  # created anew: a planted link is not followed
             pickle.dump({'labels': names}, f)
         os.replace(images_path + partial, images_path)
         os.replace(labels_path + partial, labels_path)

@@ -24,10 +24,11 @@ from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sa
 from evaluation import EvalOptions, encode_split, prototype_accuracies
 from models.classifier import EncoderClassifier, build_optimizer, classification_loss
 from networks import build_encoder, forward_count, set_forward_count
-from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, check_existing_run, check_finite, data_path,
+from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, check_existing_run, check_finite, command_inputs,
+                  data_path,
                   interrupted_message, load_last, log_entry, open_tensorboard, prepare_demo, pretrain_identity,
                   pretrain_paths, save_last, tensorboard_writer_class, write_identity)
-from utils import (ProcessError, UserError, backward_and_step, check_output_file, exit_on_interrupt,
+from utils import (ProcessError, UserError, backward_and_step, check_output, exit_on_interrupt,
                    exits_cleanly,
                    flag_hint, git_revision, interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -156,8 +157,6 @@ def pretrain(args, built: list) -> dict:
     distributed.barrier()
     set_seed(args.seed + distributed.rank())
     paths = pretrain_paths(args)
-    if main_process:
-        check_output_file(paths.best, '--out' if args.out else '--save_dir')
 
     # ---------------- data
     root = data_path(args)
@@ -166,6 +165,8 @@ def pretrain(args, built: list) -> dict:
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         check_disjoint(args, {'train': train_set, 'val': val_set})
     check_data(args, train_set, val_set)
+    if main_process:  # an existing file there is the existing-run rule's (check_existing_run)
+        check_output(paths.best, '--out' if args.out else '--save_dir', command_inputs(args, train_set, val_set), True)
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it')
     distributed.barrier()  # rank 0 may have removed an earlier run's files (--overwrite)

@@ -220,7 +220,9 @@ def other_runs(args) -> list[tuple[str, dict]]:
         except (OSError, ValueError):
             continue
         name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
-        if name is None or name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..'):
+            continue  # a record whose name would lead out of --save_dir's folders is not a run of ours
+        if name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
             continue
         found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
                              if here.get(k) != there.get(k)}))
@@ -299,7 +301,7 @@ class RunLock:
 def write_identity(identity: dict, paths: RunPaths) -> None:
     """<run>.run.json: the flags that define the run (what its name stands for)."""
     os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
-    with writing(paths.identity), open(paths.identity, 'w') as f:
+    with writing(paths.identity), open(paths.identity, 'w') as f:  # in place: the file is the run's lock (RunLock)
         json.dump(identity, f, indent=1)
 
 
@@ -341,6 +343,10 @@ def tensorboard_writer_class():
     except ImportError:
         raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; '
                         'the JSON log and scripts/plot_curves.py have the same figures)') from None
+    except Exception as error:  # noqa: BLE001 (an install that breaks on import: a version that does not fit)
+        raise UserError(f'--tensorboard: the tensorboard package fails on import ({type(error).__name__}: '
+                        f'{str(error).strip().splitlines()[0] if str(error).strip() else ""}); reinstall it with pip '
+                        f'install --upgrade tensorboard, or drop --tensorboard') from None
     return SummaryWriter
 
 
@@ -727,11 +733,20 @@ def check_episode_flags(N: int, K: int, Q: int) -> None:
     check_domains(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
 
 
+def command_inputs(args, *datasets) -> list[str]:
+    """What no output of a command may be (utils.check_output): its weights files and every file of its data."""
+    weights = [getattr(args, flag, None) for flag in ('pretrained', 'model_path')]
+    return [p for p in weights if p and p.lower() != 'none'] + [path for d in datasets for path in d.files()]
+
+
 def check_args(args, device: torch.device) -> None:
     """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
     check_domains(args, DOMAINS)
     if getattr(args, 'freeze_encoder', False) and args.model_name == 'protonet':
         raise UserError('--freeze_encoder leaves ProtoNet nothing to train (it has no head parameters): evaluate the '
                         'encoder as it is with test.py --model_name protonet --pretrained FILE')
+    if getattr(args, 'freeze_encoder', False) and args.pretrained.lower() == 'none':
+        raise UserError('--freeze_encoder with --pretrained none would freeze a randomly initialised encoder: give '
+                        '--pretrained FILE, or drop --freeze_encoder')
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')

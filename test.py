@@ -21,8 +21,8 @@ from dataloader import episode_sampler, eval_transform, looks_like_mini_imagenet
 from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_lines, run_episodes, setting_figures,
                         split_episodes, stored_features, write_figures)
 from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
-                  check_disjoint, other_runs, run_paths, split_files_beside, unfinished_line)
-from utils import (UserError, check_output_file, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
+                  check_disjoint, command_inputs, other_runs, run_paths, split_files_beside, unfinished_line)
+from utils import (UserError, check_output, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
                    interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed)
 
 
@@ -95,6 +95,8 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
             results[(n, k, metric)] = result
             figures.append({**setting_figures(n, k, result), 'metric': metric})
     print(f'seed {args.seed}, revision {git_revision()}')
+    if features.warning():
+        print(features.warning())
     if args.json:
         write_figures(args.json, figures, pretrained=args.pretrained, seed=args.seed, Q=args.Q, revision=git_revision())
     return results
@@ -174,13 +176,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv, several_settings=True)
     if args.demo:
         prepare_demo(args)
-    set_seed(args.seed)
     device = select_device(args.device, args.devices)
     settings = settings_of(args)
     for n, k in settings:
         check_args(with_setting(args, n, k), device)
-    if args.json:
-        check_output_file(args.json, '--json')
+    set_seed(args.seed)
     pretrained_only = checks_pretrained(args, settings)
     model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
@@ -188,6 +188,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
         for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
             check_disjoint(args, {'test': part, **split_files_beside(root, 'test')})
+    if args.json:
+        check_output(args.json, '--json', [*command_inputs(args, dataset), model_path], args.overwrite)
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
@@ -219,6 +221,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if len(settings) > 1:
         print(summary_table(rows))
     print(f'seed {args.seed}, revision {git_revision()}')
+    if features.warning():
+        print(features.warning())
     if args.json:
         write_figures(args.json, [setting_figures(n, k, r) for (n, k), r in results.items()],
                       checkpoint=model_path, seed=args.seed, Q=args.Q, revision=git_revision())

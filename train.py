@@ -21,11 +21,11 @@ from evaluation import (ADAPTOR_RECORD, EpisodeResults, Episodes, EvalOptions, S
                         training_diagnostics, write_figures)
 from models.glofa import GLoFA, query_targets
 from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
-                  check_disjoint, check_existing_run,
+                  check_disjoint, check_existing_run, command_inputs,
                   check_finite, data_path, episode_loss, interrupted_message, load_last, log_entry, model_config, open_tensorboard,
                   place_model, prepare_demo, run_identity, run_name, run_paths, save_last, tensorboard_writer_class,
                   training_step, write_identity)
-from utils import (NonFiniteLoss, UserError, autocast, check_output_file,
+from utils import (NonFiniteLoss, UserError, autocast, check_output,
                    check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
                    keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
 
@@ -112,9 +112,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     if args.demo:
         prepare_demo(args)
-    set_seed(args.seed)
     device = select_device(args.device, args.devices)
     check_args(args, device)
+    set_seed(args.seed)
     if args.tensorboard:
         tensorboard_writer_class()  # refused now, not after the data is opened
     if device.type == 'cpu' and args.network_name == 'resnet':
@@ -122,8 +122,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '
               f'--network_name convnet (Conv-4) takes seconds')
     check_output_folder(args.save_dir, '--save_dir')
-    if args.json:
-        check_output_file(args.json, '--json')
     paths = run_paths(args)
     root = data_path(args)
 
@@ -133,6 +131,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         test_set = open_split(root, 'test', eval_transform(args.normalization))
         check_disjoint(args, {'train': train_set, 'val': val_set, 'test': test_set})
+    if args.json:
+        check_output(args.json, '--json', command_inputs(args, train_set, val_set, test_set), args.overwrite)
     with flag_hint(EPISODE_FLAGS):
         train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
                                             n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',
@@ -205,6 +205,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results = run_episodes(model, test_set, *test, options, features, desc='test')
     print('\n'.join(result_lines(results, args.N, args.K, args.adaptor)))
     print(f'seed {args.seed}, {results.mode} evaluation, revision {git_revision()}')
+    if features.warning():
+        print(features.warning())
     if args.json:
         write_figures(args.json, [setting_figures(args.N, args.K, results)])
     return {'statistics': p.statistics, 'test_accuracies': results.accuracies, 'test': results, 'paths': paths}

@@ -61,7 +61,8 @@ from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from pickles import CONVERTED, convert_split  # noqa: E402
 from checkpoints import atomic_save, model_state_dict  # noqa: E402
-from utils import accuracy_line, autocast, backward_and_step, exits_cleanly, keep_freed_memory, select_device  # noqa: E402
+from utils import (accuracy_line, autocast, backward_and_step, check_output, exits_cleanly, keep_freed_memory,  # noqa: E402
+                   select_device, write_json)
 
 FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
 MIB, GIB = 2 ** 20, 2 ** 30
@@ -546,11 +547,12 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     keep_freed_memory()  # as train.py, test.py and pretrain.py do
     if opts.pretrain_worker:
         return pretrain_worker(opts)
+    if opts.json:
+        check_output(opts.json, '--json', formats=['.json'])
     rows = run_sections(opts, opts.sections or QUICK)
     print_table(rows)
     if opts.json:
-        with open(opts.json, 'w') as f:
-            json.dump([asdict(row) for row in rows], f, indent=1)
+        write_json(opts.json, {'rows': [asdict(row) for row in rows]})
     return rows
 
 

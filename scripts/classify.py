@@ -5,7 +5,8 @@ classes from 2, any number of images each); every query is an image file or a fo
 --pretrained FILE --model_name protonet the encoder alone classifies (no meta-training). The model, the
 network and the normalisation come from the checkpoint's record, as in test.py. Prints one line per query
 (its predicted class, the probability, the runner-up); --out writes a CSV with every class's probability,
---picture draws the support images by class beside each query and its prediction.
+--picture draws the support images by class beside each query and its prediction. The model always answers one
+of the given classes, also for a query of none of them: a top probability below 1.5 times chance is marked low.
 
 Classes with different numbers of images are classified exactly as the method defines them: GLoFA's set
 functions take each class's set as it is (f_class sums over the class's K_n images, f_task and h over the
@@ -14,6 +15,7 @@ whole support), and a prototype is the mean over its class's images. --shots K k
 """
 import argparse
 import csv
+import io
 import os
 import sys
 from typing import Optional
@@ -28,10 +30,13 @@ from PIL import Image  # noqa: E402
 import runs  # noqa: E402
 from arguments import MODEL_FLAGS, parse_args  # noqa: E402
 from checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
-from dataloader import NORMALIZATIONS, eval_transform, file_stamp, to_rgb  # noqa: E402
+from dataloader import NORMALIZATIONS, content_digest, eval_transform, to_rgb  # noqa: E402
 from evaluation import EvalOptions, feature_cache  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
-from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
+from utils import (PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure, select_device,  # noqa: E402
+                   too_large, write_text)
+
+CSV_HEADER = ['file', 'prediction', 'probability']  # then one column per class; also the mark of a CSV of ours
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,7 +55,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--query', nargs='+', required=True, help='image files, or folders of them, to classify')
     p.add_argument('--shots', type=int, default=None, help='use the first K images (by name) of every class')
     p.add_argument('--out', default=None, help='write the predictions to this CSV file')
-    p.add_argument('--picture', default=None, help='draw the support images and each query with its prediction (PNG)')
+    p.add_argument('--picture', default=None,
+                   help='draw the support images and each query with its prediction (.png, .pdf or .svg)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out or --picture that this '
+                                                            'program did not write')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--save_dir', default='saves', help='where the support set\'s embeddings are stored (features/)')
     p.add_argument('--feature_cache', default='on', choices=['on', 'off'],
@@ -61,16 +69,24 @@ def get_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ images
 def read_image(path: str) -> Optional[Image.Image]:
     """The image at ``path`` as 8-bit RGB, or None when the file is no image; a mode that cannot be
-    converted faithfully is a UserError naming the file."""
+    converted faithfully, or a size past PIL's limit, is a UserError naming the file."""
     try:
         with Image.open(path) as image:
             return to_rgb(image, path)
+    except Image.DecompressionBombError as error:
+        raise UserError(f'image {path} cannot be read ({too_large(error)})') from None
     except (OSError, ValueError, SyntaxError):
         return None
 
 
-def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[list[str]], list[str]]:
-    """(class names, each class's image files, notes): sub-folders in name order, images by file name."""
+def skipped_note(where: str, folders: int, others: int) -> str:
+    parts = [f'{folders} sub-folder(s)' if folders else '', f'{others} file(s) that are not images' if others else '']
+    return f'note: {where}: skipped {" and ".join(p for p in parts if p)}'
+
+
+def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[list[str]], list[tuple]]:
+    """(class names, each class's image files, what was skipped: (where, sub-folders, files that are not
+    images)): sub-folders in name order, images by file name."""
     if not os.path.isdir(folder):
         raise UserError(f'--support {folder} is not a folder (expected one sub-folder of images per class)')
     names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith('.'))
@@ -80,11 +96,11 @@ def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[lis
     files, notes = [], []
     for name in names:
         class_dir = os.path.join(folder, name)
-        found = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir)) if not f.startswith('.')
-                 and os.path.isfile(os.path.join(class_dir, f))]
+        inside = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir)) if not f.startswith('.')]
+        found = [path for path in inside if os.path.isfile(path)]
         images = [path for path in found if read_image(path) is not None]
-        if len(images) < len(found):
-            notes.append(f'note: class {name}: {len(found) - len(images)} file(s) that are not images skipped')
+        if len(images) < len(inside):
+            notes.append((f'class {name}', len(inside) - len(found), len(found) - len(images)))
         if not images:
             raise UserError(f'class folder {class_dir} holds no readable image')
         if shots is not None:
@@ -95,13 +111,18 @@ def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[lis
     return names, files, notes
 
 
-def query_files(paths: list[str]) -> list[str]:
-    """Every query image: the files given, and the images of the folders given (in name order)."""
+def query_files(paths: list[str], notes: list) -> list[str]:
+    """Every query image: the files given, and the images of the folders given (in name order); what a folder
+    held besides is said in ``notes``."""
     found = []
     for path in paths:
         if os.path.isdir(path):
             inside = [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
-            found += [f for f in inside if os.path.isfile(f) and read_image(f) is not None]
+            files = [f for f in inside if os.path.isfile(f)]
+            images = [f for f in files if read_image(f) is not None]
+            if len(images) < len(inside):
+                notes.append((f'query folder {path}', len(inside) - len(files), len(files) - len(images)))
+            found += images
         elif not os.path.isfile(path):
             raise UserError(f'query {path} not found')
         elif read_image(path) is None:
@@ -116,6 +137,9 @@ def query_files(paths: list[str]) -> list[str]:
 # ------------------------------------------------------------------ the model
 def model_flags(opts) -> tuple[list[str], Optional[str]]:
     """train.py's flags that build the checkpoint's model (from its record), and the checkpoint's path."""
+    if opts.pretrained and opts.pretrained.lower() == 'none':
+        raise UserError('--pretrained none: this script classifies with trained weights; give --pretrained FILE '
+                        '(encoder weights) or --model_path RUN.model')
     if opts.pretrained:
         if opts.model_path or (opts.model_name or 'protonet') != 'protonet':
             raise UserError('--pretrained FILE evaluates the encoder alone: give it with --model_name protonet, '
@@ -162,20 +186,22 @@ def embed(encoder, paths: list[str], transform, device) -> torch.Tensor:
     return torch.cat(out)
 
 
-def support_embeddings(opts, args, model, weights: str, files: list[list[str]], transform, device) -> list:
+def support_embeddings(opts, args, model, weights: str, files: list[list[str]], transform, device) -> tuple[list, Optional[str]]:
     """Each class's embeddings (K_n, d): stored under --save_dir/features by the first call with these support
-    files and weights (the same cache as test.py's), reused by the next ones."""
+    files' contents and weights (the same cache as test.py's), reused by the next ones; and why they could not
+    be stored, if so (said after the predictions)."""
     paths = [p for class_files in files for p in class_files]
     cache = None
     if opts.feature_cache == 'on':
-        cache = feature_cache(opts.save_dir, weights, {'split': 'support', 'files': [file_stamp(p) for p in paths]},
+        cache = feature_cache(opts.save_dir, weights, {'split': 'support', 'content': content_digest(paths)},
                               args.normalization, args.network_name, EvalOptions(device))
-    features = cache.load() if cache is not None else None
+    features = cache.load(len(paths), getattr(model.encoder, 'out_dim', None)) if cache is not None else None
     if features is None:
         features = embed(model.encoder, paths, transform, device)
         if cache is not None:
             cache.save(features)
-    return list(features.to(device).split([len(class_files) for class_files in files]))
+    return (list(features.to(device).split([len(class_files) for class_files in files])),
+            cache.warning if cache is not None else None)
 
 
 # ------------------------------------------------------------------ output
@@ -220,50 +246,61 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise UserError(f'--shots must be at least 1, got {opts.shots}')
     flags, checkpoint = model_flags(opts)
     args = parse_args(flags)
+    names, files, notes = support_sets(opts.support, opts.shots)
+    queries = query_files(opts.query, notes)
+    inputs = [checkpoint, args.pretrained, *queries, *(p for paths in files for p in paths)]
+    if opts.out:
+        check_output(opts.out, '--out', inputs, opts.overwrite, ['.csv'], mark=','.join(CSV_HEADER))
+    if opts.picture:
+        check_output(opts.picture, '--picture', inputs, opts.overwrite, list(PICTURE_FORMATS))
     device = select_device(opts.device, [0])
     model = runs.build_model(args, pretrained=checkpoint is None)
     if checkpoint:
         load_model_checkpoint(model, checkpoint, runs.model_config(args))
     model.to(device).eval()
-    names, files, notes = support_sets(opts.support, opts.shots)
-    queries = query_files(opts.query)
-    for note in notes:
-        print(note)
+    for skipped in notes:
+        print(skipped_note(*skipped))
     supports = {os.path.realpath(p) for paths in files for p in paths}
     repeated = [q for q in queries if os.path.realpath(q) in supports]
     if repeated:
         print(f'warning: {len(repeated)} quer{"y is" if len(repeated) == 1 else "ies are"} also in the support set '
               f'(e.g. {repeated[0]}): their predictions say little')
     transform = eval_transform(args.normalization)
-    sets = support_embeddings(opts, args, model, checkpoint or args.pretrained, files, transform, device)
+    sets, warning = support_embeddings(opts, args, model, checkpoint or args.pretrained, files, transform, device)
     logits, adaptation = model.logits_for_sets(sets, embed(model.encoder, queries, transform, device))  # (M, N)
     probabilities = torch.softmax(logits.float(), dim=1).cpu()
     shots = sorted({len(f) for f in files})
     print(f'{len(names)}-way task, {"-".join(map(str, shots))} support image(s) a class ({args.model_name} on '
           f'{args.network_name}, {checkpoint or args.pretrained}); {len(queries)} quer{"y" if len(queries) == 1 else "ies"}')
-    predictions = []
+    print(f'each query gets one of these {len(names)} classes, also when it shows none of them; "low": its top '
+          f'probability is below 1.5 times chance ({150 / len(names):.0f} %)')
+    predictions, low = [], []
     for path, p in zip(queries, probabilities):
         order = torch.argsort(p, descending=True).tolist()
         predictions.append(order[0])
+        low.append(bool(p[order[0]] < 1.5 / len(names)))
         print(f'{path}: {names[order[0]]} ({100 * p[order[0]]:.1f} %), runner-up {names[order[1]]} '
-              f'({100 * p[order[1]]:.1f} %)')
+              f'({100 * p[order[1]]:.1f} %){"; low" if low[-1] else ""}')
     if adaptation is not None:
         alpha = adaptation.alpha.tolist()
         print(f'adaptors: alpha_task {alpha[0]:.4f}, alpha_cls {alpha[1]:.4f}'
               + ('; both 0: the masks have no effect, the model is normalised-prototype ProtoNet on this task'
                  if alpha[0] == 0 and alpha[1] == 0 else ''))
+    if warning:
+        print(warning)
     if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, 'w', newline='') as f:
-            writer = csv.writer(f)
-            writer.writerow(['file', 'prediction', 'probability', *names])
-            for path, n, p in zip(queries, predictions, probabilities):
-                writer.writerow([path, names[n], f'{p[n]:.6f}', *(f'{v:.6f}' for v in p.tolist())])
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow([*CSV_HEADER, *names])
+        for path, n, p in zip(queries, predictions, probabilities):
+            writer.writerow([path, names[n], f'{p[n]:.6f}', *(f'{v:.6f}' for v in p.tolist())])
+        write_text(opts.out, text.getvalue())
         print(f'wrote {opts.out}')
     if opts.picture:
         draw(names, files, queries, predictions, probabilities, opts.picture)
         print(f'wrote {opts.picture}')
-    return {'classes': names, 'queries': queries, 'predictions': [names[n] for n in predictions],
+    return {'classes': names, 'queries': queries, 'predictions': [names[n] for n in predictions], 'low': low,
+            'skipped': notes,
             'probabilities': probabilities, 'logits': logits.cpu(), 'adaptation': adaptation}
 
 

@@ -46,7 +46,7 @@ from models.glofa import GLoFA, query_targets  # noqa: E402
 from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
-from utils import exits_cleanly  # noqa: E402
+from utils import check_output, exits_cleanly, write_json  # noqa: E402
 
 TOLERANCE = 1e-3
 FULL_PRETRAINING_STEPS = 100 * 300  # pretrain.py's defaults on mini-ImageNet: 100 epochs of 38400 / 128 steps
@@ -213,6 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help='without CUDA: run the same steps on the CPU with Conv-4 and tiny sizes, to check this '
                         'script itself (its figures mean nothing)')
     opts = p.parse_args(argv)
+    if opts.json:
+        check_output(opts.json, '--json', formats=['.json'])
     if not torch.cuda.is_available() and not opts.cpu_dry_run:
         print('no CUDA device: nothing to check here (run this on a GPU machine; the CPU checks are the test suite)')
         return 0
@@ -239,8 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report['seconds'] = time.perf_counter() - start
     print_table(report)
     if opts.json:
-        with open(opts.json, 'w') as f:
-            json.dump(report, f, indent=2, default=lambda row: asdict(row))
+        write_json(opts.json, json.loads(json.dumps(report, default=lambda row: asdict(row))))
     return 0 if report['passed'] else 1
 
 

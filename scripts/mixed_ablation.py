@@ -12,7 +12,6 @@ mixed tasks) and GLoFA's strengths. The table shows, per variant, the mean over 
 seeds (1.96 std / sqrt(seeds)), each seed's accuracy ± its per-episode CI, and the strengths.
 """
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runs import PRETRAINED_RATES, pretrained_encoder, run_variant  # noqa: E402
-from utils import exits_cleanly  # noqa: E402
+from utils import check_output, exits_cleanly, write_json  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
             'class': ['--adaptor', 'class'], 'none': ['--adaptor', 'none'],
@@ -39,6 +38,8 @@ def main(argv=None) -> dict:
                    help='more flags for pretrain.py, as one string: --pretrain_extra "--epochs 20 --n_workers 2"')
     p.add_argument('--json', default=None, help='write the table to this JSON file')
     opts = p.parse_args(argv)
+    if opts.json:
+        check_output(opts.json, '--json', formats=['.json'])
     save_dir = os.path.abspath(opts.save_dir)
     os.makedirs(save_dir, exist_ok=True)
     done = []
@@ -75,8 +76,7 @@ def main(argv=None) -> dict:
             if trajectory:
                 print(f'{variant}, seed {seed}: alpha_task, alpha_cls at each validation: {"; ".join(trajectory)}')
     if opts.json:
-        with open(opts.json, 'w') as f:
-            json.dump(table, f, indent=1)
+        write_json(opts.json, table)
     return table
 
 

@@ -21,7 +21,7 @@ if ROOT not in sys.path:
 import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from checkpoints import read_file  # noqa: E402
-from utils import UserError, exits_cleanly, save_figure  # noqa: E402
+from utils import PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure  # noqa: E402
 
 STAT_SUFFIX = '.stat'
 
@@ -273,7 +273,9 @@ def main(argv: Optional[list[str]] = None) -> str:
     if own.log is not None:
         if rest or own.stat is not None:
             raise UserError(f'--log names the file; {" ".join(rest) or "--stat"} would be ignored: give one or the other')
-        return plot_pretraining(own.log, own.out or picture_beside(own.log, '.log.jsonl'))
+        out = own.out or picture_beside(own.log, '.log.jsonl')
+        check_output(out, '--out', [own.log], formats=list(PICTURE_FORMATS))
+        return plot_pretraining(own.log, out)
     if own.stat is not None:
         if rest:
             raise UserError(f'--stat names the file; the run flags {" ".join(rest)} would be ignored: give one or the other')
@@ -287,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     own.out = own.out or picture_beside(stat_path, STAT_SUFFIX)
+    check_output(own.out, '--out', [stat_path], formats=list(PICTURE_FORMATS))
     losses, accuracies = load_statistics(stat_path)
     episodes, entries = episodes_of(stat_path, len(losses), episode_gap)
     name = os.path.basename(stat_path)

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from demo import refuse_unowned  # noqa: E402
 from runs import pretraining_finished, run_finished, run_stage  # noqa: E402
-from utils import UserError, check_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from utils import UserError, claim_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, write_text  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights
 # (the README's results table gives their sources; none was measured by this repository)
@@ -94,8 +94,7 @@ def write_results(path: str, opts, cells: dict, check: dict, commands: dict, pre
             lines.append(f"| {setting['metric']}, {setting['N']}-way {setting['K']}-shot | {cell_text(setting)} | {quoted} |")
     lines += ['', 'Commands (each cell: its training, then its test of the best checkpoint):', '']
     lines += [f'- {name}: `{command}`' for name, command in commands.items()]
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    write_text(path, '\n'.join(lines) + '\n')
 
 
 @exits_cleanly
@@ -113,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         except ValueError as error:
             raise UserError(f'{error} with --data_path, or drop --demo to use the dataset that is there') from None
     out = os.path.abspath(opts.out)
-    check_output_folder(out, '--out')
+    claim_output_folder(out, '--out')
     logs, saves = os.path.join(out, 'logs'), os.path.join(out, 'saves')
     common = []
     for flag in ('network_name', 'normalization'):

@@ -23,7 +23,7 @@ from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
 from evaluation import EvalOptions, stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
-from utils import UserError, exits_cleanly, save_figure, select_device  # noqa: E402
+from utils import PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure, select_device  # noqa: E402
 
 CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
@@ -146,6 +146,8 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     record = load_model_checkpoint(model, model_path, runs.model_config(args))
     model.to(device).eval()
     dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
+    out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
+    check_output(out, '--out', [model_path, *dataset.files()], formats=list(PICTURE_FORMATS))
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed),
                               args.task_mix)
     indices = sampler.sample()  # (K*N,), shot-major: the support set
@@ -172,7 +174,6 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
           f'max {adaptation.scale.max().item():.4f}')
     title = (f'GLoFA masks: {own.split} split, {args.N}-way {args.K}-shot, episode seed {own.episode_seed}; '
              f'alpha_task = {alpha_task:.3f}, alpha_cls = {alpha_cls:.3f}')
-    out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
     draw(images, class_names, adaptation, args.N, args.K, args.delta, title, out, args.normalization)
     print(f'wrote {out}')
     return adaptation

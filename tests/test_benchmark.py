@@ -19,7 +19,7 @@ def test_every_section_but_the_slow_starts_runs_into_one_table_and_json(tmp_path
     out = tmp_path / 'bench.json'
     rows = benchmark.main(['evaluation', 'head', 'loading', 'training', 'formats', 'settings', *TINY,
                            '--work_dir', str(tmp_path), '--json', str(out)])
-    saved = json.loads(out.read_text())
+    saved = json.loads(out.read_text())['rows']
     assert [row['section'] for row in saved] == [row.section for row in rows]
     assert {row.section for row in rows} == {'evaluation', 'head', 'loading', 'training', 'formats', 'settings'}
     for row in rows:
