@@ -1,43 +1,56 @@
-"""Where GLoFA's adaptors switch on, what they buy, and why they die: python scripts/adaptor_study.py --out DIR [--quick].
+"""Where GLoFA's adaptors pay, where they die, where they cost: python scripts/adaptor_study.py --out DIR [--quick].
 
-The design was fixed before any of its results was seen; the seeds are the repository's (960402, 1, 3).
+The design, the grid and the seeds (960402, 1, 3) were fixed before any of its results was seen.
 
-Feature level: a task where the right answer is known. The encoder is the identity on 64-d embeddings drawn
-as follows. Two kinds of task: the classes of kind A differ only in dimensions 0-31 (class means N(0, 1) there,
-0 in 32-63), those of kind B only in 32-63. An image is its class mean, plus within-class noise N(0, 1) in its
-kind's 32 dimensions, plus per-image nuisance N(0, s^2) in the other 32: s is the knob of heterogeneity (0:
-nothing to adapt away; the larger s, the more a task gains from weighting its own dimensions, which differ from
-kind to kind). Every episode is of either kind with equal chance, 5-way 1-shot with 15 queries per class; the
-training classes (64 a kind) and the test classes (16 a kind) are disjoint pools. For one seed, the pools, the
-episodes and the unit noise are the same at every knob, and every head trains on the same episodes with
-train.py's training step (runs.training_step) and optimiser (SGD, Nesterov momentum 0.9, weight decay 5e-4, the head's --lr 0.01;
-no encoder, no schedule; the last weights are tested) and is tested on the same episodes. Heads: GLoFA
-(--adaptor both, task, class, none), ProtoNet (Euclidean and cosine: nothing to train on a fixed encoder), FEAT,
-and one named ablation that is not GLoFA: GLoFA --h_bias_init 1 (its strengths start above 0).
+Feature level: tasks where the right answer is known. The encoder is the identity on 64-d embeddings drawn as
+follows. Two kinds of task: the classes of kind A differ only in dimensions 0-31 (class means N(0, 1) there, 0 in
+32-63), those of kind B only in 32-63. An image is its class mean, plus within-class noise N(0, sigma^2) in its
+kind's 32 dimensions, plus per-image nuisance N(0, s^2) in the other 32. Every episode is of either kind with equal
+chance, 5-way 1-shot with 15 queries per class; the training classes (64 a kind) and the test classes (16 a kind)
+are disjoint pools. For one seed, the pools, the episodes and the unit noise are the same in every cell, and every
+head of a cell trains on the same episodes with train.py's training step (runs.training_step) and optimiser (SGD,
+Nesterov momentum 0.9, weight decay 5e-4, the head's --lr 0.01; no encoder, no schedule; the last weights are
+tested) and is tested on the same episodes.
+
+The grid (a cell is one sigma, s and tau; 3 seeds each):
+  within-class noise sigma in {0.3, 0.5, 1}; nuisance s in {0, 0.5, 1, 1.5, 2, 3, 4};
+  GLoFA's temperature tau in {1, 2} (1 is the method's default, the first reading; 2 only divides the logits).
+Heads: GLoFA (--adaptor both) and GLoFA --adaptor none in every cell: their difference, paired by seed, is the
+question. On the sigma = 1, tau = 1 row also GLoFA --adaptor task and class, ProtoNet (Euclidean and cosine), FEAT,
+and one named ablation that is not GLoFA: GLoFA --h_bias_init 1 (its strengths start above 0). --adaptor none and
+ProtoNet have no parameter their logits depend on once the encoder is fixed: they are tested, not trained.
+Every cell also measures, on the same test episodes:
+  the ceiling: GLoFA's logits (its tau) with an oracle task mask: the episode's kind's 32 dimensions scaled by
+    ORACLE_SCALE = 10 (m_task = delta = 1 there and alpha_task = 9), the others by 1, no class masks; its
+    accuracy minus --adaptor none's is the room a perfect task mask has;
+  readability: the share of test episodes whose kind a simple statistic of the N*K support vectors tells: the
+    half of the dimensions with the larger mean square is the kind's own (or the smaller, whichever was right on
+    more training episodes): what a set function can hope to read from a support set;
+  the untrained GLoFA's pull on its strengths on the first 100 training episodes: its accuracy and confidence
+    (mean largest softmax probability), and the share of episodes where d loss / d alpha > 0 (a step lowers it).
 
 Image level: the mix-grained demo (--demo mixed) from the Conv-4 of pretrain.py --demo mixed, on the demo's
 schedule (300 training episodes, 5-way 1-shot, 1000 test episodes), with the reference's rates for a pretrained
-encoder (--lr_network 0.0001 --lr 0.01, as scripts/mixed_ablation.py): the encoder fine-tuned, against frozen
-(--freeze_encoder: eval mode, so BatchNorm's statistics stay as pretrained; no backward pass; no update), for
-GLoFA, GLoFA --adaptor none, ProtoNet (frozen: the pretrained encoder as it is, by test.py) and FEAT. The runs
-use --channels_last, a speed option: the same numbers up to rounding, a training step 1.25x quicker on this CPU.
+encoder (--lr_network 0.0001 --lr 0.01, as scripts/mixed_ablation.py), encoder fine-tuned and frozen
+(--freeze_encoder: eval mode, so BatchNorm's statistics stay as pretrained; no backward pass; no update): GLoFA
+and GLoFA --adaptor none at --tau 1 and 2, 3 seeds; in an arm where GLoFA died at tau 2 in at least one seed, both
+also at tau 4. ProtoNet and FEAT on this data: scripts/mixed_ablation.py. The runs use --channels_last, a speed
+option: the same numbers up to rounding.
 
 Every head reports test accuracy (mean over seeds ± 1.96 std / sqrt(seeds)), GLoFA's strengths on the test and
 their share of episodes above 0, and whether the strengths died: 0 on every one of the last training episodes
 (the last 10 % at feature level, the last interval of --episode_gap at image level), and since which episode.
 
-Stages (one per knob and seed, the pretraining, one per image-level run) are skipped when their result exists:
-an interrupted study, started again with the same command, continues. --jobs J (default 2) runs J feature-level
-stages, then J image-level runs, at a time, each on cpu_count // J threads: on a 2-core CPU that is quicker than
-one process on both cores, and it can move a figure's last decimal (float sums in another order).
-DIR/results.md (tables, every command), DIR/results.json and DIR/study.png are written after every stage.
---quick: one seed, two knobs, 200 episodes at feature level; at image level GLoFA and ProtoNet only, one epoch
-of pretraining, a few episodes: a check of the pipeline (minutes; its numbers answer nothing). --pretrained FILE:
+Stages (one per cell and seed, the pretraining, one per image-level run) are skipped when their result exists:
+an interrupted study, started again with the same command, continues. --jobs J (default 2) runs J stages at a
+time, each on cpu_count // J threads (which can move a figure's last decimal: float sums in another order).
+DIR/results.md (tables, every command), DIR/results.json (every cell with its sigma, s and tau) and DIR/study.png
+are written after every stage. --quick: one seed, two sigmas, two knobs, 200 episodes at feature level; at image
+level GLoFA alone, a few episodes: a check of the pipeline (minutes; its numbers answer nothing). --pretrained FILE:
 the image level from these Conv-4 weights instead of its own pretraining (its runs then go to a folder of their own).
 """
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
 import shlex
@@ -63,12 +76,11 @@ from evaluation import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since,
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from runs import (PRETRAINED_RATES, build_optimizer, episode_loss, model_on, pretrained_encoder, run_paths,  # noqa: E402
                   run_stages, threads_per_job, training_step, variant_figures, variant_stage)
-from utils import (UserError, check_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm,  # noqa: E402
-                   mean_ci, progress, save_figure)
+from utils import (UserError, claim_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm,  # noqa: E402
+                   mean_ci, progress, save_figure, write_json, write_text)
 
 SEEDS = (960402, 1, 3)
 GROUP = 32                 # dimensions of each kind of task; the embedding has 2 * GROUP
-WITHIN = 1.0               # within-class noise, in the kind's own dimensions
 N_WAY, N_SHOT, N_QUERY = 5, 1, 15
 POOLS = {'train': 64, 'test': 16}  # classes of each kind
 FEATURE_HEADS = {  # name: train.py flags of the head
@@ -76,14 +88,19 @@ FEATURE_HEADS = {  # name: train.py flags of the head
     'glofa-none': ['--adaptor', 'none'], 'protonet': ['--model_name', 'protonet'],
     'protonet-cosine': ['--model_name', 'protonet', '--metric', 'cosine'], 'feat': ['--model_name', 'feat'],
     'ablation: glofa-hbias1': ['--h_bias_init', '1']}
-IMAGE_MODELS = {'glofa': [], 'glofa-none': ['--adaptor', 'none'], 'protonet': ['--model_name', 'protonet'],
-                'feat': ['--model_name', 'feat']}
+MAP_HEADS = ('glofa', 'glofa-none')  # in every cell; every head on the FULL_ROW
+FULL_ROW = (1.0, 1.0)  # (sigma, tau)
+ORACLE_SCALE = 10.0  # the ceiling's factor on the kind's own dimensions: 1 + alpha_task * m_task, alpha_task = 9
+INITIAL_EPISODES = 100  # training episodes on which the untrained GLoFA's pull on its strengths is measured
+IMAGE_MODELS = {'glofa': [], 'glofa-none': ['--adaptor', 'none']}
 IMAGE_ARMS = {'fine-tuned': [], 'frozen': ['--freeze_encoder']}
+LARGER_TAU = 4.0  # at image level, in an arm where GLoFA died at tau 2 in at least one seed
 SCALES = {
-    'full': dict(seeds=SEEDS, knobs=(0.0, 0.5, 1.0, 2.0, 4.0), train_episodes=3000, test_episodes=2000,
-                 image_models=tuple(IMAGE_MODELS), image_extra=[], pretrain_extra=[]),
-    'quick': dict(seeds=SEEDS[:1], knobs=(0.0, 2.0), train_episodes=200, test_episodes=200,
-                  image_models=('glofa', 'protonet'),
+    'full': dict(seeds=SEEDS, sigmas=(0.3, 0.5, 1.0), knobs=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0), taus=(1.0, 2.0),
+                 train_episodes=3000, test_episodes=2000, image_models=tuple(IMAGE_MODELS), image_taus=(1.0, 2.0),
+                 image_extra=[], pretrain_extra=[]),
+    'quick': dict(seeds=SEEDS[:1], sigmas=(0.5, 1.0), knobs=(0.0, 2.0), taus=(1.0, 2.0), train_episodes=200,
+                  test_episodes=200, image_models=('glofa',), image_taus=(1.0, 2.0),
                   image_extra=['--n_training_episodes', '4', '--episode_gap', '2', '--n_validating_episodes', '5',
                                '--n_testing_episodes', '20', '--Q', '3', '--n_workers', '0'],
                   pretrain_extra=['--epochs', '1', '--val_episodes', '10', '--n_workers', '0'])}
@@ -99,7 +116,7 @@ def class_means(generator: torch.Generator, n_classes: int, kind: int) -> torch.
 
 def draw_episodes(generator: torch.Generator, pools: list, n_episodes: int) -> dict:
     """Episodes of random kinds from ``pools`` (a (classes, d) tensor of means per kind), shot-major: per episode
-    its kind, the class means of its N*(K+Q) images, and their unit noise; ``embeddings`` scales it by a knob."""
+    its kind, the class means of its N*(K+Q) images, and their unit noise; ``embeddings`` scales it per cell."""
     per_episode = N_WAY * (N_SHOT + N_QUERY)
     kinds = torch.randint(0, 2, (n_episodes,), generator=generator)
     means = torch.empty(n_episodes, per_episode, 2 * GROUP)
@@ -113,31 +130,33 @@ def draw_episodes(generator: torch.Generator, pools: list, n_episodes: int) -> d
     return {'kinds': kinds, 'means': means, 'noise': noise, 'own': own}
 
 
-def embeddings(episodes: dict, knob: float) -> torch.Tensor:
-    """(E, N*(K+Q), d): class mean + WITHIN * noise in the kind's dimensions + knob * noise in the others."""
-    return episodes['means'] + episodes['noise'] * torch.where(episodes['own'], WITHIN, knob)
+def embeddings(episodes: dict, knob: float, sigma: float) -> torch.Tensor:
+    """(E, N*(K+Q), d): class mean + sigma * noise in the kind's dimensions + knob * noise in the others."""
+    return episodes['means'] + episodes['noise'] * torch.where(episodes['own'], sigma, knob)
 
 
 def feature_data(seed: int, train_episodes: int, test_episodes: int) -> tuple[dict, dict]:
-    """The training and test episodes of one seed (the same at every knob)."""
+    """The training and test episodes of one seed (the same in every cell)."""
     generator = torch.Generator().manual_seed(seed)
     pools = {split: [class_means(generator, n, kind) for kind in (0, 1)] for split, n in POOLS.items()}
     return (draw_episodes(generator, pools['train'], train_episodes),
             draw_episodes(generator, pools['test'], test_episodes))
 
 
-def head(name: str, seed: int):
-    """The head on the identity encoder, initialised from ``seed``, and its train.py arguments."""
-    args = parse_args([*FEATURE_HEADS[name], '--N', str(N_WAY), '--K', str(N_SHOT), '--Q', str(N_QUERY),
-                       '--pretrained', 'none', '--seed', str(seed)])
+def head(name: str, seed: int, tau: float):
+    """The head on the identity encoder, initialised from ``seed``, and its train.py arguments (GLoFA at ``tau``)."""
+    glofa = '--model_name' not in FEATURE_HEADS[name]
+    args = parse_args([*FEATURE_HEADS[name], *(['--tau', f'{tau:g}'] if glofa else []), '--N', str(N_WAY),
+                       '--K', str(N_SHOT), '--Q', str(N_QUERY), '--pretrained', 'none', '--seed', str(seed)])
     torch.manual_seed(seed)
     return model_on(args, nn.Identity(), 2 * GROUP), args
 
 
 def train_head(model, args, features: torch.Tensor) -> Optional[dict]:
-    """train.py's step on each training episode in turn; GLoFA's per-episode record (None for other heads)."""
-    if not model.head_parameters():
-        return None  # ProtoNet on a fixed encoder: nothing to train
+    """train.py's step on each training episode in turn; GLoFA's per-episode record (None for other heads, and
+    for a head that is not trained)."""
+    if not model.head_parameters() or getattr(model, 'adaptor', None) == 'none':
+        return None  # on a fixed encoder, no parameter of ProtoNet or --adaptor none reaches the logits
     model.train()
     optimizer = build_optimizer(args, model)
     targets = query_targets(N_WAY, N_QUERY)
@@ -159,17 +178,44 @@ def test_head(model, features: torch.Tensor, batch: int = 250) -> np.ndarray:
                            for i in range(0, len(features), batch)])
 
 
-INITIAL_EPISODES = 100  # training episodes on which the untrained GLoFA's pull on its strengths is measured
+@torch.no_grad()
+def ceiling(features: torch.Tensor, own: torch.Tensor, tau: float) -> np.ndarray:
+    """Per test episode, the accuracy of GLoFA's logits at ``tau`` with the oracle task mask: the episode's kind's
+    dimensions (``own``, (E, 1, d)) scaled by ORACLE_SCALE, the others by 1, no class masks."""
+    model = GLoFA(nn.Identity(), 2 * GROUP, tau=tau)
+    support, query = features[:, :N_WAY * N_SHOT], features[:, N_WAY * N_SHOT:]
+    scale = torch.where(own, ORACLE_SCALE, 1.0).expand(-1, N_WAY, -1)  # (E, N, d)
+    mean_support = support.unflatten(1, (N_SHOT, N_WAY)).mean(dim=1)
+    logits = model.logits(query, mean_support, scale)
+    return (logits.argmax(dim=-1) == query_targets(N_WAY, N_QUERY)).double().mean(dim=1).numpy()
 
 
-def initial_pull(features: torch.Tensor, seed: int) -> dict:
+def support_moments(features: torch.Tensor) -> torch.Tensor:
+    """(E, 2): the mean square of each half of the dimensions over an episode's N*K support vectors."""
+    support = features[:, :N_WAY * N_SHOT]
+    return support.pow(2).unflatten(-1, (2, GROUP)).mean(dim=(1, 3))
+
+
+def readability(train_features: torch.Tensor, train_kinds: torch.Tensor, test_features: torch.Tensor,
+                test_kinds: torch.Tensor) -> dict:
+    """How often the support set tells its episode's kind: the half with the larger mean square is read as the
+    kind's own, or the smaller, whichever rule was right on more training episodes; its share on the test."""
+    larger = lambda features: support_moments(features).argmax(dim=1)  # noqa: E731
+    right = (larger(train_features) == train_kinds).double().mean().item()
+    rule = 'larger' if right >= 0.5 else 'smaller'
+    read = larger(test_features) if rule == 'larger' else 1 - larger(test_features)
+    return {'rule': rule, 'share': 100 * (read == test_kinds).double().mean().item()}
+
+
+def initial_pull(features: torch.Tensor, seed: int, tau: float) -> dict:
     """Which way the loss pulls GLoFA's strengths before any training: on the first training episodes where both
-    are above 0, the share where d loss / d alpha > 0 (a step lowers the strength), and the share where its sign
-    for alpha_task equals that of d loss / d c for the logits scaled by c (the strength acting as a temperature)."""
-    model, _ = head('glofa', seed)
+    are above 0, the untrained head's accuracy and confidence (mean largest softmax probability of a query), the
+    share where d loss / d alpha > 0 (a step lowers the strength), and the share where its sign for alpha_task
+    equals that of d loss / d c for the logits scaled by c (the strength acting as a temperature)."""
+    model, _ = head('glofa', seed, tau)
     model.train()
     targets = query_targets(N_WAY, N_QUERY)
-    down, agrees, accuracies = [], [], []
+    down, agrees, accuracies, confidences = [], [], [], []
     for episode in features[:INITIAL_EPISODES]:
         logits, adaptation = model.episode(episode, N_WAY, N_SHOT)
         if not (adaptation.alpha > 0).all():
@@ -180,36 +226,46 @@ def initial_pull(features: torch.Tensor, seed: int) -> dict:
         down.append((pull > 0).tolist())
         agrees.append(bool((pull[0] > 0) == (temperature > 0)))
         accuracies.append((logits.argmax(dim=1) == targets).float().mean().item())
+        confidences.append(logits.detach().softmax(dim=1).max(dim=1).values.mean().item())
     down = np.array(down, dtype=float).reshape(-1, 2)
-    return {'episodes': len(agrees), 'accuracy': 100 * float(np.mean(accuracies)) if agrees else float('nan'),
-            'alpha_task_pushed_down': float(down[:, 0].mean()) if agrees else float('nan'),
-            'alpha_cls_pushed_down': float(down[:, 1].mean()) if agrees else float('nan'),
-            'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else float('nan')}
+    nan = float('nan')
+    return {'episodes': len(agrees), 'accuracy': 100 * float(np.mean(accuracies)) if agrees else nan,
+            'confidence': float(np.mean(confidences)) if agrees else nan,
+            'alpha_task_pushed_down': float(down[:, 0].mean()) if agrees else nan,
+            'alpha_cls_pushed_down': float(down[:, 1].mean()) if agrees else nan,
+            'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else nan}
 
 
-def feature_stage(knob: float, seed: int, data: tuple[dict, dict], heads: list) -> dict:
-    """Every head trained and tested at one knob and seed: {head: figures}."""
-    train_features, test_features = embeddings(data[0], knob), embeddings(data[1], knob)
-    found = {'initial_pull': initial_pull(train_features, seed)}
-    for name in heads:
+def cell_heads(sigma: float, tau: float) -> list:
+    return list(FEATURE_HEADS) if (sigma, tau) == FULL_ROW else list(MAP_HEADS)
+
+
+def feature_stage(sigma: float, knob: float, tau: float, seed: int, data: tuple[dict, dict]) -> dict:
+    """Every head of one cell trained and tested at one seed, the ceiling, the readability and the initial pull."""
+    train_features, test_features = embeddings(data[0], knob, sigma), embeddings(data[1], knob, sigma)
+    chance = ceiling(test_features, data[1]['own'], tau)
+    found = {'initial_pull': initial_pull(train_features, seed, tau),
+             'ceiling': dict(zip(('accuracy', 'ci95'), mean_ci(100 * chance))),
+             'readability': readability(train_features, data[0]['kinds'], test_features, data[1]['kinds'])}
+    for name in cell_heads(sigma, tau):
         start = time.perf_counter()
-        model, args = head(name, seed)
+        model, args = head(name, seed, tau)
         record = train_head(model, args, train_features)
         values = test_head(model, test_features)
         accuracy, ci = mean_ci(100 * values[:, 0])
         figures = {'accuracy': accuracy, 'ci95': ci}
-        if record is not None:
-            last = max(1, len(train_features) // 10)
-            history = {'episode': list(range(1, len(train_features) + 1)), **record}
+        if isinstance(model, GLoFA):
             alphas = values[:, 1:3]
             figures.update(alpha_task=float(alphas[:, 0].mean()), alpha_cls=float(alphas[:, 1].mean()),
                            alpha_task_active=float((alphas[:, 0] > 0).mean()),
                            alpha_cls_active=float((alphas[:, 1] > 0).mean()),
-                           acting=[STRENGTHS[i][0] for i in ACTING_STRENGTHS[args.adaptor]],
-                           training_first=training_diagnostics({k: v[:last] for k, v in record.items()}),
-                           training_last=training_diagnostics({k: v[-last:] for k, v in record.items()}))
-            if figures['acting']:  # --adaptor none acts through no strength: nothing to die
-                figures['died_at'] = dead_since(history, last, args.adaptor)
+                           acting=[STRENGTHS[i][0] for i in ACTING_STRENGTHS[args.adaptor]])
+        if record is not None:
+            last = max(1, len(train_features) // 10)
+            history = {'episode': list(range(1, len(train_features) + 1)), **record}
+            figures.update(training_first=training_diagnostics({k: v[:last] for k, v in record.items()}),
+                           training_last=training_diagnostics({k: v[-last:] for k, v in record.items()}),
+                           died_at=dead_since(history, last, args.adaptor))
         figures['seconds'] = time.perf_counter() - start
         found[name] = figures
     return found
@@ -221,11 +277,19 @@ def feature_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def feature_job(job: tuple) -> tuple[float, int]:
-    """One stage of the feature level, in a process of its own: every head at one knob and seed, saved to path."""
-    knob, seed, train_episodes, test_episodes, path = job
-    atomic_save(feature_stage(knob, seed, feature_data(seed, train_episodes, test_episodes), list(FEATURE_HEADS)), path)
-    return knob, seed
+def feature_job(job: tuple) -> tuple:
+    """One stage of the feature level, in a process of its own: one cell at one seed, saved to path."""
+    sigma, knob, tau, seed, train_episodes, test_episodes, path = job
+    atomic_save(feature_stage(sigma, knob, tau, seed, feature_data(seed, train_episodes, test_episodes)), path)
+    return sigma, knob, tau, seed
+
+
+def read_stage(path: str) -> dict:
+    """One feature-level stage's result; another file at its path is one line naming it."""
+    found = read_file(path, 'stage result')
+    if not (isinstance(found, dict) and {'initial_pull', 'ceiling', 'readability', *MAP_HEADS} <= set(found)):
+        raise UserError(f'{path} is not a stage result of this study: delete it, and the same command runs the stage again')
+    return found
 
 
 # ------------------------------------------------------------------ tables
@@ -241,6 +305,11 @@ def over_seeds(runs: list) -> dict:
         row['died'] = sum(r['died_at'] is not None for r in runs)
         row['died_at'] = [r['died_at'] for r in runs]
     return row
+
+
+def paired(a: list, b: list) -> tuple[float, float]:
+    """Mean ± 95 % CI over seeds of a - b, seed by seed (the same episodes)."""
+    return mean_ci([x['accuracy'] - y['accuracy'] for x, y in zip(a, b)])
 
 
 def accuracy_text(row: dict) -> str:
@@ -263,162 +332,239 @@ def died_text(row: dict) -> str:
     return f"{row['died']} of {row['seeds']} (since episode {at})" if row['died'] else f"0 of {row['seeds']}"
 
 
+def cell_row(sigma: float, knob: float, tau: float, runs: list) -> dict:
+    """One cell of the map over its seeds: every head, GLoFA - none paired, the ceiling's room, the readability,
+    the untrained pull."""
+    heads = {name: {**over_seeds([r[name] for r in runs]), 'runs': [r[name] for r in runs]}
+             for name in cell_heads(sigma, tau)}
+    none = [r['glofa-none'] for r in runs]
+    gain, gain_ci = paired([r['glofa'] for r in runs], none)
+    room, room_ci = paired([r['ceiling'] for r in runs], none)
+    pulls = [r['initial_pull'] for r in runs]
+    return {'sigma': sigma, 's': knob, 'tau': tau, 'seeds': len(runs), 'heads': heads,
+            'gain': gain, 'gain_ci': gain_ci, 'gain_runs': [r['glofa']['accuracy'] - r['glofa-none']['accuracy'] for r in runs],
+            'died': heads['glofa']['died'], 'ceiling': over_seeds([r['ceiling'] for r in runs]),
+            'ceiling_room': room, 'ceiling_room_ci': room_ci,
+            'readability': float(np.mean([r['readability']['share'] for r in runs])),
+            'readability_rule': [r['readability']['rule'] for r in runs],
+            'initial_pull': {key: float(np.nanmean([p[key] for p in pulls])) for key in pulls[0]}}
+
+
+def correlation(x: list, y: list) -> float:
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and np.std(x) > 0 and np.std(y) > 0 else float('nan')
+
+
 def write_results(out: str, scale: str, settings: dict, feature: dict, image: dict, commands: list) -> dict:
     """results.md, results.json and study.png from every stage done so far."""
     seeds = settings['seeds']
-    table = {'scale': scale, 'seeds': list(seeds), 'knobs': list(settings['knobs']), 'feature': {}, 'image': {}}
-    lines = [f'# What the adaptors do{" (--quick: a check of the pipeline; its numbers answer nothing)" if scale == "quick" else ""}',
-             '', 'Design: scripts/adaptor_study.py (its docstring). Accuracy in %, 5-way 1-shot, mean over seeds ± 95 % '
-             f'CI over seeds (seeds {", ".join(map(str, seeds))}); strengths: GLoFA\'s alpha_task / alpha_cls on the '
-             'test episodes, mean, and the share of episodes where each is above 0; died: the strengths the head acts '
-             'through were 0 on every one of the last training episodes (the last 10 %), in how many seeds and since '
-             'which episode.', '',
+    table = {'scale': scale, 'seeds': list(seeds), 'oracle_scale': ORACLE_SCALE, 'cells': [], 'full_row': {},
+             'image': []}
+    lines = [f'# Where the adaptors pay, die and cost{" (--quick: a check of the pipeline; its numbers answer nothing)" if scale == "quick" else ""}',
+             '', 'Design: scripts/adaptor_study.py (its docstring). Accuracy in %, 5-way 1-shot; every figure is a mean '
+             f'over seeds (seeds {", ".join(map(str, seeds))}) ± 95 % CI over seeds. Gain: GLoFA minus GLoFA '
+             '--adaptor none, paired by seed (the same episodes). Died: GLoFA\'s strengths were 0 on every one of the '
+             'last training episodes (the last 10 % at feature level), in how many seeds. Room: the oracle task '
+             f'mask\'s accuracy (own dimensions x {ORACLE_SCALE:g}) minus --adaptor none\'s. Readable: the share of '
+             'test episodes whose kind the support set\'s mean squares tell. Pull: the untrained GLoFA on the first '
+             f'{INITIAL_EPISODES} training episodes: its accuracy, its confidence, and the share of episodes where '
+             'd loss / d alpha_task > 0.', '',
              f"## Feature level ({settings['train_episodes']} training episodes, {settings['test_episodes']} test episodes "
              'a seed)', '']
-    knobs = [k for k in settings['knobs'] if any((k, s) in feature for s in seeds)]
-    if knobs:  # the summary: accuracy of every head against the knob, and what GLoFA's strengths did
-        rows = {k: {name: over_seeds([feature[(k, s)][name] for s in seeds if (k, s) in feature])
-                    for name in FEATURE_HEADS} for k in knobs}
-        lines += ['| head | ' + ' | '.join(f's = {k:g}' for k in knobs) + ' |', '|---|' + '---|' * len(knobs)]
-        lines += [f'| {name} | ' + ' | '.join(accuracy_text(rows[k][name]) for k in knobs) + ' |' for name in FEATURE_HEADS]
+    cells = {}
+    for tau in settings['taus']:
+        for sigma in settings['sigmas']:
+            for knob in settings['knobs']:
+                runs = [feature[(sigma, knob, tau, s)] for s in seeds if (sigma, knob, tau, s) in feature]
+                if runs:
+                    cells[(sigma, knob, tau)] = cell_row(sigma, knob, tau, runs)
+    table['cells'] = list(cells.values())
+    for tau in settings['taus']:
+        present = [c for c in cells.values() if c['tau'] == tau]
+        if not present:
+            continue
+        lines += [f'### tau = {tau:g}: GLoFA minus --adaptor none (died in training, of seeds)', '',
+                  '| sigma \\ s | ' + ' | '.join(f'{k:g}' for k in settings['knobs']) + ' |',
+                  '|---|' + '---|' * len(settings['knobs'])]
+        for sigma in settings['sigmas']:
+            lines.append(f'| {sigma:g} | ' + ' | '.join(
+                f"{c['gain']:+.2f} ± {c['gain_ci']:.2f} ({c['died']}/{c['seeds']})" if (c := cells.get((sigma, k, tau)))
+                else '' for k in settings['knobs']) + ' |')
+        lines += ['', f'### tau = {tau:g}, every cell', '',
+                  '| sigma | s | GLoFA | none | gain | strengths on the test | died | ceiling | room | readable | '
+                  'pull: accuracy, confidence, share down |', '|---|---|---|---|---|---|---|---|---|---|---|']
+        for c in present:
+            g, n, p = c['heads']['glofa'], c['heads']['glofa-none'], c['initial_pull']
+            lines.append(f"| {c['sigma']:g} | {c['s']:g} | {accuracy_text(g)} | {accuracy_text(n)} | "
+                         f"{c['gain']:+.2f} ± {c['gain_ci']:.2f} | {strength_text(g)} | {died_text(g)} | "
+                         f"{accuracy_text(c['ceiling'])} | {c['ceiling_room']:+.2f} | {c['readability']:.1f} | "
+                         f"{p['accuracy']:.1f}, {p['confidence']:.2f}, {p['alpha_task_pushed_down']:.2f} |")
+        lines.append('')
+    if cells:  # the mechanism across the map: measured correlations over cells
+        alive = [c for c in cells.values() if c['died'] == 0]
+        dying = list(cells.values())
+        lines += ['### Across the map (over cells; Pearson r)', '',
+                  '| what | r | cells |', '|---|---|---|',
+                  f"| gain against room, where GLoFA lived in every seed | "
+                  f"{correlation([c['ceiling_room'] for c in alive], [c['gain'] for c in alive]):.2f} | {len(alive)} |",
+                  f"| gain against readability, where GLoFA lived in every seed | "
+                  f"{correlation([c['readability'] for c in alive], [c['gain'] for c in alive]):.2f} | {len(alive)} |",
+                  f"| seeds died against the share of first episodes pulling alpha_task down | "
+                  f"{correlation([c['initial_pull']['alpha_task_pushed_down'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
+                  f"| seeds died against the untrained head's accuracy | "
+                  f"{correlation([c['initial_pull']['accuracy'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
+                  f"| seeds died against the untrained head's confidence | "
+                  f"{correlation([c['initial_pull']['confidence'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
+                  '']
+    row = [c for c in cells.values() if (c['sigma'], c['tau']) == FULL_ROW]
+    if row:  # every head where the first study looked
+        lines += [f'### Every head at sigma = {FULL_ROW[0]:g}, tau = {FULL_ROW[1]:g}', '',
+                  '| head | ' + ' | '.join(f"s = {c['s']:g}" for c in row) + ' |', '|---|' + '---|' * len(row)]
+        lines += [f'| {name} | ' + ' | '.join(accuracy_text(c['heads'][name]) for c in row) + ' |' for name in FEATURE_HEADS]
         for name in ('glofa', 'ablation: glofa-hbias1'):
             lines.append(f'| {name} minus glofa-none, paired by seed | ' + ' | '.join(
-                '{:+.2f} ± {:.2f}'.format(*mean_ci([feature[(k, s)][name]['accuracy'] - feature[(k, s)]['glofa-none']['accuracy']
-                                                    for s in seeds if (k, s) in feature])) for k in knobs) + ' |')
+                '{:+.2f} ± {:.2f}'.format(*paired(c['heads'][name]['runs'], c['heads']['glofa-none']['runs']))
+                for c in row) + ' |')
             lines.append(f'| {name}: alpha_task / alpha_cls on the test | ' + ' | '.join(
-                f"{rows[k][name]['alpha_task']:.2f} / {rows[k][name]['alpha_cls']:.2f}" for k in knobs) + ' |')
+                f"{c['heads'][name]['alpha_task']:.2f} / {c['heads'][name]['alpha_cls']:.2f}" for c in row) + ' |')
             lines.append(f'| {name}: died in training | ' + ' | '.join(
-                f"{rows[k][name]['died']} of {rows[k][name]['seeds']}" for k in knobs) + ' |')
-        pulls = {k: [feature[(k, s)]['initial_pull'] for s in seeds if (k, s) in feature] for k in knobs}
-        for key, text in (('accuracy', 'accuracy (%)'),
-                          ('alpha_task_pushed_down', 'share of episodes where d loss / d alpha_task > 0'),
-                          ('alpha_cls_pushed_down', 'share where d loss / d alpha_cls > 0'),
-                          ('agrees_with_logit_scale', 'share where d loss / d alpha_task has the sign of d loss / d (a '
-                                                      'scale on the logits)')):
-            lines.append(f'| untrained glofa, first {INITIAL_EPISODES} training episodes: {text} | ' + ' | '.join(
-                f"{np.mean([p[key] for p in pulls[k]]):.2f}" for k in knobs) + ' |')
-        lines += ['', 'Each knob in full:', '']
-    for knob in knobs:
-        runs = [feature[(knob, s)] for s in seeds if (knob, s) in feature]
-        lines += [f'Nuisance s = {knob:g} ({len(runs)} of {len(seeds)} seeds):', '',
-                  '| head | accuracy | strengths on the test | died in training |', '|---|---|---|---|']
-        for name in FEATURE_HEADS:
-            row = over_seeds([r[name] for r in runs])
-            table['feature'].setdefault(f'{knob:g}', {})[name] = {**row, 'runs': [r[name] for r in runs]}
-            lines.append(f"| {name} | {accuracy_text(row)} | {strength_text(row)} | "
-                         f"{died_text(row)} |")
+                f"{c['heads'][name]['died']} of {c['seeds']}" for c in row) + ' |')
+        table['full_row'] = {f"{c['s']:g}": c['heads'] for c in row}
         lines.append('')
     lines += ['## Image level (the mix-grained demo, Conv-4 pretrained by pretrain.py --demo mixed)', '',
-              '| encoder | model | accuracy | seeds | strengths on the test | died in training |', '|---|---|---|---|---|---|']
+              '| encoder | tau | model | accuracy | seeds | strengths on the test | died in training |',
+              '|---|---|---|---|---|---|---|']
+    groups = {}
+    for (arm, model, tau, seed), figures in image.items():
+        groups.setdefault((arm, tau, model), []).append((seed, figures))
     for arm in IMAGE_ARMS:
-        for model in settings['image_models']:
-            runs = [image[(arm, model, s)] for s in seeds if (arm, model, s) in image]
-            if not runs:
-                lines.append(f'| {arm} | {model} | not run yet | | | |')
-                continue
-            row = over_seeds(runs)
-            table['image'].setdefault(arm, {})[model] = {**row, 'runs': runs}
-            each = ', '.join(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" for r in runs)
-            lines.append(f"| {arm} | {model} | {accuracy_text(row)} | {each} | "
-                         f"{strength_text(row)} | {died_text(row)} |")
+        for tau in sorted({t for a, t, _ in groups if a == arm}):
+            for model in IMAGE_MODELS:
+                runs = [f for _, f in sorted(groups.get((arm, tau, model), []), key=lambda x: seeds.index(x[0]))]
+                if not runs:
+                    continue
+                row = over_seeds(runs)
+                entry = {'arm': arm, 'tau': tau, 'model': model, **row, 'runs': runs}
+                glofa = [f for _, f in sorted(groups.get((arm, tau, 'glofa'), []), key=lambda x: seeds.index(x[0]))]
+                if model == 'glofa-none' and len(glofa) == len(runs):
+                    entry['gain'], entry['gain_ci'] = paired(glofa, runs)
+                table['image'].append(entry)
+                each = ', '.join(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" for r in runs)
+                lines.append(f"| {arm} | {tau:g} | {model} | {accuracy_text(row)} | {each} | "
+                             f"{strength_text(row)} | {died_text(row)} |")
+    gains = [e for e in table['image'] if 'gain' in e]
+    if gains:
+        lines += ['', '| encoder | tau | GLoFA minus --adaptor none, paired by seed |', '|---|---|---|']
+        lines += [f"| {e['arm']} | {e['tau']:g} | {e['gain']:+.2f} ± {e['gain_ci']:.2f} |" for e in gains]
     lines += ['', '(image level, seeds: each seed\'s test accuracy ± its per-episode 95 % CI)', '',
               'Commands (the feature level runs inside this script):', '',
               *[f'- `{c}`' for c in commands]]
-    with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump(table, f, indent=1)
-    draw(table, os.path.join(out, 'study.png'))
+    write_text(os.path.join(out, 'results.md'), '\n'.join(lines) + '\n')
+    write_json(os.path.join(out, 'results.json'), table)
+    draw(table, settings, os.path.join(out, 'study.png'))
     return table
 
 
-def draw(table: dict, path: str) -> None:
-    """Feature level: accuracy, and its difference to GLoFA without adaptors, and GLoFA's strengths against the
-    knob; image level: accuracy per model and arm."""
+def draw(table: dict, settings: dict, path: str) -> None:
+    """The map: GLoFA's gain over --adaptor none against (sigma, s), a panel per tau, dead cells marked; the
+    oracle mask's room; the readability; gain against room over the cells; the image level."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(14, 10), dpi=100, layout='constrained')
+    sigmas, knobs, taus = settings['sigmas'], settings['knobs'], settings['taus']
+    fig = Figure(figsize=(6 * (len(taus) + 1), 10), dpi=90, layout='constrained')
     FigureCanvasAgg(fig)
-    (ax_acc, ax_gain), (ax_alpha, ax_image) = fig.subplots(2, 2)
-    knobs = sorted(table['feature'], key=float)
-    x = [float(k) for k in knobs]
-    for name in FEATURE_HEADS:
-        rows = [table['feature'][k][name] for k in knobs]
-        style = dict(marker='o', markersize=3, capsize=2, label=name, linestyle='--' if 'ablation' in name else '-')
-        ax_acc.errorbar(x, [r['accuracy'] for r in rows], yerr=[r['ci_over_seeds'] for r in rows], **style)
-        # per seed, then over seeds: the same episodes, so the seeds' differences are paired
-        gains = [[a['accuracy'] - b['accuracy'] for a, b in zip(r['runs'], table['feature'][k]['glofa-none']['runs'])]
-                 for r, k in zip(rows, knobs)]
-        ax_gain.errorbar(x, [mean_ci(g)[0] for g in gains], yerr=[mean_ci(g)[1] for g in gains], **style)
-    ax_acc.set_title('feature level: test accuracy (mean over seeds, 95 % CI)')
-    ax_acc.set_ylabel('accuracy (%)')
-    ax_gain.axhline(0, color='black', linewidth=0.8)
-    ax_gain.set_title("feature level: accuracy minus glofa-none's, paired by seed")
-    ax_gain.set_ylabel('difference (points)')
-    ax_gain.legend(fontsize=7)
-    for name, style in (('glofa', '-'), ('ablation: glofa-hbias1', '--')):
-        for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
-            ax_alpha.plot(x, [table['feature'][k][name][key] for k in knobs], marker='o', markersize=3, color=colour,
-                          linestyle=style, label=f'{name}: {key}')
-    ax_alpha.set_title("feature level: GLoFA's strengths relu(h(S)) on the test (0 = adaptors off)")
-    ax_alpha.set_ylabel('strength (mean over episodes and seeds)')
-    ax_alpha.legend(fontsize=7)
-    for ax in (ax_acc, ax_gain, ax_alpha):
-        ax.set_xlabel("nuisance s in the other kind's dimensions (0 = homogeneous tasks)")
-    width = 0.38
-    models = [m for m in IMAGE_MODELS if any(m in arm for arm in table['image'].values())]
-    for j, arm in enumerate(IMAGE_ARMS):
-        rows = table['image'].get(arm, {})
-        present = [m for m in models if m in rows]
-        ax_image.bar([models.index(m) + (j - 0.5) * width for m in present], [rows[m]['accuracy'] for m in present],
-                     width, yerr=[rows[m]['ci_over_seeds'] for m in present], capsize=3, label=f'encoder {arm}')
-    ax_image.set_xticks(range(len(models)), models)
-    accuracies = [r['accuracy'] for arm in table['image'].values() for r in arm.values()]
-    if accuracies:
-        ax_image.set_ylim(max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 3))
-        ax_image.legend(fontsize=8)
-    else:
-        ax_image.text(0.5, 0.5, 'not run yet', ha='center', va='center', transform=ax_image.transAxes)
-    ax_image.set_title('image level, mix-grained demo: test accuracy (95 % CI over seeds)')
-    ax_image.set_ylabel('accuracy (%)')
-    for ax in (ax_acc, ax_gain, ax_alpha, ax_image):
-        ax.grid(alpha=0.3)
+    axes = fig.subplots(2, len(taus) + 1)
+    cells = {(c['sigma'], c['s'], c['tau']): c for c in table['cells']}
+    limit = max([abs(c['gain']) for c in table['cells']] + [1.0])  # the colour scales, symmetric around 0
+    room_limit = max([abs(c['ceiling_room']) for c in table['cells']] + [1.0])
+
+    def grid(ax, value, title, cmap, vmin, vmax, label, tau=None, mark_dead=False):
+        data = np.full((len(sigmas), len(knobs)), np.nan)
+        for i, sigma in enumerate(sigmas):
+            for j, knob in enumerate(knobs):
+                c = cells.get((sigma, knob, tau if tau is not None else taus[0]))
+                if c is not None:
+                    data[i, j] = value(c)
+                    text = f'{data[i, j]:+.1f}' if vmin < 0 else f'{data[i, j]:.0f}'
+                    if mark_dead and c['died']:
+                        text += f"\n† {c['died']}/{c['seeds']}"
+                    ax.text(j, i, text, ha='center', va='center', fontsize=8)
+        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin='lower', aspect='auto')
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_xticks(range(len(knobs)), [f'{k:g}' for k in knobs])
+        ax.set_yticks(range(len(sigmas)), [f'{s:g}' for s in sigmas])
+        ax.set_xlabel("size of the nuisance in the other kind's dimensions (s)")
+        ax.set_ylabel('within-class noise (sigma)')
+        ax.set_title(title, fontsize=10)
+        handles = [Patch(facecolor='none', edgecolor='none', label=f'colour: {label}')]
+        if mark_dead:
+            handles.append(Line2D([], [], linestyle='none', marker='$†$', color='black',
+                                  label='† d/n: strengths died in d of n seeds'))
+        ax.legend(handles=handles, fontsize=7, loc='upper left', framealpha=0.8)
+
+    for i, tau in enumerate(taus):
+        grid(axes[0, i], lambda c: c['gain'], f'GLoFA minus the same head without adaptors, temperature {tau:g}',
+             'RdBu', -limit, limit, 'accuracy gain (points)', tau=tau, mark_dead=True)
+    grid(axes[0, -1], lambda c: c['ceiling_room'], 'room of a perfect task mask over no adaptors',
+         'RdBu', -room_limit, room_limit, 'accuracy gain (points)')
+    grid(axes[1, 0], lambda c: c['readability'], "episodes whose kind the support set's mean squares tell",
+         'viridis', 50, 100, 'share of test episodes (%)')
+    ax = axes[1, 1]
+    for tau, marker in zip(taus, 'os^'):
+        present = [c for c in table['cells'] if c['tau'] == tau]
+        points = ax.scatter([c['ceiling_room'] for c in present], [c['gain'] for c in present],
+                            c=[c['readability'] for c in present], cmap='viridis', vmin=50, vmax=100, marker=marker,
+                            edgecolors=['red' if c['died'] else 'none' for c in present],
+                            label=f'temperature {tau:g} (red edge: died in a seed)')
+    if table['cells']:
+        fig.colorbar(points, ax=ax, label='readable episodes (%)')
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.plot([0, room_limit], [0, room_limit], color='grey', linewidth=0.8, linestyle='--', label='gain = room')
+    ax.set_xlabel('room of a perfect task mask (points)')
+    ax.set_ylabel('GLoFA minus no adaptors (points)')
+    ax.set_title('what GLoFA takes of the room, each cell', fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[1, -1] if len(taus) > 1 else None
+    if ax is not None:
+        entries = table['image']
+        labels = sorted({(e['arm'], e['tau']) for e in entries}, key=lambda x: (list(IMAGE_ARMS).index(x[0]), x[1]))
+        width = 0.38
+        for j, model in enumerate(IMAGE_MODELS):
+            rows = [next((e for e in entries if (e['arm'], e['tau'], e['model']) == (*label, model)), None)
+                    for label in labels]
+            xs = [i + (j - 0.5) * width for i, r in enumerate(rows) if r]
+            ax.bar(xs, [r['accuracy'] for r in rows if r], width, yerr=[r['ci_over_seeds'] for r in rows if r],
+                   capsize=3, label='GLoFA' if model == 'glofa' else 'the same head without adaptors')
+        ax.set_xticks(range(len(labels)), [f'{a}\ntemperature {t:g}' for a, t in labels], fontsize=8)
+        accuracies = [e['accuracy'] for e in entries]
+        if accuracies:
+            ax.set_ylim(max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 3))
+        else:
+            ax.text(0.5, 0.5, 'not run yet', ha='center', va='center', transform=ax.transAxes)
+        ax.set_title('images (mix-grained demo, pretrained Conv-4): test accuracy', fontsize=10)
+        ax.set_ylabel('accuracy (%, 95 % CI over seeds)')
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ the study
-def image_flags(save_dir: str, arm: str, model: str, seed: int, weights: str, extra: list) -> tuple[str, list]:
+def image_flags(save_dir: str, arm: str, model: str, tau: float, seed: int, weights: str, extra: list) -> tuple[str, list]:
     """The base path of one image-level run's files and its train.py flags."""
-    return (os.path.join(save_dir, f'{arm}-{model}-seed{seed}'),
-            ['--demo', 'mixed', '--seed', str(seed), *IMAGE_MODELS[model], '--pretrained', weights,
+    return (os.path.join(save_dir, f'{arm}-{model}-tau{tau:g}-seed{seed}'),
+            ['--demo', 'mixed', '--seed', str(seed), *IMAGE_MODELS[model], '--tau', f'{tau:g}', '--pretrained', weights,
              *PRETRAINED_RATES, *IMAGE_ARMS[arm], '--channels_last', '--save_dir', save_dir, *extra])
 
 
-def frozen_protonet(flags: list, base: str) -> list:
-    """Frozen ProtoNet has nothing to train: test.py on the pretrained encoder as it is."""
-    return ['test.py', *[f for f in flags if f != '--freeze_encoder'], '--model_path', 'none', '--json', base + '.test.json']
-
-
-def image_stage(base: str, flags: list, arm: str, model: str) -> Optional[tuple[list, str]]:
-    """What one image-level run still has to run: (command, log), or None when its figures exist."""
-    if arm == 'frozen' and model == 'protonet':
-        return None if os.path.isfile(base + '.test.json') else (frozen_protonet(flags, base), base + '.log')
-    return variant_stage(base, flags)
-
-
-def image_figures(base: str, flags: list, arm: str, model: str) -> dict:
+def image_figures(base: str, flags: list) -> dict:
     """One image-level run's test figures, what the adaptors did in training, and its command."""
-    if arm == 'frozen' and model == 'protonet':
-        with open(base + '.test.json') as f:
-            return {**json.load(f)['settings'][0], 'command': shlex.join(['python', *frozen_protonet(flags, base)])}
     figures = variant_figures(base, flags)
     figures['command'] = shlex.join(['python', 'train.py', *flags])
     args = parse_args(flags)
     history = read_file(run_paths(args).stat, 'statistics file').get('training_episodes')
-    if 'alpha_task' in figures:
-        figures['acting'] = [STRENGTHS[i][0] for i in ACTING_STRENGTHS[args.adaptor]]
-    if history and ACTING_STRENGTHS[args.adaptor]:
+    figures['acting'] = [STRENGTHS[i][0] for i in ACTING_STRENGTHS[args.adaptor]]
+    if history and figures['acting']:
         figures['died_at'] = dead_since(history, args.episode_gap, args.adaptor)
         figures['training'] = training_diagnostics({k: v for k, v in history.items() if k != 'episode'})
     return figures
@@ -444,7 +590,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     scale = 'quick' if opts.quick else 'full'
     settings = SCALES[scale]
     out = os.path.abspath(opts.out)
-    check_output_folder(out, '--out')
+    claim_output_folder(out, '--out')
     if opts.pretrained is not None and not os.path.isfile(opts.pretrained):  # before the feature level's minutes
         raise UserError(f'--pretrained {opts.pretrained}: no such file (expected Conv-4 weights in FEAT\'s format, '
                         f'as pretrain.py --demo mixed writes them)')
@@ -453,32 +599,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
     command = shlex.join(['python', 'scripts/adaptor_study.py', '--out', opts.out, *(['--quick'] if opts.quick else [])])
     commands = [f'{command} (the whole study)']
 
-    def stage_path(knob: float, seed: int) -> str:
-        return os.path.join(out, 'feature', f'{scale}-s{knob:g}-seed{seed}.pt')
+    def stage_path(sigma: float, knob: float, tau: float, seed: int) -> str:
+        return os.path.join(out, 'feature', f'{scale}-sigma{sigma:g}-s{knob:g}-tau{tau:g}-seed{seed}.pt')
 
     def results() -> dict:
         return write_results(out, scale, settings, feature, image, commands + [image[k]['command'] for k in order if k in image])
 
     current = ['start-up']
-    stages = len(settings['seeds']) * (len(settings['knobs']) + len(IMAGE_ARMS) * len(settings['image_models'])) + 1
+    cells = [(sigma, knob, tau) for tau in settings['taus'] for sigma in settings['sigmas'] for knob in settings['knobs']]
     with exit_on_interrupt(lambda: f'interrupted during {current[0]}: {os.path.join(out, "results.md")} holds every '
-                                   f'result so far ({len(feature) + len(image)} of {stages} stages); run the same command '
-                                   f'again to continue'):
+                                   f'result so far ({len(feature)} feature stages, {len(image)} image runs); run the '
+                                   f'same command again to continue'):
         if 'feature' in opts.levels:
             current[0] = 'the feature level'
-            keys = [(knob, seed) for seed in settings['seeds'] for knob in settings['knobs']]
+            keys = [(*cell, seed) for seed in settings['seeds'] for cell in cells]
             jobs = [(*key, settings['train_episodes'], settings['test_episodes'], stage_path(*key)) for key in keys
                     if not os.path.isfile(stage_path(*key))]
+            jobs.sort(key=lambda job: (job[0], job[2]) != FULL_ROW)  # the cells with every head first: the longest
             if jobs:  # each stage in a process of its own, opts.jobs at a time
                 with progress(total=len(jobs), desc=f'feature level, {opts.jobs} at a time', unit='stage') as bar, \
                         multiprocessing.get_context('spawn').Pool(min(opts.jobs, len(jobs)), feature_worker,
                                                                   (threads_per_job(opts.jobs),)) as pool:
                     for key in pool.imap_unordered(feature_job, jobs):
-                        feature[key] = read_file(stage_path(*key), 'stage result')
+                        feature[key] = read_stage(stage_path(*key))
                         results()
                         bar.update(1)
             for key in keys:
-                feature[key] = read_file(stage_path(*key), 'stage result')
+                feature[key] = read_stage(stage_path(*key))
             results()
         if 'image' in opts.levels:
             current[0] = 'the pretraining'
@@ -490,21 +637,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
             else:  # runs from other weights go to a folder of their own
                 weights = os.path.abspath(opts.pretrained)
                 save_dir += '-' + hashlib.sha1(weights.encode()).hexdigest()[:8]
-            keys = [(arm, model, seed) for arm in IMAGE_ARMS for model in settings['image_models']
-                    for seed in settings['seeds']]
-            runs = {key: image_flags(save_dir, *key, weights, settings['image_extra']) for key in keys}
-            order.extend(keys)
+            runs = {}
 
-            def collect(key: tuple) -> None:
-                image[key] = image_figures(*runs[key], *key[:2])
-                results()
-            to_run = {key: image_stage(*runs[key], *key[:2]) for key in keys}
-            pending = [key for key in keys if to_run[key] is not None]
-            for key in keys:
-                if to_run[key] is None:
-                    collect(key)
-            current[0] = f'the image level ({len(pending)} runs to go when it started)'
-            run_stages([to_run[key] for key in pending], done, opts.jobs, finished=lambda i: collect(pending[i]))
+            def run_image(keys: list) -> None:
+                """The image-level runs of ``keys`` (arm, model, tau, seed) that have no figures yet, then theirs."""
+                runs.update({key: image_flags(save_dir, *key, weights, settings['image_extra']) for key in keys})
+                order.extend(keys)
+
+                def collect(key: tuple) -> None:
+                    image[key] = image_figures(*runs[key])
+                    results()
+                to_run = {key: variant_stage(*runs[key]) for key in keys}
+                pending = [key for key in keys if to_run[key] is not None]
+                for key in keys:
+                    if to_run[key] is None:
+                        collect(key)
+                current[0] = f'the image level ({len(pending)} runs to go when it started)'
+                run_stages([to_run[key] for key in pending], done, opts.jobs, finished=lambda i: collect(pending[i]))
+            run_image([(arm, model, tau, seed) for arm in IMAGE_ARMS for model in settings['image_models']
+                       for tau in settings['image_taus'] for seed in settings['seeds']])
+            larger = [arm for arm in IMAGE_ARMS if any(image[(arm, 'glofa', max(settings['image_taus']), seed)].get('died_at')
+                                                       for seed in settings['seeds'])]
+            run_image([(arm, model, LARGER_TAU, seed) for arm in larger for model in settings['image_models']
+                       for seed in settings['seeds']])
     table = results()
     print(f'\nwrote {os.path.join(out, "results.md")}, results.json and study.png ({len(done)} command'
           f'{"s" if len(done) != 1 else ""} run now)')
