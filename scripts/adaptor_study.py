@@ -502,7 +502,7 @@ def draw(table: dict, settings: dict, path: str) -> None:
         if mark_dead:
             handles.append(Line2D([], [], linestyle='none', marker='$†$', color='black',
                                   label='† d/n: strengths died in d of n seeds'))
-        ax.legend(handles=handles, fontsize=7, loc='upper left', framealpha=0.8)
+        ax.legend(handles=handles, fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     for i, tau in enumerate(taus):
         grid(axes[0, i], lambda c: c['gain'], f'GLoFA minus the same head without adaptors, temperature {tau:g}',
@@ -537,7 +537,7 @@ def draw(table: dict, settings: dict, path: str) -> None:
             xs = [i + (j - 0.5) * width for i, r in enumerate(rows) if r]
             ax.bar(xs, [r['accuracy'] for r in rows if r], width, yerr=[r['ci_over_seeds'] for r in rows if r],
                    capsize=3, label='GLoFA' if model == 'glofa' else 'the same head without adaptors')
-        ax.set_xticks(range(len(labels)), [f'{a}\ntemperature {t:g}' for a, t in labels], fontsize=8)
+        ax.set_xticks(range(len(labels)), [f'{a}\ntau {t:g}' for a, t in labels], fontsize=8)
         accuracies = [e['accuracy'] for e in entries]
         if accuracies:
             ax.set_ylim(max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 3))

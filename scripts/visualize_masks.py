@@ -154,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
     class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]
     stored = stored_features(args, model_path, dataset, EvalOptions(device))  # test.py's, when it stored them
-    stored = stored.load() if stored is not None else None
+    stored = stored.load(len(dataset), getattr(model.encoder, 'out_dim', None)) if stored is not None else None
     with torch.no_grad():
         support = stored[indices].to(device) if stored is not None else model.encode(images.to(device))  # (N*K, d)
         adaptation = Adaptation(*(t.float().cpu() for t in model.adapt(support, args.N, args.K)))

@@ -47,7 +47,8 @@ def test_the_pickled_section_converts_and_starts_every_form(tmp_path, capsys, mo
 
 def test_the_cache_section_times_three_calls_with_the_same_accuracies(tmp_path, capsys):
     rows = benchmark.main(['cache', *TINY, '--cache_episodes', '20', '--work_dir', str(tmp_path)])
-    assert len(rows) == 2 and all(row.same for row in rows)
+    assert len(rows) == 3 and all(row.same for row in rows[:2])
+    assert rows[2].a_value > 0 and rows[2].b_value > 0  # the split's key by content and by sizes and times
     assert len(os.listdir(tmp_path / 'cache-cpu' / 'saves' / 'features')) == 2  # one array and its record
 
 

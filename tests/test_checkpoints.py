@@ -167,8 +167,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
-        with open(f, 'wb') as out:
-            out.write(b'half a fi')
+        f.write(b'half a fi')  # the open temporary file
         raise OSError('disk full')
 
     monkeypatch.setattr(torch, 'save', failing_save)
@@ -177,6 +176,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert path in str(error.value)
     monkeypatch.setattr(torch, 'save', real_save)
     assert torch.equal(torch.load(path)['a'], torch.ones(2))
+    assert os.listdir(tmp_path) == ['record.pth']  # the temporary file is gone
 
 
 # ------------------------------------------------------------------ what train.py and test.py write
