@@ -40,7 +40,7 @@ except RuntimeError as error:  # a torchvision built for another torch: 'operato
     sys.exit(2)
 
 from pickles import cache_dir, cache_folder, convert_split, pickled_form, safe_load, source_file
-from utils import UserError, too_large
+from utils import UserError, atomic_write, too_large
 
 SPLITS = ('train', 'val', 'test')
 # per-channel (mean, std) of the images, in [0, 1] units (--normalization)
@@ -297,18 +297,15 @@ def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
         raise UserError(f'{npz_path} is compressed and its uncompressed copy needs {info.member_size / 2 ** 30:.1f} GiB '
                         f'in {folder}, which has {free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to another folder)')
     print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
-    partial = f'{target}.part{os.getpid()}'
-    try:
-        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, open(partial, 'xb') as out, \
+
+    def copy(out) -> None:
+        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, \
                 progress(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
-                     leave=False) as bar:
+                         leave=False) as bar:
             while chunk := source.read(1 << 24):
                 out.write(chunk)
                 bar.update(len(chunk))
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    atomic_write(target, copy)
     return target
 
 

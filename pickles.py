@@ -20,13 +20,13 @@ import os
 import pickle
 import shutil
 import zipfile
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 from utils import progress
 
-from utils import UserError, too_large
+from utils import UserError, atomic_write, too_large
 
 # what a pickle of plain containers, numbers, strings and numpy arrays needs (Python 2's and 3's)
 SAFE_GLOBALS = {
@@ -194,9 +194,10 @@ def source_stamp(path: str) -> dict:
     return {'source': os.path.abspath(path), 'size': stat.st_size, 'mtime': stat.st_mtime}
 
 
-def write_stored_npz(path: str, n: int, height: int, width: int, rows: Iterator[np.ndarray]) -> None:
-    """An .npz holding 'images' (uint8, (n, height, width, 3)), stored (not compressed), written row by row."""
-    with open(path, 'xb') as file, zipfile.ZipFile(file, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive, \
+def write_stored_npz(file: BinaryIO, n: int, height: int, width: int, rows: Iterator[np.ndarray]) -> None:
+    """An .npz holding 'images' (uint8, (n, height, width, 3)), stored (not compressed), written row by row into
+    the open ``file``."""
+    with zipfile.ZipFile(file, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive, \
             archive.open('images.npy', 'w', force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False,
                                                  'shape': (n, height, width, 3)})
@@ -246,17 +247,9 @@ def convert_split(root: str, split: str) -> str:
     if free < needed:
         raise UserError(f'converting {source} needs {needed / 2 ** 30:.1f} GiB in {folder}, which has '
                         f'{free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to a folder with room, and make {root} read-only)')
-    partial = f'.part{os.getpid()}'
-    try:
-        write_stored_npz(images_path + partial, n, shape[0], shape[1], rows())
-        with open(labels_path + partial, 'xb') as f:  # created anew: a planted link is not followed
-            pickle.dump({'labels': names}, f)
-        os.replace(images_path + partial, images_path)
-        os.replace(labels_path + partial, labels_path)
-        with open(stamp_path, 'w') as f:
-            json.dump(stamp, f)
-    finally:
-        for path in (images_path + partial, labels_path + partial):
-            if os.path.exists(path):
-                os.remove(path)
+    if os.path.lexists(stamp_path):
+        os.remove(stamp_path)  # written last: a conversion cut short is never taken for a whole one
+    atomic_write(images_path, lambda f: write_stored_npz(f, n, shape[0], shape[1], rows()))
+    atomic_write(labels_path, lambda f: pickle.dump({'labels': names}, f))
+    atomic_write(stamp_path, lambda f: json.dump(stamp, f), binary=False)
     return folder

@@ -82,6 +82,18 @@ def test_tiered_compressed_npz_is_copied_once_beside_it(tmp_path, capsys):
     assert 'uncompressed copy' not in capsys.readouterr().out
 
 
+def test_a_link_planted_at_the_uncompressed_copy_is_replaced_not_written_through(tmp_path):
+    root = write_tiered_dataset(tmp_path / 'linked', compressed=True)
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('precious')
+    copy = os.path.join(root, 'test_images.npy')
+    for planted in (copy, f'{copy}.part{os.getpid()}', f'{copy}.tmp'):  # the copy, and the names it was written to
+        os.symlink(victim, planted)
+    dataset = open_split(root, 'test')
+    assert victim.read_text() == 'precious' and not os.path.islink(copy)
+    assert np.array_equal(np.asarray(dataset.images), npz_images(root, 'test'))
+
+
 def test_tiered_compressed_copy_goes_to_the_cache_for_a_read_only_folder(tmp_path, monkeypatch, capsys):
     root = write_tiered_dataset(tmp_path / 'readonly', compressed=True)
     monkeypatch.setattr(dataloader, 'is_writable', lambda folder: False)
