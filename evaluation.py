@@ -5,11 +5,12 @@ Two ways give the same answers: 'episodic' encodes every episode's images, as th
 prototypes, logits), on many episodes at once. An entry point chooses the way once
 (``choose_eval_mode``), then ``run_episodes(model, dataset, Episodes(...), way, EvalOptions(...))``.
 """
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -102,13 +103,25 @@ class FeatureCache:
     is read from (split file and images, or the arrays), the transform, the network and how it ran. Any change of
     those is another file. Both are written atomically (utils.atomic_write); on reading, the array is checked
     against its record's SHA-256 and against the model (one row per image, its feature size, float32), so a
-    damaged, partial or foreign file is encoded again, with one line, never read as numbers."""
+    damaged, partial or foreign file is encoded again, with one line, never read as numbers. The key is made
+    on first use (hashing the split reads every file): an evaluation that never uses the store pays nothing."""
 
-    def __init__(self, folder: str, key: dict):
-        self.folder, self.key = folder, key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.path, self.record = os.path.join(folder, f'{digest}.npy'), os.path.join(folder, f'{digest}.json')
+    def __init__(self, folder: str, make_key: Callable[[], dict]):
+        self.folder, self.make_key = folder, make_key
         self.warning: Optional[str] = None  # a store that failed: said after the result, never instead of it
+
+    @functools.cached_property
+    def key(self) -> dict:
+        return self.make_key()
+
+    @functools.cached_property
+    def path(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.folder, f'{digest}.npy')
+
+    @property
+    def record(self) -> str:
+        return self.path[:-len('.npy')] + '.json'
 
     def load(self, rows: int, dim: Optional[int] = None) -> Optional[torch.Tensor]:
         """The stored embeddings of ``rows`` images of ``dim`` features, or None (none stored, another key, or a
@@ -156,14 +169,16 @@ def weights_digest(path: str) -> str:
     return loaded if loaded is not None else content_digest([path])
 
 
-def feature_cache(save_dir: str, checkpoint: str, stamp: dict, normalization: str, network_name: str,
+def feature_cache(save_dir: str, checkpoint: str, stamp: Callable[[], dict], normalization: str, network_name: str,
                   options: 'EvalOptions') -> 'FeatureCache':
-    """The cache under <save_dir>/features of the embeddings, by the encoder of ``checkpoint``, of the images
-    that ``stamp`` describes (a split's ``dataset.stamp()``, or any {'split': name, 'content': digest})."""
-    key = {'checkpoint': weights_digest(checkpoint), 'split': stamp, 'transform': f'eval-{normalization}',
-           'image_size': IMAGE_SIZE, 'network': network_name, 'device': options.device.type, 'amp': options.amp,
-           'channels_last': options.channels_last}
-    return FeatureCache(os.path.join(save_dir, 'features'), key)
+    """The cache under <save_dir>/features of the embeddings, by the encoder of ``checkpoint`` (its digest taken
+    now), of the images that ``stamp()`` describes on first use (a split's ``dataset.stamp``, or any function
+    returning {'split': name, 'content': digest})."""
+    weights = weights_digest(checkpoint)
+    return FeatureCache(os.path.join(save_dir, 'features'), lambda: {
+        'checkpoint': weights, 'split': stamp(), 'transform': f'eval-{normalization}', 'image_size': IMAGE_SIZE,
+        'network': network_name, 'device': options.device.type, 'amp': options.amp,
+        'channels_last': options.channels_last})
 
 
 def stored_features(args, checkpoint: Optional[str], dataset, options: 'EvalOptions') -> Optional['FeatureCache']:
@@ -171,7 +186,7 @@ def stored_features(args, checkpoint: Optional[str], dataset, options: 'EvalOpti
     checkpoint file, else None (encode, store nothing)."""
     if args.feature_cache != 'on' or not checkpoint:
         return None
-    return feature_cache(args.save_dir, checkpoint, dataset.stamp(), args.normalization, args.network_name, options)
+    return feature_cache(args.save_dir, checkpoint, dataset.stamp, args.normalization, args.network_name, options)
 
 
 class SplitFeatures:

@@ -193,7 +193,7 @@ def support_embeddings(opts, args, model, weights: str, files: list[list[str]], 
     paths = [p for class_files in files for p in class_files]
     cache = None
     if opts.feature_cache == 'on':
-        cache = feature_cache(opts.save_dir, weights, {'split': 'support', 'content': content_digest(paths)},
+        cache = feature_cache(opts.save_dir, weights, lambda: {'split': 'support', 'content': content_digest(paths)},
                               args.normalization, args.network_name, EvalOptions(device))
     features = cache.load(len(paths), getattr(model.encoder, 'out_dim', None)) if cache is not None else None
     if features is None:

@@ -12,6 +12,7 @@ import pytest
 import test as test_script
 import train
 from arguments import parse_args
+from dataloader import FewShotDataset
 from runs import run_paths
 
 
@@ -168,8 +169,10 @@ def test_the_key_is_the_weights_that_were_loaded(run, tmp_path, capsys, monkeypa
     np.testing.assert_array_equal(second[(2, 1)].accuracies, fresh[(2, 1)].accuracies)
 
 
-def test_a_small_question_stores_nothing(run, tmp_path, capsys):
+def test_a_small_question_stores_nothing(run, tmp_path, capsys, monkeypatch):
+    """Nor does it read the split's files for a key it never uses."""
     argv, _, _ = run
     shutil.rmtree(tmp_path / 'saves' / 'features')
+    monkeypatch.setattr(FewShotDataset, 'stamp', lambda self: pytest.fail('the split was hashed'))
     test_script.main([a for a in argv if a not in ('--eval_mode', 'cached')] + ['--n_testing_episodes', '1'])
     assert stored(tmp_path / 'saves') == []  # 1 episode runs episodic: no encoding of the split
