@@ -254,12 +254,12 @@ def carries_mark(path: str, mark: str = OUTPUT_MARK) -> bool:
         return False
 
 
-def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: bool = False,
+def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: Optional[bool] = None,
                  formats: Optional[Sequence[str]] = None, mark: str = OUTPUT_MARK) -> None:
     """The one rule for a file a program writes, checked before any work (one line naming ``flag`` and the path
     otherwise): not one of the command's ``inputs`` (the same file by any name, a link too); a
     file name ending in one of ``formats`` when given; new, or written by these programs (it carries ``mark``), or
-    ``overwrite``; its folder writable."""
+    ``overwrite`` (the command's --overwrite; None for a command without one); its folder writable."""
     if formats and os.path.splitext(path)[1].lower() not in formats:
         raise UserError(f'{flag} {path}: expected a file ending in {" or ".join(formats)}')
     if os.path.exists(path):  # the same file as an input, by any name (a link, a hard link)
@@ -275,8 +275,9 @@ def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: bo
     if os.path.isdir(path):
         raise UserError(f'{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, "out" + (formats or [".json"])[0])}')
     if os.path.lexists(path) and not overwrite and not carries_mark(path, mark):
+        instead = 'remove it first' if overwrite is None else 'add --overwrite'
         raise UserError(f'{flag} {path} exists and was not written by this program: refused, so nothing of yours is '
-                        f'replaced (choose another file, or add --overwrite)')
+                        f'replaced (choose another file, or {instead})')
     check_output_folder(os.path.dirname(path) or '.', flag)
 
 

@@ -43,6 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "training loss and validation accuracies against epochs")
     p.add_argument('--out', type=str, default=None,
                    help='PNG file to write (default: beside the statistics or the log, <file>.curves.png)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace an existing picture at --out that this script did not write')
     return p
 
 
@@ -274,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         if rest or own.stat is not None:
             raise UserError(f'--log names the file; {" ".join(rest) or "--stat"} would be ignored: give one or the other')
         out = own.out or picture_beside(own.log, '.log.jsonl')
-        check_output(out, '--out', [own.log], formats=list(PICTURE_FORMATS))
+        check_output(out, '--out', [own.log], own.overwrite, list(PICTURE_FORMATS))
         return plot_pretraining(own.log, out)
     if own.stat is not None:
         if rest:
@@ -289,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     own.out = own.out or picture_beside(stat_path, STAT_SUFFIX)
-    check_output(own.out, '--out', [stat_path], formats=list(PICTURE_FORMATS))
+    check_output(own.out, '--out', [stat_path], own.overwrite, list(PICTURE_FORMATS))
     losses, accuracies = load_statistics(stat_path)
     episodes, entries = episodes_of(stat_path, len(losses), episode_gap)
     name = os.path.basename(stat_path)

@@ -147,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     model.to(device).eval()
     dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
     out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
-    check_output(out, '--out', [model_path, *dataset.files()], formats=list(PICTURE_FORMATS))
+    check_output(out, '--out', [model_path, *dataset.files()], args.overwrite, list(PICTURE_FORMATS))
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed),
                               args.task_mix)
     indices = sampler.sample()  # (K*N,), shot-major: the support set

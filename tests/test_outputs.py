@@ -23,6 +23,7 @@ from utils import OUTPUT_MARK, UserError, check_output, claim_output_folder
 
 import adaptor_study  # from scripts/ (pytest.ini puts it on the path)
 import classify
+import plot_curves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +57,8 @@ def test_the_rule_refuses_inputs_foreign_files_folders_and_formats(tmp_path):
     foreign = tmp_path / 'notes.json'
     foreign.write_text('{"mine": 1}')
     with pytest.raises(UserError, match='--overwrite'):
+        check_output(str(foreign), '--json', overwrite=False)
+    with pytest.raises(UserError, match=str(foreign)):  # a command without --overwrite
         check_output(str(foreign), '--json')
     check_output(str(foreign), '--json', overwrite=True)
     ours = tmp_path / 'figures.json'
@@ -125,6 +128,18 @@ def test_classify_never_writes_onto_a_photo_and_checks_formats_first(trained, ti
     result = classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])
     classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])  # its own
     assert len(result['low']) == 1
+
+
+def test_a_picture_replaces_a_foreign_file_only_with_overwrite(trained, tmp_path, capsys):
+    argv, _ = trained
+    stat = run_paths(parse_args(argv)).stat
+    mine = tmp_path / 'curves.png'
+    mine.write_bytes(b'my own picture')
+    assert str(mine) in exits_with(plot_curves.main, ['--stat', stat, '--out', str(mine)], capsys)
+    assert mine.read_bytes() == b'my own picture'
+    plot_curves.main(['--stat', stat, '--out', str(mine), '--overwrite'])
+    assert mine.read_bytes().startswith(b'\x89PNG')
+    plot_curves.main(['--stat', stat, '--out', str(mine)])  # now the script's own: replaced without --overwrite
 
 
 def test_a_study_out_is_new_empty_or_its_own(tmp_path, capsys):
