@@ -128,6 +128,12 @@ def test_classify_never_writes_onto_a_photo_and_checks_formats_first(trained, ti
     result = classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])
     classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])  # its own
     assert len(result['low']) == 1
+    notes = tmp_path / 'notes.csv'
+    notes.write_text('my,own,table\n')
+    assert '--out' in exits_with(classify.main, base + ['--out', str(notes)], capsys)
+    assert notes.read_text() == 'my,own,table\n'
+    classify.main(base + ['--out', str(notes), '--overwrite'])
+    assert notes.read_text().startswith('file,prediction,probability')
 
 
 def test_a_picture_replaces_a_foreign_file_only_with_overwrite(trained, tmp_path, capsys):
