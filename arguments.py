@@ -1,8 +1,10 @@
 """The command lines of the entry points: the flags they share (one parent parser), then each one's own."""
 import argparse
+import copy
 import math
 import os
 from typing import Optional
+from harness.console import UserError
 
 
 # what each numeric flag accepts: (test, what the one-line refusal says it must be)
@@ -19,12 +21,6 @@ DOMAINS = {  # train.py and test.py (a flag of None is not checked: its default 
     'tau': POSITIVE, 'delta': POSITIVE, 'temperature': POSITIVE, 'temperature2': POSITIVE, 'balance': AT_LEAST_0,
     'n_workers': AT_LEAST_0, 'episode_batch': AT_LEAST_0, 'seed': (lambda v: 0 <= v < 2 ** 63, 'from 0 to 2^63 - 1'),
     'h_bias_init': (lambda v: True, 'a number'),
-}
-PRETRAIN_DOMAINS = {
-    'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'val_every': AT_LEAST_1, 'val_shot': AT_LEAST_1,
-    'val_query': AT_LEAST_1, 'val_episodes': AT_LEAST_1, 'milestones': AT_LEAST_1,
-    'val_way': DOMAINS['N'], 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR, 'n_workers': AT_LEAST_0,
-    'seed': DOMAINS['seed'],
 }
 
 
@@ -232,54 +228,32 @@ def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False)
     return args
 
 
-# ------------------------------------------------------------------ pretrain.py
-PRETRAIN_LR = {'sgd': 0.1, 'adam': 0.001}
-# A short schedule for the built-in demo data on a 2-core CPU (its val split has 8 classes).
-PRETRAIN_DEMO_PRESET = dict(network_name='convnet', epochs=4, batch_size=32, milestones=[3], val_every=1, val_way=5)
+def check_domains(args, domains: dict) -> None:
+    """Refuse, in one line, the first flag of ``domains`` outside its domain (arguments.domain_error)."""
+    error = domain_error(args, domains)
+    if error:
+        raise UserError(error)
 
 
-def get_pretrain_parser() -> argparse.ArgumentParser:
-    """The flags of pretrain.py (every one documented in docs/pretrain.md and used)."""
-    p = argparse.ArgumentParser(
-        description='Supervised pretraining of the GLoFA backbone (encoder + linear classifier over the '
-                    'train classes), with few-shot validation for model selection.',
-        formatter_class=HelpFormatter, parents=[common_parser()])
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=100, help='passes over the train split')
-    g.add_argument('--batch_size', type=int, default=128,
-                   help='images per optimisation step, over all processes (each takes batch_size / processes)')
-    g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
-                   help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
-    g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
-                   help='epochs after which the learning rate is multiplied by --gamma')
-    g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
-    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
-
-    g = p.add_argument_group('validation (model selection)')
-    g.add_argument('--val_every', type=int, default=5, help='epochs between two validations (the last epoch always validates)')
-    g.add_argument('--val_way', type=int, default=16, help='classes per validation episode')
-    g.add_argument('--val_shot', type=int, default=1, help='support images per class')
-    g.add_argument('--val_query', type=int, default=15, help='query images per class')
-    g.add_argument('--val_episodes', type=int, default=200, help='validation episodes (the same ones at every validation)')
-
-    g = p.add_argument_group('output')
-    g.add_argument('--out', type=str, default=None,
-                   help='weights file to write; none given: <save_dir>/pretrained/<data>-<network_name>-pretrain-'
-                        'seed<seed>.pth. Its state, log and identity go beside it as .last.pth, .log.jsonl and .run.json')
-    g.add_argument('--sync_bn', action='store_true',
-                   help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch')
-    return p
+def check_episode_flags(N: int, K: int, Q: int) -> None:
+    check_domains(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
 
 
-def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Parse pretrain.py's command line; --demo changes the defaults, explicit flags still win."""
-    parser = get_pretrain_parser()
-    args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_ROOTS[args.demo], **PRETRAIN_DEMO_PRESET)
-        args = parser.parse_args(argv)
-    args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')
-    args.lr = args.lr if args.lr is not None else PRETRAIN_LR[args.optimizer]
-    return args
+def check_args(args, device) -> None:
+    """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
+    check_domains(args, DOMAINS)
+    if getattr(args, 'freeze_encoder', False) and args.model_name == 'protonet':
+        raise UserError('--freeze_encoder leaves ProtoNet nothing to train (it has no head parameters): evaluate the '
+                        'encoder as it is with test.py --model_name protonet --pretrained FILE')
+    if getattr(args, 'freeze_encoder', False) and args.pretrained.lower() == 'none':
+        raise UserError('--freeze_encoder with --pretrained none would freeze a randomly initialised encoder: give '
+                        '--pretrained FILE, or drop --freeze_encoder')
+    if args.amp and device.type != 'cuda':
+        raise UserError('--amp needs a CUDA device (this run is on the CPU)')
+
+
+def with_setting(args, n_way: int, n_shot: int):
+    """A copy of the flags with one (N, K) setting, for the helpers that read args.N and args.K."""
+    view = copy.copy(args)
+    view.N, view.K = n_way, n_shot
+    return view

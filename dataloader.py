@@ -1,36 +1,26 @@
-"""Episodic N-way K-shot Q-query data loading, whatever the dataset's on-disk format.
+"""Episodic N-way K-shot Q-query data loading.
 
-Each format is a reader (a ``SplitDataset``) with one interface: ``dataset[i]`` -> (image
-(3, 84, 84), label), ``dataset[(i, seed)]`` with the augmentation seeded, and the attributes
-``split``, ``labels``, ``class_names``, ``location``, ``sources``, ``source_names``:
-
-- ``FewShotDataset``: ``images/<file>`` and ``split/{train,val,test}.csv``, a header line then rows
-  ``filename,label[,...]`` (mini-ImageNet; CUB with FEAT's split files);
-- ``TieredDataset``: ``{split}_images.npz`` and ``{split}_labels.pkl`` (tiered-ImageNet), memory-mapped;
-- ``MultiSourceDataset``: the union of one split of several roots.
-
-``open_split(paths, split, transform)`` detects each root's format. Classes are numbered in order of
-first appearance. The sampler sees labels (and roots, for the 'source' mix) only and yields
-episodes in *shot-major* order (see ``EpisodeSampler``).
+The folder form is read here: ``images/<file>`` and ``split/{train,val,test}.csv`` (a header line, then rows
+``filename,label[,...]``: mini-ImageNet, CUB with FEAT's split files). Other forms (tiered-ImageNet's arrays,
+pickles: ``harness.forms``) and several roots at once (``harness.mixing``) are read when the data is in them.
+A reader gives ``dataset[i]`` -> (image (3, 84, 84), label) and ``dataset[(i, seed)]`` with the augmentation
+seeded, and the attributes ``split``, ``labels``, ``class_names``, ``location``, ``sources``, ``source_names``.
+Classes are numbered in order of first appearance. The sampler sees labels only and yields episodes in
+*shot-major* order (see ``EpisodeSampler``).
 """
-import bisect
 import csv
-import hashlib
 import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
 import signal
-import struct
 import sys
-import zipfile
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from utils import progress
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+
+from harness.console import UserError
 try:
     from torchvision import transforms
 except RuntimeError as error:  # a torchvision built for another torch: 'operator torchvision::nms does not exist'
@@ -39,19 +29,22 @@ except RuntimeError as error:  # a torchvision built for another torch: 'operato
           f'torchvision (CPU-only: add --index-url https://download.pytorch.org/whl/cpu)', file=sys.stderr)
     sys.exit(2)
 
-from pickles import cache_dir, cache_folder, convert_split, pickled_form, safe_load, source_file
-from utils import UserError, atomic_write, too_large
 
 SPLITS = ('train', 'val', 'test')
+
+
 # per-channel (mean, std) of the images, in [0, 1] units (--normalization)
 NORMALIZATIONS = {
     'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the reference (torchvision's ImageNet statistics)
     'feat': (tuple(x / 255 for x in (120.39586422, 115.59361427, 104.54012653)),  # FEAT's ResNet-12 pretraining
              tuple(x / 255 for x in (70.68188272, 68.27635443, 72.54505529))),
 }
+
+
 IMAGE_SIZE = 84
+
+
 TASK_MIXES = ('class', 'source')
-LABEL_KEYS = ('labels', 'label_specific')  # tiered-ImageNet pickles: FEAT's key, then Ren et al.'s
 
 
 # ------------------------------------------------------------------ transforms
@@ -180,135 +173,6 @@ def overlap_error(splits: dict) -> Optional[str]:
     return None
 
 
-# the benchmarks a dataset is compared with: classes per split (train, val, test), and images per class
-# where the benchmark fixes it
-BENCHMARKS = {'mini-ImageNet': ((64, 16, 20), 600), 'tiered-ImageNet': ((351, 97, 160), None),
-              "FEAT's CUB split": ((100, 50, 50), None)}
-
-
-def looks_like_mini_imagenet_test(dataset) -> bool:
-    """Whether a test split has mini-ImageNet's shape (20 classes of 600 images): where figures quoted for
-    mini-ImageNet may be printed beside ours."""
-    (_, _, classes), per_class = BENCHMARKS['mini-ImageNet']
-    counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.class_names))
-    return len(counts) == classes and bool((counts == per_class).all())
-
-
-# ------------------------------------------------------------------ tiered-ImageNet files
-def tiered_paths(root: str, split: str) -> tuple[str, str]:
-    """(images, labels) files of a split in tiered-ImageNet's format: {split}_images.npz, {split}_labels.pkl."""
-    return os.path.join(root, f'{split}_images.npz'), os.path.join(root, f'{split}_labels.pkl')
-
-
-def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
-    """Integer labels numbered in order of first appearance, and the class names (the values as text)."""
-    labels, class_names, index = [], [], {}
-    for value in values:
-        if value not in index:
-            index[value] = len(class_names)
-            class_names.append(value.decode('latin1') if isinstance(value, bytes) else str(value))
-        labels.append(index[value])
-    return labels, class_names
-
-
-def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
-    """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
-    label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
-    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer
-    labels, class names in order of first appearance)."""
-    if not os.path.isfile(pkl_path):
-        raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')
-    record = safe_load(pkl_path, 'label file')
-    keys = [k for k in LABEL_KEYS if isinstance(record, dict) and k in record]
-    if not keys:
-        what = f'keys {sorted(map(str, record))}' if isinstance(record, dict) else f'a {type(record).__name__}'
-        raise UserError(f"label file {pkl_path} holds {what}, expected a dict with 'labels' (one label per image)")
-    values = record[keys[0]]
-    values = values.ravel().tolist() if isinstance(values, np.ndarray) else list(values)
-    return number_labels(values)
-
-
-class ArrayInfo(NamedTuple):
-    """Where an .npy array lies inside an .npz file."""
-    shape: tuple
-    dtype: np.dtype
-    fortran_order: bool
-    compressed: bool
-    member_size: int  # bytes of the whole .npy member, header included, uncompressed
-    header_size: int  # bytes of the .npy header
-    offset: int       # position of the .npy member in the .npz file (meaningful for stored members)
-
-
-def read_npy_header(f: BinaryIO, path: str) -> tuple[tuple, np.dtype, bool]:
-    """(shape, dtype, fortran order) from the header of an .npy stream positioned at its start."""
-    try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read(f)
-    except ValueError as error:
-        raise UserError(f'{path} does not hold an .npy array ({error})') from None
-    return shape, dtype, fortran_order
-
-
-def npz_array_info(npz_path: str, key: str = 'images') -> ArrayInfo:
-    """Shape, dtype and position of array ``key`` inside an .npz file, reading only its header."""
-    if not os.path.isfile(npz_path):
-        raise UserError(f'image file {npz_path} not found (expected an .npz whose {key!r} has shape (n, 84, 84, 3))')
-    try:
-        with zipfile.ZipFile(npz_path) as archive:
-            try:
-                member = archive.getinfo(f'{key}.npy')
-            except KeyError:
-                names = ', '.join(n[:-4] if n.endswith('.npy') else n for n in archive.namelist())
-                raise UserError(f'{npz_path} has no array {key!r} (it holds: {names or "nothing"})') from None
-            with archive.open(member) as f:
-                shape, dtype, fortran_order = read_npy_header(f, npz_path)
-                header_size = f.tell()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise UserError(f'{npz_path} is not a readable .npz file ({type(error).__name__}: {error})') from None
-    with open(npz_path, 'rb') as f:  # the stored member starts after its local header
-        f.seek(member.header_offset)
-        local = f.read(30)
-    name_length, extra_length = struct.unpack('<HH', local[26:30])
-    return ArrayInfo(tuple(shape), dtype, fortran_order, member.compress_type != zipfile.ZIP_STORED,
-                     member.file_size, header_size, member.header_offset + 30 + name_length + extra_length)
-
-
-def is_writable(folder: str) -> bool:
-    return os.access(folder, os.W_OK)
-
-
-def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
-    """Path of an uncompressed .npy copy of a compressed .npz member, written once (with a progress
-    bar) beside the .npz, or under ``cache_dir()`` when that folder is read-only."""
-    folder = os.path.dirname(os.path.abspath(npz_path))
-    name = os.path.splitext(os.path.basename(npz_path))[0] + '.npy'
-    if not is_writable(folder):
-        digest = hashlib.sha1(os.path.abspath(npz_path).encode()).hexdigest()[:12]
-        folder = cache_folder(os.path.join(cache_dir(), 'tiered', digest), npz_path)
-    target = os.path.join(folder, name)
-    if os.path.isfile(target) and os.path.getsize(target) == info.member_size \
-            and os.path.getmtime(target) >= os.path.getmtime(npz_path):
-        with open(target, 'rb') as f:
-            if read_npy_header(f, target) == (info.shape, info.dtype, info.fortran_order):
-                return target
-    free = shutil.disk_usage(folder).free
-    if free < info.member_size:
-        raise UserError(f'{npz_path} is compressed and its uncompressed copy needs {info.member_size / 2 ** 30:.1f} GiB '
-                        f'in {folder}, which has {free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to another folder)')
-    print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
-
-    def copy(out) -> None:
-        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, \
-                progress(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
-                         leave=False) as bar:
-            while chunk := source.read(1 << 24):
-                out.write(chunk)
-                bar.update(len(chunk))
-    atomic_write(target, copy)
-    return target
-
-
 # ------------------------------------------------------------------ readers
 class SplitDataset(Dataset):
     """The images of one split, whatever the format: ``dataset[i]`` -> (image (3, 84, 84), label).
@@ -335,7 +199,7 @@ class SplitDataset(Dataset):
 
     @property
     def source_names(self) -> list[str]:
-        return root_names([self.root])
+        return [os.path.basename(os.path.normpath(self.root))]
 
     @property
     def sources(self) -> torch.Tensor:
@@ -365,13 +229,8 @@ class SplitDataset(Dataset):
         """How notes and errors name image i."""
         return f'{i} of {self.location}'
 
-    def stamp(self) -> dict:
-        """What the split's pixels and labels depend on: the content of every file it is read from
-        (``evaluation.FeatureCache``'s key)."""
-        return {'split': self.split, 'content': content_digest(self.files())}
-
     def files(self) -> list[str]:
-        """Every file the split is read from (its content key's, and what no output of a command may be)."""
+        """Every file the split is read from: the key of its stored embeddings, and what no output may be."""
         return [self.location]
 
 
@@ -412,88 +271,6 @@ class FewShotDataset(SplitDataset):
             raise UserError(f'image {path} cannot be read or decoded ({too_large(error) or type(error).__name__})') from None
 
 
-class TieredDataset(SplitDataset):
-    """tiered-ImageNet as FEAT reads it: ``{split}_images.npz`` (array ``images``, uint8, (n, 84, 84, 3))
-    and ``{split}_labels.pkl`` (a dict whose ``labels`` holds one label per image).
-
-    The pixels are memory-mapped, never loaded: straight from the .npz when its member is stored
-    (np.savez), else from an uncompressed .npy copy written once (np.savez_compressed). Each
-    process opens its own map on first use, and pickling leaves it out, so loader workers share
-    the operating system's page cache instead of holding copies.
-    """
-
-    def __init__(self, root: str, split: str, transform: Optional[Callable] = None):
-        if not os.path.isdir(root):
-            raise UserError(missing_root_message(root))
-        self.root, self.split = root, split
-        self.images_path, self.labels_path = tiered_paths(root, split)
-        self.location = self.labels_path
-        self.transform = transform if transform is not None else eval_transform()
-        self.labels, self.class_names = read_tiered_labels(self.labels_path)
-        info = npz_array_info(self.images_path, 'images')
-        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != np.uint8:
-            raise UserError(f"{self.images_path}: 'images' is {info.dtype} of shape {info.shape}, "
-                            f'expected uint8 of shape (n, height, width, 3)')
-        if info.shape[0] != len(self.labels):
-            raise UserError(f'{self.labels_path} lists {len(self.labels)} labels but {self.images_path} '
-                            f'holds {info.shape[0]} images')
-        self.shape, self.dtype, self.fortran_order = info.shape, info.dtype, info.fortran_order
-        if info.compressed:
-            self.array_path = uncompressed_copy(self.images_path, 'images', info)
-            self.array_offset = info.header_size
-        else:
-            self.array_path, self.array_offset = self.images_path, info.offset + info.header_size
-        self._images = None
-
-    @property
-    def images(self) -> np.memmap:
-        """(n, H, W, 3) uint8, memory-mapped read-only; opened on first use in each process."""
-        if self._images is None:
-            self._images = np.memmap(self.array_path, dtype=self.dtype, mode='r', offset=self.array_offset,
-                                     shape=self.shape, order='F' if self.fortran_order else 'C')
-        return self._images
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state['_images'] = None  # a worker maps the file itself
-        return state
-
-    def files(self) -> list[str]:
-        return [self.images_path, self.labels_path]
-
-    def load_image(self, i: int) -> Image.Image:
-        return Image.fromarray(np.array(self.images[i]))
-
-
-def content_digest(paths: Sequence[str]) -> str:
-    """BLAKE2b of the files' names and contents, in order (a file that cannot be read counts as such: it is
-    reported when read)."""
-    digest = hashlib.blake2b(digest_size=20)
-    for path in paths:
-        digest.update(f'{os.path.basename(path)}\0'.encode())
-        try:
-            with open(path, 'rb') as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-            digest.update(b'\0end\0')
-        except OSError:
-            digest.update(b'\0unreadable\0')
-    return digest.hexdigest()
-
-
-class LabelledSplit:
-    """A split known by its labels alone, without images: what the episode sampler reads, for
-    evaluation on embeddings computed in advance (``evaluation.SplitFeatures.given``)."""
-
-    def __init__(self, labels: Sequence[int], class_names: Sequence[str], split: str = 'test',
-                 location: str = 'embeddings given in memory'):
-        self.labels, self.class_names, self.split, self.location = list(labels), list(class_names), split, location
-        self.source_names = [location]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.zip', '.tar.bz2', '.tar.xz')
 
 
@@ -508,106 +285,28 @@ def missing_root_message(root: str) -> str:
             f'{{train,val,test}}_images.npz and _labels.pkl)')
 
 
-def open_pickled(root: str, split: str, transform: Optional[Callable] = None) -> TieredDataset:
-    """A split of a pickled form (``pickles``), converted once to the array layout and then memory-mapped."""
-    dataset = TieredDataset(convert_split(root, split), split, transform)
-    dataset.root, dataset.location = root, source_file(root, pickled_form(root), split)
-    return dataset
-
-
-FORMATS = {'folder': FewShotDataset, 'tiered': TieredDataset,
-           'metaoptnet': open_pickled, 'learn2learn': open_pickled, 'tiered_png': open_pickled}
-
-
 def dataset_format(root: str) -> str:
-    """The form of the dataset in ``root``: a pickled one ('metaoptnet', 'learn2learn', 'tiered_png': see
-    ``pickles``), 'tiered' when it holds {split}_images.npz or {split}_labels.pkl files, 'folder' when it
-    holds images/ or split/; a UserError otherwise."""
+    """The form of the dataset in ``root``: 'folder' when it holds images/ or split/, else the form
+    ``harness.forms`` finds (tiered-ImageNet's arrays, a pickled form); a UserError naming what was expected."""
     if not os.path.isdir(root):
         raise UserError(missing_root_message(root))
-    form = pickled_form(root)
-    if form:
-        return form
-    if any(os.path.isfile(path) for split in SPLITS for path in tiered_paths(root, split)):
-        return 'tiered'
     if os.path.isdir(os.path.join(root, 'images')) or os.path.isdir(os.path.join(root, 'split')):
         return 'folder'
-    raise UserError(f'no dataset recognised in {root}: expected images/ and split/{{train,val,test}}.csv '
-                    f'(mini-ImageNet, CUB), {{train,val,test}}_images.npz with {{train,val,test}}_labels.pkl '
-                    f'(tiered-ImageNet), or the pickles of MetaOptNet, learn2learn or Ren et al. (docs/datasets.md)')
+    from harness.forms import other_form
+    return other_form(root)
 
 
-def root_names(paths: Sequence[str]) -> list[str]:
-    """A short distinct name per root: its folder name, with parent folders added while two coincide."""
-    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep)[1:] or [os.sep] for p in paths]
-    depth = [1] * len(parts)
-    while True:
-        names = ['/'.join(p[-d:]) for p, d in zip(parts, depth)]
-        clashes = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
-        if not clashes:
-            return names
-        for i in clashes:
-            depth[i] += 1
-
-
-# ------------------------------------------------------------------ several roots
-class MultiSourceDataset(Dataset):
-    """The union of one split of several roots, as one dataset.
-
-    Images are numbered root after root; classes too, so classes of different roots stay different
-    even when their names coincide (``class_names`` are prefixed with the root's name,
-    e.g. ``fine_set/n0123``). ``sources[i]`` is the root index of image i, ``source_names[k]`` the
-    name of root k. Items are read, and seeded, by the root's own reader.
-    """
-
-    def __init__(self, datasets: Sequence[SplitDataset], names: Sequence[str]):
-        if len({d.split for d in datasets}) != 1:
-            raise ValueError('the datasets of a union must be of one split')
-        self.datasets, self.source_names = list(datasets), list(names)
-        self.roots = [d.root for d in datasets]
-        self.split = datasets[0].split
-        self.location = ' + '.join(d.location for d in datasets)
-        self.starts = [0]
-        self.labels, self.class_names = [], []
-        for name, d in zip(self.source_names, datasets):
-            first = len(self.class_names)
-            self.labels.extend(first + label for label in d.labels)
-            self.class_names.extend(f'{name}/{c}' for c in d.class_names)
-            self.starts.append(self.starts[-1] + len(d))
-        self.sources = torch.cat([torch.full((len(d),), k, dtype=torch.long) for k, d in enumerate(datasets)])
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def stamp(self) -> dict:
-        return {'split': self.split, 'roots': [d.stamp() for d in self.datasets]}
-
-    def files(self) -> list[str]:
-        return [path for d in self.datasets for path in d.files()]
-
-    def locate(self, i: int) -> tuple[int, int]:
-        """(root index, index inside that root's dataset) of image i."""
-        if not 0 <= i < len(self):
-            raise IndexError(f'image {i} of a dataset of {len(self)}')
-        k = bisect.bisect_right(self.starts, i) - 1
-        return k, i - self.starts[k]
-
-    def load_image(self, i: int) -> Image.Image:
-        k, j = self.locate(int(i))
-        return self.datasets[k].load_image(j)
-
-    def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
-        return self.read(item)[:2]
-
-    def read(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, Optional[str]]:
-        i, seed = item if isinstance(item, tuple) else (item, None)
-        k, j = self.locate(int(i))
-        x, _, note = self.datasets[k].read((j, seed) if seed is not None else j)
-        return x, self.labels[int(i)], note
+def open_root(root: str, split: str, transform: Optional[Callable] = None) -> 'SplitDataset':
+    """The reader of ``split`` under ``root``, in whichever form it holds."""
+    form = dataset_format(root)
+    if form == 'folder':
+        return FewShotDataset(root, split, transform)
+    from harness.forms import open_form
+    return open_form(form, root, split, transform)
 
 
 def open_split(paths: Union[str, Sequence[str]], split: str,
-               transform: Optional[Callable] = None) -> Union[SplitDataset, MultiSourceDataset]:
+               transform: Optional[Callable] = None) -> Dataset:
     """The images of ``split`` under one root or several, each in whichever format it holds.
 
     One root: its reader (``FewShotDataset`` or ``TieredDataset``). Several: their union
@@ -623,8 +322,10 @@ def open_split(paths: Union[str, Sequence[str]], split: str,
         if real in seen:
             raise UserError(f'the same root is given twice: {seen[real]} and {path}')
         seen[real] = path
-    readers = [FORMATS[dataset_format(path)](path, split, transform) for path in paths]
-    return readers[0] if len(readers) == 1 else MultiSourceDataset(readers, root_names(paths))
+    if len(paths) == 1:
+        return open_root(paths[0], split, transform)
+    from harness.mixing import MultiSourceDataset, root_names
+    return MultiSourceDataset([open_root(path, split, transform) for path in paths], root_names(paths))
 
 
 # ------------------------------------------------------------------ episodes
@@ -673,33 +374,6 @@ class EpisodeSampler:
             yield self.sample()
 
 
-class SourceEpisodeSampler(EpisodeSampler):
-    """Episodes from one root at a time: each draws a root uniformly, then N of its classes
-    uniformly, then K + Q images of each (same layout as ``EpisodeSampler``, same generator)."""
-
-    def __init__(self, labels: Sequence[int], sources: Sequence[int], n_episodes: int, n_way: int,
-                 n_per_class: int, generator: Optional[torch.Generator] = None,
-                 class_names: Optional[Sequence[str]] = None, split: str = 'split',
-                 roots: Optional[Sequence[str]] = None):
-        super().__init__(labels, n_episodes, n_way, n_per_class, generator, class_names, split)
-        sources = torch.as_tensor(sources, dtype=torch.long)
-        class_source = torch.stack([sources[indices[0]] for indices in self.class_indices])  # (C,)
-        n_sources = int(sources.max()) + 1
-        self.source_classes = [torch.nonzero(class_source == k).flatten() for k in range(n_sources)]
-        for k, classes in enumerate(self.source_classes):
-            if len(classes) < n_way:
-                root = roots[k] if roots is not None else f'root {k}'
-                raise UserError(f'tasks drawn from one root at a time: {root} has {len(classes)} classes in the {split}, '
-                                f'fewer than N = {n_way} classes per episode')
-
-    def sample(self) -> torch.Tensor:
-        """One episode: a root, then N of its classes, then S images of each: (N * S,), shot-major."""
-        g = self.generator
-        k = int(torch.randint(len(self.source_classes), (1,), generator=g))
-        chosen = self.source_classes[k]
-        return self.episode(chosen[torch.randperm(len(chosen), generator=g)[:self.n_way]])
-
-
 class SeededEpisodes:
     """Batch sampler: the episodes of ``sampler``, each index paired with an augmentation seed
     drawn from the same generator, so that an episode's images depend on that generator alone."""
@@ -716,41 +390,6 @@ class SeededEpisodes:
             yield list(zip(indices.tolist(), seeds.tolist()))
 
 
-class ShuffledBatches:
-    """Batch sampler of supervised pretraining, for process ``rank`` of ``world_size``.
-
-    Epoch e (``set_epoch``, as DistributedSampler): a permutation of the split's images and one
-    augmentation seed per image, both from a generator seeded with seed + e, so an epoch's batches and
-    images depend on (seed, e) alone, not on the number of processes or workers. The permutation is
-    cut into ``len(self)`` global batches of ``batch_size`` (a last incomplete one is dropped); process
-    r takes positions [r * b, (r + 1) * b) of each, b = batch_size / world_size. Batches are lists of
-    (index, seed) pairs, for ``FewShotDataset``.
-    """
-
-    def __init__(self, n_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise ValueError(f'batch_size {batch_size} is not divisible by world_size {world_size}')
-        self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n_images // self.batch_size
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n_images, generator=g)
-        seeds = torch.randint(2 ** 62, (self.n_images,), generator=g)  # seeds[i]: image i's augmentation
-        share = self.batch_size // self.world_size
-        for b in range(len(self)):
-            start = b * self.batch_size + self.rank * share
-            indices = order[start:start + share]
-            yield list(zip(indices.tolist(), seeds[indices].tolist()))
-
-
 def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
                     generator: Optional[torch.Generator] = None, task_mix: str = 'class') -> EpisodeSampler:
     """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class.
@@ -762,6 +401,7 @@ def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
         raise ValueError(f'task_mix must be one of {TASK_MIXES}, got {task_mix!r}')
     split = f'{dataset.split} split ({dataset.location})'
     if task_mix == 'source' and len(dataset.source_names) > 1:
+        from harness.mixing import SourceEpisodeSampler
         return SourceEpisodeSampler(dataset.labels, dataset.sources, n_episodes, N, S, generator,
                                     class_names=dataset.class_names, split=split,
                                     roots=getattr(dataset, 'roots', dataset.source_names))
@@ -769,37 +409,13 @@ def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
                           split=split)
 
 
-def episode_group(dataset: Dataset, indices: Union[torch.Tensor, Sequence[int]], task_mix: str) -> Optional[str]:
-    """Which group an episode's accuracy is reported under, by where its images come from.
-
-    None for a dataset of one root. With several: under the 'source' mix, the name of the episode's
-    root (``dataset.source_names``); under the 'class' mix, 'single-source' when all its images come
-    from one root and 'mixed' otherwise.
-    """
-    names = getattr(dataset, 'source_names', None)
-    if names is None or len(names) < 2:
-        return None
-    roots = torch.as_tensor(dataset.sources)[torch.as_tensor(indices, dtype=torch.long)].unique()
-    if len(roots) > 1:
-        return 'mixed'
-    return names[int(roots[0])] if task_mix == 'source' else 'single-source'
-
-
-def generate_data_loader(data_path: Union[str, Sequence[str]], flag_mode: str, n_episodes: int, N: int, S: int,
-                         n_workers: int = 0, seed: int = 0, pin_memory: bool = False,
-                         dataset: Optional[Dataset] = None, task_mix: str = 'class') -> DataLoader:
-    """Episode loader for split ``flag_mode`` ('train', 'val' or 'test') of one root or several.
-
-    Each batch is one episode of N * S images in shot-major order: (images (N*S, 3, 84, 84), labels).
-    'train' uses the training augmentation, seeded per image by the sampler; the others the
-    deterministic evaluation transform. The sampler's generator is seeded with ``seed``.
-    """
-    if flag_mode not in SPLITS:
-        raise ValueError(f'flag_mode must be one of {SPLITS}, got {flag_mode!r}')
-    if dataset is None:
-        dataset = open_split(data_path, flag_mode, train_transform() if flag_mode == 'train' else eval_transform())
+def generate_data_loader(dataset: Dataset, n_episodes: int, N: int, S: int, n_workers: int = 0, seed: int = 0,
+                         pin_memory: bool = False, task_mix: str = 'class') -> DataLoader:
+    """Episode loader of an opened split (its transform its own): each batch is one episode of N * S images in
+    shot-major order, (images (N*S, 3, 84, 84), labels), from a generator seeded with ``seed``. The training
+    split's images are augmented under seeds drawn from that generator too (``SeededEpisodes``)."""
     sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed), task_mix)
-    batch_sampler = SeededEpisodes(sampler) if flag_mode == 'train' else sampler
+    batch_sampler = SeededEpisodes(sampler) if dataset.split == 'train' else sampler
     return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
 
 
@@ -937,9 +553,9 @@ def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memo
                       generator=torch.Generator().manual_seed(0))
 
 
-def image_loader(dataset: Dataset, batch_size: int = 128, n_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
-    """Every image of a split once, in order: for encoding a split in batches."""
-    return DataLoader(Reported(dataset), batch_size=batch_size, shuffle=False, num_workers=n_workers,
-                      pin_memory=pin_memory, worker_init_fn=ignore_interrupts, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(0))
+def too_large(error: Exception) -> Optional[str]:
+    """PIL's refusal of an image whose header claims more pixels than its limit (a decompression bomb), in words."""
+    from PIL import Image
+    if isinstance(error, Image.DecompressionBombError):
+        return f'its header claims more pixels than PIL reads ({str(error).split(" pixels")[0].split("(")[-1]} pixels)'
+    return None

@@ -7,30 +7,187 @@ its weights are written in FEAT's format, {'params': {'encoder.<key>': ..., 'fc.
 'fc.bias': ...}}, which train.py --pretrained reads. Several processes (GPUs, or CPU processes):
     torchrun --standalone --nproc_per_node G pretrain.py ...
 """
+import argparse
 import os
 import sys
 import time
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from utils import progress
+import torch.nn as nn
+import torch.nn.functional as F
 
-import distributed
-from arguments import PRETRAIN_DOMAINS, parse_pretrain_args
-from checkpoints import atomic_save, model_state_dict
-from dataloader import ShuffledBatches, SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, \
-    open_split, train_transform
-from evaluation import EvalOptions, encode_split, prototype_accuracies
-from models.classifier import EncoderClassifier, build_optimizer, classification_loss
-from networks import build_encoder, forward_count, set_forward_count
-from runs import (DATA_FLAGS, Progress, Run, check_disjoint, check_domains, check_existing_run, check_finite, command_inputs,
-                  data_path,
-                  interrupted_message, load_last, log_entry, open_tensorboard, prepare_demo, pretrain_identity,
-                  pretrain_paths, save_last, tensorboard_writer_class, write_identity)
-from utils import (ProcessError, UserError, backward_and_step, check_output, exit_on_interrupt,
-                   exits_cleanly,
-                   flag_hint, git_revision, interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
+from arguments import AT_LEAST_0, AT_LEAST_1, DEMO_ROOTS, DOMAINS, FACTOR, HelpFormatter, check_domains, common_parser
+from dataloader import SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
+from harness import distributed
+from harness.checkpoints import atomic_save, model_state_dict
+from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
+                             interrupt_on_sigterm, progress)
+from harness.device import (autocast, backward, grad_scaler, keep_freed_memory, select_device, set_seed, step,
+                            to_device)
+from harness.embeddings import encode_split
+from harness.evaluation import EvalOptions, mean_ci
+from harness.files import check_output, command_inputs, trim_log
+from harness.runs import (DATA_FLAGS, Progress, Run, RunPaths, check_disjoint, check_existing_run, check_finite,
+                          data_identity, data_label, data_path, git_revision, interrupted_message, load_last, log_entry,
+                          open_tensorboard, save_last, tensorboard_writer_class, write_identity)
+from models import METRICS, prototype_logits, split_episode
+from models.classifier import EncoderClassifier
+from models.glofa import query_targets
+from networks import build_encoder
+
+
+PRETRAIN_DOMAINS = {
+    'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'val_every': AT_LEAST_1, 'val_shot': AT_LEAST_1,
+    'val_query': AT_LEAST_1, 'val_episodes': AT_LEAST_1, 'milestones': AT_LEAST_1,
+    'val_way': DOMAINS['N'], 'lr': AT_LEAST_0, 'wd': AT_LEAST_0, 'gamma': FACTOR, 'n_workers': AT_LEAST_0,
+    'seed': DOMAINS['seed'],
+}
+
+
+PRETRAIN_LR = {'sgd': 0.1, 'adam': 0.001}
+# A short schedule for the built-in demo data on a 2-core CPU (its val split has 8 classes).
+PRETRAIN_DEMO_PRESET = dict(network_name='convnet', epochs=4, batch_size=32, milestones=[3], val_every=1, val_way=5)
+
+
+def get_pretrain_parser() -> argparse.ArgumentParser:
+    """The flags of pretrain.py (every one documented in docs/pretrain.md and used)."""
+    p = argparse.ArgumentParser(
+        description='Supervised pretraining of the GLoFA backbone (encoder + linear classifier over the '
+                    'train classes), with few-shot validation for model selection.',
+        formatter_class=HelpFormatter, parents=[common_parser()])
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=100, help='passes over the train split')
+    g.add_argument('--batch_size', type=int, default=128,
+                   help='images per optimisation step, over all processes (each takes batch_size / processes)')
+    g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
+                   help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
+    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
+    g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
+                   help='epochs after which the learning rate is multiplied by --gamma')
+    g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
+    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
+
+    g = p.add_argument_group('validation (model selection)')
+    g.add_argument('--val_every', type=int, default=5, help='epochs between two validations (the last epoch always validates)')
+    g.add_argument('--val_way', type=int, default=16, help='classes per validation episode')
+    g.add_argument('--val_shot', type=int, default=1, help='support images per class')
+    g.add_argument('--val_query', type=int, default=15, help='query images per class')
+    g.add_argument('--val_episodes', type=int, default=200, help='validation episodes (the same ones at every validation)')
+
+    g = p.add_argument_group('output')
+    g.add_argument('--out', type=str, default=None,
+                   help='weights file to write; none given: <save_dir>/pretrained/<data>-<network_name>-pretrain-'
+                        'seed<seed>.pth. Its state, log and identity go beside it as .last.pth, .log.jsonl and .run.json')
+    g.add_argument('--sync_bn', action='store_true',
+                   help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch')
+    return p
+
+
+def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse pretrain.py's command line; --demo changes the defaults, explicit flags still win."""
+    parser = get_pretrain_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_ROOTS[args.demo], **PRETRAIN_DEMO_PRESET)
+        args = parser.parse_args(argv)
+    args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')
+    args.lr = args.lr if args.lr is not None else PRETRAIN_LR[args.optimizer]
+    return args
+
+
+def pretrain_identity(args) -> dict:
+    """What defines a pretraining's result, as ``run_identity`` for meta-training. The number of epochs is
+    left out: a finished pretraining can be continued with --resume and more --epochs."""
+    return {**data_identity(args), 'network_name': args.network_name, 'normalization': args.normalization,
+            'batch_size': args.batch_size,
+            'optimizer': args.optimizer, 'lr': args.lr, 'milestones': list(args.milestones), 'gamma': args.gamma,
+            'wd': args.wd, 'seed': args.seed}
+
+
+def pretrain_paths(args) -> RunPaths:
+    """The FEAT-format weights (--out, else under <save_dir>/pretrained/), and beside them the state to
+    resume from, the JSON log and the identity."""
+    data = data_label(args)  # the data folder's name (roots and mix), as train.py's runs
+    out = args.out or os.path.join(args.save_dir, 'pretrained', f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth')
+    base = os.path.splitext(out)[0]
+    return RunPaths(best=out, last=f'{base}.last.pth', log=f'{base}.log.jsonl', identity=f'{base}.run.json')
+
+
+# ------------------------------------------------------------------ the pretraining
+def build_optimizer(name: str, parameters: Iterable[torch.Tensor], lr: float, wd: float) -> torch.optim.Optimizer:
+    """'sgd': SGD with Nesterov momentum 0.9 (FEAT's ResNet-12 pretraining); 'adam': Adam (its Conv-4)."""
+    if name == 'sgd':
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=wd)
+
+
+def classification_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        amp: bool = False) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of a batch (images (B, 3, H, W), labels (B,)) and the number predicted right."""
+    with autocast(images.device, amp):
+        logits = model(images)  # (B, n_classes)
+        loss = F.cross_entropy(logits.float(), labels)
+    return loss, int((logits.argmax(dim=1) == labels).sum())
+
+
+class ShuffledBatches:
+    """Batch sampler of supervised pretraining, for process ``rank`` of ``world_size``.
+
+    Epoch e (``set_epoch``, as DistributedSampler): a permutation of the split's images and one
+    augmentation seed per image, both from a generator seeded with seed + e, so an epoch's batches and
+    images depend on (seed, e) alone, not on the number of processes or workers. The permutation is
+    cut into ``len(self)`` global batches of ``batch_size`` (a last incomplete one is dropped); process
+    r takes positions [r * b, (r + 1) * b) of each, b = batch_size / world_size. Batches are lists of
+    (index, seed) pairs, for ``FewShotDataset``.
+    """
+
+    def __init__(self, n_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f'batch_size {batch_size} is not divisible by world_size {world_size}')
+        self.n_images, self.batch_size, self.seed = n_images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_images // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n_images, generator=g)
+        seeds = torch.randint(2 ** 62, (self.n_images,), generator=g)  # seeds[i]: image i's augmentation
+        share = self.batch_size // self.world_size
+        for b in range(len(self)):
+            start = b * self.batch_size + self.rank * share
+            indices = order[start:start + share]
+            yield list(zip(indices.tolist(), seeds[indices].tolist()))
+
+
+@torch.no_grad()
+def prototype_accuracies(features: torch.Tensor, episodes: Iterable[torch.Tensor], n_way: int,
+                         n_shot: int) -> dict[str, np.ndarray]:
+    """ProtoNet accuracy of each episode on cached embeddings, with two metrics.
+
+    features: (n_images, d), the split's embeddings in dataset order (``encode_split``); each episode
+    is an index tensor (N * (K + Q),) in shot-major order (``EpisodeSampler``). The prototype of class
+    n is the mean of its K support embeddings; 'euclidean' logits are -||q - p_n||^2, 'cosine' ones
+    <q, p_n / ||p_n||> (whose argmax is that of cos(q, p_n)). Returns {'cosine': (n_episodes,), 'euclidean': (n_episodes,)}, values in [0, 1].
+    """
+    correct = {metric: [] for metric in METRICS}
+    for episode in episodes:
+        x = features[episode.to(features.device)].float()                   # (N*S, d)
+        n_query = len(episode) // n_way - n_shot
+        _, query, prototypes = split_episode(x, n_way, n_shot)               # (N*Q, d), (N, d)
+        targets = query_targets(n_way, n_query, x.device)                   # (N*Q,)
+        for metric in METRICS:  # ProtoNet's logits (the argmax does not depend on a temperature)
+            logits = prototype_logits(query, prototypes, metric, 1.0)        # (N*Q, N)
+            correct[metric].append((logits.argmax(dim=1) == targets).float().mean().item())
+    return {metric: np.asarray(values) for metric, values in correct.items()}
 
 
 # ------------------------------------------------------------------ flags
@@ -87,7 +244,9 @@ def train_one_epoch(run: Run, loader, bar) -> tuple[float, float, float]:
         loss, right = classification_loss(run.model, to_device(images, device, args.channels_last), labels, args.amp)
         where = f'process {distributed.rank()}, ' if distributed.world_size() > 1 else ''
         check_finite(loss, run, f'{where}epoch {run.progress.done + 1}', 'epoch', '--lr')
-        backward_and_step(loss, run.optimizer, run.scaler)  # DistributedDataParallel averages the gradients
+        run.optimizer.zero_grad(set_to_none=True)
+        backward(loss, run.optimizer, run.scaler)  # DistributedDataParallel averages the gradients
+        step(run.optimizer, run.scaler)
         loss = loss.item()
         loss_sum, correct, count = loss_sum + loss * len(labels), correct + right, count + len(labels)
         bar.set_postfix(epoch=run.progress.done + 1, loss=f'{loss_sum / count:.4f}',
@@ -103,9 +262,7 @@ def validate(run: Run, val_set: SplitDataset) -> dict[str, np.ndarray]:
     """ProtoNet accuracies (cosine and Euclidean) of the same --val_episodes episodes at every validation,
     on embeddings of the val split encoded once. The DropBlock ramp counters are left as they were."""
     args, encoder = run.args, run.plain.encoder
-    count = forward_count(encoder)
     features = encode_split(encoder, val_set, EvalOptions(run.device, args.n_workers, args.amp, args.channels_last))
-    set_forward_count(encoder, count)
     sampler = episode_sampler(val_set, args.val_episodes, args.val_way, args.val_shot + args.val_query,
                               torch.Generator().manual_seed(args.seed + 1), args.task_mix)
     episodes = progress(sampler, desc='validation', leave=False, unit='ep')
@@ -153,6 +310,7 @@ def pretrain(args, built: list) -> dict:
     device = distributed.setup(device)
     main_process, processes = distributed.is_main_process(), distributed.world_size()
     if args.demo and main_process:
+        from harness.demo import prepare_demo
         prepare_demo(args)
     distributed.barrier()
     set_seed(args.seed + distributed.rank())
@@ -181,8 +339,7 @@ def pretrain(args, built: list) -> dict:
     model = distributed.wrap(model, device, args.sync_bn)
     optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma)
-    scaler = torch.amp.GradScaler('cuda') if args.amp and not torch.cuda.is_bf16_supported() else None
-    run = Run(args, device, paths, model, optimizer, scheduler, scaler, pretrain_identity(args),
+    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), pretrain_identity(args),
               Progress(best_accuracy=-1.0))
     built.append(run)
     p = run.progress

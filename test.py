@@ -8,22 +8,22 @@ The check of data and weights before any meta-training: python test.py --model_n
 --pretrained FILE evaluates ProtoNet on the pretrained encoder itself, Euclidean and cosine, beside
 the figures FEAT's maintainer quotes for FEAT's encoders.
 """
-import copy
 import os
 import sys
 from typing import Optional
 
 import torch
 
-from arguments import parse_args
-from checkpoints import load_model_checkpoint
-from dataloader import episode_sampler, eval_transform, looks_like_mini_imagenet_test, open_split
-from evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, result_lines, run_episodes, setting_figures,
-                        split_episodes, stored_features, write_figures)
-from runs import (DATA_FLAGS, EPISODE_FLAGS, build_model, check_args, data_path, missing_run_message, model_config, place_model, prepare_demo,
-                  check_disjoint, command_inputs, other_runs, run_paths, split_files_beside, unfinished_line)
-from utils import (UserError, check_output, exit_on_interrupt, exits_cleanly, flag_hint, git_revision,
-                   interrupt_on_sigterm, keep_freed_memory, mean_ci, select_device, set_seed)
+from arguments import check_args, parse_args, with_setting
+from dataloader import episode_sampler, eval_transform, open_split
+from harness.checkpoints import build_model, load_model_checkpoint
+from harness.console import UserError, exit_on_interrupt, exits_cleanly, flag_hint
+from harness.device import place_model
+from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
+                                setting_figures, split_episodes, stored_features, write_figures)
+from harness.files import check_output, command_inputs
+from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, git_revision, missing_run_message,
+                          model_config, other_runs, run_paths, split_files_beside, start, unfinished_line)
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -31,23 +31,6 @@ def settings_of(args) -> list[tuple[int, int]]:
     ways = args.N if isinstance(args.N, list) else [args.N]
     shots = args.K if isinstance(args.K, list) else [args.K]
     return [(n, k) for n in ways for k in shots]
-
-
-def with_setting(args, n_way: int, n_shot: int):
-    """A copy of the flags with one (N, K) setting, for the helpers that read args.N and args.K."""
-    view = copy.copy(args)
-    view.N, view.K = n_way, n_shot
-    return view
-
-
-# ProtoNet on FEAT's pretrained encoders, no meta-training, 5-way 1-shot on mini-ImageNet's test split, as
-# FEAT's maintainer gives them to check that weights and data copy match (quoted, not measured here)
-PRETRAINED_FIGURES = {
-    ('resnet', 'euclidean'): "almost 55 % for FEAT's Res12-pre.pth (Sha-Lab/FEAT issue 33)",
-    ('resnet', 'cosine'): "around 62 % for FEAT's Res12-pre.pth (Sha-Lab/FEAT issue 33)",
-    ('convnet', 'euclidean'): "about 46 % for FEAT's con-pre.pth, metric not stated (Sha-Lab/FEAT issue 16)",
-    ('convnet', 'cosine'): "about 46 % for FEAT's con-pre.pth, metric not stated (Sha-Lab/FEAT issue 16)",
-}
 
 
 def checks_pretrained(args, settings: list[tuple[int, int]]) -> bool:
@@ -60,46 +43,6 @@ def checks_pretrained(args, settings: list[tuple[int, int]]) -> bool:
     print(f'evaluating the meta-trained ProtoNet run of these flags; --model_path none evaluates the '
           f'pretrained encoder {args.pretrained} itself')
     return False
-
-
-def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> dict:
-    """ProtoNet on the pretrained encoder, Euclidean and cosine on one encoding of the split, each line
-    beside FEAT's maintainer's figure where it applies (5-way 1-shot)."""
-    model = place_model(build_model(with_setting(args, *settings[0])), args, device)
-    options = EvalOptions.from_args(args, device)
-    weights = None if args.pretrained.lower() == 'none' else args.pretrained
-    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, weights, dataset, options))
-    untrained = args.pretrained.lower() == 'none'
-    if untrained:
-        print(f'ProtoNet on an untrained {args.network_name} encoder (random initialisation, seed {args.seed}), no '
-              f'training: the floor any training must beat')
-    else:
-        print(f'ProtoNet on the pretrained encoder {args.pretrained}, no meta-training: the check that data and '
-              f'weights match')
-    benchmark = looks_like_mini_imagenet_test(dataset)
-    if args.network_name == 'resnet' and args.normalization != 'feat' and not untrained:
-        print("note: FEAT's Res12-pre.pth was pretrained with FEAT's normalisation; evaluate FEAT's weights "
-              "with --normalization feat")
-    results, figures = {}, []
-    for n, k in settings:
-        for metric in ('euclidean', 'cosine'):
-            model.metric = metric
-            episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
-                                            args.n_testing_episodes, n, k)
-            result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{metric} {n}-way {k}-shot')
-            quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) and benchmark \
-                and not untrained else None  # FEAT's figures are for mini-ImageNet's test split
-            lines = result_lines(result, n, k)
-            lines[0] = f'{metric}: {lines[0]}' + (f'   [quoted on mini-ImageNet: {quoted}]' if quoted else '')
-            print('\n'.join(lines))
-            results[(n, k, metric)] = result
-            figures.append({**setting_figures(n, k, result), 'metric': metric})
-    print(f'seed {args.seed}, revision {git_revision()}')
-    if features.warning():
-        print(features.warning())
-    if args.json:
-        write_figures(args.json, figures, pretrained=args.pretrained, seed=args.seed, Q=args.Q, revision=git_revision())
-    return results
 
 
 def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
@@ -154,10 +97,9 @@ def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[s
 def evaluate_settings(args, settings, dataset, model, options, features, results: dict, rows: list) -> None:
     """Each (N, K) setting on its own seeded episodes, its lines printed as it ends; filled into ``results``."""
     for n, k in settings:
-        episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
-                                        args.n_testing_episodes, n, k)
-        print(f'{n}-way {k}-shot: {describe_eval_mode(args.eval_mode, mode, len(dataset), args.n_testing_episodes, episodes.images_per_episode)}')
-        result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'test {n}-way {k}-shot')
+        drawn = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes, n, k)
+        print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
+        result = run_episodes(model, dataset, *drawn, options, features, desc=f'test {n}-way {k}-shot')
         print('\n'.join(result_lines(result, n, k, args.adaptor)))
         results[(n, k)] = result
         rows.append((n, k, *mean_ci(result.accuracies)))
@@ -171,16 +113,9 @@ def summary_table(rows: list[tuple[int, int, float, float]]) -> str:
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
-    interrupt_on_sigterm()
-    keep_freed_memory()
     args = parse_args(argv, several_settings=True)
-    if args.demo:
-        prepare_demo(args)
-    device = select_device(args.device, args.devices)
     settings = settings_of(args)
-    for n, k in settings:
-        check_args(with_setting(args, n, k), device)
-    set_seed(args.seed)
+    device = start(args, lambda device: [check_args(with_setting(args, n, k), device) for n, k in settings])
     pretrained_only = checks_pretrained(args, settings)
     model_path = None if pretrained_only else checkpoint_path(args, settings)
     with flag_hint(DATA_FLAGS):
@@ -194,6 +129,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
     if pretrained_only:
+        from harness.weights_check import check_pretrained
         return check_pretrained(args, settings, dataset, device)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
     record = load_model_checkpoint(model, model_path, model_config(args))

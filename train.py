@@ -1,8 +1,8 @@
 """Meta-train GLoFA (or --model_name protonet / feat) from a pretrained encoder: python train.py --N 5 --K 1 [--resume].
 
-Every --episode_gap training episodes: mean training loss over the gap, validation accuracy,
-a checkpoint when it beats the best so far, then one step of the learning-rate schedule.
-After training, the best checkpoint is evaluated on the test split.
+Every --episode_gap training episodes: mean training loss over the gap, validation accuracy, a checkpoint
+when it beats the best so far, then one step of the learning-rate schedule. After training, the best
+checkpoint is evaluated on the test split.
 """
 import contextlib
 import os
@@ -11,46 +11,65 @@ from typing import Optional
 
 import numpy as np
 import torch
-from utils import progress
+import torch.nn.functional as F
 
-from arguments import parse_args
-from checkpoints import atomic_save, load_model_checkpoint, model_state_dict
-from dataloader import FewShotDataset, episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
-from evaluation import (ADAPTOR_RECORD, EpisodeResults, Episodes, EvalOptions, SplitFeatures, adaptors_off_warning, describe_eval_mode,
-                        adaptors_died_line, result_lines, run_episodes, setting_figures, split_episodes, stored_features,
-                        training_diagnostics, write_figures)
+from arguments import check_args, parse_args
+from dataloader import episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
+from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
+from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
+from harness.device import autocast, backward, grad_scaler, place_model, step, to_device
+from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
+                                setting_figures, split_episodes, stored_features, write_figures)
+from harness.files import check_output, check_output_folder, command_inputs, trim_log
+from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite,
+                          data_path, git_revision, interrupted_message, load_last, log_entry, model_config,
+                          open_tensorboard, run_identity, run_name, run_paths, save_last, start, write_identity)
+from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
+                                training_diagnostics)
 from models.glofa import GLoFA, query_targets
-from runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, build_model, build_optimizer, build_scheduler, check_args,
-                  check_disjoint, check_existing_run, command_inputs,
-                  check_finite, data_path, episode_loss, interrupted_message, load_last, log_entry, model_config, open_tensorboard,
-                  place_model, prepare_demo, run_identity, run_name, run_paths, save_last, tensorboard_writer_class,
-                  training_step, write_identity)
-from utils import (NonFiniteLoss, UserError, autocast, check_output,
-                   check_output_folder, exit_on_interrupt, exits_cleanly, flag_hint, git_revision, interrupt_on_sigterm,
-                   keep_freed_memory, mean_ci, select_device, set_seed, to_device, trim_log)
 
 
-# ------------------------------------------------------------------ phases
+def build_optimizer(args, model) -> torch.optim.SGD:
+    """SGD with Nesterov momentum: the encoder at --lr_network, the head (GLoFA's three set functions, FEAT's
+    attention layer) at --lr; ProtoNet has the encoder's group only."""
+    head = model.head_parameters()
+    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network}]
+                           + ([{'params': head, 'lr': args.lr}] if head else []),
+                           momentum=args.mo, nesterov=True, weight_decay=args.wd)
+
+
+def episode_loss(model, features: torch.Tensor, targets: torch.Tensor, n_way: int, n_shot: int):
+    """One episode's loss from its embeddings (cross-entropy, plus FEAT's regulariser) and the head's
+    adaptation (GLoFA's masks and strengths; None for the others)."""
+    logits, adaptation = model.episode(features, n_way, n_shot)  # (N*Q, N)
+    loss = F.cross_entropy(logits.float(), targets)
+    auxiliary = model.auxiliary_loss(features, n_way, n_shot)  # FEAT's regulariser; None for the others
+    return (loss if auxiliary is None else loss + auxiliary), adaptation
+
+
 def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
-    """Train on the loader's episodes (one gap); returns their losses and, for GLoFA, what its adaptors did on
-    each (``ADAPTOR_RECORD``). A non-finite loss stops the run."""
-    model, optimizer, scaler, args, device = run.model, run.optimizer, run.scaler, run.args, run.device
+    """Train on the loader's episodes (one gap): their losses and, for GLoFA, what its adaptors did on each
+    (``ADAPTOR_RECORD``). A non-finite loss stops the run."""
+    model, optimizer, args, device = run.model, run.optimizer, run.args, run.device
     model.train()
     if args.freeze_encoder:
         model.encoder.eval()  # BatchNorm normalises by its running statistics and leaves them as they are
-    targets = query_targets(args.N, args.Q, device)
-    losses = []
-    record = {key: [] for key in ADAPTOR_RECORD} if isinstance(model, GLoFA) else None
-    for images, _ in iterate(loader):
+    targets = query_targets(args.N, args.Q, device)  # query j is of class j % N
+    losses, record = [], {key: [] for key in ADAPTOR_RECORD} if isinstance(model, GLoFA) else None
+    for images, _ in iterate(loader):  # one episode: N*(K+Q) images, shot-major
         with autocast(device, args.amp):
-            with torch.no_grad() if args.freeze_encoder else contextlib.nullcontext():  # no backward through it
+            with torch.no_grad() if args.freeze_encoder else contextlib.nullcontext():
                 features = model.encode(to_device(images, device, args.channels_last))  # (N*(K+Q), d)
             loss, adaptation = episode_loss(model, features, targets, args.N, args.K)
         check_finite(loss, run, f'episode {run.progress.done + len(losses) + 1}', 'episode', '--lr or --lr_network')
-        training_step(model, loss, adaptation, optimizer, scaler, record)
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss, optimizer, run.scaler)
+        if record is not None:  # GLoFA: strengths, h(S) and the gradients reaching the set functions
+            record_episode(record, model, adaptation)
+        step(optimizer, run.scaler)
         losses.append(loss.item())
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}', refresh=False)
-        bar.update(1)  # shows the bar at most once per refresh interval (off a terminal: every 30 s)
+        bar.update(1)
     return losses, record
 
 
@@ -61,14 +80,14 @@ def save_state(run: Run) -> None:
               best_accuracy=p.best_accuracy)
 
 
-def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episodes, str],
-                      losses: list[float], record: Optional[dict]) -> tuple[EpisodeResults, bool]:
-    """End of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
+def validate_and_save(run: Run, val_set, validation, losses: list[float], record: Optional[dict]):
+    """The end of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
     statistics (with GLoFA's per-episode ``record``), the JSON log line and the 'last' state. Returns the
     validation and whether it improved."""
     args, p, paths = run.args, run.progress, run.paths
     try:
-        results = run_episodes(run.model, val_set, *validation, EvalOptions.from_args(args, run.device), desc='validation')
+        results = run_episodes(run.model, val_set, *validation, EvalOptions.from_args(args, run.device),
+                               desc='validation')
     except UserError as error:  # non-finite logits: the weights diverged in this gap
         raise NonFiniteLoss(f'{error}; stopped after episode {p.done}. The state after episode {p.saved} is kept in '
                             f'{paths.last}: try a lower --lr or --lr_network') from None
@@ -82,22 +101,22 @@ def validate_and_save(run: Run, val_set: FewShotDataset, validation: tuple[Episo
         for key in ADAPTOR_RECORD:
             history[key].extend(record[key])
     improved = accuracy > p.best_accuracy
-    if improved:
+    if improved:  # the reference's record; its key 'epoch' holds the number of training episodes done
         p.best_accuracy, p.best_at = accuracy, p.done
         atomic_save({'state_dict': model_state_dict(run.model), 'validating_accuracy': accuracy,
                      'epoch': p.done, 'config': run.config}, paths.best)
     run.scheduler.step()
     atomic_save(p.statistics, paths.stat)
-    log_entry(run, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy,
-                           'validating_ci': ci, 'best_validating_accuracy': p.best_accuracy,
-                           'lr_network': run.optimizer.param_groups[0]['lr'],
-                           **({'lr': run.optimizer.param_groups[1]['lr']} if len(run.optimizer.param_groups) > 1 else {}),
-                           **results.diagnostics(), **(training_diagnostics(record) if record else {})}, 'episode')
+    lrs = {'lr_network': run.optimizer.param_groups[0]['lr'],
+           **({'lr': run.optimizer.param_groups[1]['lr']} if len(run.optimizer.param_groups) > 1 else {})}
+    log_entry(run, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy, 'validating_ci': ci,
+                    'best_validating_accuracy': p.best_accuracy, **lrs, **results.diagnostics(),
+                    **(training_diagnostics(record) if record else {})}, 'episode')
     save_state(run)
     return results, improved
 
 
-def validation_line(episode: int, losses: list[float], results: EpisodeResults, improved: bool) -> str:
+def validation_line(episode: int, losses: list[float], results, improved: bool) -> str:
     accuracy, ci = mean_ci(results.accuracies)
     d = results.diagnostics()
     strengths = f', alpha_task {d["alpha_task"]:.3f}, alpha_cls {d["alpha_cls"]:.3f}' if d else ''
@@ -107,23 +126,14 @@ def validation_line(episode: int, losses: list[float], results: EpisodeResults, 
 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
-    interrupt_on_sigterm()
-    keep_freed_memory()
     args = parse_args(argv)
-    if args.demo:
-        prepare_demo(args)
-    device = select_device(args.device, args.devices)
-    check_args(args, device)
-    set_seed(args.seed)
-    if args.tensorboard:
-        tensorboard_writer_class()  # refused now, not after the data is opened
+    device = start(args, lambda device: check_args(args, device))
     if device.type == 'cpu' and args.network_name == 'resnet':
         print(f'note: the ResNet-12 is slow on the CPU (seconds per training episode, minutes per encoded split)'
               f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '
               f'--network_name convnet (Conv-4) takes seconds')
     check_output_folder(args.save_dir, '--save_dir')
-    paths = run_paths(args)
-    root = data_path(args)
+    paths, root = run_paths(args), data_path(args)
 
     # ---------------- data
     with flag_hint(DATA_FLAGS):
@@ -134,21 +144,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.json:
         check_output(args.json, '--json', command_inputs(args, train_set, val_set, test_set), args.overwrite)
     with flag_hint(EPISODE_FLAGS):
-        train_loader = generate_data_loader(root, 'train', args.episode_gap, args.N, args.K + args.Q,
-                                            n_workers=args.n_workers, seed=args.seed, pin_memory=device.type == 'cuda',
-                                            dataset=train_set, task_mix=args.task_mix)
+        train_loader = generate_data_loader(train_set, args.episode_gap, args.N, args.K + args.Q, args.n_workers,
+                                            args.seed, device.type == 'cuda', args.task_mix)
         for dataset in (val_set, test_set):  # fail now, not after hours of training
             episode_sampler(dataset, 1, args.N, args.K + args.Q, task_mix=args.task_mix)
     episodes = train_loader.batch_sampler.sampler
     generators = {'train': episodes.generator, 'val': torch.Generator().manual_seed(args.seed + 1)}
 
-    # ---------------- model
+    # ---------------- model, optimizer, schedule (or the saved state to resume)
     record = check_existing_run(args, paths, lambda saved: saved.get('finished', True), 'episode',
                                 'evaluate it with test.py and the same flags')
     model = place_model(build_model(args, pretrained=record is None), args, device)
     optimizer = build_optimizer(args, model)
-    scaler = torch.amp.GradScaler('cuda') if args.amp and not torch.cuda.is_bf16_supported() else None
-    run = Run(args, device, paths, model, optimizer, build_scheduler(args, optimizer), scaler, run_identity(args),
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)  # per gap
+    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), run_identity(args),
               generators=generators)
     if record is not None:
         load_last(run, record)
@@ -158,10 +167,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     trim_log(paths.log, 'episode', run.progress.done)
     write_identity({'run': run_name(args), **run.config}, paths)
     open_tensorboard(run, run_name(args))
-
     validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
-    print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images '
-          f'in train / val / test; validation: {describe_eval_mode(args.eval_mode, validation[1], len(val_set), args.n_validating_episodes, validation[0].images_per_episode)}')
+    print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images in train / '
+          f'val / test; validation: {describe_eval_mode(args, validation, len(val_set))}')
 
     # ---------------- meta-training
     p, phase, bar, said_died = run.progress, 'start-up', None, False
@@ -172,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     with exit_on_interrupt(lambda: interrupted_message(run, during(), 'episode')):
         with progress(total=args.n_training_episodes, initial=min(p.done, args.n_training_episodes),
-                  desc='training', unit='ep', dynamic_ncols=True) as bar:
+                      desc='training', unit='ep', dynamic_ncols=True) as bar:
             if p.done == 0:
                 save_state(run)
             while p.done < args.n_training_episodes:

@@ -49,14 +49,6 @@ class FewShotModel(nn.Module):
         """prototypes (..., N, d), query (..., M, d) -> logits (..., M, N), for a model that works on prototypes."""
         raise NotImplementedError
 
-    def logits_from_embeddings(self, features: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """features: (..., N*(K+Q), d), shot-major -> logits (..., N*Q, N); query j's target is j % N."""
-        return self.episode(features, n_way, n_shot)[0]
-
-    def forward(self, images: torch.Tensor, n_way: int, n_shot: int) -> torch.Tensor:
-        """images: (N*(K+Q), 3, H, W), shot-major -> logits (N*Q, N)."""
-        return self.logits_from_embeddings(self.encode(images), n_way, n_shot)
-
 
 def split_episode(features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (..., N*(K+Q), d) -> support (..., N*K, d), query (..., N*Q, d), prototypes (..., N, d):
@@ -77,3 +69,19 @@ def prototype_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str,
 
 
 METRICS = ('euclidean', 'cosine')
+
+
+def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:
+    """--model_name and its flags on ``encoder`` (embeddings of ``feature_dim``), its head freshly initialised."""
+    if args.model_name == 'protonet':
+        from models.protonet import ProtoNet
+        return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
+    if args.model_name == 'feat':
+        from arguments import feat_regulariser
+        from models.feat import FEAT
+        temperature2, balance = feat_regulariser(args, args.K)
+        return FEAT(encoder, feature_dim, metric=args.metric, temperature=args.temperature,
+                    temperature2=temperature2, balance=balance)
+    from models.glofa import GLoFA
+    return GLoFA(encoder, feature_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
+                 h_bias_init=args.h_bias_init)

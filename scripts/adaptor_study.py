@@ -8,7 +8,7 @@ follows. Two kinds of task: the classes of kind A differ only in dimensions 0-31
 kind's 32 dimensions, plus per-image nuisance N(0, s^2) in the other 32. Every episode is of either kind with equal
 chance, 5-way 1-shot with 15 queries per class; the training classes (64 a kind) and the test classes (16 a kind)
 are disjoint pools. For one seed, the pools, the episodes and the unit noise are the same in every cell, and every
-head of a cell trains on the same episodes with train.py's training step (runs.training_step) and optimiser (SGD,
+head of a cell trains on the same episodes with train.py's training step (train.train_one_gap) and optimiser (SGD,
 Nesterov momentum 0.9, weight decay 5e-4, the head's --lr 0.01; no encoder, no schedule; the last weights are
 tested) and is tested on the same episodes.
 
@@ -70,14 +70,18 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, path)
 
 from arguments import parse_args  # noqa: E402
-from checkpoints import atomic_save, read_file  # noqa: E402
-from evaluation import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since, episode_values,  # noqa: E402
-                        training_diagnostics)
+from harness.checkpoints import atomic_save, read_file  # noqa: E402
+from harness.evaluation import episode_values  # noqa: E402
+from models.diagnostics import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since, record_episode,  # noqa: E402
+                                training_diagnostics)
 from models.glofa import GLoFA, query_targets  # noqa: E402
-from runs import (PRETRAINED_RATES, build_optimizer, episode_loss, model_on, pretrained_encoder, run_paths,  # noqa: E402
-                  run_stages, threads_per_job, training_step, variant_figures, variant_stage)
-from utils import (UserError, claim_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm,  # noqa: E402
-                   mean_ci, progress, save_figure, write_json, write_text)
+from harness.runs import run_paths  # noqa: E402
+from harness.stages import PRETRAINED_RATES, pretrained_encoder, run_stages, threads_per_job, variant_figures, variant_stage  # noqa: E402
+from models import model_on  # noqa: E402
+from train import build_optimizer, episode_loss  # noqa: E402
+from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
+from harness.evaluation import mean_ci  # noqa: E402
+from harness.files import claim_output_folder, save_figure, write_json, write_text  # noqa: E402
 
 SEEDS = (960402, 1, 3)
 GROUP = 32                 # dimensions of each kind of task; the embedding has 2 * GROUP
@@ -165,7 +169,11 @@ def train_head(model, args, features: torch.Tensor) -> Optional[dict]:
         loss, adaptation = episode_loss(model, episode, targets, N_WAY, N_SHOT)
         if not torch.isfinite(loss):
             raise UserError(f'the training loss of {args.model_name} became {loss.item()}')
-        training_step(model, loss, adaptation, optimizer, None, record)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if record is not None:
+            record_episode(record, model, adaptation)
+        optimizer.step()
     return record
 
 

@@ -26,15 +26,19 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
-import runs  # noqa: E402
+from harness import checkpoints  # noqa: E402
+from harness import runs  # noqa: E402
 from arguments import MODEL_FLAGS, parse_args  # noqa: E402
-from checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
-from dataloader import NORMALIZATIONS, content_digest, eval_transform, to_rgb  # noqa: E402
-from evaluation import EvalOptions, feature_cache  # noqa: E402
+from harness.checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
+from dataloader import NORMALIZATIONS, eval_transform, to_rgb  # noqa: E402
+from harness.embeddings import content_digest  # noqa: E402
+from harness.embeddings import feature_cache  # noqa: E402
+from harness.evaluation import EvalOptions  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
-from utils import (PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure, select_device,  # noqa: E402
-                   too_large, write_text)
+from dataloader import too_large  # noqa: E402
+from harness.console import UserError, exits_cleanly  # noqa: E402
+from harness.device import select_device  # noqa: E402
+from harness.files import PICTURE_FORMATS, check_output, save_figure, write_text  # noqa: E402
 
 CSV_HEADER = ['file', 'prediction', 'probability']  # then one column per class; also the mark of a CSV of ours
 
@@ -254,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if opts.picture:
         check_output(opts.picture, '--picture', inputs, opts.overwrite, list(PICTURE_FORMATS))
     device = select_device(opts.device, [0])
-    model = runs.build_model(args, pretrained=checkpoint is None)
+    model = checkpoints.build_model(args, pretrained=checkpoint is None)
     if checkpoint:
         load_model_checkpoint(model, checkpoint, runs.model_config(args))
     model.to(device).eval()

@@ -19,8 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from runs import PRETRAINED_RATES, pretrained_encoder, run_variant  # noqa: E402
-from utils import check_output, exits_cleanly, write_json  # noqa: E402
+from harness.stages import PRETRAINED_RATES, pretrained_encoder, run_variant  # noqa: E402
+from harness.console import exits_cleanly  # noqa: E402
+from harness.files import check_output, write_json  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],
             'class': ['--adaptor', 'class'], 'none': ['--adaptor', 'none'],

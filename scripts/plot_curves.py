@@ -18,10 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import runs  # noqa: E402
+from harness import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from checkpoints import read_file  # noqa: E402
-from utils import PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure  # noqa: E402
+from harness.checkpoints import read_file  # noqa: E402
+from harness.console import UserError, exits_cleanly  # noqa: E402
+from harness.files import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 STAT_SUFFIX = '.stat'
 

@@ -23,9 +23,10 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from demo import refuse_unowned  # noqa: E402
-from runs import pretraining_finished, run_finished, run_stage  # noqa: E402
-from utils import UserError, claim_output_folder, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, write_text  # noqa: E402
+from harness.demo import refuse_unowned  # noqa: E402
+from harness.stages import pretraining_finished, run_finished, run_stage  # noqa: E402
+from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from harness.files import claim_output_folder, write_text  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights
 # (the README's results table gives their sources; none was measured by this repository)

@@ -16,14 +16,19 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import runs  # noqa: E402
+import arguments  # noqa: E402
+
+from harness import checkpoints  # noqa: E402
+from harness import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from checkpoints import load_model_checkpoint  # noqa: E402
+from harness.checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
-from evaluation import EvalOptions, stored_features  # noqa: E402
+from harness.evaluation import EvalOptions, stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
-from utils import PICTURE_FORMATS, UserError, check_output, exits_cleanly, save_figure, select_device  # noqa: E402
+from harness.console import UserError, exits_cleanly  # noqa: E402
+from harness.device import select_device  # noqa: E402
+from harness.files import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '
@@ -133,7 +138,7 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
 def main(argv: Optional[list[str]] = None) -> Adaptation:
     own, rest = get_parser().parse_known_args(argv)
     args = parse_args(rest)
-    runs.check_episode_flags(args.N, args.K, args.Q)
+    arguments.check_episode_flags(args.N, args.K, args.Q)
     if args.model_name != 'glofa':
         raise UserError(f'--model_name {args.model_name} has no masks to draw: this script draws GLoFA\'s')
     device = select_device(args.device, args.devices)
@@ -142,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
         raise UserError(runs.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
 
     # ---------------- model and episode
-    model = runs.build_model(args, pretrained=False)
+    model = checkpoints.build_model(args, pretrained=False)
     record = load_model_checkpoint(model, model_path, runs.model_config(args))
     model.to(device).eval()
     dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
@@ -154,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     images = torch.stack([dataset[int(i)][0] for i in indices])  # (N*K, 3, 84, 84)
     class_names = [dataset.class_names[dataset.labels[int(i)]] for i in indices[:args.N]]
     stored = stored_features(args, model_path, dataset, EvalOptions(device))  # test.py's, when it stored them
-    stored = stored.load(len(dataset), getattr(model.encoder, 'out_dim', None)) if stored is not None else None
+    stored = stored().load(len(dataset), getattr(model.encoder, "out_dim", None)) if stored is not None else None
     with torch.no_grad():
         support = stored[indices].to(device) if stored is not None else model.encode(images.to(device))  # (N*K, d)
         adaptation = Adaptation(*(t.float().cpu() for t in model.adapt(support, args.N, args.K)))

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import torch
-
-from checkpoints import atomic_save
-from demo import write_colour_dataset
+from harness.checkpoints import atomic_save
+from harness.demo import write_colour_dataset
 from networks import build_encoder
 
 

@@ -9,7 +9,7 @@ import torch
 import plot_curves
 import train
 from conftest import tiny_run_flags
-from evaluation import adaptors_died_line
+from models.diagnostics import adaptors_died_line
 from models.glofa import GLoFA
 
 

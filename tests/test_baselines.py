@@ -8,19 +8,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 import test as test_script
 import train
 from arguments import feat_regulariser, parse_args
-from checkpoints import atomic_save
+from harness.checkpoints import atomic_save
 from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, eval_transform, episode_sampler
-from evaluation import EvalOptions, encode_split
+from harness.embeddings import encode_split
+from harness.evaluation import EvalOptions
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import build_encoder
-from runs import build_model, build_optimizer, run_name
+from harness.checkpoints import build_model
+from harness.runs import run_name
+from train import build_optimizer
 
 FEAT_KEYS = {'slf_attn.w_qs.weight', 'slf_attn.w_ks.weight', 'slf_attn.w_vs.weight', 'slf_attn.fc.weight',
              'slf_attn.fc.bias', 'slf_attn.layer_norm.weight', 'slf_attn.layer_norm.bias'}
@@ -93,8 +95,8 @@ def test_cosine_protonet_is_glofa_without_adaptors_at_equal_temperature():
     x = episode_features(n_way, n_shot, n_query, d).float()
     glofa = GLoFA(nn.Identity(), d, tau=t, adaptor='none')
     protonet = ProtoNet(nn.Identity(), 'cosine', temperature=t)
-    torch.testing.assert_close(protonet.logits_from_embeddings(x, n_way, n_shot),
-                               glofa.logits_from_embeddings(x, n_way, n_shot), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(protonet.episode(x, n_way, n_shot)[0],
+                               glofa.episode(x, n_way, n_shot)[0], rtol=1e-6, atol=1e-6)
 
 
 def feat_model(d=6, metric='euclidean', temperature=3.0, temperature2=5.0, balance=0.3, seed=0):
@@ -154,7 +156,7 @@ def test_feat_training_loss_and_gradients_equal_a_naive_loop(metric):
 
     auxiliary = model.auxiliary_loss(x, n_way, n_shot)
     torch.testing.assert_close(auxiliary, model.balance * regulariser / len(x), rtol=1e-12, atol=1e-12)
-    loss = F.cross_entropy(model.logits_from_embeddings(x, n_way, n_shot), torch.arange(n_way * n_query) % n_way) \
+    loss = F.cross_entropy(model.episode(x, n_way, n_shot)[0], torch.arange(n_way * n_query) % n_way) \
         + auxiliary
     torch.testing.assert_close(loss, naive, rtol=1e-12, atol=1e-12)
     for got, expected in zip(torch.autograd.grad(loss, list(model.parameters())), naive_grads):
@@ -165,11 +167,11 @@ def test_feat_dropout_acts_in_training_only():
     model = feat_model(8).double()
     x = episode_features(2, 1, 2, 8, seed=3)
     model.eval()
-    a, b = model.logits_from_embeddings(x, 2, 1), model.logits_from_embeddings(x, 2, 1)
+    a, b = model.episode(x, 2, 1)[0], model.episode(x, 2, 1)[0]
     assert torch.equal(a, b)
     model.train()
     torch.manual_seed(1)
-    c = model.logits_from_embeddings(x, 2, 1)
+    c = model.episode(x, 2, 1)[0]
     assert not torch.allclose(a, c)
 
 

@@ -3,21 +3,39 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import evaluation
-from dataloader import LabelledSplit, episode_sampler
-from evaluation import Episodes, EvalOptions, SplitFeatures, episode_batch_size, run_episodes
+from harness import embeddings
+from dataloader import episode_sampler
+from harness.embeddings import episode_batch_size
+from harness.evaluation import Episodes, EvalOptions, SplitFeatures, run_episodes
 from models.glofa import ADAPTORS, GLoFA, query_targets
+
+
+class Labels:
+    """A split known by its labels alone (all the episode sampler reads), for embeddings made in memory."""
+
+    def __init__(self, labels, class_names):
+        self.labels, self.class_names = list(labels), list(class_names)
+        self.split, self.location, self.source_names = 'test', 'embeddings in memory', ['memory']
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def given(embeddings: torch.Tensor) -> SplitFeatures:
+    """Embeddings computed elsewhere, (n_images, d) in the split's order, as the cached way takes them."""
+    features = SplitFeatures(torch.nn.Identity(), None, None)
+    features.features = embeddings
+    return features
 
 D = 640
 CPU = torch.device('cpu')
 
 
-def labelled_split(n_classes: int, per_class: int) -> LabelledSplit:
-    return LabelledSplit([c for c in range(n_classes) for _ in range(per_class)], [f'n{c:08d}' for c in range(n_classes)])
+def labelled_split(n_classes: int, per_class: int) -> Labels:
+    return Labels([c for c in range(n_classes) for _ in range(per_class)], [f'n{c:08d}' for c in range(n_classes)])
 
 
-def realistic_features(split: LabelledSplit, seed: int = 0) -> torch.Tensor:
+def realistic_features(split: Labels, seed: int = 0) -> torch.Tensor:
     """(n, 640) non-negative features, as after a ReLU network: a class direction plus per-image noise."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(len(split.class_names), D, generator=g).relu()
@@ -76,7 +94,7 @@ def test_run_episodes_cached_equals_one_at_a_time(adaptor, n_way, n_shot):
     features = realistic_features(split, seed=3)
     model, n_query, n_episodes = head(adaptor), 15, 30
     results = run_episodes(model, split, Episodes(n_episodes, n_way, n_shot, n_query, torch.Generator().manual_seed(5)),
-                           'cached', EvalOptions(CPU, episode_batch=16), SplitFeatures.given(features))
+                           'cached', EvalOptions(CPU, episode_batch=16), given(features))
     drawn = list(episode_sampler(split, n_episodes, n_way, n_shot + n_query, torch.Generator().manual_seed(5)))
     reference = one_at_a_time(model, features, drawn, n_way, n_shot, n_query)
     np.testing.assert_array_equal(results.accuracies, reference[:, 0])
@@ -93,7 +111,7 @@ def test_batch_size_never_changes_a_result():
     outcomes = []
     for batch in (1, 7, 64, 0):  # 0: chosen by memory
         outcomes.append(run_episodes(model, split, Episodes(50, 5, 2, 4, torch.Generator().manual_seed(9)), 'cached',
-                                     EvalOptions(CPU, episode_batch=batch), SplitFeatures.given(features)))
+                                     EvalOptions(CPU, episode_batch=batch), given(features)))
     for other in outcomes[1:]:
         np.testing.assert_array_equal(other.accuracies, outcomes[0].accuracies)
         np.testing.assert_allclose(other.alphas, outcomes[0].alphas, rtol=1e-5, atol=1e-6)
@@ -104,9 +122,9 @@ def test_batch_size_never_changes_a_result():
 def test_batch_size_is_bounded_by_memory():
     five_one, five_five = Episodes(10000, 5, 1, 15), Episodes(10000, 5, 5, 15)
     b1, b5 = episode_batch_size(EvalOptions(CPU), five_one, D), episode_batch_size(EvalOptions(CPU), five_five, D)
-    budget = evaluation.EPISODE_BATCH_MEMORY['cpu']
+    budget = embeddings.EPISODE_BATCH_MEMORY['cpu']
     assert b1 == budget // (4 * D * (80 + 24 * 5 + 40)) and b5 == budget // (4 * D * (100 + 24 * 25 + 40))
-    assert 1 <= b5 < b1 <= evaluation.MAX_EPISODE_BATCH
+    assert 1 <= b5 < b1 <= embeddings.MAX_EPISODE_BATCH
     assert episode_batch_size(EvalOptions(CPU), Episodes(3, 5, 1, 15), D) == 3  # never more than the episodes
     assert episode_batch_size(EvalOptions(CPU, episode_batch=5), five_one, D) == 5  # the flag wins
     huge = Episodes(10, 500, 500, 15)

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: every section runs, tiny, and reports both ways side by side in one table and one
+"""scripts/dev/benchmark.py: every section runs, tiny, and reports both ways side by side in one table and one
 JSON file (no timing is asserted: these machines are shared)."""
 import json
 import os

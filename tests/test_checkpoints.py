@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 import test as test_script
-import runs
+from harness import runs
 import train
 from arguments import parse_args
-from checkpoints import atomic_save, load_pretrained
+from harness.checkpoints import atomic_save, load_pretrained
 from networks.resnet import ResNet12
-from utils import UserError
+from harness.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

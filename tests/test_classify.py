@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import runs
+from harness import checkpoints
+from harness import runs
 import train
 from arguments import parse_args
 from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, eval_transform
-from evaluation import encode_split, EvalOptions
+from harness.embeddings import encode_split
+from harness.evaluation import EvalOptions
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
@@ -121,8 +122,8 @@ def test_classify_agrees_with_test_py_and_writes_csv_and_picture(trained, tiny_d
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(tuple(queries))]
     assert result['classes'] == dataset.class_names and len(printed) == len(queries)
     # the same episode through the model as test.py runs it: the split's embeddings, shot-major
-    model = runs.build_model(parse_args(argv), pretrained=False)
-    from checkpoints import load_model_checkpoint
+    model = checkpoints.build_model(parse_args(argv), pretrained=False)
+    from harness.checkpoints import load_model_checkpoint
     load_model_checkpoint(model, checkpoint)
     features = encode_split(model.encoder, dataset, EvalOptions(torch.device('cpu')), desc='')
     first = [dataset.labels.index(c) for c in range(3)]

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
-
-from demo import write_colour_dataset
+from harness.demo import write_colour_dataset
 from dataloader import FewShotDataset, eval_transform, read_split, train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -163,7 +162,7 @@ def test_eval_transform_is_resize_92_and_centre_crop_84(tiny_dataset, odd_shapes
 @pytest.mark.parametrize('layout', ['tiered', 'union'])
 def test_every_reader_seeds_items_alike(tiny_dataset, tmp_path, layout):
     """The seeded-item logic is shared: the tiered reader and a union of roots behave as the folder reader."""
-    from demo import write_tiered_dataset
+    from harness.demo import write_tiered_dataset
     from dataloader import open_split
     tiered = write_tiered_dataset(tmp_path / 'tiered')
     dataset = open_split(tiered if layout == 'tiered' else [tiny_dataset, tiered], 'train', train_transform())

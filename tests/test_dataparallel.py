@@ -1,8 +1,7 @@
 """A DataParallel-wrapped encoder keeps the spec's checkpoint keys and loads plain checkpoints."""
 import torch
 import torch.nn as nn
-
-from checkpoints import load_strict, model_state_dict
+from harness.checkpoints import load_strict, model_state_dict
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-
-import demo
-from demo import DEMO_SPLITS, FINE_FAMILY_SIZE, FINE_SPLITS, generate_demo_dataset, generate_fine_dataset
+from harness import demo
+from harness.demo import DEMO_SPLITS, FINE_SPLITS
+from harness.demo import FINE_FAMILY_SIZE, generate_demo_dataset, generate_fine_dataset
 
 N_IMAGES = 3
 
@@ -192,7 +192,7 @@ def test_fine_dataset_deterministic_and_idempotent(fine_root, tmp_path, capsys):
 def test_mini_scale_writes_mini_imagenets_shape(monkeypatch, tmp_path, capsys):
     """demo.py --kind mini_scale: 64 / 16 / 20 classes of 600 84 x 84 images (the writer is faked here:
     60000 JPEGs take half a minute); without --root it is refused."""
-    import demo
+    from harness import demo
     calls = []
     monkeypatch.setattr(demo, 'write_colour_dataset', lambda *args: calls.append(args))
     demo.main(['--kind', 'mini_scale', '--root', str(tmp_path / 'mini')])

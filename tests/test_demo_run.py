@@ -6,13 +6,14 @@ import sys
 
 import pytest
 import torch
-
-import runs
+from harness import checkpoints
+from harness import demo
+from harness import runs
 from arguments import DEMO_PRESET, DEMO_ROOTS, parse_args
-from checkpoints import load_pretrained
+from harness.checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
-from utils import UserError
+from harness.console import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,9 +58,9 @@ def test_channels_last_gives_the_same_logits():
     model = GLoFA(ConvNet(), 64).eval()
     images = torch.randn(2 * 3, 3, 84, 84)
     with torch.no_grad():
-        plain = model(images, 2, 1)
+        plain = model.episode(model.encode(images), 2, 1)[0]
         model.encoder.to(memory_format=torch.channels_last)
-        fast = model(images.contiguous(memory_format=torch.channels_last), 2, 1)
+        fast = model.episode(model.encode(images.contiguous(memory_format=torch.channels_last)), 2, 1)[0]
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
 
 
@@ -104,9 +105,9 @@ def test_mixed_demo_preset_and_run_names():
 ])
 def test_demo_refuses_the_wrong_number_of_roots(argv, message):
     with pytest.raises(UserError, match=message):
-        runs.prepare_demo(parse_args(argv))
+        demo.prepare_demo(parse_args(argv))
 
 
 def test_h_bias_init_reaches_the_model():
-    model = runs.build_model(parse_args(['--demo', '--h_bias_init', '0.75']), pretrained=False)
+    model = checkpoints.build_model(parse_args(['--demo', '--h_bias_init', '0.75']), pretrained=False)
     assert torch.equal(model.h.rho[2].bias.detach(), torch.full((2,), 0.75))

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
-
 import test as test_script
-import runs
+from harness import checkpoints
+from harness import runs
 from arguments import parse_args
 import train
-from checkpoints import atomic_save, model_state_dict
+from harness.checkpoints import atomic_save, model_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,7 +138,7 @@ def test_pretrained_of_another_network(data, tmp_path, capsys):
 
 def save_checkpoint(tmp_path, data, *extra):
     args = parse_args(base_flags(data, tmp_path, *extra))
-    model = runs.build_model(args, pretrained=False)
+    model = checkpoints.build_model(args, pretrained=False)
     path = runs.run_paths(args).best
     atomic_save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,
                  'config': runs.run_identity(args)}, path)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
-
-import evaluation
+from harness import embeddings
+from harness import evaluation
 from dataloader import EpisodeSampler, FewShotDataset, eval_transform
-from demo import write_split
+from harness.demo import write_split
 from models.glofa import GLoFA, query_targets
 from networks import forward_count
 from networks.resnet import ResNet12
@@ -63,12 +63,12 @@ def test_cached_and_episodic_agree(model, dataset):
 def test_cached_and_episodic_logits_agree(model, dataset):
     episode = next(iter(EpisodeSampler(dataset.labels, 1, N_WAY, N_SHOT + N_QUERY,
                                        generator=torch.Generator().manual_seed(3))))
-    features = evaluation.encode_split(model.encoder, dataset, OPTIONS, desc='')
+    features = embeddings.encode_split(model.encoder, dataset, OPTIONS, desc='')
     assert features.shape == (len(dataset), 640)
     images = torch.stack([dataset[int(i)][0] for i in episode])
     with torch.no_grad():
-        cached = model.logits_from_embeddings(features[episode], N_WAY, N_SHOT)
-        episodic = model(images, N_WAY, N_SHOT)
+        cached = model.episode(features[episode], N_WAY, N_SHOT)[0]
+        episodic = model.episode(model.encode(images), N_WAY, N_SHOT)[0]
         torch.testing.assert_close(features[episode], model.encoder(images), rtol=1e-4, atol=1e-4)
     assert cached.shape == (N_WAY * N_QUERY, N_WAY)
     torch.testing.assert_close(cached, episodic, rtol=1e-4, atol=1e-4)

@@ -8,12 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 import test as test_script
 import train
 from arguments import parse_args
-from dataloader import FewShotDataset
-from runs import run_paths
+from harness import embeddings
+from harness.runs import run_paths
 
 
 def flags(data, save_dir, *extra):
@@ -66,7 +65,8 @@ def test_any_change_encodes_again(run, tmp_path, capsys, change):
         best = run_paths(parse_args(argv)).best
         with open(best, 'ab') as f:  # another content (torch.load ignores bytes after the archive)
             f.write(b'\0')
-    elif change == 'split file':  # two rows swapped: the same size, the same time
+    elif change == 'split file':  # two rows swapped: the same size, the same time (another run: given by path)
+        extra = ['--model_path', run_paths(parse_args(argv)).best]
         path = os.path.join(data, 'split', 'test.csv')
         with open(path, 'rb') as f:
             header, first, second, *rest = f.read().split(b'\n')
@@ -173,6 +173,6 @@ def test_a_small_question_stores_nothing(run, tmp_path, capsys, monkeypatch):
     """Nor does it read the split's files for a key it never uses."""
     argv, _, _ = run
     shutil.rmtree(tmp_path / 'saves' / 'features')
-    monkeypatch.setattr(FewShotDataset, 'stamp', lambda self: pytest.fail('the split was hashed'))
+    monkeypatch.setattr(embeddings, 'content_digest', lambda paths: pytest.fail('the split was hashed'))
     test_script.main([a for a in argv if a not in ('--eval_mode', 'cached')] + ['--n_testing_episodes', '1'])
     assert stored(tmp_path / 'saves') == []  # 1 episode runs episodic: no encoding of the split

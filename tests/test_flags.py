@@ -1,7 +1,6 @@
 """Flags of the speed issue through the entry points: --channels_last, --eval_mode, --amp, --flag_debug."""
 import pytest
 import torch
-
 import test as test_script
 import train
 from arguments import parse_args

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-
 import dataloader
-from demo import TIERED_PER_CLASS, write_colour_dataset, write_tiered_dataset
-from dataloader import (EpisodeSampler, MultiSourceDataset, TieredDataset, dataset_format, episode_group,
-                        episode_sampler, eval_transform, generate_data_loader, open_split, read_split,
-                        read_tiered_labels, root_names, train_transform)
-from utils import UserError
+from harness import forms
+from harness.demo import TIERED_PER_CLASS, write_colour_dataset, write_tiered_dataset
+from dataloader import EpisodeSampler, dataset_format, episode_sampler, eval_transform, generate_data_loader, open_split, read_split, train_transform
+from harness.forms import TieredDataset, read_tiered_labels
+from harness.mixing import MultiSourceDataset, episode_group, root_names
+from harness.console import UserError
 
 
 
@@ -96,7 +96,7 @@ def test_a_link_planted_at_the_uncompressed_copy_is_replaced_not_written_through
 
 def test_tiered_compressed_copy_goes_to_the_cache_for_a_read_only_folder(tmp_path, monkeypatch, capsys):
     root = write_tiered_dataset(tmp_path / 'readonly', compressed=True)
-    monkeypatch.setattr(dataloader, 'is_writable', lambda folder: False)
+    monkeypatch.setattr(forms, 'is_writable', lambda folder: False)
     monkeypatch.setenv('GLOFA_CACHE', str(tmp_path / 'cache'))
     dataset = open_split(root, 'val')
     assert dataset.array_path.startswith(str(tmp_path / 'cache')) and os.path.isfile(dataset.array_path)
@@ -128,7 +128,7 @@ def test_tiered_dataset_pickles_small_and_workers_map_the_file(tiered):
 def test_tiered_episodes_do_not_depend_on_the_number_of_workers(tiered, split):
     batches = {}
     for workers in (0, 2):
-        loader = generate_data_loader(tiered, split, 3, 3, 4, n_workers=workers, seed=1)
+        loader = generate_data_loader(open_split(tiered, split, train_transform() if split == 'train' else eval_transform()), 3, 3, 4, n_workers=workers, seed=1)
         batches[workers] = list(loader)
     for (a, la), (b, lb) in zip(batches[0], batches[2]):
         assert torch.equal(a, b) and torch.equal(la, lb)
@@ -282,7 +282,7 @@ def test_source_mix_refuses_a_root_with_too_few_classes(roots):
 def test_union_loader_with_workers_gives_the_same_episodes(roots, task_mix):
     batches = {}
     for workers in (0, 2):
-        loader = generate_data_loader(list(roots), 'train', 2, 3, 3, n_workers=workers, seed=4, task_mix=task_mix)
+        loader = generate_data_loader(open_split(list(roots), 'train', train_transform()), 2, 3, 3, n_workers=workers, seed=4, task_mix=task_mix)
         batches[workers] = list(loader)
     for (x0, y0), (x2, y2) in zip(batches[0], batches[2]):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)

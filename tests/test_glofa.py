@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from models.glofa import GLoFA, query_targets
 from networks.resnet import ResNet12
 
@@ -100,8 +99,8 @@ def test_logits_equal_the_naive_formulas(n_way, n_shot, n_query, tau, delta):
         features = torch.stack([model.encoder(image[None])[0] for image in images])  # one image at a time
         expected = torch.tensor(naive_logits(model, features.tolist(), n_way, n_shot, n_query, tau, delta),
                                 dtype=torch.float64)
-        from_embeddings = model.logits_from_embeddings(features, n_way, n_shot)
-        from_images = model(images, n_way, n_shot)
+        from_embeddings = model.episode(features, n_way, n_shot)[0]
+        from_images = model.episode(model.encode(images), n_way, n_shot)[0]
     assert from_embeddings.shape == (n_way * n_query, n_way)
     torch.testing.assert_close(from_embeddings, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(from_images, expected, rtol=1e-10, atol=1e-10)
@@ -139,15 +138,15 @@ def test_queries_are_not_normalised_and_tau_divides():
     scaled[n_way * n_shot:] *= 3.0
     halved = make_model(tau=0.5)
     with torch.no_grad():
-        base = model.logits_from_embeddings(features, n_way, n_shot)
-        torch.testing.assert_close(model.logits_from_embeddings(scaled, n_way, n_shot), 3 * base)
-        torch.testing.assert_close(halved.logits_from_embeddings(features, n_way, n_shot), 2 * base)
+        base = model.episode(features, n_way, n_shot)[0]
+        torch.testing.assert_close(model.episode(scaled, n_way, n_shot)[0], 3 * base)
+        torch.testing.assert_close(halved.episode(features, n_way, n_shot)[0], 2 * base)
         # with the masks off (adaptor 'none'), scaling the support changes nothing: prototypes are normalised
         none = make_model(adaptor='none')
         support_scaled = features.clone()
         support_scaled[:n_way * n_shot] *= 5.0
-        torch.testing.assert_close(none.logits_from_embeddings(support_scaled, n_way, n_shot),
-                                   none.logits_from_embeddings(features, n_way, n_shot))
+        torch.testing.assert_close(none.episode(support_scaled, n_way, n_shot)[0],
+                                   none.episode(features, n_way, n_shot)[0])
 
 
 # ------------------------------------------------------------------ bounds of the masks and strengths
@@ -208,7 +207,7 @@ def test_adaptor_ablations(n_way, n_shot, n_query):
 
     def logits(model):
         with torch.no_grad():
-            return model.logits_from_embeddings(features, n_way, n_shot)
+            return model.episode(features, n_way, n_shot)[0]
 
     def with_adaptor(adaptor):
         model = make_model(adaptor=adaptor)
@@ -259,7 +258,7 @@ def test_cross_entropy_on_the_logits_uses_positions_as_labels():
     n_way, n_shot, n_query = 3, 1, 2
     model = make_model()
     images = images_for(n_way, n_shot, n_query, seed=7)
-    logits = model(images, n_way, n_shot)
+    logits = model.episode(model.encode(images), n_way, n_shot)[0]
     loss = F.cross_entropy(logits, query_targets(n_way, n_query))
     expected = -sum(torch.log_softmax(logits[j], 0)[j % n_way] for j in range(n_way * n_query)) / (n_way * n_query)
     torch.testing.assert_close(loss, expected)

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 import pretrain
-import runs
+from harness import checkpoints
+from harness import runs
 import test as test_script
 import train
 from arguments import parse_args
-from checkpoints import atomic_save
+from harness.checkpoints import atomic_save
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from dataloader import FewShotDataset, eval_transform
-from demo import write_colour_dataset, write_tiered_dataset
+from harness.demo import write_colour_dataset, write_tiered_dataset
 from networks import build_encoder
-from utils import UserError
+from harness.console import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import check_dataset  # from scripts/ (pytest.ini puts it on the path)
@@ -255,7 +255,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_file(full_disk, data, capsy
 def test_sigterm_during_the_test_is_one_line_and_130(tmp_path):
     data = write_colour_dataset(tmp_path / 'data')
     argv = flags(data, tmp_path, '--n_testing_episodes', '100000', '--eval_mode', 'episodic')
-    model = runs.build_model(parse_args(argv), pretrained=False)
+    model = checkpoints.build_model(parse_args(argv), pretrained=False)
     atomic_save({'state_dict': model.state_dict()}, str(tmp_path / 'x.model'))
     process = subprocess.Popen([sys.executable, 'test.py', *argv, '--model_path', str(tmp_path / 'x.model')], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -285,7 +285,7 @@ def test_ctrl_c_during_the_one_time_conversion_leaves_no_partial_file(tmp_path, 
                 raise KeyboardInterrupt
         return real(self, *args)
     monkeypatch.setattr(zipfile.ZipExtFile, 'read', interrupted_read)
-    model = runs.build_model(parse_args(flags(root, tmp_path)), pretrained=False)
+    model = checkpoints.build_model(parse_args(flags(root, tmp_path)), pretrained=False)
     atomic_save({'state_dict': model.state_dict()}, str(tmp_path / 'x.model'))
     line = exits_with(test_script.main, flags(root, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys, code=130)
     assert line.startswith('interrupted')
@@ -302,7 +302,7 @@ class Shell:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path, capsys):
-    model = runs.build_model(parse_args(flags(data, tmp_path)), pretrained=False)
+    model = checkpoints.build_model(parse_args(flags(data, tmp_path)), pretrained=False)
     marker = tmp_path / 'ran'
     torch.save({'state_dict': model.state_dict(), 'extra': Shell(marker)}, tmp_path / 'x.model')
     line = exits_with(test_script.main, flags(data, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys)

@@ -12,14 +12,14 @@ import zlib
 
 import pytest
 import torch
-
 import test as test_script
 import train
 from arguments import parse_args
-from checkpoints import atomic_save
+from harness.checkpoints import atomic_save
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
-from runs import run_paths
-from utils import OUTPUT_MARK, UserError, check_output, claim_output_folder
+from harness.runs import run_paths
+from harness.console import UserError
+from harness.files import OUTPUT_MARK, check_output, claim_output_folder
 
 import adaptor_study  # from scripts/ (pytest.ini puts it on the path)
 import classify

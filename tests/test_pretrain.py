@@ -11,20 +11,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import distributed
+from harness import distributed
 import gpu_check  # scripts/ is on pytest's path (pytest.ini)
 import plot_curves
 import pretrain
-from arguments import parse_args, parse_pretrain_args
-import runs
+from arguments import parse_args
+from pretrain import parse_pretrain_args
+from harness import checkpoints
+from harness import runs
+import pretrain
 import train
-from demo import write_colour_dataset
-from dataloader import ShuffledBatches
-from evaluation import prototype_accuracies
-from models.classifier import EncoderClassifier, build_optimizer, classification_loss
-from utils import backward_and_step
+from harness.demo import write_colour_dataset
+from pretrain import ShuffledBatches
+from pretrain import prototype_accuracies
+from models.classifier import EncoderClassifier
+from pretrain import build_optimizer, classification_loss
 from networks import build_encoder
+
+
+def backward_and_step(loss, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +44,7 @@ def flags(data, save_dir, network='convnet', epochs=1, batch_size=8, *extra):
 
 
 def paths(argv) -> runs.RunPaths:
-    return runs.pretrain_paths(parse_pretrain_args(argv))
+    return pretrain.pretrain_paths(parse_pretrain_args(argv))
 
 
 def load(path):
@@ -101,13 +109,13 @@ def test_convnet_output_is_in_feat_format_and_train_py_loads_it(pretrained, tiny
 
 
 def test_resnet_output_is_in_feat_format_and_train_py_loads_it(resnet_run, capsys):
-    """Through train.py's model building (runs.build_model, as train.main calls it), to spare a ResNet run."""
+    """Through train.py's model building (checkpoints.build_model, as train.main calls it), to spare a ResNet run."""
     argv, result = resnet_run
     assert result['epoch'] == 2
     out = result['paths'].best
     assert check_feat_format(out, 'resnet', 2) == 96
     capsys.readouterr()
-    model = runs.build_model(parse_args(['--network_name', 'resnet', '--pretrained', out]))
+    model = checkpoints.build_model(parse_args(['--network_name', 'resnet', '--pretrained', out]))
     assert f'loaded 96 encoder tensors from {out}' in capsys.readouterr().out
     params = load(out)['params']
     assert all(torch.equal(v, params[f'encoder.{k}']) for k, v in model.encoder.state_dict().items())
@@ -217,7 +225,7 @@ def test_val_split_smaller_than_the_way_is_refused(tiny_dataset, tmp_path, capsy
 @pytest.mark.parametrize('refusal', ['batch', 'way'])
 def test_tiered_data_too_small_is_refused_naming_the_file(tmp_path, capsys, refusal):
     """The same refusals on tiered-ImageNet's files, which have no split CSV."""
-    from demo import write_tiered_dataset
+    from harness.demo import write_tiered_dataset
     data = write_tiered_dataset(tmp_path / 'tiered')  # 4 / 3 / 3 classes of 6 images
     extra = ['--batch_size', '64'] if refusal == 'batch' else ['--val_way', '5']
     assert exit_code(pretrain.main, flags(data, tmp_path / 'saves') + extra) == 2

@@ -2,7 +2,8 @@
 import os
 import re
 
-from arguments import get_parser, get_pretrain_parser
+from arguments import get_parser
+from pretrain import get_pretrain_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

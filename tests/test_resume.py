@@ -3,8 +3,7 @@ import os
 
 import pytest
 import torch
-
-import runs
+from harness import runs
 import train
 from arguments import parse_args
 
@@ -86,60 +85,3 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, m
     log = os.path.join(tmp_path, 'statistics', runs.run_name(parse_args(flags(tiny_dataset, tmp_path, 3))) + '.log.jsonl')
     with open(log) as f:
         assert len(f.readlines()) == 3  # one line per validation, none repeated by the resume
-
-
-def test_state_saved_with_per_block_counters_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, uninterrupted):
-    """A 'last' state written when each ResNet block kept its own forward counter resumes to the same run."""
-    assert interrupt_third_gap(tiny_dataset, tmp_path, monkeypatch) == 130
-    path = runs.run_paths(parse_args(flags(tiny_dataset, tmp_path, 3))).last
-    record = torch.load(path, weights_only=False)
-    count = record.pop('forward_count')
-    assert count > 2
-    torch.save({**record, 'forward_counters': [count] * 4}, path)  # the earlier layout
-    train.main(flags(tiny_dataset, tmp_path, 3) + ['--resume'])
-    assert_same_run(last_record(tmp_path, tiny_dataset, 3), uninterrupted[0])
-
-
-@pytest.mark.parametrize('signal_name', ['SIGINT', 'SIGTERM'])
-def test_real_ctrl_c_with_workers_exits_cleanly(tiny_dataset, tmp_path, signal_name):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it), or a cluster's SIGTERM, to train.py
-    with loader workers: exit 130, a hint to resume, no traceback."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    argv = ['--data_path', tiny_dataset, '--save_dir', str(tmp_path), '--network_name', 'convnet', '--pretrained',
-            'none', '--N', '2', '--K', '1', '--Q', '1', '--n_training_episodes', '100000', '--episode_gap', '5',
-            '--n_validating_episodes', '2', '--n_workers', '2']
-    last = runs.run_paths(parse_args(argv)).last
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = subprocess.Popen([sys.executable, 'train.py', *argv], cwd=root, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait for the state saved after the first validation
-            if os.path.isfile(last) and torch.load(last, weights_only=False)['episode'] >= 5:  # written atomically
-                break
-            time.sleep(0.2)
-        os.killpg(process.pid, getattr(signal, signal_name))
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err[-1500:]
-    assert 'Traceback' not in err
-    assert 'with --resume to continue' in err
-    saved = torch.load(last, weights_only=False)['episode']
-    assert saved >= 5
-    # the message names the episode that was running and the one that is saved
-    import re
-    match = re.search(r'interrupted during (episode|the validation after episode) (\d+); the state after episode '
-                      r'(\d+) is saved', err)
-    assert match, err
-    running, said_saved = int(match.group(2)), int(match.group(3))
-    assert said_saved == saved
-    if match.group(1) == 'episode':
-        assert saved < running <= saved + 5, err  # within the gap that follows the saved state
-    else:
-        assert running == saved + 5, err  # the validation of the next gap, not saved yet

@@ -4,10 +4,13 @@ import hashlib
 import os
 
 import pytest
-
-import runs
+import arguments
+from harness import checkpoints
+from harness import console
+from harness import runs
+from harness import stages as stage_runner
 import train
-from demo import write_colour_dataset
+from harness.demo import write_colour_dataset
 
 
 def flags(data, save_dir, *extra):
@@ -61,14 +64,21 @@ def test_finished_run_is_kept_unless_overwrite(tiny_dataset, tmp_path, capsys):
     assert after['best'] == before['best']  # deterministic: the same best checkpoint again
 
 
-def test_another_data_path_is_another_run(tmp_path):
+def test_other_data_of_the_same_name_is_another_run_and_a_moved_dataset_keeps_its_run(tmp_path, capsys):
+    import shutil
+    import test as test_script
     a = write_colour_dataset(tmp_path / 'a' / 'data')
-    b = write_colour_dataset(tmp_path / 'b' / 'data')  # the same folder name elsewhere
+    b = write_colour_dataset(tmp_path / 'b' / 'data', seed=1)  # the same folder name, other images
     save_dir = tmp_path / 'saves'
     first = train.main(flags(a, save_dir))
     second = train.main(flags(b, save_dir))  # no refusal: another run
     assert first['paths'].best != second['paths'].best
     assert os.path.isfile(first['paths'].best) and os.path.isfile(second['paths'].best)
+    moved = shutil.move(str(tmp_path / 'a'), str(tmp_path / 'elsewhere'))
+    capsys.readouterr()
+    results = test_script.main(flags(os.path.join(moved, 'data'), save_dir))  # finds the run trained before the move
+    assert f'loaded {first["paths"].best}' in capsys.readouterr().out
+    assert results[(2, 1)].accuracies.tolist() == first['test_accuracies'].tolist()
 
 
 def test_identity_file_names_the_run(tiny_dataset, tmp_path):
@@ -80,11 +90,11 @@ def test_identity_file_names_the_run(tiny_dataset, tmp_path):
         (figures,) = json.load(f)['settings']  # train.py --json: the final test's figures
     assert (figures['N'], figures['K'], figures['episodes']) == (2, 1, 2)
     assert figures['accuracy'] == pytest.approx(100 * result['test_accuracies'].mean())
-    assert identity['seed'] == 7 and identity['data'] == [os.path.abspath(tiny_dataset)]
+    assert identity['seed'] == 7 and identity['data'] == [runs.root_digest(str(tiny_dataset))]
     assert identity['run'] == os.path.basename(result['paths'].best)[:-len('.model')]
 
 
-# ------------------------------------------------------------------ runs.run_stages: stages several at a time
+# ------------------------------------------------------------------ stage_runner.run_stages: stages several at a time
 WAIT_FOR = '''import os, sys, time
 mine, theirs = sys.argv[1], sys.argv[2]
 with open(mine, 'w') as f:
@@ -110,7 +120,7 @@ def test_stages_run_at_once_each_on_its_share_of_the_cores(tmp_path):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     stages = [([wait, a, b], str(tmp_path / 'a.log')), ([wait, b, a], str(tmp_path / 'b.log'))]
     done, finished = [], []
-    runs.run_stages(stages, done, jobs=2, finished=finished.append)
+    stage_runner.run_stages(stages, done, jobs=2, finished=finished.append)
     assert sorted(finished) == [0, 1] and len(done) == 2
     for mine, log in ((a, 'a.log'), (b, 'b.log')):
         with open(mine) as f:
@@ -127,8 +137,8 @@ def test_a_failed_stage_stops_the_others_and_names_its_log(tmp_path):
     stages = [([wait, started, never], str(tmp_path / 'wait.log')), ([fail, started], str(tmp_path / 'fail.log')),
               ([wait, third, never], str(tmp_path / 'third.log'))]
     done = []
-    with pytest.raises(runs.UserError) as error:
-        runs.run_stages(stages, done, jobs=2)
+    with pytest.raises(console.UserError) as error:
+        stage_runner.run_stages(stages, done, jobs=2)
     assert str(tmp_path / 'fail.log') in str(error.value) and 'code 3' in str(error.value)
     assert done == [] and not os.path.exists(third)  # the third stage never started
     with open(started) as f:  # the waiting stage was stopped, not left running
@@ -143,7 +153,7 @@ def test_one_job_runs_the_stages_one_after_another(tmp_path):
     second = script(tmp_path, 'second', 'import os, sys\nsys.exit(0 if os.path.exists(sys.argv[1]) else 4)\n')
     ended = str(tmp_path / 'ended')
     done, finished = [], []
-    runs.run_stages([([first, ended], str(tmp_path / 'first.log')), ([second, ended], str(tmp_path / 'second.log'))],
+    stage_runner.run_stages([([first, ended], str(tmp_path / 'first.log')), ([second, ended], str(tmp_path / 'second.log'))],
                     done, jobs=1, finished=finished.append)
     assert finished == [0, 1] and len(done) == 2
 
@@ -152,14 +162,14 @@ def test_a_variant_resumes_only_its_own_unfinished_run(tiny_dataset, tmp_path):
     """With runs at once, another seed's unfinished run must not make a new run's command carry --resume."""
     base = str(tmp_path / 'variant')
     fresh = flags(tiny_dataset, tmp_path, '--seed', '1')
-    command, log = runs.variant_stage(base, fresh)
+    command, log = stage_runner.variant_stage(base, fresh)
     assert command[0] == 'train.py' and '--resume' not in command and log == base + '.log'
     train.main(fresh)
-    assert runs.variant_stage(base, fresh)[0][0] == 'test.py'  # finished, without figures: only its test
-    paths = runs.run_paths(runs.parse_args(fresh))
-    state = runs.read_file(paths.last, 'resume state')
-    runs.atomic_save({**state, 'finished': False}, paths.last)  # as a run stopped part-way leaves it
-    command = runs.variant_stage(base, fresh)[0]
+    assert stage_runner.variant_stage(base, fresh)[0][0] == 'test.py'  # finished, without figures: only its test
+    paths = runs.run_paths(arguments.parse_args(fresh))
+    state = checkpoints.read_file(paths.last, 'resume state')
+    checkpoints.atomic_save({**state, 'finished': False}, paths.last)  # as a run stopped part-way leaves it
+    command = stage_runner.variant_stage(base, fresh)[0]
     assert command[0] == 'train.py' and '--resume' in command
     (tmp_path / 'variant.test.json').write_text('{}')
-    assert runs.variant_stage(base, fresh) is None
+    assert stage_runner.variant_stage(base, fresh) is None

@@ -4,8 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from dataloader import EpisodeSampler, SeededEpisodes, SourceEpisodeSampler, generate_data_loader
-from utils import UserError
+from dataloader import EpisodeSampler, SeededEpisodes, eval_transform, generate_data_loader, open_split, train_transform
+from harness.mixing import SourceEpisodeSampler
+from harness.console import UserError
 from models.glofa import query_targets
 
 
@@ -91,7 +92,7 @@ def test_class_and_image_choice_is_roughly_uniform():
 
 @pytest.mark.parametrize('split, n_way, n_shot, n_query', [('val', 3, 1, 2), ('test', 2, 2, 3), ('train', 3, 2, 1)])
 def test_query_targets_match_loader_labels(tiny_dataset, split, n_way, n_shot, n_query):
-    loader = generate_data_loader(tiny_dataset, split, 4, n_way, n_shot + n_query, n_workers=0, seed=5)
+    loader = generate_data_loader(open_split(tiny_dataset, split, train_transform() if split == 'train' else eval_transform()), 4, n_way, n_shot + n_query, n_workers=0, seed=5)
     targets = query_targets(n_way, n_query)
     assert targets.tolist() == [j % n_way for j in range(n_way * n_query)]
     n_batches = 0
@@ -111,7 +112,7 @@ def test_query_targets_match_loader_labels(tiny_dataset, split, n_way, n_shot, n
 
 
 def test_loader_draws_the_episodes_of_a_sampler_seeded_alike(tiny_dataset):
-    loader = generate_data_loader(tiny_dataset, 'val', 3, 3, 4, n_workers=0, seed=9)
+    loader = generate_data_loader(open_split(tiny_dataset, 'val', eval_transform()), 3, 3, 4, n_workers=0, seed=9)
     sampler = EpisodeSampler(loader.dataset.dataset.labels, 3, 3, 4, generator=torch.Generator().manual_seed(9))
     for (images, labels), episode in zip(loader, sampler):
         assert torch.equal(labels, torch.tensor(loader.dataset.dataset.labels)[episode])

@@ -12,11 +12,12 @@ from PIL import Image
 
 import check_dataset  # scripts/ is on pytest's path (pytest.ini)
 import plot_curves
-import runs
+from harness import checkpoints
+from harness import runs
 import visualize_masks
 from arguments import get_parser, parse_args
-from checkpoints import model_state_dict
-from demo import write_tiered_dataset
+from harness.checkpoints import model_state_dict
+from harness.demo import write_tiered_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')
@@ -519,7 +520,7 @@ def checkpoint_flags(tiny_dataset, tmp_path_factory):
              '--data_path', tiny_dataset, '--save_dir', str(tmp_path_factory.mktemp('saves')), '--device', 'cpu']
     args = parse_args(flags)
     torch.manual_seed(0)
-    model = runs.build_model(args, pretrained=False)
+    model = checkpoints.build_model(args, pretrained=False)
     path = runs.run_paths(args).best
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'state_dict': model_state_dict(model), 'validating_accuracy': 0.5, 'epoch': 1,

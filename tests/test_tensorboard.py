@@ -4,12 +4,11 @@ import os
 import sys
 
 import pytest
-
 import pretrain
 import train
 from arguments import parse_args
 from conftest import exits_with
-from runs import run_name, run_paths
+from harness.runs import run_name, run_paths
 
 pytest.importorskip('tensorboard')
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

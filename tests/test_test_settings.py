@@ -7,15 +7,16 @@ import re
 import numpy as np
 import pytest
 import torch
-
-import evaluation
-import runs
+import dataloader
+from harness import embeddings
+from models import diagnostics
+from harness import runs
 from arguments import parse_args
 import test as test_script
 import train
-from demo import write_colour_dataset
+from harness.demo import write_colour_dataset
 from dataloader import FewShotDataset, eval_transform, open_split
-from evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
+from harness.evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
 
 CPU_OPTIONS = EvalOptions(torch.device('cpu'))
 from models.glofa import GLoFA
@@ -95,8 +96,8 @@ def test_several_settings_equal_single_runs(wide_data, one_shot_run, capsys, tmp
 
 def test_several_settings_encode_the_split_once(wide_data, one_shot_run, capsys, monkeypatch):
     calls = []
-    real = evaluation.encode_split
-    monkeypatch.setattr(evaluation, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = embeddings.encode_split
+    monkeypatch.setattr(embeddings, 'encode_split', lambda *a, **k: calls.append(1) or real(*a, **k))
     path = runs.run_paths(parse_args(flags(wide_data, one_shot_run))).best
     _, out = run_test(flags(wide_data, one_shot_run, '--model_path', path, '--N', '3', '5', '--K', '1', '2',
                             '--eval_mode', 'cached', '--feature_cache', 'off'), capsys)  # none stored: encodes
@@ -148,7 +149,7 @@ def test_diagnostics_equal_in_both_ways(small_test_split):
     off.alphas[:, 0] = 0
     assert off.adaptors_off('task') and not off.adaptors_off('class') and not off.adaptors_off('both')
     assert not off.adaptors_off('none')  # no mask to switch off
-    assert evaluation.adaptors_off_warning(off, 'test', 'task').startswith(
+    assert diagnostics.adaptors_off_warning(off, 'test', 'task').startswith(
         'warning: alpha_task = 0 on all 3 test episodes')
     d = cached.diagnostics()
     assert d['alpha_task_active'] == 1.0 and d['alpha_cls_active'] == 1.0
@@ -160,8 +161,8 @@ def test_diagnostics_are_the_adaptations(small_test_split):
     model = model_with_h_bias(0.3)
     results = run_episodes(model, small_test_split, Episodes(2, 3, 2, 1, torch.Generator().manual_seed(4)),
                            'cached', CPU_OPTIONS)
-    features = evaluation.encode_split(model.encoder, small_test_split, CPU_OPTIONS, desc='')
-    sampler = evaluation.episode_sampler(small_test_split, 2, 3, 3, torch.Generator().manual_seed(4))
+    features = embeddings.encode_split(model.encoder, small_test_split, CPU_OPTIONS, desc='')
+    sampler = dataloader.episode_sampler(small_test_split, 2, 3, 3, torch.Generator().manual_seed(4))
     for i, indices in enumerate(sampler):
         with torch.no_grad():
             a = model.adapt(features[indices][:6], 3, 2)

@@ -5,15 +5,16 @@ import re
 
 import pytest
 import torch
-
-import runs
+from harness import checkpoints
+from harness import runs
+import train
 from arguments import get_parser, parse_args
 
 
 
 @pytest.fixture(scope='module')
 def model():
-    return runs.build_model(parse_args(['--pretrained', 'none']))
+    return checkpoints.build_model(parse_args(['--pretrained', 'none']))
 
 
 def ids(params) -> list[int]:
@@ -22,7 +23,7 @@ def ids(params) -> list[int]:
 
 def test_optimizer_groups(model):
     args = parse_args([])
-    optimizer = runs.build_optimizer(args, model)
+    optimizer = train.build_optimizer(args, model)
     assert isinstance(optimizer, torch.optim.SGD)
     assert len(optimizer.param_groups) == 2
     encoder_group, set_group = optimizer.param_groups
@@ -43,7 +44,7 @@ def test_optimizer_groups(model):
 
 def test_optimizer_follows_the_flags(model):
     args = parse_args(['--lr_network', '0.003', '--lr', '0.07', '--mo', '0.8', '--wd', '0.001'])
-    optimizer = runs.build_optimizer(args, model)
+    optimizer = train.build_optimizer(args, model)
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.003, 0.07])
     assert [g['momentum'] for g in optimizer.param_groups] == pytest.approx([0.8, 0.8])
     assert [g['weight_decay'] for g in optimizer.param_groups] == pytest.approx([0.001, 0.001])
@@ -54,7 +55,7 @@ def test_multistep_schedule_counts_validations():
     weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{'params': [weights[0]], 'lr': args.lr_network},
                                  {'params': [weights[1]], 'lr': args.lr}], lr=args.lr, momentum=0.9, nesterov=True)
-    scheduler = runs.build_scheduler(args, optimizer)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)  # as train.py
     expected = {0: 1e-2, 19: 1e-2, 20: 2e-3, 29: 2e-3, 30: 4e-4, 39: 4e-4, 40: 8e-5, 60: 8e-5}
     for step in range(61):
         if step in expected:
@@ -95,8 +96,7 @@ def test_run_name_encodes_the_flags(tmp_path):
                 ['--delta', '0.3'], ['--network_name', 'convnet'], ['--data_name', 'other'],
                 ['--adaptor', 'task'], ['--adaptor', 'none'], ['--seed', '3'], ['--n_training_episodes', '5000'],
                 ['--episode_gap', '100'], ['--n_validating_episodes', '50'], ['--wd', '0.001'], ['--mo', '0.8'],
-                ['--pretrained', 'other.pth'], ['--data_path', 'datasets/mini_imagenet2'],
-                ['--data_path', str(tmp_path / 'mini_imagenet')]]
+                ['--pretrained', 'other.pth'], ['--data_path', 'datasets/mini_imagenet2']]
     names = {name}
     for extra in variants:
         other = runs.run_name(parse_args(base + extra))
@@ -111,6 +111,25 @@ def test_run_name_encodes_the_flags(tmp_path):
     assert runs.run_name(parse_args(base + same)) == name
     assert re.fullmatch(r'mini_imagenet-resnet-glofa-N5-K1-seed960402-[0-9a-f]{8}', name), name
     assert runs.run_name(parse_args(base + ['--adaptor', 'task'])).startswith('mini_imagenet-resnet-glofa-task-N5-K1')
+
+
+def test_data_and_weights_enter_the_name_by_content(tmp_path):
+    def split_files(root, rows):
+        os.makedirs(root / 'split')
+        for split in ('train', 'val', 'test'):
+            (root / 'split' / f'{split}.csv').write_text('filename,label\n' + rows)
+    split_files(tmp_path / 'here' / 'mini', 'a.jpg,n1\n')
+    split_files(tmp_path / 'moved' / 'mini', 'a.jpg,n1\n')  # the same dataset, somewhere else
+    split_files(tmp_path / 'other' / 'mini', 'b.jpg,n1\n')  # another dataset of the same folder name
+    name = {where: runs.run_name(parse_args(['--data_path', str(tmp_path / where / 'mini'), '--pretrained', 'none']))
+            for where in ('here', 'moved', 'other')}
+    assert name['here'] == name['moved'] != name['other']
+    for folder, content in (('a', b'one'), ('b', b'two'), ('c', b'one')):  # three files called weights.pth
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / 'weights.pth').write_bytes(content)
+    weights = {folder: runs.run_name(parse_args(['--pretrained', str(tmp_path / folder / 'weights.pth')]))
+               for folder in 'abc'}
+    assert weights['a'] == weights['c'] != weights['b']
 
 
 def test_run_paths_lie_under_save_dir(tmp_path):
@@ -128,7 +147,7 @@ def test_freeze_encoder_keeps_every_encoder_tensor_and_lr_network_0_does_not(tin
     """--freeze_encoder: weights and BatchNorm's running statistics as pretrained, the head trained; with
     --lr_network 0 the weights stay but the running statistics move (train-mode BatchNorm)."""
     import train
-    from checkpoints import atomic_save
+    from harness.checkpoints import atomic_save
     from conftest import exits_with, tiny_run_flags
     from networks import build_encoder
     torch.manual_seed(0)

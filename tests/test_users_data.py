@@ -7,15 +7,15 @@ import time
 
 import pytest
 import torch
-
 import pretrain
-import runs
+from harness import checkpoints
+from harness import runs
 import test as test_script
 import train
 from arguments import parse_args
-from checkpoints import atomic_save, model_state_dict
+from harness.checkpoints import atomic_save, model_state_dict
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
-from demo import write_pickled_dataset
+from harness.demo import write_pickled_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # from scripts/ (pytest.ini puts it on the path)
@@ -47,7 +47,7 @@ def test_the_demo_never_writes_into_a_users_dataset(data, tmp_path, capsys, entr
 
 
 def test_the_demo_writes_into_an_empty_or_its_own_folder(tmp_path):
-    from demo import demo_owns, generate_demo_dataset, refuse_unowned
+    from harness.demo import demo_owns, generate_demo_dataset, refuse_unowned
     empty = tmp_path / 'empty'
     empty.mkdir()
     assert demo_owns(str(empty)) and demo_owns(str(tmp_path / 'new'))
@@ -74,7 +74,7 @@ def test_the_demo_in_a_read_only_folder_is_one_line(read_only, capsys, monkeypat
 
 @pytest.mark.parametrize('form', ['pickled', 'compressed npz'])
 def test_a_read_only_root_with_an_unwritable_cache_is_one_line(form, tmp_path, read_only, monkeypatch, capsys):
-    from demo import write_tiered_dataset
+    from harness.demo import write_tiered_dataset
     root = tmp_path / 'root'
     if form == 'pickled':
         write_pickled_dataset(str(root), 'metaoptnet')
@@ -84,7 +84,7 @@ def test_a_read_only_root_with_an_unwritable_cache_is_one_line(form, tmp_path, r
     monkeypatch.setattr(os, 'access', lambda path, mode, real=os.access: False if str(path) == str(root)
                         else real(path, mode))  # root ignores permission bits: the folder reads as read-only
     monkeypatch.setenv('GLOFA_CACHE', str(read_only / 'cache'))
-    model = runs.build_model(parse_args(flags(root, tmp_path)), pretrained=False)
+    model = checkpoints.build_model(parse_args(flags(root, tmp_path)), pretrained=False)
     atomic_save({'state_dict': model_state_dict(model)}, str(tmp_path / 'x.model'))
     line = exits_with(test_script.main, flags(root, tmp_path, '--model_path', str(tmp_path / 'x.model')), capsys)
     assert str(read_only / 'cache') in line and 'GLOFA_CACHE' in line
@@ -144,7 +144,7 @@ def test_protonet_on_an_untrained_encoder_is_evaluated(data, tmp_path, capsys):
 
 def test_a_checkpoint_trained_elsewhere_is_not_called_unfinished(data, tmp_path, capsys):
     args = parse_args(flags(data, tmp_path))
-    model = runs.build_model(args, pretrained=False)
+    model = checkpoints.build_model(args, pretrained=False)
     atomic_save({'state_dict': model_state_dict(model)}, str(tmp_path / 'x.model'))
     test_script.main(flags(data, tmp_path, '--model_path', str(tmp_path / 'x.model')))
     assert 'unfinished' not in capsys.readouterr().out
@@ -169,14 +169,14 @@ def test_reproduce_says_how_far_it_got_when_interrupted(tmp_path, monkeypatch, c
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(monkeypatch):
     import io
-    import utils
+    from harness import console
     stream = io.StringIO()  # not a terminal, as a log file or a cluster job's output
     monkeypatch.setattr(sys, 'stderr', stream)
-    monkeypatch.setattr(utils, 'PLAIN_PROGRESS_INTERVAL', 0.1)
-    for _ in utils.progress(range(10), desc='quick'):  # ends before the first interval: says nothing
+    monkeypatch.setattr(console, 'PLAIN_PROGRESS_INTERVAL', 0.1)
+    for _ in console.progress(range(10), desc='quick'):  # ends before the first interval: says nothing
         pass
     assert stream.getvalue() == ''
-    for _ in utils.progress(range(500), desc='work'):  # about 0.6 s
+    for _ in console.progress(range(500), desc='work'):  # about 0.6 s
         time.sleep(0.001)
     text = stream.getvalue()
     assert '\r' not in text and 2 <= text.count('\n') < 20  # a line per interval, not one per refresh

@@ -1,4 +1,4 @@
-"""On a CUDA machine, check and time in one command what the CPU cannot: python scripts/gpu_check.py [--json gpu.json]
+"""On a CUDA machine, check and time in one command what the CPU cannot: python scripts/dev/gpu_check.py [--json gpu.json]
 
 (1) GLoFA, ProtoNet and FEAT on ResNet-12 (dropout off, BatchNorm in training mode): logits and every
     gradient of the training loss (FEAT's regulariser included) on CUDA against the CPU in float32 with
@@ -9,7 +9,7 @@
 (3) pretrain.py under torchrun on every GPU present (and on one GPU when there are several), plain
     and with --amp --channels_last: exit code, one output file, seconds per step of the last epoch,
     and the projected time of the default pretraining (100 epochs of 300 steps);
-(4) scripts/benchmark.py's sections evaluation, head and training on CUDA for ResNet-12, 5-way 1-shot
+(4) scripts/dev/benchmark.py's sections evaluation, head and training on CUDA for ResNet-12, 5-way 1-shot
     (cached vs episodic, the head one episode at a time vs many at once, --channels_last and --amp), in
     the benchmark's own table.
 Data in the real on-disk format is generated in a temporary folder. Prints a table; --json PATH writes
@@ -31,22 +31,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/
 ROOT = os.path.dirname(SCRIPTS)
 for folder in (ROOT, SCRIPTS):
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
-import runs  # noqa: E402
+from harness import runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from demo import write_colour_dataset  # noqa: E402
+from harness.demo import write_colour_dataset  # noqa: E402
 import benchmark  # noqa: E402
 from models.feat import FEAT  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
-from utils import check_output, exits_cleanly, write_json  # noqa: E402
+from harness.console import exits_cleanly  # noqa: E402
+from harness.files import check_output, write_json  # noqa: E402
 
 TOLERANCE = 1e-3
 FULL_PRETRAINING_STEPS = 100 * 300  # pretrain.py's defaults on mini-ImageNet: 100 epochs of 38400 / 128 steps
@@ -86,7 +87,7 @@ def check_cuda_against_cpu(network: str, device: torch.device, model_name: str) 
     for where in (torch.device('cpu'), device):
         copy_ = copy.deepcopy(model).to(where).train()
         features = copy_.encode(images.to(where))
-        logits = copy_.logits_from_embeddings(features, 5, 1)  # (75, 5)
+        logits = copy_.episode(features, 5, 1)[0]  # (75, 5)
         loss = F.cross_entropy(logits, query_targets(5, 15, where))
         auxiliary = copy_.auxiliary_loss(features, 5, 1)
         (loss if auxiliary is None else loss + auxiliary).backward()

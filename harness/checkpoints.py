@@ -1,4 +1,4 @@
-"""Reading and writing weights: atomic saves, strict loading with one-line errors."""
+"""Weights: atomic saves, strict loading with one-line errors, and a model built from its flags and weights."""
 import hashlib
 import io
 import os
@@ -7,11 +7,28 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from utils import UserError, atomic_write
+from harness.console import UserError
+from harness.files import atomic_write
+from models import FewShotModel, model_on
+from networks import NETWORKS, build_encoder
+
 
 # BLAKE2b of the bytes each file was read from, by real path: what this process loaded, even if the file
 # has been replaced since (a stored embedding is keyed by the weights that made it)
 LOADED_DIGESTS: dict = {}
+
+
+def weights_digest(path: str) -> str:
+    """The digest of a weights file's bytes as this process loaded them (``LOADED_DIGESTS``), else as they are
+    now: what stored embeddings and run names know weights by, whatever the file is called."""
+    loaded = LOADED_DIGESTS.get(os.path.realpath(path))
+    if loaded is not None:
+        return loaded
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -162,9 +179,34 @@ def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = 
     return record
 
 
-def saved_forward_count(record: dict) -> int:
-    """The encoder's forward-pass count in a 'last' state: ``forward_count``, or, in states written
-    before it, the per-block ``forward_counters`` (equal, since every pass runs every block)."""
-    if 'forward_count' in record:
-        return int(record['forward_count'])
-    return int(max(record.get('forward_counters') or [0]))
+FEAT_WEIGHTS = {'resnet': 'Res12-pre.pth', 'convnet': 'con-pre.pth'}
+
+
+# ------------------------------------------------------------------ model
+def build_model(args, pretrained: bool = True) -> FewShotModel:
+    """--model_name on the chosen encoder; with ``pretrained``, the encoder starts from --pretrained."""
+    encoder = build_encoder(args.network_name)
+    if pretrained and args.pretrained.lower() != 'none':
+        if not os.path.isfile(args.pretrained):
+            raise UserError(f'pretrained weights {args.pretrained} not found: download FEAT\'s '
+                            f'{FEAT_WEIGHTS[args.network_name]} (github.com/Sha-Lab/FEAT) and pass --pretrained PATH, '
+                            f'or use --pretrained none to train from scratch')
+        n = load_encoder_weights(encoder, args.pretrained, args.network_name)
+        print(f'loaded {n} encoder tensors from {args.pretrained}')
+    return model_on(args, encoder, encoder.out_dim)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str, network_name: str) -> int:
+    """load_pretrained, and for a file that does not fit: the --network_name it does fit, when there is one."""
+    try:
+        return load_pretrained(encoder, path)
+    except UserError:
+        for other in NETWORKS:
+            if other != network_name:
+                try:
+                    load_pretrained(build_encoder(other), path)
+                except UserError:
+                    continue
+                raise UserError(f'pretrained weights {path} hold a {other} encoder, not a {network_name} one: pass '
+                                f'--network_name {other}') from None
+        raise

@@ -1,6 +1,6 @@
 """Speed: two ways of the same work, timed side by side in one process, in one table.
 
-    python scripts/benchmark.py [SECTION ...] [--network convnet|resnet] [--device all|cpu|cuda] [--json PATH]
+    python scripts/dev/benchmark.py [SECTION ...] [--network convnet|resnet] [--device all|cpu|cuda] [--json PATH]
 
 Sections (none named: the quick set, evaluation loading training settings):
   evaluation  cached vs episodic evaluation at mini-ImageNet's test proportions (10000 episodes of N*(K+15)
@@ -45,24 +45,56 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import distributed  # noqa: E402
-import runs  # noqa: E402
-from arguments import default_workers, parse_args, parse_pretrain_args  # noqa: E402
-from dataloader import (SPLITS, FewShotDataset, LabelledSplit, TieredDataset, eval_transform,  # noqa: E402
-                        generate_data_loader, ignore_interrupts, open_split)
-from demo import PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split  # noqa: E402
-from evaluation import Episodes, EvalOptions, SplitFeatures, choose_eval_mode, episode_batch_size, run_episodes  # noqa: E402
-from models.classifier import EncoderClassifier, build_optimizer, classification_loss  # noqa: E402
+from harness import distributed  # noqa: E402
+from harness import checkpoints  # noqa: E402
+from harness import runs  # noqa: E402
+from harness import stages  # noqa: E402
+import train  # noqa: E402
+from arguments import default_workers, parse_args  # noqa: E402
+from pretrain import parse_pretrain_args  # noqa: E402
+from dataloader import FewShotDataset, SPLITS, eval_transform, generate_data_loader, ignore_interrupts, open_split, train_transform  # noqa: E402
+from harness.forms import TieredDataset  # noqa: E402
+from harness.demo import PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split  # noqa: E402
+from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
+from harness.evaluation import Episodes, EvalOptions, SplitFeatures, choose_eval_mode, run_episodes  # noqa: E402
+from models.classifier import EncoderClassifier  # noqa: E402
+from pretrain import build_optimizer, classification_loss  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
-from pickles import CONVERTED, convert_split  # noqa: E402
-from checkpoints import atomic_save, model_state_dict  # noqa: E402
-from utils import (accuracy_line, autocast, backward_and_step, check_output, exits_cleanly, keep_freed_memory,  # noqa: E402
-                   select_device, write_json)
+from harness.forms import CONVERTED, convert_split  # noqa: E402
+from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
+from harness.console import exits_cleanly  # noqa: E402
+from harness.device import autocast, keep_freed_memory, place_model, select_device  # noqa: E402
+from harness.evaluation import accuracy_line  # noqa: E402
+from harness.files import check_output, write_json  # noqa: E402
+
+
+class Labels:
+    """A split known by its labels alone (all the episode sampler reads), for embeddings made in memory."""
+
+    def __init__(self, labels, class_names):
+        self.labels, self.class_names = list(labels), list(class_names)
+        self.split, self.location, self.source_names = 'test', 'embeddings in memory', ['memory']
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def given(embeddings: torch.Tensor) -> SplitFeatures:
+    """Embeddings computed elsewhere, (n_images, d) in the split's order, as the cached way takes them."""
+    features = SplitFeatures(torch.nn.Identity(), None, None)
+    features.features = embeddings
+    return features
+
+
+def backward_and_step(loss, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
 MIB, GIB = 2 ** 20, 2 ** 30
@@ -116,7 +148,7 @@ def model_and_args(opts, root: str, device: torch.device):
     args = parse_args(['--data_path', root, '--network_name', opts.network, '--pretrained', 'none', '--N', '5',
                        '--K', str(opts.K), '--n_workers', str(opts.n_workers)])
     torch.manual_seed(0)
-    return runs.place_model(runs.build_model(args, pretrained=False), args, device), args
+    return place_model(checkpoints.build_model(args, pretrained=False), args, device), args
 
 
 # ------------------------------------------------------------------ evaluation, head, loading, training
@@ -143,7 +175,7 @@ def evaluation(opts, device: torch.device, work: str) -> list[Row]:
 def head(opts, device: torch.device, work: str) -> list[Row]:
     d, rows = 640, []
     labels = torch.arange(20).repeat_interleave(FULL_IMAGES // 20)  # mini-ImageNet's test split: 20 classes of 600
-    split = LabelledSplit(labels.tolist(), [f'n{c:08d}' for c in range(20)])
+    split = Labels(labels.tolist(), [f'n{c:08d}' for c in range(20)])
     g = torch.Generator().manual_seed(0)
     embeddings = (torch.randn(20, d, generator=g).relu()[labels] + 2.5 * torch.randn(len(split), d, generator=g)).relu()
     embeddings = embeddings.to(device)
@@ -163,7 +195,7 @@ def head(opts, device: torch.device, work: str) -> list[Row]:
         for label, episode_batch in (('--episode_batch 1', 1), ('auto', 0)):  # the test's head work, encoding given
             episodes = Episodes(opts.full_episodes, 5, k, 15, torch.Generator().manual_seed(1))
             results[label] = timed(lambda: run_episodes(model, split, episodes, 'cached', EvalOptions(
-                device, episode_batch=episode_batch), SplitFeatures.given(embeddings), desc=label), device)
+                device, episode_batch=episode_batch), given(embeddings), desc=label), device)
         (one, a), (auto, b) = results.values()
         rows.append(Row('head', f'{device.type} 5-way {k}-shot, a cached test of {opts.full_episodes} episodes, '
                         f'encoding excluded', '--episode_batch 1', one, 'auto', auto,
@@ -174,8 +206,8 @@ def head(opts, device: torch.device, work: str) -> list[Row]:
 def loading(opts, device: torch.device, work: str) -> list[Row]:
     root, speed = shrunk_split(opts, work), {}
     for workers in (0, opts.n_workers):
-        loader = generate_data_loader(root, 'train', opts.loader_episodes, 5, opts.K + 15, n_workers=workers,
-                                      pin_memory=device.type == 'cuda')
+        loader = generate_data_loader(open_split(root, 'train', train_transform()), opts.loader_episodes, 5, opts.K + 15,
+                                      n_workers=workers, pin_memory=device.type == 'cuda')
         batches = iter(loader)
         next(batches)  # workers' start-up is not counted
         seconds, count = timed(lambda: sum(1 for _ in batches))
@@ -187,14 +219,14 @@ def loading(opts, device: torch.device, work: str) -> list[Row]:
 def training(opts, device: torch.device, work: str) -> list[Row]:
     root = shrunk_split(opts, work)
     model, args = model_and_args(opts, root, device)
-    optimizer = runs.build_optimizer(args, model)
+    optimizer = train.build_optimizer(args, model)
     targets = query_targets(5, 15, device)
-    loader = generate_data_loader(root, 'train', opts.train_episodes + 1, 5, opts.K + 15, n_workers=opts.n_workers,
-                                  pin_memory=device.type == 'cuda')
+    loader = generate_data_loader(open_split(root, 'train', train_transform()), opts.train_episodes + 1, 5, opts.K + 15,
+                                  n_workers=opts.n_workers, pin_memory=device.type == 'cuda')
 
     def step(images, amp=False):
         with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True), 5, opts.K)
+            logits = model.episode(model.encode(images.to(device, non_blocking=True)), 5, opts.K)[0]
         backward_and_step(torch.nn.functional.cross_entropy(logits.float(), targets), optimizer)
 
     def per_episode(images, amp=False) -> float:
@@ -371,7 +403,7 @@ def pretrain(opts, device: torch.device, work: str) -> list[Row]:
         env = dict(os.environ)
         if processes > 1:
             command = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), *command]
-            env['OMP_NUM_THREADS'] = str(runs.threads_per_job(processes))
+            env['OMP_NUM_THREADS'] = str(stages.threads_per_job(processes))
         figures[processes] = worker_result(command, f'pretrain ({processes} process(es))', env)
     one, several = figures[1], figures[opts.processes]
     return [Row('pretrain', f'{device.type} {opts.network}, seconds per step of {opts.batch_size} images (100 epochs '
@@ -426,7 +458,7 @@ def timed_test(args, settings: list[tuple[int, int]], n_episodes: int, eval_mode
     start, lines = time.perf_counter(), []
     dataset = open_split(runs.data_path(args), 'test', eval_transform())
     torch.manual_seed(0)
-    model = runs.build_model(args, pretrained=False).eval()
+    model = checkpoints.build_model(args, pretrained=False).eval()
     options = EvalOptions(torch.device('cpu'), args.n_workers)
     features = SplitFeatures(model.encoder, dataset, options)  # shared by the settings, as in test.py
     for n, k in settings:
@@ -458,7 +490,7 @@ def cache(opts, device: torch.device, work: str) -> list[Row]:
     args = parse_args(['--data_path', data, '--network_name', opts.network, '--pretrained', 'none'])
     torch.manual_seed(0)
     checkpoint = os.path.join(work, f'random-{opts.network}.model')
-    atomic_save({'state_dict': model_state_dict(runs.build_model(args, pretrained=False))}, checkpoint)
+    atomic_save({'state_dict': model_state_dict(checkpoints.build_model(args, pretrained=False))}, checkpoint)
     figures, seconds = {}, {}
     for call, extra in (('first', []), ('second', []), ('off', ['--feature_cache', 'off'])):
         out = os.path.join(work, f'{call}.json')
@@ -480,7 +512,7 @@ def cache(opts, device: torch.device, work: str) -> list[Row]:
             info = os.stat(path)
             digest.update(f'{path}:{info.st_size}:{info.st_mtime_ns};'.encode())
         return digest.hexdigest()
-    by_content, _ = timed(split.stamp)  # the page cache is warm for both: the second test.py's case
+    by_content, _ = timed(lambda: content_digest(split.files()))  # the page cache is warm for both: the second test.py's case
     by_times, _ = timed(sizes_and_times)
     return [Row('cache', what, 'first call (encodes, stores)', seconds['first'], 'second call (reuses)',
                 seconds['second'], same=same),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils import ProcessError, UserError
+from harness.console import ProcessError, UserError
 
 ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
 

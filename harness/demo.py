@@ -34,8 +34,8 @@ Families (texture, shape, band of hues) are never shared between splits.
 import argparse
 import colorsys
 import csv
-import json
 import io
+import json
 import math
 import os
 import pickle
@@ -46,6 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+from harness.console import UserError
 
 DEMO_SPLITS: Dict[str, int] = {'train': 20, 'val': 8, 'test': 10}
 
@@ -365,7 +366,7 @@ def write_pickled_split(root: str, form: str, split: str, images: np.ndarray, na
     - 'tiered_png': {split}_images_png.pkl, a list of PNG-encoded images (uint8 1-d arrays), and
       {split}_labels.pkl with 'label_specific', 'label_general' and their '_str' names.
     Pickled with protocol 2, as Python 2 could read them."""
-    from pickles import SPLIT_FILES
+    from harness.forms import SPLIT_FILES
     os.makedirs(root, exist_ok=True)
     classes = list(dict.fromkeys(names))
     if form == 'metaoptnet':
@@ -549,6 +550,30 @@ def main(argv: Optional[List[str]] = None) -> None:
         generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)
     except (ValueError, OSError) as error:
         parser.exit(2, f'error: {error}\n')
+
+
+def prepare_demo(args) -> None:
+    """Generate the built-in demo data once (deterministic), where --data_path points: one root for
+    --demo, two (coarse, then fine) for --demo mixed. A folder that is neither empty nor the demo's is
+    refused before anything is written (a user's dataset given by mistake stays as it was)."""
+    from harness.runs import data_path
+    roots = data_path(args)
+    wanted = 2 if args.demo == 'mixed' else 1
+    if len(roots) != wanted:
+        raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '
+                        f'COARSE FINE (got {len(roots)} root{"s" if len(roots) > 1 else ""})' if wanted == 2 else
+                        f'--demo writes one root, got {len(roots)} in --data_path (--demo mixed writes two)')
+    try:
+        refuse_unowned(roots)
+    except ValueError as error:
+        raise UserError(f'{error} with --data_path, or drop --demo to use the dataset that is there') from None
+    for root, generate in zip(roots, (generate_demo_dataset, generate_fine_dataset)):
+        try:
+            generate(root)
+        except OSError as error:
+            raise UserError(f'the demo data cannot be written to {root} ({error.strerror or error}'
+                            f'{f": {error.filename}" if error.filename else ""}): run from a folder you can write '
+                            f'to, or give --data_path a writable folder') from None
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
-"""Pickled dataset files: read with an unpickler that runs no code, and the pickled forms of
-mini-ImageNet and tiered-ImageNet converted once into the array layout that ``TieredDataset`` maps.
+"""The data forms other than the folder one, read when the data is in them: tiered-ImageNet's arrays
+({split}_images.npz, {split}_labels.pkl), memory-mapped, and pickled forms converted once to that layout.
 
-The forms, by the files in a root (each split converted when it is first opened, with a progress bar):
+Pickles are read with an unpickler that runs no code. The forms, by the files in a root (each split converted when it is first opened, with a progress bar):
 - MetaOptNet / rfs: ``miniImageNet_category_split_{train_phase_train,val,test}.pickle``, each a dict
   with ``data`` (uint8, n x 84 x 84 x 3), ``labels`` (ints) and ``catname2label`` ({name: label});
   ``train_phase_val`` and ``train_phase_test`` hold other images of the train classes and are not read.
@@ -19,14 +19,210 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import zipfile
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
-from utils import progress
 
-from utils import UserError, atomic_write, too_large
+from dataloader import SPLITS, SplitDataset, eval_transform, missing_root_message, too_large
+from harness.console import UserError, progress
+from harness.files import atomic_write
+
+
+LABEL_KEYS = ('labels', 'label_specific')  # tiered-ImageNet pickles: FEAT's key, then Ren et al.'s
+
+
+# ------------------------------------------------------------------ tiered-ImageNet files
+def tiered_paths(root: str, split: str) -> tuple[str, str]:
+    """(images, labels) files of a split in tiered-ImageNet's format: {split}_images.npz, {split}_labels.pkl."""
+    return os.path.join(root, f'{split}_images.npz'), os.path.join(root, f'{split}_labels.pkl')
+
+
+def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
+    """Integer labels numbered in order of first appearance, and the class names (the values as text)."""
+    labels, class_names, index = [], [], {}
+    for value in values:
+        if value not in index:
+            index[value] = len(class_names)
+            class_names.append(value.decode('latin1') if isinstance(value, bytes) else str(value))
+        labels.append(index[value])
+    return labels, class_names
+
+
+def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
+    """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
+    label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
+    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer
+    labels, class names in order of first appearance)."""
+    if not os.path.isfile(pkl_path):
+        raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')
+    record = safe_load(pkl_path, 'label file')
+    keys = [k for k in LABEL_KEYS if isinstance(record, dict) and k in record]
+    if not keys:
+        what = f'keys {sorted(map(str, record))}' if isinstance(record, dict) else f'a {type(record).__name__}'
+        raise UserError(f"label file {pkl_path} holds {what}, expected a dict with 'labels' (one label per image)")
+    values = record[keys[0]]
+    values = values.ravel().tolist() if isinstance(values, np.ndarray) else list(values)
+    return number_labels(values)
+
+
+class ArrayInfo(NamedTuple):
+    """Where an .npy array lies inside an .npz file."""
+    shape: tuple
+    dtype: np.dtype
+    fortran_order: bool
+    compressed: bool
+    member_size: int  # bytes of the whole .npy member, header included, uncompressed
+    header_size: int  # bytes of the .npy header
+    offset: int       # position of the .npy member in the .npz file (meaningful for stored members)
+
+
+def read_npy_header(f: BinaryIO, path: str) -> tuple[tuple, np.dtype, bool]:
+    """(shape, dtype, fortran order) from the header of an .npy stream positioned at its start."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except ValueError as error:
+        raise UserError(f'{path} does not hold an .npy array ({error})') from None
+    return shape, dtype, fortran_order
+
+
+def npz_array_info(npz_path: str, key: str = 'images') -> ArrayInfo:
+    """Shape, dtype and position of array ``key`` inside an .npz file, reading only its header."""
+    if not os.path.isfile(npz_path):
+        raise UserError(f'image file {npz_path} not found (expected an .npz whose {key!r} has shape (n, 84, 84, 3))')
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            try:
+                member = archive.getinfo(f'{key}.npy')
+            except KeyError:
+                names = ', '.join(n[:-4] if n.endswith('.npy') else n for n in archive.namelist())
+                raise UserError(f'{npz_path} has no array {key!r} (it holds: {names or "nothing"})') from None
+            with archive.open(member) as f:
+                shape, dtype, fortran_order = read_npy_header(f, npz_path)
+                header_size = f.tell()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f'{npz_path} is not a readable .npz file ({type(error).__name__}: {error})') from None
+    with open(npz_path, 'rb') as f:  # the stored member starts after its local header
+        f.seek(member.header_offset)
+        local = f.read(30)
+    name_length, extra_length = struct.unpack('<HH', local[26:30])
+    return ArrayInfo(tuple(shape), dtype, fortran_order, member.compress_type != zipfile.ZIP_STORED,
+                     member.file_size, header_size, member.header_offset + 30 + name_length + extra_length)
+
+
+def is_writable(folder: str) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
+    """Path of an uncompressed .npy copy of a compressed .npz member, written once (with a progress
+    bar) beside the .npz, or under ``cache_dir()`` when that folder is read-only."""
+    folder = os.path.dirname(os.path.abspath(npz_path))
+    name = os.path.splitext(os.path.basename(npz_path))[0] + '.npy'
+    if not is_writable(folder):
+        digest = hashlib.sha1(os.path.abspath(npz_path).encode()).hexdigest()[:12]
+        folder = cache_folder(os.path.join(cache_dir(), 'tiered', digest), npz_path)
+    target = os.path.join(folder, name)
+    if os.path.isfile(target) and os.path.getsize(target) == info.member_size \
+            and os.path.getmtime(target) >= os.path.getmtime(npz_path):
+        with open(target, 'rb') as f:
+            if read_npy_header(f, target) == (info.shape, info.dtype, info.fortran_order):
+                return target
+    free = shutil.disk_usage(folder).free
+    if free < info.member_size:
+        raise UserError(f'{npz_path} is compressed and its uncompressed copy needs {info.member_size / 2 ** 30:.1f} GiB '
+                        f'in {folder}, which has {free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to another folder)')
+    print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
+
+    def copy(out) -> None:
+        with zipfile.ZipFile(npz_path) as archive, archive.open(f'{key}.npy') as source, \
+                progress(total=info.member_size, unit='B', unit_scale=True, desc=f'decompressing {os.path.basename(npz_path)}',
+                         leave=False) as bar:
+            while chunk := source.read(1 << 24):
+                out.write(chunk)
+                bar.update(len(chunk))
+    atomic_write(target, copy)
+    return target
+
+
+class TieredDataset(SplitDataset):
+    """tiered-ImageNet as FEAT reads it: ``{split}_images.npz`` (array ``images``, uint8, (n, 84, 84, 3))
+    and ``{split}_labels.pkl`` (a dict whose ``labels`` holds one label per image).
+
+    The pixels are memory-mapped, never loaded: straight from the .npz when its member is stored
+    (np.savez), else from an uncompressed .npy copy written once (np.savez_compressed). Each
+    process opens its own map on first use, and pickling leaves it out, so loader workers share
+    the operating system's page cache instead of holding copies.
+    """
+
+    def __init__(self, root: str, split: str, transform: Optional[Callable] = None):
+        if not os.path.isdir(root):
+            raise UserError(missing_root_message(root))
+        self.root, self.split = root, split
+        self.images_path, self.labels_path = tiered_paths(root, split)
+        self.location = self.labels_path
+        self.transform = transform if transform is not None else eval_transform()
+        self.labels, self.class_names = read_tiered_labels(self.labels_path)
+        info = npz_array_info(self.images_path, 'images')
+        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != np.uint8:
+            raise UserError(f"{self.images_path}: 'images' is {info.dtype} of shape {info.shape}, "
+                            f'expected uint8 of shape (n, height, width, 3)')
+        if info.shape[0] != len(self.labels):
+            raise UserError(f'{self.labels_path} lists {len(self.labels)} labels but {self.images_path} '
+                            f'holds {info.shape[0]} images')
+        self.shape, self.dtype, self.fortran_order = info.shape, info.dtype, info.fortran_order
+        if info.compressed:
+            self.array_path = uncompressed_copy(self.images_path, 'images', info)
+            self.array_offset = info.header_size
+        else:
+            self.array_path, self.array_offset = self.images_path, info.offset + info.header_size
+        self._images = None
+
+    @property
+    def images(self) -> np.memmap:
+        """(n, H, W, 3) uint8, memory-mapped read-only; opened on first use in each process."""
+        if self._images is None:
+            self._images = np.memmap(self.array_path, dtype=self.dtype, mode='r', offset=self.array_offset,
+                                     shape=self.shape, order='F' if self.fortran_order else 'C')
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state['_images'] = None  # a worker maps the file itself
+        return state
+
+    def files(self) -> list[str]:
+        return [self.images_path, self.labels_path]
+
+    def load_image(self, i: int) -> Image.Image:
+        return Image.fromarray(np.array(self.images[i]))
+
+
+def other_form(root: str) -> str:
+    """The form of a root without images/ or split/: a pickled one ('metaoptnet', 'learn2learn', 'tiered_png'),
+    'tiered' when it holds {split}_images.npz or {split}_labels.pkl files; a UserError otherwise."""
+    form = pickled_form(root)
+    if form:
+        return form
+    if any(os.path.isfile(path) for split in SPLITS for path in tiered_paths(root, split)):
+        return 'tiered'
+    raise UserError(f'no dataset recognised in {root}: expected images/ and split/{{train,val,test}}.csv '
+                    f'(mini-ImageNet, CUB), {{train,val,test}}_images.npz with {{train,val,test}}_labels.pkl '
+                    f'(tiered-ImageNet), or the pickles of MetaOptNet, learn2learn or Ren et al. (docs/datasets.md)')
+
+
+def open_form(form: str, root: str, split: str, transform: Optional[Callable] = None) -> TieredDataset:
+    """A split of ``root`` in ``form`` (``other_form``); a pickled form is converted once to the array layout."""
+    if form == 'tiered':
+        return TieredDataset(root, split, transform)
+    dataset = TieredDataset(convert_split(root, split), split, transform)
+    dataset.root, dataset.location = root, source_file(root, form, split)
+    return dataset
+
 
 # what a pickle of plain containers, numbers, strings and numpy arrays needs (Python 2's and 3's)
 SAFE_GLOBALS = {

@@ -1,0 +1,291 @@
+"""Few-shot evaluation: per-episode accuracies of a model on a split's episodes, and their report.
+
+Two ways give the same answers: 'episodic' encodes every episode's images, as the reference does; 'cached'
+encodes each image of the split once (``SplitFeatures``) and runs only the model's head, on many episodes at
+once. ``split_episodes`` draws the episodes and chooses the way (--eval_mode), ``run_episodes`` evaluates them.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dataloader import episode_loader, episode_sampler, iterate
+from harness.checkpoints import weights_digest
+from harness.console import UserError, progress
+from harness.device import autocast, to_device
+from harness.files import write_json
+from models import FewShotModel
+from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line
+from models.glofa import query_targets
+from networks import advance_forward_count
+
+
+MODES = ('auto', 'cached', 'episodic')
+
+
+def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episode: int) -> str:
+    """'auto': cached when encoding the split once costs fewer images than encoding every episode."""
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if mode != 'auto':
+        return mode
+    return 'cached' if n_images < n_episodes * images_per_episode else 'episodic'
+
+
+def split_episodes(args, dataset, generator: torch.Generator, n_episodes: int, n_way: int,
+                   n_shot: int) -> tuple['Episodes', str]:
+    """A split's N-way K-shot episodes (--Q queries, --task_mix) drawn from ``generator``, and the way
+    --eval_mode chooses for them: what every entry point evaluates."""
+    episodes = Episodes(n_episodes, n_way, n_shot, args.Q, generator, args.task_mix)
+    return episodes, choose_eval_mode(args.eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
+
+
+def describe_eval_mode(args, drawn: tuple['Episodes', str], n_images: int) -> str:
+    """'cached evaluation (auto: the split's 12000 images once, not 10000 episodes x 80 images)' for the episodes
+    and way ``split_episodes`` returned."""
+    episodes, chosen = drawn
+    how = 'auto' if args.eval_mode == 'auto' else 'forced by --eval_mode'
+    once, each = f"the split's {n_images} images once", f'{episodes.n_episodes} episodes x {episodes.images_per_episode} images'
+    reason = f'{once}, not {each}' if chosen == 'cached' else f'{each}, not {once}'
+    return f'{chosen} evaluation ({how}: {reason})'
+
+
+@dataclass
+class EvalOptions:
+    """How evaluation runs: none of these changes a result."""
+    device: torch.device
+    n_workers: int = 0           # loader workers
+    amp: bool = False            # CUDA autocast
+    channels_last: bool = False  # encoder memory format
+    episode_batch: int = 0       # cached way: episodes computed at once; 0 chooses by memory
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> 'EvalOptions':
+        return cls(device, args.n_workers, args.amp, args.channels_last, args.episode_batch)
+
+
+@dataclass
+class Episodes:
+    """Which episodes are evaluated: ``n_episodes`` N-way K-shot Q-query tasks drawn from ``generator``."""
+    n_episodes: int
+    n_way: int
+    n_shot: int
+    n_query: int
+    generator: Optional[torch.Generator] = None
+    task_mix: str = 'class'  # several roots: see dataloader.episode_sampler
+
+    @property
+    def images_per_episode(self) -> int:
+        return self.n_way * (self.n_shot + self.n_query)
+
+
+def stored_features(args, checkpoint: Optional[str], dataset, options: EvalOptions) -> Optional[Callable]:
+    """With --feature_cache on and a checkpoint: what opens the store of the split's embeddings under
+    --save_dir/features (``harness.embeddings.FeatureCache``), keyed by the weights as they were loaded (their
+    digest taken now); else None (encode, store nothing). The store is opened only if the cached way runs."""
+    if args.feature_cache != 'on' or not checkpoint:
+        return None
+    weights = weights_digest(checkpoint)
+
+    def open_store():
+        from harness.embeddings import content_digest, feature_cache
+        return feature_cache(args.save_dir, weights, lambda: {'split': dataset.split, 'content': content_digest(
+            dataset.files())}, args.normalization, args.network_name, options)
+    return open_store
+
+
+class SplitFeatures:
+    """The embeddings of a split, encoded on first use (``harness.embeddings``) and then shared, e.g. by several
+    (N, K) settings; with a store (``stored_features``), read from it or written to it for the next evaluation."""
+
+    def __init__(self, encoder: nn.Module, dataset, options: EvalOptions, store: Optional[Callable] = None):
+        self.encoder, self.dataset, self.options, self.store = encoder, dataset, options, store
+        self.features: Optional[torch.Tensor] = None
+        self.cache = None
+
+    def warning(self) -> Optional[str]:
+        """Why the embeddings could not be stored, if so: printed after the result."""
+        return self.cache.warning if self.cache is not None else None
+
+    def get(self) -> torch.Tensor:
+        if self.features is None:
+            from harness.embeddings import load_or_encode
+            self.cache = self.store() if self.store is not None else None
+            self.features = load_or_encode(self.encoder, self.dataset, self.options, self.cache)
+        return self.features
+
+
+def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
+    """(..., 6): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode, and 1 where
+    its logits are all finite.
+    logits (..., N*Q, N) and GLoFA's Adaptation of the same episodes (None for a model without
+    adaptors: its four columns are nan); targets (N*Q,)."""
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
+    finite = torch.isfinite(logits).flatten(-2).all(dim=-1).float()  # (...,): 0 where a logit is nan or inf
+    if adaptation is None:
+        nan = torch.full_like(accuracy, float('nan'))
+        return torch.stack([accuracy, nan, nan, nan, nan, finite], dim=-1)
+    return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
+                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1)), finite], dim=-1).float()
+
+
+@dataclass
+class EpisodeResults:
+    """What evaluation measured on each episode, in order."""
+    mode: str                 # 'cached' or 'episodic': the way that ran
+    accuracies: np.ndarray    # (E,) in [0, 1]
+    alphas: np.ndarray        # (E, 2): (alpha_task, alpha_cls) = relu(h(S)); nan for a model without adaptors
+    mask_task: np.ndarray     # (E,): mean of m_task over the d features
+    mask_cls: np.ndarray      # (E,): mean of m_cls over the N classes and d features
+    groups: Optional[list] = None  # (E,) with several roots: each episode's root, or single-source / mixed
+
+    def group_accuracies(self) -> dict:
+        """{group: per-episode accuracies} in order of first appearance ({} for a single root)."""
+        found = {}
+        for group, accuracy in zip(self.groups or [], self.accuracies):
+            found.setdefault(group, []).append(accuracy)
+        return {group: np.asarray(values) for group, values in found.items()}
+
+    @property
+    def has_adaptors(self) -> bool:
+        return not np.isnan(self.alphas).all()
+
+    def diagnostics(self) -> dict:
+        """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks
+        ({} for a model without adaptors)."""
+        if not self.has_adaptors:
+            return {}
+        active = self.alphas > 0
+        return {'alpha_task': float(self.alphas[:, 0].mean()), 'alpha_cls': float(self.alphas[:, 1].mean()),
+                'alpha_task_active': float(active[:, 0].mean()), 'alpha_cls_active': float(active[:, 1].mean()),
+                'mask_task': float(self.mask_task.mean()), 'mask_cls': float(self.mask_cls.mean())}
+
+    def adaptors_off(self, adaptor: str = 'both') -> bool:
+        """The strengths of the adaptor's masks are 0 on every episode: the masks have no effect and the
+        model is normalised-prototype ProtoNet ('task' and 'class' ablations: their one strength)."""
+        acting = ACTING_STRENGTHS[adaptor]
+        return bool(acting) and self.has_adaptors and bool((self.alphas[:, acting] == 0).all())
+
+
+@torch.no_grad()
+def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, options: EvalOptions,
+                 features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
+    """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', see
+    ``choose_eval_mode``); per-episode accuracies and adaptor diagnostics.
+
+    'episodic' encodes each episode's images and runs the model on it, as the reference does. 'cached'
+    encodes every image of the split once (or takes ``features``, already encoded), then runs the
+    model's head on batches of episodes at once (``episode_batch_size``). Both draw the same episodes
+    from ``episodes.generator`` and give the same answers up to float rounding. Either way the
+    encoder's DropBlock counter advances by one per episode, as in the reference.
+    """
+    if mode not in ('cached', 'episodic'):
+        raise ValueError(f"mode must be 'cached' or 'episodic' (choose_eval_mode picks one), got {mode!r}")
+    model.eval()
+    e, device = episodes, options.device
+    sampler = episode_sampler(dataset, e.n_episodes, e.n_way, e.n_shot + e.n_query, e.generator, e.task_mix)
+    targets = query_targets(e.n_way, e.n_query, device)
+    values = np.empty((e.n_episodes, 6))  # per episode: episode_values
+    drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
+    if mode == 'cached':  # encoded before the episodes' progress bar starts
+        cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
+        advance_forward_count(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
+    with progress(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
+        if mode == 'cached':
+            from harness.embeddings import episode_batch_size
+            batch, draws, done = episode_batch_size(options, e, cache.size(1)), iter(sampler), 0
+            while done < e.n_episodes:
+                indices = torch.stack([next(draws) for _ in range(min(batch, e.n_episodes - done))])  # (B, N*S)
+                drawn.extend(indices)
+                with autocast(device, options.amp):
+                    logits, adaptation = model.episode(cache[indices.to(device)], e.n_way, e.n_shot)  # (B, N*Q, N)
+                values[done:done + len(indices)] = episode_values(logits, adaptation, targets).cpu().numpy()
+                done += len(indices)
+                bar.update(len(indices))
+        else:
+            loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), options.n_workers,
+                                    pin_memory=device.type == 'cuda')
+            batches = iterate(loader)  # held here until the end: an interrupt must not tear the workers down early
+            for i, (images, _) in enumerate(batches):
+                with autocast(device, options.amp):
+                    embeddings = model.encode(to_device(images, device, options.channels_last))  # (N*S, d)
+                    logits, adaptation = model.episode(embeddings, e.n_way, e.n_shot)  # (N*Q, N)
+                values[i] = episode_values(logits, adaptation, targets).cpu().numpy()  # one transfer per episode
+                bar.update(1)
+    broken = int((values[:, 5] == 0).sum())
+    if broken:
+        raise UserError(f'{desc}: the logits of {broken} of {e.n_episodes} episodes hold nan or inf: the weights or '
+                        f'the images hold non-finite numbers, or the model overflowed (with --amp, try without)')
+    groups = None
+    if len(getattr(dataset, 'source_names', ())) > 1:  # several roots: each episode's group
+        from harness.mixing import episode_group
+        groups = [episode_group(dataset, indices, e.task_mix) for indices in drawn]
+    return EpisodeResults(mode, values[:, 0], values[:, 1:3], values[:, 3], values[:, 4], groups=groups)
+
+
+class RecordedEpisodes:
+    """A batch sampler that passes on ``sampler``'s episodes and appends each one's indices to ``drawn``."""
+
+    def __init__(self, sampler, drawn: list):
+        self.sampler, self.drawn = sampler, drawn
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for indices in self.sampler:
+            self.drawn.append(indices)
+            yield indices.tolist()  # plain numbers travel to the workers without sharing a tensor's memory
+
+
+def group_label(group: str) -> str:
+    """A root's folder name as it is; 'single-source tasks' and 'mixed tasks' under the class mix."""
+    return f'{group} tasks' if group in ('single-source', 'mixed') else group
+
+
+def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str = 'both') -> list[str]:
+    """The report of one test setting: the accuracy line, one line per root (or for single-source and
+    mixed tasks apart) with several roots, the adaptor diagnostics, and a warning when they are off."""
+    lines = [accuracy_line('test', results.accuracies, n_way, n_shot)]
+    lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
+              for group, values in results.group_accuracies().items()]
+    if results.has_adaptors:
+        lines.append(diagnostics_line(results))
+    if results.adaptors_off(adaptor):
+        lines.append(adaptors_off_warning(results, 'test', adaptor))
+    return lines
+
+
+def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
+    """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
+    mean, ci = mean_ci(results.accuracies)
+    figures = {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
+               'mode': results.mode, **results.diagnostics()}
+    if results.groups is not None:
+        figures['groups'] = {group: dict(zip(('accuracy', 'ci95'), (100 * v for v in mean_ci(values))),
+                                         episodes=len(values))
+                             for group, values in results.group_accuracies().items()}
+    return figures
+
+
+def write_figures(path: str, settings: list[dict], **extra) -> None:
+    """Write the figures of one or more settings to a JSON file (its folder is created)."""
+    write_json(path, {**extra, 'settings': settings})
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (1.96 * std / sqrt(n), population std) of the values."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return float('nan'), float('nan')
+    return float(a.mean()), float(1.96 * a.std() / math.sqrt(a.size))
+
+
+def accuracy_line(name: str, accuracies: Sequence[float], n_way: int, n_shot: int) -> str:
+    """'test accuracy: 66.12 ± 0.20 % (5-way 1-shot, 10000 episodes)' from per-episode accuracies in [0, 1]."""
+    mean, ci = mean_ci(accuracies)
+    return (f'{name} accuracy: {100 * mean:.2f} ± {100 * ci:.2f} % '
+            f'({n_way}-way {n_shot}-shot, {len(accuracies)} episodes)')

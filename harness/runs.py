@@ -1,0 +1,477 @@
+"""A run: its identity and name, its files, what happens to an existing one (and its lock), its saved state."""
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from typing import Callable, Optional
+from dataclasses import dataclass
+from dataclasses import field
+import torch.nn as nn
+import torch
+from arguments import MODEL_FLAGS, feat_regulariser
+from dataloader import FewShotDataset, SPLITS, dataset_format, overlap_error
+from harness import distributed
+from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
+from harness.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
+from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
+from harness.files import append_log
+from networks import forward_count, set_forward_count
+# IMPORTS
+
+
+# the flags that choose what the data layer reads, named when it refuses something
+DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
+
+
+EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
+
+
+def data_path(args) -> list[str]:
+    """The dataset roots: --data_path, else datasets/<data_name>."""
+    paths = args.data_path or os.path.join('datasets', args.data_name)
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def data_label(args) -> str:
+    """The data part of a run name: the root's folder name; for several roots, their names joined by
+    '+' and the task mix, e.g. demo+demo_fine-mixclass."""
+    roots = data_path(args)
+    if len(roots) == 1:
+        return os.path.basename(os.path.normpath(roots[0])) or 'data'
+    from harness.mixing import root_names
+    return '+'.join(name.replace('/', '_') for name in root_names(roots)) + f'-mix{args.task_mix}'
+
+
+def data_identity(args) -> dict:
+    """The data of a run, by content and not by location (a moved dataset keeps its runs): ``root_digest`` of
+    each root, and the task mix when there are several roots."""
+    roots = data_path(args)
+    return {'data': [root_digest(root) for root in roots], 'task_mix': args.task_mix if len(roots) > 1 else None}
+
+
+def root_digest(root: str) -> str:
+    """A dataset's digest from its split files' contents and the names and sizes of its other files (the
+    images folder's too): cheap enough for every start, and other images or labels give another digest."""
+    digest = hashlib.blake2b(digest_size=8)
+    for folder, read in ((root, False), (os.path.join(root, 'split'), True), (os.path.join(root, 'images'), False)):
+        with contextlib.suppress(OSError):
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_file() and read:
+                    with open(entry.path, 'rb') as f:
+                        digest.update(f'{entry.name}\0'.encode() + f.read())
+                elif entry.is_file():
+                    digest.update(f'{entry.name}\0{entry.stat().st_size}\0'.encode())
+    return digest.hexdigest()
+
+
+def weights_identity(path: str) -> str:
+    """Pretrained weights by content (two files of one name are two runs); 'none' without."""
+    return weights_digest(path)[:16] if path.lower() != 'none' and os.path.isfile(path) else os.path.basename(path)
+
+
+def model_flags(args) -> dict:
+    """The chosen model's own flags (arguments.MODEL_FLAGS), FEAT's regulariser resolved for the shot."""
+    flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
+    if args.model_name == 'feat':
+        flags['temperature2'], flags['balance'] = feat_regulariser(args, args.K)
+    return flags
+
+
+def run_identity(args) -> dict:
+    """Everything that defines a run's result: the data and the pretrained weights (by content), the model and its flags,
+    the optimisation, the schedule and the seed. Execution options (device, workers, --amp,
+    --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
+    return {
+        **data_identity(args),
+        'network_name': args.network_name, 'model_name': args.model_name, **model_flags(args),
+        'normalization': args.normalization, 'freeze_encoder': getattr(args, 'freeze_encoder', False),
+        'pretrained': weights_identity(args.pretrained),
+        'N': args.N, 'K': args.K, 'Q': args.Q,
+        'n_training_episodes': args.n_training_episodes, 'episode_gap': args.episode_gap,
+        'n_validating_episodes': args.n_validating_episodes,
+        'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
+        'wd': args.wd, 'mo': args.mo, 'seed': args.seed,
+    }
+
+
+# what a checkpoint must agree with to be evaluated (no model's parameters depend on N, K or Q)
+MODEL_KEYS = {'glofa': ('adaptor',), 'protonet': ('metric',), 'feat': ('metric',)}
+
+
+def model_config(args) -> dict:
+    return {'network_name': args.network_name, 'model_name': args.model_name,
+            **{key: getattr(args, key) for key in MODEL_KEYS[args.model_name]}}
+
+
+def run_name(args) -> str:
+    """A readable name plus a short hash of the run's whole identity, so distinct runs never share
+    files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
+    digest = hashlib.sha256(json.dumps(run_identity(args), sort_keys=True).encode()).hexdigest()[:8]
+    if args.model_name == 'glofa':
+        variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
+        if args.h_bias_init is not None:
+            variant += f'-hbias{args.h_bias_init:g}'
+    else:
+        variant = '' if args.metric == 'euclidean' else f'-{args.metric}'
+    if getattr(args, 'freeze_encoder', False):
+        variant += '-frozen'
+    return (f'{data_label(args)}-{args.network_name}-{args.model_name}{variant}-N{args.N}-K{args.K}-seed{args.seed}'
+            f'-{digest}')
+
+
+@dataclass
+class RunPaths:
+    """A run's files."""
+    best: str      # the best weights: train.py's <run>.model, pretrain.py's FEAT-format output
+    last: str      # the whole state after the last finished episode gap or epoch, to resume from
+    log: str       # one JSON line per validation
+    identity: str  # <run>.run.json: what defines the run
+    stat: Optional[str] = None  # train.py: the statistics record of the reference code
+
+    def files(self) -> list[str]:
+        return [p for p in (self.best, self.last, self.stat, self.log, self.identity) if p]
+
+
+def run_paths(args) -> RunPaths:
+    """A meta-training run's files under --save_dir: best checkpoint, last state, statistics, JSON log, identity."""
+    name = run_name(args)
+    models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
+    return RunPaths(best=os.path.join(models, f'{name}.model'), last=os.path.join(models, f'{name}.last.model'),
+                    log=os.path.join(stats, f'{name}.log.jsonl'), identity=os.path.join(stats, f'{name}.run.json'),
+                    stat=os.path.join(stats, f'{name}.stat'))
+
+
+def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], unit: str,
+                       use_it: str) -> Optional[dict]:
+    """The saved state this run resumes, or None to start afresh. One rule for every entry point:
+    --resume and --overwrite exclude each other; --overwrite removes the run's files; an unfinished run
+    is continued with --resume and never replaced without --overwrite; a finished one (``finished``
+    of its saved state) is never replaced without --overwrite. ``unit`` names what the state counts
+    ('episode', 'epoch'); ``use_it`` says what to do with a finished run instead."""
+    if args.resume and args.overwrite:
+        raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
+    if distributed.is_main_process():
+        RunLock.take(paths)
+    if args.overwrite:
+        removed = [path for path in paths.files() if path != paths.identity and os.path.isfile(path)]  # the
+        # identity holds the lock, and is rewritten
+        if distributed.is_main_process():
+            for path in removed:
+                os.remove(path)
+            if removed:
+                print(f'--overwrite: removed the {len(removed)} files of the earlier run in '
+                      f'{os.path.dirname(paths.last)}')
+        return None
+    record = read_file(paths.last, 'resume state') if os.path.isfile(paths.last) else None
+    if record is not None and not (isinstance(record, dict) and 'optimizer' in record and unit in record):
+        raise UserError(f'{paths.last} is not a saved state of this program: move it away or pass --overwrite')
+    if record is not None and not finished(record):
+        if args.resume:
+            return record
+        raise UserError(f'an unfinished run with these flags is saved in {paths.last} ({unit} {record[unit]}): '
+                        f'add --resume to continue it, or --overwrite to start over')
+    existing = [p for p in paths.files() if p != paths.identity and os.path.isfile(p)]
+    if existing:
+        where = paths.best if os.path.isfile(paths.best) else existing[0]
+        state = f' (finished at {unit} {record[unit]})' if record is not None else ', without a state to resume'
+        raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
+                        f'{use_it}, or add --overwrite to run it again')
+    if args.resume and distributed.is_main_process():
+        others = [(name, diff, saved_state(os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')))
+                  for name, diff in (other_runs(args) if paths.stat else [])]  # train.py's runs: named by identity
+        unfinished = [(name, diff) for name, diff, state in others if state == 'unfinished']
+        if unfinished:
+            name, diff = unfinished[0]
+            raise UserError(f'--resume: no run with these flags, but the unfinished run {name} of the same data and '
+                            f'model differs only in {describe_differences(diff)}: give its flags to continue it, or '
+                            f'drop --resume to start this new run')
+        for name, diff, state in others[:3]:
+            print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
+        print(f'no saved state {paths.last} yet: starting a new run')
+    return None
+
+
+def other_runs(args) -> list[tuple[str, dict]]:
+    """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
+    (here, there)}), fewest differences first. Reads their identity files only."""
+    here, name_here = run_identity(args), run_name(args)
+    folder = os.path.join(args.save_dir, 'statistics')
+    found = []
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not file.endswith('.run.json'):
+            continue
+        try:
+            with open(os.path.join(folder, file)) as f:
+                there = json.load(f)
+        except (OSError, ValueError):
+            continue
+        name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..'):
+            continue  # a record whose name would lead out of --save_dir's folders is not a run of ours
+        if name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+            continue
+        found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
+                             if here.get(k) != there.get(k)}))
+    return sorted(found, key=lambda run: len(run[1]))
+
+
+def saved_state(last: str) -> str:
+    """What a run's 'last' file says: 'not started' (no file), 'finished', 'unfinished', or 'saved' (a state
+    this version cannot read). A state without the 'finished' key is finished, as train.py reads it."""
+    if not os.path.isfile(last):
+        return 'not started'
+    try:
+        return 'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished'
+    except UserError:
+        return 'saved'
+
+
+def unfinished_line(checkpoint: str) -> Optional[str]:
+    """For the best checkpoint of a run that is still training or was stopped: 'note: ... unfinished (episode
+    k of n) ...'; None for a finished run or a file that is not a run's."""
+    if not checkpoint.endswith('.model') or checkpoint.endswith('.last.model'):
+        return None
+    last = checkpoint[:-len('.model')] + '.last.model'
+    try:
+        state = read_file(last, 'resume state') if os.path.isfile(last) else None
+    except UserError:
+        return None
+    if not isinstance(state, dict) or state.get('finished', True):
+        return None
+    total = (state.get('config') or {}).get('n_training_episodes', '?')
+    return (f"note: this run is unfinished (episode {state.get('episode')} of {total}: still training, or stopped): "
+            f"its best checkpoint so far is evaluated, not the run's result")
+
+
+def describe_differences(diff: dict) -> str:
+    return ', '.join(f'{k} ({here} here, {there} there)' for k, (here, there) in diff.items())
+
+
+def list_runs(save_dir: str, suffix: str) -> list[str]:
+    """Files ending in ``suffix`` under ``save_dir``'s trained_models/ and statistics/, sorted."""
+    found = []
+    for folder in ('trained_models', 'statistics'):
+        path = os.path.join(save_dir, folder)
+        if os.path.isdir(path):
+            found += [os.path.join(path, f) for f in sorted(os.listdir(path))
+                      if f.endswith(suffix) and not f.endswith('.last' + suffix)]
+    return found
+
+
+def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_flag: str = '--model_path') -> str:
+    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...'); ``file_flag`` is
+    the flag that gives the file itself."""
+    found = list_runs(save_dir, suffix)
+    if not found:
+        return f'{what} {path} not found, and there are no runs under {save_dir}: train one first (train.py)'
+    names = ', '.join(os.path.basename(f)[:-len(suffix)] for f in found[:5])
+    more = f' and {len(found) - 5} more' if len(found) > 5 else ''
+    return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
+            f'(give the flags of one of them, or its file with {file_flag})')
+
+
+class RunLock:
+    """An exclusive lock on a run for the life of this process: fcntl.flock on its identity file
+    (<run>.run.json, which every run writes anyway), so a second process training the same run is
+    refused, and a crash releases the lock with the process."""
+    held: dict = {}  # locked path -> its open file, for this process
+
+    @classmethod
+    def take(cls, paths: RunPaths) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            return
+        path = os.path.abspath(paths.identity)
+        if path in cls.held:  # this process holds it already (a run started again in the same process)
+            return
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        new = not os.path.exists(path)
+        f = open(path, 'a')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise UserError(f'this run is being trained by another process (its lock is on {path}): wait for it to '
+                            f'end, or stop it; a crashed process releases the lock') from None
+        cls.held[path] = f
+        if new:  # a start that fails before the identity is written leaves no empty file behind
+            on_failed_start(lambda: cls.release_unstarted(path))
+
+    @classmethod
+    def release_unstarted(cls, path: str) -> None:
+        f = cls.held.pop(path, None)
+        if f is not None:
+            f.close()
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.remove(path)
+
+
+def write_identity(identity: dict, paths: RunPaths) -> None:
+    """<run>.run.json: the flags that define the run (what its name stands for)."""
+    os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
+    with writing(paths.identity), open(paths.identity, 'w') as f:  # in place: the file is the run's lock (RunLock)
+        json.dump(identity, f, indent=1)
+
+
+# ------------------------------------------------------------------ a training run and its saved state
+@dataclass
+class Progress:
+    """Where a training run stands; filled in as it goes, so that an interruption can say it."""
+    done: int = 0                 # training episodes (train.py) or epochs (pretrain.py) done
+    saved: Optional[int] = None   # the count whose state the 'last' file holds
+    best_accuracy: float = 0.0    # best validation accuracy so far, in [0, 1]
+    best_at: int = 0              # and when
+    statistics: dict = field(default_factory=lambda: {'training_loss': [], 'validating_accuracy': []})
+
+
+@dataclass
+class Run:
+    """One training run: its flags, files, model, optimisation and progress, handed from phase to phase."""
+    args: object
+    device: torch.device
+    paths: RunPaths
+    model: nn.Module          # in DistributedDataParallel under torchrun (pretrain.py)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: Optional[torch.amp.GradScaler]
+    config: dict              # what the saved state must agree with to be resumed
+    progress: Progress = field(default_factory=Progress)
+    generators: dict = field(default_factory=dict)  # named samplers' generators, saved with the state
+    tensorboard: Optional[object] = None  # a SummaryWriter with --tensorboard (open_tensorboard)
+
+    @property
+    def plain(self) -> nn.Module:
+        return distributed.unwrap(self.model)
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or one line with the install command when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; '
+                        'the JSON log and scripts/plot_curves.py have the same figures)') from None
+    except Exception as error:  # noqa: BLE001 (an install that breaks on import: a version that does not fit)
+        raise UserError(f'--tensorboard: the tensorboard package fails on import ({type(error).__name__}: '
+                        f'{str(error).strip().splitlines()[0] if str(error).strip() else ""}); reinstall it with pip '
+                        f'install --upgrade tensorboard, or drop --tensorboard') from None
+    return SummaryWriter
+
+
+def open_tensorboard(run: Run, name: str) -> None:
+    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name> that continues after the saved state:
+    events of later steps, written by the interrupted process after its last save, are dropped (purge_step), so
+    a resumed run has each step once."""
+    if not run.args.tensorboard or not distributed.is_main_process():
+        return
+    folder = os.path.join(run.args.save_dir, 'tensorboard', name)
+    run.tensorboard = tensorboard_writer_class()(folder, purge_step=run.progress.done + 1)
+    print(f'TensorBoard: tensorboard --logdir {os.path.join(run.args.save_dir, "tensorboard")} (this run: {folder})')
+
+
+def log_entry(run: Run, entry: dict, step: str) -> None:
+    """One line of the run's JSON log, and with --tensorboard its numbers as scalars at step ``entry[step]``."""
+    append_log(run.paths.log, entry)
+    if run.tensorboard is not None:
+        for key, value in entry.items():
+            if key != step and isinstance(value, (int, float)) and not isinstance(value, bool):
+                run.tensorboard.add_scalar(key, value, entry[step])
+        run.tensorboard.flush()
+
+
+def check_finite(loss: torch.Tensor, run: Run, where: str, unit: str, flags: str) -> None:
+    """Stop the run (NonFiniteLoss, exit 2) at a loss that is inf or nan, naming the state kept."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f'training loss became {loss.item()} at {where}; stopped. The state after {unit} '
+                            f'{run.progress.saved} is kept in {run.paths.last}; runs are deterministic, so resuming '
+                            f'with the same flags meets the same loss: try a lower {flags}')
+
+
+def interrupted_message(run: Run, during: str, unit: str) -> str:
+    """What an interrupted run says: what was running, and what is saved."""
+    if run.progress.saved is None:
+        return f'interrupted during {during}, before any state was saved'
+    return (f'interrupted during {during}; the state after {unit} {run.progress.saved} is saved in '
+            f'{run.paths.last}: run the same command with --resume to continue')
+
+
+def save_last(run: Run, finished: bool, **fields) -> None:
+    """The whole state of the run, written atomically by rank 0: weights, optimizer, scheduler, scaler,
+    every process's random states, the generators, the encoder's pass count, the config, ``fields``."""
+    states = distributed.gather_objects(random_states())
+    if distributed.is_main_process():
+        atomic_save({'state_dict': model_state_dict(run.plain), 'optimizer': run.optimizer.state_dict(),
+                     'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
+                     'random_states': states, 'generators': {k: g.get_state() for k, g in run.generators.items()},
+                     'forward_count': forward_count(run.plain.encoder), 'config': run.config, 'finished': finished,
+                     **fields}, run.paths.last)
+    run.progress.saved = run.progress.done
+
+
+def load_last(run: Run, record: dict) -> None:
+    """Restore what ``save_last`` wrote."""
+    path = run.paths.last
+    check_config(record, run.config, path)
+    load_strict(run.plain, record['state_dict'], path, 'resume state')
+    run.optimizer.load_state_dict(record['optimizer'])
+    run.scheduler.load_state_dict(record['scheduler'])
+    if run.scaler is not None and record.get('scaler'):
+        run.scaler.load_state_dict(record['scaler'])
+    for name, generator in run.generators.items():
+        generator.set_state(record['generators'][name])
+    set_forward_count(run.plain.encoder, int(record['forward_count']))
+    states = record['random_states']
+    if len(states) != distributed.world_size() and distributed.is_main_process():
+        print(f'note: the state was saved by {len(states)} process(es) and is resumed on '
+              f'{distributed.world_size()}: processes without a saved random state keep a fresh seed, so the '
+              f'continuation is not bit-identical to an uninterrupted run')
+    if distributed.rank() < len(states):
+        set_random_states(states[distributed.rank()])
+
+
+def check_disjoint(args, splits: dict) -> None:
+    """Refuse splits ({name: dataset}) that share classes or images, unless --allow_overlap."""
+    error = overlap_error(splits)
+    if error and not args.allow_overlap:
+        raise UserError(error)
+
+
+def split_files_beside(root: str, split: str) -> dict:
+    """The other splits of ``root`` known from their label files alone (the folder and npz forms; a pickled
+    form would have to be converted): what test.py compares its split with. {} when they cannot be read."""
+    try:
+        form = dataset_format(root)
+        if form == 'folder':
+            return {other: FewShotDataset(root, other, check_files=False) for other in SPLITS if other != split}
+        if form == 'tiered':
+            from harness.forms import TieredDataset
+            return {other: TieredDataset(root, other) for other in SPLITS if other != split}
+        return {}
+    except UserError:
+        return {}
+
+
+def git_revision() -> str:
+    """Short git revision of the code, 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+        return out.stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def start(args, check: Callable) -> torch.device:
+    """What every entry point does first: Ctrl-C and SIGTERM end it cleanly, freed memory is kept, --demo writes
+    its data, the device is chosen, ``check(device)`` refuses bad flags, and the seeds are set."""
+    interrupt_on_sigterm()
+    keep_freed_memory()
+    if args.demo:
+        from harness.demo import prepare_demo
+        prepare_demo(args)
+    device = select_device(args.device, args.devices)
+    check(device)
+    set_seed(args.seed)
+    return device
