@@ -31,7 +31,7 @@ from harness.evaluation import EvalOptions, mean_ci
 from harness.files import check_output, command_inputs, trim_log
 from harness.runs import (DATA_FLAGS, Progress, Run, RunPaths, check_disjoint, check_existing_run, check_finite,
                           data_identity, data_label, data_path, git_revision, interrupted_message, load_last, log_entry,
-                          open_tensorboard, save_last, tensorboard_writer_class, write_identity)
+                          open_tensorboard, save_last, write_identity)
 from models import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier
 from models.glofa import query_targets
@@ -201,6 +201,7 @@ def check_flags(args, device: torch.device) -> None:
     if args.amp and device.type != 'cuda':
         raise UserError('--amp needs a CUDA device (this run is on the CPU)')
     if args.tensorboard:
+        from harness.tensorboard import tensorboard_writer_class
         tensorboard_writer_class()  # refused now, before any work
     if args.sync_bn and device.type != 'cuda':
         raise UserError('--sync_bn needs CUDA devices (on the CPU each process keeps its own BatchNorm statistics)')

@@ -22,8 +22,8 @@ from harness.device import place_model
 from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
                                 setting_figures, split_episodes, stored_features, write_figures)
 from harness.files import check_output, command_inputs
-from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, git_revision, missing_run_message,
-                          model_config, other_runs, run_paths, split_files_beside, start, unfinished_line)
+from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, git_revision, model_config, run_paths,
+                          split_files_beside, start, unfinished_line)
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -55,31 +55,12 @@ def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
     first = with_setting(args, *settings[0])
     path = run_paths(first).best
     if not os.path.isfile(path):
+        from harness.finding import trained_in_another_setting
         path = trained_in_another_setting(first, path)
     if len(settings) > 1:
         print(f'several settings: evaluating the checkpoint of the {settings[0][0]}-way {settings[0][1]}-shot run, '
               f'{path} (pass --model_path to choose another)')
     return path
-
-
-def trained_in_another_setting(args, path: str) -> str:
-    """The rule for a setting nobody trained: the one run of the same flags but N and K is evaluated (any
-    way and shot can be, from one checkpoint); several such runs are listed, none is the usual error."""
-    trained = [(name, diff) for name, diff in other_runs(args) if set(diff) <= {'N', 'K'}
-               and os.path.isfile(os.path.join(args.save_dir, 'trained_models', f'{name}.model'))]
-    if len(trained) == 1:
-        name, diff = trained[0]
-        n, k = (diff.get(key, (getattr(args, key),) * 2)[1] for key in ('N', 'K'))
-        print(f'no run was trained as {args.N}-way {args.K}-shot with these flags: evaluating the one trained as '
-              f'{n}-way {k}-shot, {name}')
-        return os.path.join(args.save_dir, 'trained_models', f'{name}.model')
-    if trained:
-        listed = ', '.join(f"{name} ({diff.get('N', (0, args.N))[1]}-way {diff.get('K', (0, args.K))[1]}-shot)"
-                           for name, diff in trained)
-        raise UserError(f'no run was trained as {args.N}-way {args.K}-shot with these flags, and several were in '
-                        f'other settings: {listed}; choose one with --N and --K of its training, or --model_path')
-    raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') +
-                    '; or train this run first (train.py with the same flags)')
 
 
 def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[str]:

@@ -173,8 +173,8 @@ class EpisodeResults:
 @torch.no_grad()
 def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, options: EvalOptions,
                  features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
-    """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', see
-    ``choose_eval_mode``); per-episode accuracies and adaptor diagnostics.
+    """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', as ``split_episodes``
+    chooses it); per-episode accuracies and adaptor diagnostics.
 
     'episodic' encodes each episode's images and runs the model on it, as the reference does. 'cached'
     encodes every image of the split once (or takes ``features``, already encoded), then runs the

@@ -178,6 +178,7 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
     if args.resume and distributed.is_main_process():
+        from harness.finding import describe_differences, other_runs, saved_state
         others = [(name, diff, saved_state(os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')))
                   for name, diff in (other_runs(args) if paths.stat else [])]  # train.py's runs: named by identity
         unfinished = [(name, diff) for name, diff, state in others if state == 'unfinished']
@@ -190,41 +191,6 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
             print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
         print(f'no saved state {paths.last} yet: starting a new run')
     return None
-
-
-def other_runs(args) -> list[tuple[str, dict]]:
-    """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
-    (here, there)}), fewest differences first. Reads their identity files only."""
-    here, name_here = run_identity(args), run_name(args)
-    folder = os.path.join(args.save_dir, 'statistics')
-    found = []
-    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if not file.endswith('.run.json'):
-            continue
-        try:
-            with open(os.path.join(folder, file)) as f:
-                there = json.load(f)
-        except (OSError, ValueError):
-            continue
-        name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
-        if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..'):
-            continue  # a record whose name would lead out of --save_dir's folders is not a run of ours
-        if name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
-            continue
-        found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
-                             if here.get(k) != there.get(k)}))
-    return sorted(found, key=lambda run: len(run[1]))
-
-
-def saved_state(last: str) -> str:
-    """What a run's 'last' file says: 'not started' (no file), 'finished', 'unfinished', or 'saved' (a state
-    this version cannot read). A state without the 'finished' key is finished, as train.py reads it."""
-    if not os.path.isfile(last):
-        return 'not started'
-    try:
-        return 'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished'
-    except UserError:
-        return 'saved'
 
 
 def unfinished_line(checkpoint: str) -> Optional[str]:
@@ -242,33 +208,6 @@ def unfinished_line(checkpoint: str) -> Optional[str]:
     total = (state.get('config') or {}).get('n_training_episodes', '?')
     return (f"note: this run is unfinished (episode {state.get('episode')} of {total}: still training, or stopped): "
             f"its best checkpoint so far is evaluated, not the run's result")
-
-
-def describe_differences(diff: dict) -> str:
-    return ', '.join(f'{k} ({here} here, {there} there)' for k, (here, there) in diff.items())
-
-
-def list_runs(save_dir: str, suffix: str) -> list[str]:
-    """Files ending in ``suffix`` under ``save_dir``'s trained_models/ and statistics/, sorted."""
-    found = []
-    for folder in ('trained_models', 'statistics'):
-        path = os.path.join(save_dir, folder)
-        if os.path.isdir(path):
-            found += [os.path.join(path, f) for f in sorted(os.listdir(path))
-                      if f.endswith(suffix) and not f.endswith('.last' + suffix)]
-    return found
-
-
-def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_flag: str = '--model_path') -> str:
-    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...'); ``file_flag`` is
-    the flag that gives the file itself."""
-    found = list_runs(save_dir, suffix)
-    if not found:
-        return f'{what} {path} not found, and there are no runs under {save_dir}: train one first (train.py)'
-    names = ', '.join(os.path.basename(f)[:-len(suffix)] for f in found[:5])
-    more = f' and {len(found) - 5} more' if len(found) > 5 else ''
-    return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
-            f'(give the flags of one of them, or its file with {file_flag})')
 
 
 class RunLock:
@@ -346,30 +285,11 @@ class Run:
         return distributed.unwrap(self.model)
 
 
-def tensorboard_writer_class():
-    """torch's SummaryWriter, or one line with the install command when the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; '
-                        'the JSON log and scripts/plot_curves.py have the same figures)') from None
-    except Exception as error:  # noqa: BLE001 (an install that breaks on import: a version that does not fit)
-        raise UserError(f'--tensorboard: the tensorboard package fails on import ({type(error).__name__}: '
-                        f'{str(error).strip().splitlines()[0] if str(error).strip() else ""}); reinstall it with pip '
-                        f'install --upgrade tensorboard, or drop --tensorboard') from None
-    return SummaryWriter
-
-
 def open_tensorboard(run: Run, name: str) -> None:
-    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name> that continues after the saved state:
-    events of later steps, written by the interrupted process after its last save, are dropped (purge_step), so
-    a resumed run has each step once."""
-    if not run.args.tensorboard or not distributed.is_main_process():
-        return
-    folder = os.path.join(run.args.save_dir, 'tensorboard', name)
-    run.tensorboard = tensorboard_writer_class()(folder, purge_step=run.progress.done + 1)
-    print(f'TensorBoard: tensorboard --logdir {os.path.join(run.args.save_dir, "tensorboard")} (this run: {folder})')
-
+    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name> (``harness.tensorboard``)."""
+    if run.args.tensorboard and distributed.is_main_process():
+        from harness.tensorboard import open_writer
+        run.tensorboard = open_writer(run.args.save_dir, name, run.progress.done)
 
 def log_entry(run: Run, entry: dict, step: str) -> None:
     """One line of the run's JSON log, and with --tensorboard its numbers as scalars at step ``entry[step]``."""
@@ -473,5 +393,8 @@ def start(args, check: Callable) -> torch.device:
         prepare_demo(args)
     device = select_device(args.device, args.devices)
     check(device)
+    if getattr(args, 'tensorboard', False):  # refused now, not after the data is opened
+        from harness.tensorboard import tensorboard_writer_class
+        tensorboard_writer_class()
     set_seed(args.seed)
     return device

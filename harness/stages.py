@@ -10,7 +10,8 @@ from typing import Callable, Optional
 from arguments import parse_args
 from harness.checkpoints import read_file
 from harness.console import UserError, progress, writing
-from harness.runs import run_paths, saved_state
+from harness.finding import saved_state
+from harness.runs import run_paths
 
 
 # ------------------------------------------------------------------ runs of the scripts that chain commands

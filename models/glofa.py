@@ -80,8 +80,9 @@ class GLoFA(FewShotModel):
         """
         support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]  # (..., N*K | N*Q, d)
         adaptation = self.adapt(support, n_way, n_shot)
-        # the mean after the set functions, as the reference orders it: autograd then sums the gradients
-        # reaching the support in the same order, so training gives the reference's numbers to the last bit
+        # the mean after the set functions, as the reference orders it: autograd then sums the gradients reaching
+        # the support in the same order (float64: the reference's logits, loss and gradients to about 1e-13 after
+        # three steps; float32 differs at about 1e-6 where the order of operations does)
         mean_support = support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)  # (..., N, d)
         return self.logits(query, mean_support, adaptation.scale), adaptation  # (..., N*Q, N)
 

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from harness import runs  # noqa: E402
+from harness import finding, runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import read_file  # noqa: E402
 from harness.console import UserError, exits_cleanly  # noqa: E402
@@ -288,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         args = parse_args(rest + (['--episode_gap', str(own.episode_gap)] if own.episode_gap else []))
         stat_path, episode_gap = runs.run_paths(args).stat, args.episode_gap
         if not os.path.isfile(stat_path):
-            raise UserError(runs.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX, '--stat'))
+            raise UserError(finding.missing_run_message('statistics file', stat_path, args.save_dir, STAT_SUFFIX, '--stat'))
     if episode_gap < 1:
         raise UserError(f'--episode_gap must be at least 1, got {episode_gap}')
     own.out = own.out or picture_beside(stat_path, STAT_SUFFIX)

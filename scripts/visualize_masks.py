@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import arguments  # noqa: E402
 
 from harness import checkpoints  # noqa: E402
-from harness import runs  # noqa: E402
+from harness import finding, runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     device = select_device(args.device, args.devices)
     model_path = args.model_path or runs.run_paths(args).best
     if not args.model_path and not os.path.isfile(model_path):
-        raise UserError(runs.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
+        raise UserError(finding.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
 
     # ---------------- model and episode
     model = checkpoints.build_model(args, pretrained=False)

@@ -7,7 +7,7 @@ import pytest
 import arguments
 from harness import checkpoints
 from harness import console
-from harness import runs
+from harness import finding, runs
 from harness import stages as stage_runner
 import train
 from harness.demo import write_colour_dataset
@@ -36,7 +36,7 @@ def test_two_seeds_keep_two_runs(tiny_dataset, tmp_path):
         for path in result['paths'].files():
             assert os.path.isfile(path), path
     assert 'seed1' in os.path.basename(a['paths'].best) and 'seed2' in os.path.basename(b['paths'].best)
-    assert len(runs.list_runs(str(tmp_path), '.model')) == 2
+    assert len(finding.list_runs(str(tmp_path), '.model')) == 2
 
 
 def test_finished_run_is_kept_unless_overwrite(tiny_dataset, tmp_path, capsys):

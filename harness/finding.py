@@ -1,0 +1,90 @@
+"""Finding runs by their flags: the other runs of the same data and model under --save_dir, what a run's saved
+state says, the checkpoint test.py evaluates, and the messages that list what is there when a run is not."""
+import json
+import os
+
+from harness.checkpoints import read_file
+from harness.console import UserError
+from harness.runs import run_identity, run_name
+
+
+def other_runs(args) -> list[tuple[str, dict]]:
+    """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
+    (here, there)}), fewest differences first. Reads their identity files only."""
+    here, name_here = run_identity(args), run_name(args)
+    folder = os.path.join(args.save_dir, 'statistics')
+    found = []
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not file.endswith('.run.json'):
+            continue
+        try:
+            with open(os.path.join(folder, file)) as f:
+                there = json.load(f)
+        except (OSError, ValueError):
+            continue
+        name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..'):
+            continue  # a record whose name would lead out of --save_dir's folders is not a run of ours
+        if name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+            continue
+        found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
+                             if here.get(k) != there.get(k)}))
+    return sorted(found, key=lambda run: len(run[1]))
+
+
+def saved_state(last: str) -> str:
+    """What a run's 'last' file says: 'not started' (no file), 'finished', 'unfinished', or 'saved' (a state
+    this version cannot read). A state without the 'finished' key is finished, as train.py reads it."""
+    if not os.path.isfile(last):
+        return 'not started'
+    try:
+        return 'finished' if read_file(last, 'resume state').get('finished', True) else 'unfinished'
+    except UserError:
+        return 'saved'
+
+
+def describe_differences(diff: dict) -> str:
+    return ', '.join(f'{k} ({here} here, {there} there)' for k, (here, there) in diff.items())
+
+
+def list_runs(save_dir: str, suffix: str) -> list[str]:
+    """Files ending in ``suffix`` under ``save_dir``'s trained_models/ and statistics/, sorted."""
+    found = []
+    for folder in ('trained_models', 'statistics'):
+        path = os.path.join(save_dir, folder)
+        if os.path.isdir(path):
+            found += [os.path.join(path, f) for f in sorted(os.listdir(path))
+                      if f.endswith(suffix) and not f.endswith('.last' + suffix)]
+    return found
+
+
+def missing_run_message(what: str, path: str, save_dir: str, suffix: str, file_flag: str = '--model_path') -> str:
+    """'<what> <path> not found; runs under <save_dir>: a, b' (or: 'no runs under ...'); ``file_flag`` is
+    the flag that gives the file itself."""
+    found = list_runs(save_dir, suffix)
+    if not found:
+        return f'{what} {path} not found, and there are no runs under {save_dir}: train one first (train.py)'
+    names = ', '.join(os.path.basename(f)[:-len(suffix)] for f in found[:5])
+    more = f' and {len(found) - 5} more' if len(found) > 5 else ''
+    return (f'{what} {path} not found; runs under {save_dir}: {names}{more} '
+            f'(give the flags of one of them, or its file with {file_flag})')
+
+
+def trained_in_another_setting(args, path: str) -> str:
+    """The rule for a setting nobody trained: the one run of the same flags but N and K is evaluated (any
+    way and shot can be, from one checkpoint); several such runs are listed, none is the usual error."""
+    trained = [(name, diff) for name, diff in other_runs(args) if set(diff) <= {'N', 'K'}
+               and os.path.isfile(os.path.join(args.save_dir, 'trained_models', f'{name}.model'))]
+    if len(trained) == 1:
+        name, diff = trained[0]
+        n, k = (diff.get(key, (getattr(args, key),) * 2)[1] for key in ('N', 'K'))
+        print(f'no run was trained as {args.N}-way {args.K}-shot with these flags: evaluating the one trained as '
+              f'{n}-way {k}-shot, {name}')
+        return os.path.join(args.save_dir, 'trained_models', f'{name}.model')
+    if trained:
+        listed = ', '.join(f"{name} ({diff.get('N', (0, args.N))[1]}-way {diff.get('K', (0, args.K))[1]}-shot)"
+                           for name, diff in trained)
+        raise UserError(f'no run was trained as {args.N}-way {args.K}-shot with these flags, and several were in '
+                        f'other settings: {listed}; choose one with --N and --K of its training, or --model_path')
+    raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') +
+                    '; or train this run first (train.py with the same flags)')
