@@ -22,8 +22,10 @@ class FewShotModel(nn.Module):
         return self.encoder(images)
 
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Optional[tuple]]:
-        """features (..., N*(K+Q), d) -> (logits (..., N*Q, N), the head's per-task adaptation or None)."""
-        raise NotImplementedError
+        """features (..., N*(K+Q), d) -> (logits (..., N*Q, N), the head's per-task adaptation or None). By
+        default (ProtoNet, FEAT): ``head`` on the prototypes, each the mean of its class's K support embeddings."""
+        _, query, prototypes = split_episode(features, n_way, n_shot)
+        return self.head(prototypes, query), None
 
     def auxiliary_loss(self, features: torch.Tensor, n_way: int, n_shot: int) -> Optional[torch.Tensor]:
         """Training only: a term added to the cross-entropy (features (N*(K+Q), d)); None when there is none."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import METRICS, FewShotModel, prototype_logits, split_episode
+from models import METRICS, FewShotModel, prototype_logits
 
 
 class SelfAttention(nn.Module):
@@ -50,11 +50,6 @@ class FEAT(FewShotModel):
         self.encoder = encoder
         self.slf_attn = SelfAttention(feature_dim)
         self.metric, self.temperature, self.temperature2, self.balance = metric, temperature, temperature2, balance
-
-    def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, None]:
-        """features (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), None)."""
-        _, query, prototypes = split_episode(features, n_way, n_shot)
-        return self.head(prototypes, query), None
 
     def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         adapted = self.slf_attn(prototypes)  # (..., N, d): the task's prototypes, one sequence

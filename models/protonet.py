@@ -7,7 +7,7 @@ GLoFA with both adaptors off, at tau = temperature). No parameters besides the e
 import torch
 import torch.nn as nn
 
-from models import METRICS, FewShotModel, prototype_logits, split_episode
+from models import METRICS, FewShotModel, prototype_logits
 
 
 class ProtoNet(FewShotModel):
@@ -16,11 +16,6 @@ class ProtoNet(FewShotModel):
         if metric not in METRICS:
             raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
         self.encoder, self.metric, self.temperature = encoder, metric, temperature
-
-    def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, None]:
-        """features (..., N*(K+Q), d), shot-major -> (logits (..., N*Q, N), None)."""
-        _, query, prototypes = split_episode(features, n_way, n_shot)
-        return self.head(prototypes, query), None
 
     def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         return prototype_logits(query, prototypes, self.metric, self.temperature)

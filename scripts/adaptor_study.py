@@ -71,16 +71,16 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import atomic_save, read_file  # noqa: E402
-from harness.evaluation import episode_values  # noqa: E402
+from harness.evaluation import episode_values, mean_ci  # noqa: E402
 from models.diagnostics import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since, record_episode,  # noqa: E402
                                 training_diagnostics)
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from harness.runs import run_paths  # noqa: E402
-from harness.stages import PRETRAINED_RATES, pretrained_encoder, run_stages, threads_per_job, variant_figures, variant_stage  # noqa: E402
+from harness.stages import (PRETRAINED_RATES, pretrained_encoder, run_stages, threads_per_job, variant_figures,
+                            variant_stage)  # noqa: E402
 from models import model_on  # noqa: E402
 from train import build_optimizer, episode_loss  # noqa: E402
 from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
-from harness.evaluation import mean_ci  # noqa: E402
 from harness.files import claim_output_folder, save_figure, write_json, write_text  # noqa: E402
 
 SEEDS = (960402, 1, 3)

@@ -26,16 +26,14 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from harness import checkpoints  # noqa: E402
-from harness import runs  # noqa: E402
+from harness import checkpoints, runs  # noqa: E402
 from arguments import MODEL_FLAGS, parse_args  # noqa: E402
-from harness.checkpoints import load_model_checkpoint, load_pretrained, model_of, read_file, strip_module, tensors_of  # noqa: E402
-from dataloader import NORMALIZATIONS, eval_transform, to_rgb  # noqa: E402
-from harness.embeddings import content_digest  # noqa: E402
-from harness.embeddings import feature_cache  # noqa: E402
+from harness.checkpoints import (load_model_checkpoint, load_pretrained, model_of, read_file, strip_module,
+                                 tensors_of)  # noqa: E402
+from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa: E402
+from harness.embeddings import content_digest, feature_cache  # noqa: E402
 from harness.evaluation import EvalOptions  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
-from dataloader import too_large  # noqa: E402
 from harness.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
 from harness.files import PICTURE_FORMATS, check_output, save_figure, write_text  # noqa: E402

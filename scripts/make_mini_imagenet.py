@@ -32,10 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from PIL import Image  # noqa: E402
-from harness.console import progress  # noqa: E402
+from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
 
 from dataloader import SPLITS, read_split, split_csv_path, to_rgb  # noqa: E402
-from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 
 NAME = re.compile(r'^(n\d{8})(\d+)\.\w+$')      # n0153282900000005.jpg: class, 1-based index
 SOURCE = re.compile(r'^n\d{8}_(\d+)\.JPEG$', re.IGNORECASE)  # n01532829_10007.JPEG: numeric suffix

@@ -18,8 +18,7 @@ import torch  # noqa: E402
 
 import arguments  # noqa: E402
 
-from harness import checkpoints  # noqa: E402
-from harness import finding, runs  # noqa: E402
+from harness import checkpoints, finding, runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402

@@ -11,16 +11,15 @@ import torch.nn.functional as F
 import test as test_script
 import train
 from arguments import feat_regulariser, parse_args
-from harness.checkpoints import atomic_save
+from harness.checkpoints import atomic_save, build_model
 from conftest import exits_with, pretrained_file
-from dataloader import FewShotDataset, eval_transform, episode_sampler
+from dataloader import FewShotDataset, episode_sampler, eval_transform
 from harness.embeddings import encode_split
 from harness.evaluation import EvalOptions
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import build_encoder
-from harness.checkpoints import build_model
 from harness.runs import run_name
 from train import build_optimizer
 

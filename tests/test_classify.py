@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 import train
 from arguments import parse_args
 from conftest import exits_with, pretrained_file

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from harness import demo
-from harness.demo import DEMO_SPLITS, FINE_SPLITS
-from harness.demo import FINE_FAMILY_SIZE, generate_demo_dataset, generate_fine_dataset
+from harness.demo import DEMO_SPLITS, FINE_FAMILY_SIZE, FINE_SPLITS, generate_demo_dataset, generate_fine_dataset
 
 N_IMAGES = 3
 

@@ -6,9 +6,7 @@ import sys
 
 import pytest
 import torch
-from harness import checkpoints
-from harness import demo
-from harness import runs
+from harness import checkpoints, demo, runs
 from arguments import DEMO_PRESET, DEMO_ROOTS, parse_args
 from harness.checkpoints import load_pretrained
 from models.glofa import GLoFA

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 import test as test_script
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 from arguments import parse_args
 import train
 from harness.checkpoints import atomic_save, model_state_dict

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from harness import embeddings
-from harness import evaluation
+from harness import embeddings, evaluation
 from dataloader import EpisodeSampler, FewShotDataset, eval_transform
 from harness.demo import write_split
 from models.glofa import GLoFA, query_targets

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-import dataloader
 from harness import forms
 from harness.demo import TIERED_PER_CLASS, write_colour_dataset, write_tiered_dataset
-from dataloader import EpisodeSampler, dataset_format, episode_sampler, eval_transform, generate_data_loader, open_split, read_split, train_transform
+from dataloader import (EpisodeSampler, dataset_format, episode_sampler, eval_transform, generate_data_loader,
+                        open_split, read_split, train_transform)
 from harness.forms import TieredDataset, read_tiered_labels
 from harness.mixing import MultiSourceDataset, episode_group, root_names
 from harness.console import UserError

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 import pretrain
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 import test as test_script
 import train
 from arguments import parse_args

@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from harness import distributed
+from harness import checkpoints, distributed, runs
 import gpu_check  # scripts/ is on pytest's path (pytest.ini)
 import plot_curves
 import pretrain
 from arguments import parse_args
-from pretrain import parse_pretrain_args
-from harness import checkpoints
-from harness import runs
-import pretrain
+from pretrain import ShuffledBatches, build_optimizer, classification_loss, parse_pretrain_args, prototype_accuracies
 import train
 from harness.demo import write_colour_dataset
-from pretrain import ShuffledBatches
-from pretrain import prototype_accuracies
 from models.classifier import EncoderClassifier
-from pretrain import build_optimizer, classification_loss
 from networks import build_encoder
 
 

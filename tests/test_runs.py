@@ -5,10 +5,7 @@ import os
 
 import pytest
 import arguments
-from harness import checkpoints
-from harness import console
-from harness import finding, runs
-from harness import stages as stage_runner
+from harness import checkpoints, console, finding, runs, stages as stage_runner
 import train
 from harness.demo import write_colour_dataset
 

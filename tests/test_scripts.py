@@ -12,8 +12,7 @@ from PIL import Image
 
 import check_dataset  # scripts/ is on pytest's path (pytest.ini)
 import plot_curves
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 import visualize_masks
 from arguments import get_parser, parse_args
 from harness.checkpoints import model_state_dict

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import dataloader
-from harness import embeddings
+from harness import embeddings, runs
 from models import diagnostics
-from harness import runs
 from arguments import parse_args
 import test as test_script
 import train

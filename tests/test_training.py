@@ -5,8 +5,7 @@ import re
 
 import pytest
 import torch
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 import train
 from arguments import get_parser, parse_args
 

@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 import pretrain
-from harness import checkpoints
-from harness import runs
+from harness import checkpoints, runs
 import test as test_script
 import train
 from arguments import parse_args

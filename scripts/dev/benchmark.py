@@ -49,27 +49,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from harness import distributed  # noqa: E402
-from harness import checkpoints  # noqa: E402
-from harness import runs  # noqa: E402
-from harness import stages  # noqa: E402
+from harness import checkpoints, distributed, runs, stages  # noqa: E402
 import train  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
-from pretrain import parse_pretrain_args  # noqa: E402
-from dataloader import FewShotDataset, SPLITS, eval_transform, generate_data_loader, ignore_interrupts, open_split, train_transform  # noqa: E402
-from harness.forms import TieredDataset  # noqa: E402
-from harness.demo import PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split  # noqa: E402
+from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
+from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, ignore_interrupts, open_split,
+                        train_transform)  # noqa: E402
+from harness.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
+from harness.demo import (PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split)  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
-from harness.evaluation import Episodes, EvalOptions, SplitFeatures, choose_eval_mode, run_episodes  # noqa: E402
+from harness.evaluation import (Episodes, EvalOptions, SplitFeatures, accuracy_line, choose_eval_mode, run_episodes)  # noqa: E402
 from models.classifier import EncoderClassifier  # noqa: E402
-from pretrain import build_optimizer, classification_loss  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
-from harness.forms import CONVERTED, convert_split  # noqa: E402
 from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
 from harness.console import exits_cleanly  # noqa: E402
 from harness.device import autocast, keep_freed_memory, place_model, select_device  # noqa: E402
-from harness.evaluation import accuracy_line  # noqa: E402
 from harness.files import check_output, write_json  # noqa: E402
 
 
