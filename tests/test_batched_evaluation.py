@@ -4,28 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 from harness import embeddings
+from benchmark import Labels, given  # scripts/dev/ (pytest.ini puts it on the path)
 from dataloader import episode_sampler
 from harness.embeddings import episode_batch_size
-from harness.evaluation import Episodes, EvalOptions, SplitFeatures, run_episodes
+from harness.evaluation import Episodes, EvalOptions, run_episodes
 from models.glofa import ADAPTORS, GLoFA, query_targets
-
-
-class Labels:
-    """A split known by its labels alone (all the episode sampler reads), for embeddings made in memory."""
-
-    def __init__(self, labels, class_names):
-        self.labels, self.class_names = list(labels), list(class_names)
-        self.split, self.location, self.source_names = 'test', 'embeddings in memory', ['memory']
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def given(embeddings: torch.Tensor) -> SplitFeatures:
-    """Embeddings computed elsewhere, (n_images, d) in the split's order, as the cached way takes them."""
-    features = SplitFeatures(torch.nn.Identity(), None, None)
-    features.features = embeddings
-    return features
 
 D = 640
 CPU = torch.device('cpu')
