@@ -133,7 +133,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '
               f'--network_name convnet (Conv-4) takes seconds')
     check_output_folder(args.save_dir, '--save_dir')
-    paths, root = run_paths(args), data_path(args)
+    identity = run_identity(args)  # the data and the pretrained weights by content: made once
+    name, root = run_name(args, identity), data_path(args)
+    paths = run_paths(args, name)
 
     # ---------------- data
     with flag_hint(DATA_FLAGS):
@@ -157,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = place_model(build_model(args, pretrained=record is None), args, device)
     optimizer = build_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)  # per gap
-    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), run_identity(args),
+    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), identity,
               generators=generators)
     if record is not None:
         load_last(run, record)
@@ -165,10 +167,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 statistics=record['statistics'])
         print(f"resumed {paths.last} at episode {run.progress.done}")
     trim_log(paths.log, 'episode', run.progress.done)
-    write_identity({'run': run_name(args), **run.config}, paths)
-    open_tensorboard(run, run_name(args))
+    write_identity({'run': name, **run.config}, paths)
+    open_tensorboard(run, name)
     validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
-    print(f'run {run_name(args)} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images in train / '
+    print(f'run {name} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images in train / '
           f'val / test; validation: {describe_eval_mode(args, validation, len(val_set))}')
 
     # ---------------- meta-training

@@ -104,10 +104,11 @@ def model_config(args) -> dict:
             **{key: getattr(args, key) for key in MODEL_KEYS[args.model_name]}}
 
 
-def run_name(args) -> str:
-    """A readable name plus a short hash of the run's whole identity, so distinct runs never share
-    files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
-    digest = hashlib.sha256(json.dumps(run_identity(args), sort_keys=True).encode()).hexdigest()[:8]
+def run_name(args, identity: Optional[dict] = None) -> str:
+    """A readable name plus a short hash of the run's whole identity (``run_identity``, made here unless given),
+    so distinct runs never share files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
+    identity = run_identity(args) if identity is None else identity
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     if args.model_name == 'glofa':
         variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
         if args.h_bias_init is not None:
@@ -133,9 +134,10 @@ class RunPaths:
         return [p for p in (self.best, self.last, self.stat, self.log, self.identity) if p]
 
 
-def run_paths(args) -> RunPaths:
-    """A meta-training run's files under --save_dir: best checkpoint, last state, statistics, JSON log, identity."""
-    name = run_name(args)
+def run_paths(args, name: Optional[str] = None) -> RunPaths:
+    """A meta-training run's files under --save_dir (``name``: ``run_name``'s, made here unless given): best
+    checkpoint, last state, statistics, JSON log, identity."""
+    name = run_name(args) if name is None else name
     models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
     return RunPaths(best=os.path.join(models, f'{name}.model'), last=os.path.join(models, f'{name}.last.model'),
                     log=os.path.join(stats, f'{name}.log.jsonl'), identity=os.path.join(stats, f'{name}.run.json'),
