@@ -9,16 +9,14 @@ Classes are numbered in order of first appearance. The sampler sees labels only 
 *shot-major* order (see ``EpisodeSampler``).
 """
 import csv
-import multiprocessing
 import os
-import signal
 import sys
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.console import UserError
 try:
@@ -206,10 +204,13 @@ class SplitDataset(Dataset):
         return torch.zeros(len(self), dtype=torch.long)
 
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
-        return self.read(item)[:2]
+        x, label, note = self.read(item)
+        if note:
+            say_notes([(self.location, note)])
+        return x, label
 
     def read(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, Optional[str]]:
-        """(image, label, a note about the image or None: ``small_image_note``), for ``Reported``."""
+        """(image, label, a note about the image or None: ``small_image_note``); workers carry the note."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         i = int(i)
         image = self.load_image(i)
@@ -431,126 +432,40 @@ def small_image_note(path: str, size: tuple[int, int]) -> Optional[str]:
             f'scaled up without any detail (said once per dataset; scripts/check_dataset.py lists every such image)')
 
 
-class Noted(NamedTuple):
-    """An item and a note about it (``small_image_note``), carried to the main process, which says the
-    first note of each dataset (``key``) once."""
-    item: tuple
-    key: str
-    note: str
-
-
-class Failure(NamedTuple):
-    """A UserError met while reading an item, carried as data: a loader worker's exceptions reach the
-    main process as traceback text, its results intact."""
-    message: str
-
-
-class Reported(Dataset):
-    """What a loader reads: ``dataset``'s items, or the Failure of the first item that cannot be read."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        try:
-            x, label, note = self.dataset.read(item)
-        except UserError as error:
-            return Failure(str(error))
-        return Noted((x, label), self.dataset.location, note) if note else (x, label)
-
-
-def collate(items: list):
-    """The batch of ``items`` (with a third element, the notes, when any item has one), or the first Failure."""
-    failure = next((item for item in items if isinstance(item, Failure)), None)
-    if failure is not None:
-        return failure
-    notes = [(item.key, item.note) for item in items if isinstance(item, Noted)]
-    batch = default_collate([item.item if isinstance(item, Noted) else item for item in items])
-    return [*batch, notes] if notes else batch
-
-
 _said: set = set()  # the datasets whose note this process has said
 
 
 def say_notes(notes: list[tuple[str, str]]) -> None:
-    """Print the first note of each dataset (key) once per process: the main process, which reads every
-    loader's batches, says each once per run."""
+    """Print the first note of each dataset (key) once per process (the main one reads every batch)."""
     for key, note in notes:
         if key not in _said:
             _said.add(key)
             print(note, file=sys.stderr)
 
 
-def iterate(loader: DataLoader) -> Iterator:
-    """The loader's batches; a Failure read in any process is raised here, as the UserError it was.
-
-    Ctrl-C and SIGTERM are held back while worker processes start: they are delivered just after, to
-    the main process (a KeyboardInterrupt raised during a fork can be lost). So is SIGCHLD, the news
-    that another loader's worker died (torch's check raises on it, which inside a fork's callbacks
-    only prints a traceback). The workers inherit the block; ``ignore_interrupts`` ignores Ctrl-C
-    there and lets SIGTERM and SIGCHLD in again."""
-    if loader.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
-        return _raise_failures(iter(loader))
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD} if loader.worker_init_fn is ignore_interrupts \
-        else {signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        return _raise_failures(iter(loader))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class _raise_failures:
-    """The loader's iterator with each Failure raised. An object, not a generator: a generator stopped
-    by Ctrl-C would drop the loader's iterator at once, whose workers' teardown then reports the same
-    signal before the entry point's handler has quietened it."""
-
-    def __init__(self, batches: Iterator):
-        self.batches = batches
-
-    def __iter__(self) -> '_raise_failures':
-        return self
-
-    def __next__(self):
-        batch = next(self.batches)
-        if isinstance(batch, Failure):
-            raise UserError(batch.message)
-        if len(batch) == 3:  # images, labels, notes
-            say_notes(batch[2])
-            batch = batch[:2]
-        return batch
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which saves, stops them and exits cleanly. SIGTERM is
-    let in again (torch's handler in the worker exits quietly when the main process stops it), and so
-    is SIGCHLD, which ``iterate`` held back."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, 'pthread_sigmask'):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
-    sys.excepthook = _quiet_when_the_main_process_exits
-
-
-def _quiet_when_the_main_process_exits(*exc_info) -> None:
-    """A worker's helper thread (the one that hands a batch's memory to the main process) fails when the
-    main process exits in the middle of a transfer, as it does after Ctrl-C or SIGTERM: nothing to
-    report then. Any other uncaught error is printed as usual."""
-    parent = multiprocessing.parent_process()
-    if parent is None or not multiprocessing.connection.wait([parent.sentinel], timeout=1):
-        sys.__excepthook__(*exc_info)
+def data_loader(dataset: Dataset, n_workers: int = 0, pin_memory: bool = False, **batching) -> DataLoader:
+    """A loader of ``dataset`` (``batching``: batch_sampler=, or batch_size= and shuffle=); with workers, the
+    one of ``harness.workers``. Its own generator seeds the workers: the global random state is left alone."""
+    if n_workers > 0:
+        from harness.workers import worker_loader
+        return worker_loader(dataset, n_workers, pin_memory, **batching)
+    batching.pop('persistent_workers', None)
+    return DataLoader(dataset, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **batching)
 
 
 def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,
                    persistent: bool = False) -> DataLoader:
     """A loader of whole episodes: each batch is one episode from ``batch_sampler`` (or one batch of a
     ``ShuffledBatches``)."""
-    return DataLoader(Reported(dataset), batch_sampler=batch_sampler, num_workers=n_workers, pin_memory=pin_memory,
-                      persistent_workers=persistent, worker_init_fn=ignore_interrupts, collate_fn=collate,
-                      # worker seeds come from their own generator, never from the global random state
-                      generator=torch.Generator().manual_seed(0))
+    return data_loader(dataset, n_workers, pin_memory, batch_sampler=batch_sampler, persistent_workers=persistent)
+
+
+def iterate(loader: DataLoader) -> Iterator:
+    """The loader's batches; with workers, ``harness.workers.iterate`` (a UserError in a worker raised here)."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    from harness.workers import iterate
+    return iterate(loader)
 
 
 def too_large(error: Exception) -> Optional[str]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from dataloader import IMAGE_SIZE, Reported, collate, ignore_interrupts, iterate
+from dataloader import IMAGE_SIZE, data_loader, iterate
 from harness.console import UserError, progress
 from harness.device import autocast, to_device
 from harness.evaluation import Episodes, EvalOptions
@@ -164,6 +164,4 @@ def content_digest(paths: Sequence[str]) -> str:
 def image_loader(dataset: Dataset, batch_size: int = 128, n_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """Every image of a split once, in order: for encoding a split in batches."""
-    return DataLoader(Reported(dataset), batch_size=batch_size, shuffle=False, num_workers=n_workers,
-                      pin_memory=pin_memory, worker_init_fn=ignore_interrupts, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(0))
+    return data_loader(dataset, n_workers, pin_memory, batch_size=batch_size, shuffle=False)

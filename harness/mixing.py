@@ -54,9 +54,6 @@ class MultiSourceDataset(Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def stamp(self) -> dict:
-        return {'split': self.split, 'roots': [d.stamp() for d in self.datasets]}
-
     def files(self) -> list[str]:
         return [path for d in self.datasets for path in d.files()]
 
@@ -71,8 +68,7 @@ class MultiSourceDataset(Dataset):
         k, j = self.locate(int(i))
         return self.datasets[k].load_image(j)
 
-    def __getitem__(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
-        return self.read(item)[:2]
+    __getitem__ = SplitDataset.__getitem__  # the image and label; its note said once
 
     def read(self, item: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int, Optional[str]]:
         i, seed = item if isinstance(item, tuple) else (item, None)

@@ -113,10 +113,10 @@ def test_query_targets_match_loader_labels(tiny_dataset, split, n_way, n_shot, n
 
 def test_loader_draws_the_episodes_of_a_sampler_seeded_alike(tiny_dataset):
     loader = generate_data_loader(open_split(tiny_dataset, 'val', eval_transform()), 3, 3, 4, n_workers=0, seed=9)
-    sampler = EpisodeSampler(loader.dataset.dataset.labels, 3, 3, 4, generator=torch.Generator().manual_seed(9))
+    sampler = EpisodeSampler(loader.dataset.labels, 3, 3, 4, generator=torch.Generator().manual_seed(9))
     for (images, labels), episode in zip(loader, sampler):
-        assert torch.equal(labels, torch.tensor(loader.dataset.dataset.labels)[episode])
-        assert torch.equal(images[0], loader.dataset.dataset[int(episode[0])][0])
+        assert torch.equal(labels, torch.tensor(loader.dataset.labels)[episode])
+        assert torch.equal(images[0], loader.dataset[int(episode[0])][0])
 
 
 def test_episodes_are_those_of_earlier_versions():

@@ -53,7 +53,7 @@ from harness import checkpoints, distributed, runs, stages  # noqa: E402
 import train  # noqa: E402
 from arguments import default_workers, parse_args  # noqa: E402
 from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
-from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, ignore_interrupts, open_split,
+from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
                         train_transform)  # noqa: E402
 from harness.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
 from harness.demo import (PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split)  # noqa: E402
@@ -283,6 +283,7 @@ def memory(pid: int) -> dict:
 def workers_peak(dataset, workers: int, context: str) -> dict:
     """Peak summed memory of the loader's workers while they read every image once."""
     from torch.utils.data import DataLoader
+    from harness.workers import ignore_interrupts
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, multiprocessing_context=context,
                         worker_init_fn=ignore_interrupts)
     peak = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)
