@@ -20,8 +20,7 @@ from harness.checkpoints import build_model, load_model_checkpoint
 from harness.console import UserError, exit_on_interrupt, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
-                                setting_figures, split_episodes, stored_features, write_figures)
-from harness.files import check_output, command_inputs
+                                split_episodes, stored_features)
 from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, git_revision, model_config, run_paths,
                           split_files_beside, start, unfinished_line)
 
@@ -104,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
         for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
             check_disjoint(args, {'test': part, **split_files_beside(root, 'test')})
-    if args.json:
+    if args.json:  # the rule for outputs, before any work (harness.outputs)
+        from harness.outputs import check_output, command_inputs
         check_output(args.json, '--json', [*command_inputs(args, dataset), model_path], args.overwrite)
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
@@ -141,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if features.warning():
         print(features.warning())
     if args.json:
+        from harness.outputs import setting_figures, write_figures
         write_figures(args.json, [setting_figures(n, k, r) for (n, k), r in results.items()],
                       checkpoint=model_path, seed=args.seed, Q=args.Q, revision=git_revision())
     return results

@@ -19,8 +19,8 @@ from harness.checkpoints import atomic_save, build_model, load_model_checkpoint,
 from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
 from harness.device import autocast, backward, grad_scaler, place_model, step, to_device
 from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
-                                setting_figures, split_episodes, stored_features, write_figures)
-from harness.files import check_output, check_output_folder, command_inputs, trim_log
+                                split_episodes, stored_features)
+from harness.files import check_output_folder, trim_log
 from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite,
                           data_path, git_revision, interrupted_message, load_last, log_entry, model_config,
                           open_tensorboard, run_identity, run_name, run_paths, save_last, start, write_identity)
@@ -143,7 +143,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         test_set = open_split(root, 'test', eval_transform(args.normalization))
         check_disjoint(args, {'train': train_set, 'val': val_set, 'test': test_set})
-    if args.json:
+    if args.json:  # the rule for outputs, before any work (harness.outputs)
+        from harness.outputs import check_output, command_inputs
         check_output(args.json, '--json', command_inputs(args, train_set, val_set, test_set), args.overwrite)
     with flag_hint(EPISODE_FLAGS):
         train_loader = generate_data_loader(train_set, args.episode_gap, args.N, args.K + args.Q, args.n_workers,
@@ -218,6 +219,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if features.warning():
         print(features.warning())
     if args.json:
+        from harness.outputs import setting_figures, write_figures
         write_figures(args.json, [setting_figures(args.N, args.K, results)])
     return {'statistics': p.statistics, 'test_accuracies': results.accuracies, 'test': results, 'paths': paths}
 

@@ -15,7 +15,8 @@ from dataloader import IMAGE_SIZE, data_loader, iterate
 from harness.console import UserError, progress
 from harness.device import autocast, to_device
 from harness.evaluation import Episodes, EvalOptions
-from harness.files import atomic_write, write_json
+from harness.files import atomic_write
+from harness.outputs import write_json
 from networks import forward_count, set_forward_count
 
 

@@ -16,7 +16,6 @@ from dataloader import episode_loader, episode_sampler, iterate
 from harness.checkpoints import weights_digest
 from harness.console import UserError, progress
 from harness.device import autocast, to_device
-from harness.files import write_json
 from models import FewShotModel
 from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line
 from models.glofa import query_targets
@@ -257,23 +256,6 @@ def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str 
     if results.adaptors_off(adaptor):
         lines.append(adaptors_off_warning(results, 'test', adaptor))
     return lines
-
-
-def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
-    """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
-    mean, ci = mean_ci(results.accuracies)
-    figures = {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
-               'mode': results.mode, **results.diagnostics()}
-    if results.groups is not None:
-        figures['groups'] = {group: dict(zip(('accuracy', 'ci95'), (100 * v for v in mean_ci(values))),
-                                         episodes=len(values))
-                             for group, values in results.group_accuracies().items()}
-    return figures
-
-
-def write_figures(path: str, settings: list[dict], **extra) -> None:
-    """Write the figures of one or more settings to a JSON file (its folder is created)."""
-    write_json(path, {**extra, 'settings': settings})
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:

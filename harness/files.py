@@ -1,10 +1,9 @@
-"""The files the programs write: never an input, never a file of the user's, always whole (temporary file, fsync,
-rename); JSON logs."""
+"""Files written whole or not at all (temporary file, fsync, rename), the output folder, the JSON-lines logs."""
 import contextlib
 import json
 import os
 import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 from harness.console import UserError, writing
 
@@ -20,64 +19,6 @@ def check_output_folder(path: str, flag: str) -> None:
         os.remove(probe)
     except OSError as error:
         raise UserError(f'{flag} {path} cannot be written ({error.strerror or error})') from None
-
-
-# Every JSON file and picture the programs write carries this mark (a CSV, its header): an existing file
-# with it is theirs to replace; any other existing file is replaced only with --overwrite.
-OUTPUT_MARK = 'GLoFA-reproduction'
-
-
-FOLDER_MARK = '.glofa-output'  # in a folder of outputs (a study's --out): the folder is the programs'
-
-
-PICTURE_FORMATS = {'.png': 'Software', '.pdf': 'Creator', '.svg': 'Creator'}  # and the metadata key of the mark
-
-
-def carries_mark(path: str, mark: str = OUTPUT_MARK) -> bool:
-    try:
-        with open(path, 'rb') as f:
-            return mark.encode() in f.read(1 << 24)
-    except OSError:
-        return False
-
-
-def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: Optional[bool] = None,
-                 formats: Optional[Sequence[str]] = None, mark: str = OUTPUT_MARK) -> None:
-    """The one rule for a file a program writes, checked before any work (one line naming ``flag`` and the path
-    otherwise): not one of the command's ``inputs`` (the same file by any name, a link too); a
-    file name ending in one of ``formats`` when given; new, or written by these programs (it carries ``mark``), or
-    ``overwrite`` (the command's --overwrite; None for a command without one); its folder writable."""
-    if formats and os.path.splitext(path)[1].lower() not in formats:
-        raise UserError(f'{flag} {path}: expected a file ending in {" or ".join(formats)}')
-    if os.path.exists(path):  # the same file as an input, by any name (a link, a hard link)
-        target = os.stat(path)
-        for given in inputs:
-            try:
-                info = os.stat(given)
-            except (OSError, TypeError, ValueError):
-                continue
-            if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
-                raise UserError(f'{flag} {path} is an input of this command ({given}): refused, nothing written '
-                                f'(choose another file)')
-    if os.path.isdir(path):
-        raise UserError(f'{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, "out" + (formats or [".json"])[0])}')
-    if os.path.lexists(path) and not overwrite and not carries_mark(path, mark):
-        instead = 'remove it first' if overwrite is None else 'add --overwrite'
-        raise UserError(f'{flag} {path} exists and was not written by this program: refused, so nothing of yours is '
-                        f'replaced (choose another file, or {instead})')
-    check_output_folder(os.path.dirname(path) or '.', flag)
-
-
-def claim_output_folder(path: str, flag: str) -> None:
-    """Before any work: ``path`` is a new or empty folder, or one a program of this repository made (it holds
-    FOLDER_MARK), and can be written; it is marked as theirs. Anything else is refused, naming it."""
-    mark = os.path.join(path, FOLDER_MARK)
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(mark):
-        raise UserError(f'{flag} {path} is not empty and was not made by this program (no {FOLDER_MARK} file): '
-                        f'refused, so nothing of yours is replaced; choose a new or empty folder')
-    check_output_folder(path, flag)
-    if not os.path.isfile(mark):
-        atomic_write(mark, lambda f: f.write(OUTPUT_MARK + '\n'), binary=False)
 
 
 _UMASK = os.umask(0)
@@ -110,11 +51,6 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
-def write_json(path: str, obj: dict) -> None:
-    """A JSON output, atomically, carrying OUTPUT_MARK (under 'written_by')."""
-    atomic_write(path, lambda f: json.dump({**obj, 'written_by': OUTPUT_MARK}, f, indent=1), binary=False)
-
-
 def append_log(path: str, entry: dict) -> None:
     """One JSON line more in the run's log."""
     with writing(path), open(path, 'a') as log:
@@ -136,17 +72,3 @@ def trim_log(path: str, key: str, last: int) -> None:
                 pass
     with open(path, 'w') as f:
         f.writelines(kept)
-
-
-def save_figure(figure, path: str) -> None:
-    """Write a matplotlib figure to ``path`` atomically, carrying OUTPUT_MARK in its metadata (matplotlib is
-    imported by the caller); its format is that of the name's extension (PICTURE_FORMATS)."""
-    extension = os.path.splitext(path)[1].lower()
-    key = PICTURE_FORMATS.get(extension, 'Software')
-    atomic_write(path, lambda f: figure.savefig(f, format=extension[1:] or 'png', metadata={key: OUTPUT_MARK}))
-
-
-def command_inputs(args, *datasets) -> list[str]:
-    """What no output of a command may be (utils.check_output): its weights files and every file of its data."""
-    weights = [getattr(args, flag, None) for flag in ('pretrained', 'model_path')]
-    return [p for p in weights if p and p.lower() != 'none'] + [path for d in datasets for path in d.files()]

@@ -88,3 +88,19 @@ def trained_in_another_setting(args, path: str) -> str:
                         f'other settings: {listed}; choose one with --N and --K of its training, or --model_path')
     raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') +
                     '; or train this run first (train.py with the same flags)')
+
+
+def resume_elsewhere(args, paths) -> None:
+    """--resume with no saved state for these flags: refused when an unfinished run of the same data and model
+    differs only in other flags (its flags continue it); else the nearest runs are named and a new run starts."""
+    others = [(name, diff, saved_state(os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')))
+              for name, diff in (other_runs(args) if paths.stat else [])]  # train.py's runs: named by identity
+    unfinished = [(name, diff) for name, diff, state in others if state == 'unfinished']
+    if unfinished:
+        name, diff = unfinished[0]
+        raise UserError(f'--resume: no run with these flags, but the unfinished run {name} of the same data and '
+                        f'model differs only in {describe_differences(diff)}: give its flags to continue it, or '
+                        f'drop --resume to start this new run')
+    for name, diff, state in others[:3]:
+        print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
+    print(f'no saved state {paths.last} yet: starting a new run')

@@ -180,18 +180,8 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
     if args.resume and distributed.is_main_process():
-        from harness.finding import describe_differences, other_runs, saved_state
-        others = [(name, diff, saved_state(os.path.join(args.save_dir, 'trained_models', f'{name}.last.model')))
-                  for name, diff in (other_runs(args) if paths.stat else [])]  # train.py's runs: named by identity
-        unfinished = [(name, diff) for name, diff, state in others if state == 'unfinished']
-        if unfinished:
-            name, diff = unfinished[0]
-            raise UserError(f'--resume: no run with these flags, but the unfinished run {name} of the same data and '
-                            f'model differs only in {describe_differences(diff)}: give its flags to continue it, or '
-                            f'drop --resume to start this new run')
-        for name, diff, state in others[:3]:
-            print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
-        print(f'no saved state {paths.last} yet: starting a new run')
+        from harness.finding import resume_elsewhere
+        resume_elsewhere(args, paths)
     return None
 
 

@@ -6,8 +6,8 @@ import torch
 
 from harness.checkpoints import build_model
 from harness.device import place_model
-from harness.evaluation import (EvalOptions, SplitFeatures, result_lines, run_episodes, setting_figures,
-                                split_episodes, stored_features, write_figures)
+from harness.evaluation import EvalOptions, SplitFeatures, result_lines, run_episodes, split_episodes, stored_features
+from harness.outputs import setting_figures, write_figures
 from harness.runs import git_revision
 from arguments import with_setting
 

@@ -36,7 +36,8 @@ from harness.evaluation import EvalOptions  # noqa: E402
 from networks import NETWORKS, build_encoder  # noqa: E402
 from harness.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
-from harness.files import PICTURE_FORMATS, check_output, save_figure, write_text  # noqa: E402
+from harness.files import write_text  # noqa: E402
+from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 CSV_HEADER = ['file', 'prediction', 'probability']  # then one column per class; also the mark of a CSV of ours
 

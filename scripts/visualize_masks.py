@@ -27,7 +27,7 @@ from harness.evaluation import EvalOptions, stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
 from harness.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
-from harness.files import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
+from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 CAPTION = (
     'How to read this figure. Top: the support images of the episode, one column per class. Bottom: one row per '

@@ -65,7 +65,7 @@ from networks import build_encoder  # noqa: E402
 from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
 from harness.console import exits_cleanly  # noqa: E402
 from harness.device import autocast, keep_freed_memory, place_model, select_device  # noqa: E402
-from harness.files import check_output, write_json  # noqa: E402
+from harness.outputs import check_output, write_json  # noqa: E402
 
 
 class Labels:

@@ -47,7 +47,7 @@ from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
 from harness.console import exits_cleanly  # noqa: E402
-from harness.files import check_output, write_json  # noqa: E402
+from harness.outputs import check_output, write_json  # noqa: E402
 
 TOLERANCE = 1e-3
 FULL_PRETRAINING_STEPS = 100 * 300  # pretrain.py's defaults on mini-ImageNet: 100 epochs of 38400 / 128 steps
