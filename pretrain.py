@@ -328,7 +328,7 @@ def pretrain(args, built: list) -> dict:
     if main_process:  # an existing file there is the existing-run rule's (check_existing_run)
         check_output(paths.best, '--out' if args.out else '--save_dir', command_inputs(args, train_set, val_set), True)
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
-                                'pass --out to write elsewhere, or --resume with more --epochs to continue it')
+                                'pass --out to write elsewhere, or --resume with more --epochs to continue it', main_process)
     distributed.barrier()  # rank 0 may have removed an earlier run's files (--overwrite)
     sampler = ShuffledBatches(len(train_set), args.batch_size, args.seed, distributed.rank(), processes)
     loader = episode_loader(train_set, sampler, args.n_workers, pin_memory=device.type == 'cuda',
@@ -339,10 +339,11 @@ def pretrain(args, built: list) -> dict:
     if args.channels_last:
         model.encoder.to(memory_format=torch.channels_last)
     model = distributed.wrap(model, device, args.sync_bn)
-    optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
+    plain = distributed.unwrap(model)
+    optimizer = build_optimizer(args.optimizer, plain.parameters(), args.lr, args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma)
     run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), pretrain_identity(args),
-              Progress(best_accuracy=-1.0))
+              Progress(best_accuracy=-1.0), rank=distributed.rank(), world_size=processes, plain=plain)
     built.append(run)
     p = run.progress
     if record is not None:

@@ -1,8 +1,8 @@
-"""The one module that knows about torch.distributed; everything else asks through it.
+"""The one module that knows about torch.distributed.
 
-``torchrun --nproc_per_node G script.py`` starts G processes and gives each RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment. A plain ``python script.py`` has none of
-them: it is rank 0 of 1, and no function here touches torch.distributed for it.
+``torchrun --nproc_per_node G script.py`` gives each of its G processes RANK, LOCAL_RANK and WORLD_SIZE (and
+MASTER_ADDR, MASTER_PORT) in its environment. A plain ``python script.py`` is rank 0 of 1, and no function here
+touches torch.distributed for it.
 """
 import os
 from typing import Any
@@ -12,32 +12,32 @@ import torch.nn as nn
 
 from harness.console import ProcessError, UserError
 
-ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
-
 
 def launched() -> bool:
     """True in a process started by torchrun (or anything else that sets its environment variables)."""
-    return all(name in os.environ for name in ENV)
+    return all(name in os.environ for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
 
 
-def _env(name: str) -> int:
+def _env(name: str, single: int) -> int:
+    """The torchrun variable ``name``; ``single`` in a plain process."""
+    if not launched():
+        return single
     try:
         return int(os.environ[name])
     except ValueError:
-        raise UserError(f'environment variable {name}={os.environ[name]!r} is not an integer '
-                        f'(it is set by torchrun)') from None
+        raise UserError(f'environment variable {name}={os.environ[name]!r} is not an integer (torchrun sets it)') from None
 
 
 def rank() -> int:
-    return _env('RANK') if launched() else 0
+    return _env('RANK', 0)
 
 
 def local_rank() -> int:
-    return _env('LOCAL_RANK') if launched() else 0
+    return _env('LOCAL_RANK', 0)
 
 
 def world_size() -> int:
-    return _env('WORLD_SIZE') if launched() else 1
+    return _env('WORLD_SIZE', 1)
 
 
 def is_main_process() -> bool:
@@ -50,14 +50,14 @@ def _initialized() -> bool:
 
 
 def setup(device: torch.device) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and return this process's device:
-    CUDA device LOCAL_RANK under torchrun, ``device`` otherwise."""
+    """Join the process group (NCCL on CUDA, gloo on the CPU); this process's device: CUDA device LOCAL_RANK
+    under torchrun, ``device`` otherwise."""
     if not launched():
         return device
     if device.type == 'cuda':
         if local_rank() >= torch.cuda.device_count():
             raise ProcessError(f'process {rank()} has LOCAL_RANK {local_rank()}, but this machine has '
-                            f'{torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node')
+                               f'{torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node')
         device = torch.device('cuda', local_rank())
         torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl', device_id=device)
@@ -67,8 +67,8 @@ def setup(device: torch.device) -> torch.device:
 
 
 def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
-    """DistributedDataParallel around ``model`` (already on ``device``) under torchrun, ``model`` itself
-    otherwise. With ``sync_bn`` the BatchNorm layers first become SyncBatchNorm (CUDA only)."""
+    """DistributedDataParallel around ``model`` (on ``device``) under torchrun, with SyncBatchNorm if ``sync_bn``;
+    ``model`` itself otherwise."""
     if not launched():
         return model
     if sync_bn:
@@ -82,7 +82,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums of ``values`` over all processes (the values themselves in a single process)."""
+    """Sums of ``values`` over all processes."""
     if not _initialized():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -91,7 +91,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def gather_objects(obj: Any) -> list:
-    """``obj`` of every process, in rank order (``[obj]`` in a single process)."""
+    """``obj`` of every process, in rank order."""
     if not _initialized():
         return [obj]
     gathered = [None] * world_size()
@@ -100,12 +100,10 @@ def gather_objects(obj: Any) -> list:
 
 
 def barrier() -> None:
-    """Wait until every process gets here."""
     if _initialized():
         torch.distributed.barrier()
 
 
 def cleanup() -> None:
-    """Leave the process group."""
     if _initialized():
         torch.distributed.destroy_process_group()

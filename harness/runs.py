@@ -4,26 +4,22 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass, field
 from typing import Callable, Optional
-from dataclasses import dataclass
-from dataclasses import field
-import torch.nn as nn
+
 import torch
+import torch.nn as nn
+
 from arguments import MODEL_FLAGS, feat_regulariser
 from dataloader import FewShotDataset, SPLITS, dataset_format, overlap_error
-from harness import distributed
 from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
 from harness.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
 from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
 from harness.files import append_log
 from networks import forward_count, set_forward_count
-# IMPORTS
 
-
-# the flags that choose what the data layer reads, named when it refuses something
+# the flags named when the data layer refuses something
 DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
-
-
 EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
 
 
@@ -34,8 +30,7 @@ def data_path(args) -> list[str]:
 
 
 def data_label(args) -> str:
-    """The data part of a run name: the root's folder name; for several roots, their names joined by
-    '+' and the task mix, e.g. demo+demo_fine-mixclass."""
+    """The data part of a run name: the root's folder name, or the roots' joined, e.g. demo+demo_fine-mixclass."""
     roots = data_path(args)
     if len(roots) == 1:
         return os.path.basename(os.path.normpath(roots[0])) or 'data'
@@ -44,15 +39,14 @@ def data_label(args) -> str:
 
 
 def data_identity(args) -> dict:
-    """The data of a run, by content and not by location (a moved dataset keeps its runs): ``root_digest`` of
-    each root, and the task mix when there are several roots."""
+    """The data of a run by content, not location (a moved dataset keeps its runs), and the mix of several roots."""
     roots = data_path(args)
     return {'data': [root_digest(root) for root in roots], 'task_mix': args.task_mix if len(roots) > 1 else None}
 
 
 def root_digest(root: str) -> str:
-    """A dataset's digest from its split files' contents and the names and sizes of its other files (the
-    images folder's too): cheap enough for every start, and other images or labels give another digest."""
+    """The digest of the split files' contents and the other files' names and sizes (images/ too): cheap at every
+    start, and other images or labels give another digest."""
     digest = hashlib.blake2b(digest_size=8)
     for folder, read in ((root, False), (os.path.join(root, 'split'), True), (os.path.join(root, 'images'), False)):
         with contextlib.suppress(OSError):
@@ -71,7 +65,7 @@ def weights_identity(path: str) -> str:
 
 
 def model_flags(args) -> dict:
-    """The chosen model's own flags (arguments.MODEL_FLAGS), FEAT's regulariser resolved for the shot."""
+    """The model's own flags (arguments.MODEL_FLAGS), FEAT's regulariser resolved for the shot."""
     flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
     if args.model_name == 'feat':
         flags['temperature2'], flags['balance'] = feat_regulariser(args, args.K)
@@ -79,9 +73,8 @@ def model_flags(args) -> dict:
 
 
 def run_identity(args) -> dict:
-    """Everything that defines a run's result: the data and the pretrained weights (by content), the model and its flags,
-    the optimisation, the schedule and the seed. Execution options (device, workers, --amp,
-    --channels_last, --save_dir) are left out: they change how fast a run goes, not what it is."""
+    """What defines a run's result: data and pretrained weights (by content), model, optimisation, schedule, seed;
+    not how fast it runs (device, workers, --amp, --channels_last, --save_dir)."""
     return {
         **data_identity(args),
         'network_name': args.network_name, 'model_name': args.model_name, **model_flags(args),
@@ -105,8 +98,7 @@ def model_config(args) -> dict:
 
 
 def run_name(args, identity: Optional[dict] = None) -> str:
-    """A readable name plus a short hash of the run's whole identity (``run_identity``, made here unless given),
-    so distinct runs never share files, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
+    """A readable name and a hash of the whole identity, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
     identity = run_identity(args) if identity is None else identity
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     if args.model_name == 'glofa':
@@ -123,11 +115,10 @@ def run_name(args, identity: Optional[dict] = None) -> str:
 
 @dataclass
 class RunPaths:
-    """A run's files."""
     best: str      # the best weights: train.py's <run>.model, pretrain.py's FEAT-format output
     last: str      # the whole state after the last finished episode gap or epoch, to resume from
     log: str       # one JSON line per validation
-    identity: str  # <run>.run.json: what defines the run
+    identity: str  # <run>.run.json: what defines the run; its lock
     stat: Optional[str] = None  # train.py: the statistics record of the reference code
 
     def files(self) -> list[str]:
@@ -135,8 +126,7 @@ class RunPaths:
 
 
 def run_paths(args, name: Optional[str] = None) -> RunPaths:
-    """A meta-training run's files under --save_dir (``name``: ``run_name``'s, made here unless given): best
-    checkpoint, last state, statistics, JSON log, identity."""
+    """A meta-training run's files under --save_dir."""
     name = run_name(args) if name is None else name
     models, stats = os.path.join(args.save_dir, 'trained_models'), os.path.join(args.save_dir, 'statistics')
     return RunPaths(best=os.path.join(models, f'{name}.model'), last=os.path.join(models, f'{name}.last.model'),
@@ -144,21 +134,18 @@ def run_paths(args, name: Optional[str] = None) -> RunPaths:
                     stat=os.path.join(stats, f'{name}.stat'))
 
 
-def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], unit: str,
-                       use_it: str) -> Optional[dict]:
-    """The saved state this run resumes, or None to start afresh. One rule for every entry point:
-    --resume and --overwrite exclude each other; --overwrite removes the run's files; an unfinished run
-    is continued with --resume and never replaced without --overwrite; a finished one (``finished``
-    of its saved state) is never replaced without --overwrite. ``unit`` names what the state counts
-    ('episode', 'epoch'); ``use_it`` says what to do with a finished run instead."""
+def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], unit: str, use_it: str,
+                       main: bool = True) -> Optional[dict]:
+    """The saved state to resume, or None to start afresh. An existing run, finished or not, is replaced only with
+    --overwrite; an unfinished one is continued with --resume. ``unit``: what the state counts ('episode',
+    'epoch'); ``use_it``: what to do with a finished run instead; ``main``: rank 0, which locks, removes, says."""
     if args.resume and args.overwrite:
         raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
-    if distributed.is_main_process():
+    if main:
         RunLock.take(paths)
     if args.overwrite:
-        removed = [path for path in paths.files() if path != paths.identity and os.path.isfile(path)]  # the
-        # identity holds the lock, and is rewritten
-        if distributed.is_main_process():
+        removed = [path for path in paths.files() if path != paths.identity and os.path.isfile(path)]  # the lock stays
+        if main:
             for path in removed:
                 os.remove(path)
             if removed:
@@ -179,15 +166,14 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         state = f' (finished at {unit} {record[unit]})' if record is not None else ', without a state to resume'
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
-    if args.resume and distributed.is_main_process():
+    if args.resume and main:
         from harness.finding import resume_elsewhere
         resume_elsewhere(args, paths)
     return None
 
 
 def unfinished_line(checkpoint: str) -> Optional[str]:
-    """For the best checkpoint of a run that is still training or was stopped: 'note: ... unfinished (episode
-    k of n) ...'; None for a finished run or a file that is not a run's."""
+    """'note: this run is unfinished ...' for the best checkpoint of a run still training or stopped, else None."""
     if not checkpoint.endswith('.model') or checkpoint.endswith('.last.model'):
         return None
     last = checkpoint[:-len('.model')] + '.last.model'
@@ -203,9 +189,8 @@ def unfinished_line(checkpoint: str) -> Optional[str]:
 
 
 class RunLock:
-    """An exclusive lock on a run for the life of this process: fcntl.flock on its identity file
-    (<run>.run.json, which every run writes anyway), so a second process training the same run is
-    refused, and a crash releases the lock with the process."""
+    """A run's lock for the life of this process: flock on its identity file, so a second process training the
+    same run is refused; a crash releases it."""
     held: dict = {}  # locked path -> its open file, for this process
 
     @classmethod
@@ -215,7 +200,7 @@ class RunLock:
         except ImportError:  # no flock (Windows): no lock
             return
         path = os.path.abspath(paths.identity)
-        if path in cls.held:  # this process holds it already (a run started again in the same process)
+        if path in cls.held:  # a run started again in the same process
             return
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         new = not os.path.exists(path)
@@ -240,7 +225,7 @@ class RunLock:
 
 
 def write_identity(identity: dict, paths: RunPaths) -> None:
-    """<run>.run.json: the flags that define the run (what its name stands for)."""
+    """<run>.run.json: what the run's name stands for."""
     os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
     with writing(paths.identity), open(paths.identity, 'w') as f:  # in place: the file is the run's lock (RunLock)
         json.dump(identity, f, indent=1)
@@ -249,7 +234,7 @@ def write_identity(identity: dict, paths: RunPaths) -> None:
 # ------------------------------------------------------------------ a training run and its saved state
 @dataclass
 class Progress:
-    """Where a training run stands; filled in as it goes, so that an interruption can say it."""
+    """Where a training run stands, so that an interruption can say it."""
     done: int = 0                 # training episodes (train.py) or epochs (pretrain.py) done
     saved: Optional[int] = None   # the count whose state the 'last' file holds
     best_accuracy: float = 0.0    # best validation accuracy so far, in [0, 1]
@@ -259,7 +244,7 @@ class Progress:
 
 @dataclass
 class Run:
-    """One training run: its flags, files, model, optimisation and progress, handed from phase to phase."""
+    """One training run, handed from phase to phase."""
     args: object
     device: torch.device
     paths: RunPaths
@@ -271,15 +256,17 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     generators: dict = field(default_factory=dict)  # named samplers' generators, saved with the state
     tensorboard: Optional[object] = None  # a SummaryWriter with --tensorboard (open_tensorboard)
+    rank: int = 0             # under torchrun (pretrain.py): this process's rank, and the number of processes
+    world_size: int = 1
+    plain: Optional[nn.Module] = None  # the model inside DistributedDataParallel; ``model`` itself without
 
-    @property
-    def plain(self) -> nn.Module:
-        return distributed.unwrap(self.model)
+    def __post_init__(self):
+        self.plain = self.model if self.plain is None else self.plain
 
 
 def open_tensorboard(run: Run, name: str) -> None:
-    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name> (``harness.tensorboard``)."""
-    if run.args.tensorboard and distributed.is_main_process():
+    """--tensorboard (rank 0): a writer under <save_dir>/tensorboard/<name>."""
+    if run.args.tensorboard and run.rank == 0:
         from harness.tensorboard import open_writer
         run.tensorboard = open_writer(run.args.save_dir, name, run.progress.done)
 
@@ -302,7 +289,6 @@ def check_finite(loss: torch.Tensor, run: Run, where: str, unit: str, flags: str
 
 
 def interrupted_message(run: Run, during: str, unit: str) -> str:
-    """What an interrupted run says: what was running, and what is saved."""
     if run.progress.saved is None:
         return f'interrupted during {during}, before any state was saved'
     return (f'interrupted during {during}; the state after {unit} {run.progress.saved} is saved in '
@@ -310,10 +296,13 @@ def interrupted_message(run: Run, during: str, unit: str) -> str:
 
 
 def save_last(run: Run, finished: bool, **fields) -> None:
-    """The whole state of the run, written atomically by rank 0: weights, optimizer, scheduler, scaler,
-    every process's random states, the generators, the encoder's pass count, the config, ``fields``."""
-    states = distributed.gather_objects(random_states())
-    if distributed.is_main_process():
+    """The whole state, written by rank 0: weights, optimisation, every process's random states, the generators,
+    the encoder's pass count, ``fields``."""
+    states = [random_states()]
+    if run.world_size > 1:
+        from harness.distributed import gather_objects
+        states = gather_objects(states[0])
+    if run.rank == 0:
         atomic_save({'state_dict': model_state_dict(run.plain), 'optimizer': run.optimizer.state_dict(),
                      'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
                      'random_states': states, 'generators': {k: g.get_state() for k, g in run.generators.items()},
@@ -335,24 +324,23 @@ def load_last(run: Run, record: dict) -> None:
         generator.set_state(record['generators'][name])
     set_forward_count(run.plain.encoder, int(record['forward_count']))
     states = record['random_states']
-    if len(states) != distributed.world_size() and distributed.is_main_process():
+    if len(states) != run.world_size and run.rank == 0:
         print(f'note: the state was saved by {len(states)} process(es) and is resumed on '
-              f'{distributed.world_size()}: processes without a saved random state keep a fresh seed, so the '
+              f'{run.world_size}: processes without a saved random state keep a fresh seed, so the '
               f'continuation is not bit-identical to an uninterrupted run')
-    if distributed.rank() < len(states):
-        set_random_states(states[distributed.rank()])
+    if run.rank < len(states):
+        set_random_states(states[run.rank])
 
 
 def check_disjoint(args, splits: dict) -> None:
-    """Refuse splits ({name: dataset}) that share classes or images, unless --allow_overlap."""
+    """Refuse splits ({name: dataset}) sharing classes or images, unless --allow_overlap."""
     error = overlap_error(splits)
     if error and not args.allow_overlap:
         raise UserError(error)
 
 
 def split_files_beside(root: str, split: str) -> dict:
-    """The other splits of ``root`` known from their label files alone (the folder and npz forms; a pickled
-    form would have to be converted): what test.py compares its split with. {} when they cannot be read."""
+    """The other splits of ``root`` where their labels are cheap to read (folder and tiered forms), else {}."""
     try:
         form = dataset_format(root)
         if form == 'folder':
@@ -366,7 +354,6 @@ def split_files_beside(root: str, split: str) -> dict:
 
 
 def git_revision() -> str:
-    """Short git revision of the code, 'unknown' outside a checkout."""
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
@@ -376,8 +363,7 @@ def git_revision() -> str:
 
 
 def start(args, check: Callable) -> torch.device:
-    """What every entry point does first: Ctrl-C and SIGTERM end it cleanly, freed memory is kept, --demo writes
-    its data, the device is chosen, ``check(device)`` refuses bad flags, and the seeds are set."""
+    """What every entry point does first: signals, memory, the demo's data, the device, ``check(device)``, seeds."""
     interrupt_on_sigterm()
     keep_freed_memory()
     if args.demo:
