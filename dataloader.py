@@ -1,12 +1,9 @@
 """Episodic N-way K-shot Q-query data loading.
 
 The folder form is read here: ``images/<file>`` and ``split/{train,val,test}.csv`` (a header line, then rows
-``filename,label[,...]``: mini-ImageNet, CUB with FEAT's split files). Other forms (tiered-ImageNet's arrays,
-pickles: ``harness.forms``) and several roots at once (``harness.mixing``) are read when the data is in them.
-A reader gives ``dataset[i]`` -> (image (3, 84, 84), label) and ``dataset[(i, seed)]`` with the augmentation
-seeded, and the attributes ``split``, ``labels``, ``class_names``, ``location``, ``sources``, ``source_names``.
-Classes are numbered in order of first appearance. The sampler sees labels only and yields episodes in
-*shot-major* order (see ``EpisodeSampler``).
+``filename,label[,...]``: mini-ImageNet, CUB with FEAT's split files); other forms (``harness.forms``) and
+several roots (``harness.mixing``) load when the data is in them. The sampler sees labels only and yields
+episodes in *shot-major* order (``EpisodeSampler``).
 """
 import csv
 import os
@@ -73,14 +70,13 @@ EIGHT_BIT_MODES = ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX
 
 
 def convertible(mode: str) -> bool:
-    """Whether ``to_rgb`` converts images of this PIL mode (16-bit and integer greyscale included)."""
+    """Whether ``to_rgb`` converts this PIL mode (16-bit and integer greyscale included)."""
     return mode in EIGHT_BIT_MODES or mode == 'I' or mode.startswith('I;16')
 
 
 def to_rgb(image: Image.Image, path: str) -> Image.Image:
-    """The image as 8-bit RGB. 16-bit greyscale (modes I;16*, and I, as 16-bit PNGs open) is scaled to
-    0-255 (65535 -> 255), not clipped as PIL's own conversion does (which turns it white); a mode without
-    a faithful conversion (floating point, 32-bit values beyond 16 bits) is refused, naming the file."""
+    """The image as 8-bit RGB. 16-bit greyscale (I;16*, and I as 16-bit PNGs open) is scaled, 65535 -> 255, where
+    PIL's own conversion clips it white; a mode without a faithful conversion is refused, naming the file."""
     mode = image.mode
     if mode in EIGHT_BIT_MODES:
         return image.convert('RGB')
@@ -100,14 +96,9 @@ def split_csv_path(data_path: str, split: str) -> str:
 
 
 def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int], list[str]]:
-    """Read a split CSV: (filenames, integer labels, class names in order of first appearance).
-
-    The file is UTF-8 text, with or without a byte-order mark. The first line is a header and is
-    skipped. A row holds at least two fields, filename and label; further fields (FEAT's CUB split:
-    ``filename, label, concept_label, ...``) are ignored, and so are spaces around fields. With
-    ``strict`` (train.py, test.py) a file whose first line is a row (no header) or that lists an image
-    twice is refused; scripts/check_dataset.py reads without it and reports them itself.
-    """
+    """(filenames, integer labels, class names in order of first appearance) of a UTF-8 split CSV: a header, then
+    rows of at least filename and label (further fields, as FEAT's CUB split has, are ignored). ``strict`` refuses
+    a file without a header or listing an image twice (scripts/check_dataset.py reports them itself)."""
     if os.path.isdir(csv_path):
         raise UserError(f'split file {csv_path} is a folder, not a CSV with rows filename,label')
     if not os.path.isfile(csv_path):
@@ -148,8 +139,7 @@ def read_split(csv_path: str, strict: bool = True) -> tuple[list[str], list[int]
 
 
 def header_error(csv_path: str, header: Sequence[str], class_names: Iterable[str]) -> Optional[str]:
-    """The split file's first line is a row of one of its classes (no header), which would be skipped: the
-    line that says so, else None."""
+    """The line saying that the first line is a row of one of the classes (no header, so it is skipped), or None."""
     if len(header) >= 2 and header[1].strip() in set(class_names):
         return (f'split file {csv_path} has no header: its first line is a row of class {header[1].strip()} '
                 f'({header[0].strip()}), which would be skipped; add the line filename,label at the top')
@@ -157,8 +147,7 @@ def header_error(csv_path: str, header: Sequence[str], class_names: Iterable[str
 
 
 def overlap_error(splits: dict) -> Optional[str]:
-    """The first overlap between splits ({split: dataset}), as one line: a class in two splits, or an image
-    (folder form: a filename) listed in two. None when they are disjoint."""
+    """The first class or image (by file name) shared by two splits ({split: dataset}), in one line; or None."""
     items = list(splits.items())
     for i, (a, first) in enumerate(items):
         for b, second in items[i + 1:]:
@@ -173,20 +162,14 @@ def overlap_error(splits: dict) -> Optional[str]:
 
 # ------------------------------------------------------------------ readers
 class SplitDataset(Dataset):
-    """The images of one split, whatever the format: ``dataset[i]`` -> (image (3, 84, 84), label).
-
-    ``dataset[(i, seed)]`` applies the (random) transform under ``torch.manual_seed(seed)``, so
-    training augmentation depends on the episode sampler alone, not on the number of workers.
-    A reader sets ``root``, ``split``, ``labels`` (one int per image, classes numbered from 0 in
-    order of first appearance), ``class_names``, ``location`` (the file that error messages name)
-    and ``transform``, and implements ``load_image(i)``. ``sources`` and ``source_names`` say which
-    root each image comes from (a single one here; see ``MultiSourceDataset``).
-    """
+    """The images of one split, whatever the form: ``dataset[i]`` -> (image (3, 84, 84), label), and
+    ``dataset[(i, seed)]`` with the random transform under that seed, so augmentation depends on the sampler
+    alone, not on the workers. A reader sets the attributes below and implements ``load_image(i)``."""
     root: str
     split: str
     labels: list[int]
     class_names: list[str]
-    location: str
+    location: str  # the file that messages name
     transform: Callable
 
     def load_image(self, i: int) -> Image.Image:
@@ -227,17 +210,15 @@ class SplitDataset(Dataset):
         return x, self.labels[i], note
 
     def image_path(self, i: int) -> str:
-        """How notes and errors name image i."""
         return f'{i} of {self.location}'
 
     def files(self) -> list[str]:
-        """Every file the split is read from: the key of its stored embeddings, and what no output may be."""
+        """Every file the split is read from (the key of its stored embeddings; what no output may be)."""
         return [self.location]
 
 
 class FewShotDataset(SplitDataset):
-    """A folder of images with split files, as mini-ImageNet and CUB (FEAT's split) are distributed:
-    ``images/<file>`` and ``split/{train,val,test}.csv`` (header, then rows ``filename,label[,...]``)."""
+    """``images/<file>`` and ``split/{train,val,test}.csv``, as mini-ImageNet and CUB (FEAT's split) come."""
 
     def __init__(self, data_path: str, split: str, transform: Optional[Callable] = None,
                  check_files: bool = True):
@@ -287,8 +268,7 @@ def missing_root_message(root: str) -> str:
 
 
 def dataset_format(root: str) -> str:
-    """The form of the dataset in ``root``: 'folder' when it holds images/ or split/, else the form
-    ``harness.forms`` finds (tiered-ImageNet's arrays, a pickled form); a UserError naming what was expected."""
+    """'folder' when ``root`` holds images/ or split/, else the form ``harness.forms`` finds there."""
     if not os.path.isdir(root):
         raise UserError(missing_root_message(root))
     if os.path.isdir(os.path.join(root, 'images')) or os.path.isdir(os.path.join(root, 'split')):
@@ -308,12 +288,7 @@ def open_root(root: str, split: str, transform: Optional[Callable] = None) -> 'S
 
 def open_split(paths: Union[str, Sequence[str]], split: str,
                transform: Optional[Callable] = None) -> Dataset:
-    """The images of ``split`` under one root or several, each in whichever format it holds.
-
-    One root: its reader (``FewShotDataset`` or ``TieredDataset``). Several: their union
-    (``MultiSourceDataset``). Errors (root not found, no recognised format, unreadable or
-    inconsistent files) are one-line UserErrors naming the file.
-    """
+    """The images of ``split`` under one root, or the union of several (``MultiSourceDataset``)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError('open_split needs at least one root')
@@ -333,10 +308,9 @@ def open_split(paths: Union[str, Sequence[str]], split: str,
 class EpisodeSampler:
     """Yields ``n_episodes`` episodes, each an index tensor of n_way * n_per_class images.
 
-    N distinct classes are drawn uniformly, then n_per_class = K + Q distinct images of each. The
-    (N, S) grid is transposed and flattened: position ``s * N + n`` holds image ``s`` of class ``n``
-    ("shot-major"). The first N*K positions are the support set (K rows of N), the remaining N*Q
-    the queries, and the target of query j is ``j % N``. Every draw comes from ``generator``.
+    N distinct classes are drawn uniformly, then n_per_class = K + Q distinct images of each, all from
+    ``generator``. Shot-major: position ``s * N + n`` holds image ``s`` of class ``n``; the first N*K are the
+    support set, the remaining N*Q the queries, and the target of query j is ``j % N``.
     """
 
     def __init__(self, labels: Sequence[int], n_episodes: int, n_way: int, n_per_class: int,
@@ -376,8 +350,7 @@ class EpisodeSampler:
 
 
 class SeededEpisodes:
-    """Batch sampler: the episodes of ``sampler``, each index paired with an augmentation seed
-    drawn from the same generator, so that an episode's images depend on that generator alone."""
+    """``sampler``'s episodes, each index paired with an augmentation seed drawn from the same generator."""
 
     def __init__(self, sampler: EpisodeSampler):
         self.sampler = sampler
@@ -393,11 +366,8 @@ class SeededEpisodes:
 
 def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
                     generator: Optional[torch.Generator] = None, task_mix: str = 'class') -> EpisodeSampler:
-    """The episodes of a split; refuses (UserError) a split with fewer than N classes or S images a class.
-
-    ``task_mix`` matters for several roots only: 'class' draws the N classes from the union of the
-    roots' classes, 'source' draws a root per episode, then N of its classes.
-    """
+    """The episodes of a split, refusing one with fewer than N classes or S images a class. With several roots,
+    ``task_mix`` 'class' draws from the union of their classes, 'source' a root per episode, then its classes."""
     if task_mix not in TASK_MIXES:
         raise ValueError(f'task_mix must be one of {TASK_MIXES}, got {task_mix!r}')
     split = f'{dataset.split} split ({dataset.location})'
@@ -412,9 +382,8 @@ def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
 
 def generate_data_loader(dataset: Dataset, n_episodes: int, N: int, S: int, n_workers: int = 0, seed: int = 0,
                          pin_memory: bool = False, task_mix: str = 'class') -> DataLoader:
-    """Episode loader of an opened split (its transform its own): each batch is one episode of N * S images in
-    shot-major order, (images (N*S, 3, 84, 84), labels), from a generator seeded with ``seed``. The training
-    split's images are augmented under seeds drawn from that generator too (``SeededEpisodes``)."""
+    """Each batch one episode, (images (N*S, 3, 84, 84), labels) shot-major, drawn from a generator seeded with
+    ``seed``; the training split augmented under seeds from it too (``SeededEpisodes``)."""
     sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed), task_mix)
     batch_sampler = SeededEpisodes(sampler) if dataset.split == 'train' else sampler
     return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
@@ -470,7 +439,6 @@ def iterate(loader: DataLoader) -> Iterator:
 
 def too_large(error: Exception) -> Optional[str]:
     """PIL's refusal of an image whose header claims more pixels than its limit (a decompression bomb), in words."""
-    from PIL import Image
     if isinstance(error, Image.DecompressionBombError):
         return f'its header claims more pixels than PIL reads ({str(error).split(" pixels")[0].split("(")[-1]} pixels)'
     return None

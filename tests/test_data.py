@@ -162,7 +162,7 @@ def test_eval_transform_is_resize_92_and_centre_crop_84(tiny_dataset, odd_shapes
 @pytest.mark.parametrize('layout', ['tiered', 'union'])
 def test_every_reader_seeds_items_alike(tiny_dataset, tmp_path, layout):
     """The seeded-item logic is shared: the tiered reader and a union of roots behave as the folder reader."""
-    from harness.demo import write_tiered_dataset
+    from tests.small_data import write_tiered_dataset
     from dataloader import open_split
     tiered = write_tiered_dataset(tmp_path / 'tiered')
     dataset = open_split(tiered if layout == 'tiered' else [tiny_dataset, tiered], 'train', train_transform())

@@ -19,7 +19,8 @@ from arguments import parse_args
 from harness.checkpoints import atomic_save
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from dataloader import FewShotDataset, eval_transform
-from harness.demo import write_colour_dataset, write_tiered_dataset
+from harness.demo import write_colour_dataset
+from tests.small_data import write_tiered_dataset
 from networks import build_encoder
 from harness.console import UserError
 

@@ -9,7 +9,7 @@ import pytest
 import train
 from dataloader import dataset_format, eval_transform, open_split
 from harness.forms import CONVERTED, SPLIT_FILES, read_tiered_labels
-from harness.demo import PICKLED_FORMS, write_pickled_dataset
+from tests.small_data import PICKLED_FORMS, write_pickled_dataset
 from harness.console import UserError
 
 import check_dataset  # from scripts/ (pytest.ini puts it on the path)
@@ -121,7 +121,7 @@ def test_check_dataset_compares_the_split_with_the_benchmark_it_looks_like():
 
 
 def test_check_dataset_decode_finds_repeated_images_in_a_pickled_split(tmp_path, capsys):
-    from harness.demo import pickled_split_images, write_pickled_split
+    from tests.small_data import pickled_split_images, write_pickled_split
     root = str(tmp_path / 'mini')
     for k, split in enumerate(('train', 'val', 'test')):
         images, names = pickled_split_images(split)

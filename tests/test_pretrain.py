@@ -219,7 +219,7 @@ def test_val_split_smaller_than_the_way_is_refused(tiny_dataset, tmp_path, capsy
 @pytest.mark.parametrize('refusal', ['batch', 'way'])
 def test_tiered_data_too_small_is_refused_naming_the_file(tmp_path, capsys, refusal):
     """The same refusals on tiered-ImageNet's files, which have no split CSV."""
-    from harness.demo import write_tiered_dataset
+    from tests.small_data import write_tiered_dataset
     data = write_tiered_dataset(tmp_path / 'tiered')  # 4 / 3 / 3 classes of 6 images
     extra = ['--batch_size', '64'] if refusal == 'batch' else ['--val_way', '5']
     assert exit_code(pretrain.main, flags(data, tmp_path / 'saves') + extra) == 2

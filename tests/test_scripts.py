@@ -16,7 +16,7 @@ from harness import checkpoints, runs
 import visualize_masks
 from arguments import get_parser, parse_args
 from harness.checkpoints import model_state_dict
-from harness.demo import write_tiered_dataset
+from tests.small_data import write_tiered_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')

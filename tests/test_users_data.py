@@ -14,7 +14,7 @@ import train
 from arguments import parse_args
 from harness.checkpoints import atomic_save, model_state_dict
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
-from harness.demo import write_pickled_dataset
+from tests.small_data import write_pickled_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # from scripts/ (pytest.ini puts it on the path)
@@ -73,7 +73,7 @@ def test_the_demo_in_a_read_only_folder_is_one_line(read_only, capsys, monkeypat
 
 @pytest.mark.parametrize('form', ['pickled', 'compressed npz'])
 def test_a_read_only_root_with_an_unwritable_cache_is_one_line(form, tmp_path, read_only, monkeypatch, capsys):
-    from harness.demo import write_tiered_dataset
+    from tests.small_data import write_tiered_dataset
     root = tmp_path / 'root'
     if form == 'pickled':
         write_pickled_dataset(str(root), 'metaoptnet')

@@ -56,7 +56,8 @@ from pretrain import build_optimizer, classification_loss, parse_pretrain_args  
 from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
                         train_transform)  # noqa: E402
 from harness.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
-from harness.demo import (PICKLED_FORMS, write_colour_dataset, write_pickled_split, write_split, write_tiered_split)  # noqa: E402
+from harness.demo import write_colour_dataset, write_split  # noqa: E402
+from tests.small_data import PICKLED_FORMS, write_pickled_split, write_tiered_split  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
 from harness.evaluation import (Episodes, EvalOptions, SplitFeatures, accuracy_line, choose_eval_mode, run_episodes)  # noqa: E402
 from models.classifier import EncoderClassifier  # noqa: E402
