@@ -91,7 +91,7 @@ def common_parser() -> argparse.ArgumentParser:
                         'rates, strengths) for TensorBoard under <save_dir>/tensorboard/<run>; needs the tensorboard package')
     g.add_argument('--channels_last', action='store_true',
                    help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
-    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=list(DEMO_ROOTS),
+    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=['coarse', 'mixed'],
                    help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
                         'Conv-4, short schedule; explicit flags override the preset. --demo mixed '
                         'adds fine-grained classes (datasets/demo_fine) and uses both roots, --task_mix class')
@@ -199,16 +199,6 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-# The demo's roots: the coarse demo, and with it the fine-grained one for the mix-grained demo.
-DEMO_ROOTS = {'coarse': dict(data_name='demo'),
-              'mixed': dict(data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
-                            task_mix='class')}
-# A short schedule for the built-in demo data (Conv-4 from scratch on a 2-core CPU).
-DEMO_PRESET = dict(
-    network_name='convnet', pretrained='none',
-    Q=10, lr_network=0.01, lr=0.01, point=[4, 6], gamma=0.2,
-    n_training_episodes=300, episode_gap=50, n_validating_episodes=100, n_testing_episodes=1000,
-)
 # A few episodes of everything, to check that the pipeline runs end to end.
 DEBUG_PRESET = dict(n_training_episodes=10, episode_gap=5, n_validating_episodes=5, n_testing_episodes=10)
 
@@ -218,8 +208,11 @@ def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False)
     parser = get_parser(several_settings)
     args = parser.parse_args(argv)
     if args.demo or args.flag_debug:
-        parser.set_defaults(**{**({**DEMO_ROOTS[args.demo], **DEMO_PRESET} if args.demo else {}),
-                               **(DEBUG_PRESET if args.flag_debug else {})})
+        preset = {}
+        if args.demo:
+            from harness.demo import DEMO_PRESET, DEMO_ROOTS
+            preset = {**DEMO_ROOTS[args.demo], **DEMO_PRESET}
+        parser.set_defaults(**{**preset, **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
     for flag in sorted({f for flags in MODEL_FLAGS.values() for f in flags} - set(MODEL_FLAGS[args.model_name])):
         if getattr(args, flag) != parser.get_default(flag):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arguments import AT_LEAST_0, AT_LEAST_1, DEMO_ROOTS, DOMAINS, FACTOR, HelpFormatter, check_domains, common_parser
+from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, check_domains, common_parser
 from dataloader import SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
 from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
@@ -92,6 +92,7 @@ def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = get_pretrain_parser()
     args = parser.parse_args(argv)
     if args.demo:
+        from harness.demo import DEMO_ROOTS
         parser.set_defaults(**DEMO_ROOTS[args.demo], **PRETRAIN_DEMO_PRESET)
         args = parser.parse_args(argv)
     args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')

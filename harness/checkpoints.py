@@ -19,8 +19,7 @@ LOADED_DIGESTS: dict = {}
 
 
 def weights_digest(path: str) -> str:
-    """The digest of a weights file's bytes as this process loaded them (``LOADED_DIGESTS``), else as they are
-    now: what stored embeddings and run names know weights by, whatever the file is called."""
+    """A weights file's digest as this process loaded it, else as it is now: how weights are known by content."""
     loaded = LOADED_DIGESTS.get(os.path.realpath(path))
     if loaded is not None:
         return loaded
@@ -32,7 +31,7 @@ def weights_digest(path: str) -> str:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save through utils.atomic_write: a crash never leaves half a file, a planted link is not followed."""
+    """torch.save, whole or not at all (``atomic_write``)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -69,11 +68,8 @@ def read_file(path: str, what: str, weights_only: bool = True) -> Any:
 
 
 def load_strict(module: nn.Module, state_dict: dict, path: str, what: str) -> int:
-    """Load every tensor of ``module`` from ``state_dict`` or raise a UserError naming the key at fault.
-
-    BatchNorm's ``num_batches_tracked`` counters may be absent (older files). Returns the number of
-    tensors loaded.
-    """
+    """Load every tensor of ``module`` (BatchNorm's counters may be absent), or a UserError naming the key at fault;
+    the number of tensors loaded."""
     own = module.state_dict()
     actual = {k.replace('module.', ''): k for k in own}  # keys of DataParallel-wrapped parts
     expected = {k: own[a] for k, a in actual.items()}
@@ -111,11 +107,8 @@ def tensors_of(obj: Any) -> Optional[dict]:
 
 
 def load_pretrained(encoder: nn.Module, path: str) -> int:
-    """Initialise ``encoder`` from pretrained weights (strictly); the classifier and anything else is dropped.
-
-    Accepts FEAT's ``{'params': {'encoder.<...>': ...}}``, a bare state dict, keys with a DataParallel
-    ``module.`` part, and encoder keys without the ``encoder.`` prefix. Returns the number of tensors loaded.
-    """
+    """``encoder`` from pretrained weights, strictly, anything else dropped: FEAT's {'params': {'encoder.<...>'}},
+    a bare state dict, DataParallel's ``module.`` keys, keys without ``encoder.``. The number loaded."""
     state = tensors_of(read_file(path, 'pretrained weights'))
     if state is None:
         raise UserError(f'pretrained weights {path} hold no state dict (expected a dict of tensors or {{"params": ...}})')
@@ -156,13 +149,8 @@ def model_of(state_dict: dict) -> str:
 
 
 def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
-    """Load a checkpoint into ``model``: this repository's record ``{'state_dict', 'validating_accuracy',
-    'epoch', 'config'}``, a run's 'last' state (its weights), or FEAT's ``{'params': ...}`` (its released
-    checkpoints).
-
-    When the record carries a ``config`` (network, model, ...), it must match ``config``; a checkpoint of
-    another model than ``config['model_name']`` is refused, naming the model it holds. Returns the record.
-    """
+    """Load a checkpoint into ``model``: train.py's record {'state_dict', 'validating_accuracy', 'epoch', 'config'},
+    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record."""
     record = read_file(path, 'checkpoint')
     state = tensors_of(record)
     if state is None:

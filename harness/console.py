@@ -23,11 +23,8 @@ class NonFiniteLoss(ProcessError):
 
 
 def exits_cleanly(main: Callable) -> Callable:
-    """Turn UserError into 'error: <message>' on stderr and exit code 2, without a traceback; Ctrl-C (or
-    SIGTERM, with interrupt_on_sigterm) anywhere else into one line and exit code 130. Output prints
-    whatever the terminal's encoding (``printable_output``), and a closed pipe (``... | head -1``) ends the
-    process quietly with exit code 141, as a program stopped by SIGPIPE.
-    (A UserError met in a DataLoader worker reaches the main process as one too: see dataloader.iterate.)
+    """UserError -> 'error: <message>' on stderr, exit code 2, no traceback; Ctrl-C or SIGTERM -> one line, exit
+    code 130; any terminal encoding prints (``printable_output``); a closed pipe (``| head -1``) exits 141 quietly.
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -75,8 +72,7 @@ codecs.register_error('glofa-fallback', _fallback)
 
 
 def printable_output() -> None:
-    """Make stdout and stderr print every line whatever their encoding: where '±' cannot be encoded (an ASCII or
-    legacy code-page terminal, PYTHONIOENCODING=ascii), it prints as '+-' (ASCII_FALLBACK), never an error."""
+    """Where '±' cannot be encoded (an ASCII terminal, PYTHONIOENCODING=ascii), print '+-' (ASCII_FALLBACK)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             '±'.encode(getattr(stream, 'encoding', None) or 'ascii')
@@ -102,14 +98,9 @@ _interrupts: list = []  # the signals interrupt_on_sigterm's handler has turned 
 
 
 def interrupt_on_sigterm() -> None:
-    """Treat SIGTERM like Ctrl-C: raise KeyboardInterrupt in the main thread.
-
-    Clusters stop a job with SIGTERM (preemption, time limit) and torchrun passes it on to its
-    processes; an entry point that saves and exits cleanly on Ctrl-C then does the same on SIGTERM,
-    so a requeued job can resume. Both signals are recorded, so that ``interrupted()`` tells the errors
-    an interrupt causes in its wake (a collective whose peer has gone, a loader worker stopped by the
-    same signal) from real ones. Only the main thread may set handlers: elsewhere a no-op.
-    """
+    """SIGTERM (a cluster's preemption or time limit; torchrun passes it on) as Ctrl-C: a KeyboardInterrupt in the
+    main thread, so a requeued job resumes. Both are recorded, so that ``interrupted()`` tells the errors in an
+    interrupt's wake (a collective's peer gone, a stopped loader worker) from real ones."""
     if threading.current_thread() is not threading.main_thread():
         return
     _interrupts.clear()
@@ -130,9 +121,8 @@ def interrupted() -> bool:
 
 
 def quieten_teardown() -> None:
-    """While an interrupted process reports and exits: no second KeyboardInterrupt (a terminal and
-    torchrun may both send one), and nothing from DataLoader workers stopped by the same signal (torch's
-    SIGCHLD check, the teardown of loaders collected on the way out)."""
+    """While an interrupted process reports and exits: no second KeyboardInterrupt (a terminal and torchrun may
+    both send one), nothing from loader workers stopped by the same signal."""
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -144,9 +134,8 @@ def quieten_teardown() -> None:
 
 @contextlib.contextmanager
 def exit_on_interrupt(message: Callable[[], str], report: bool = True):
-    """Ctrl-C or SIGTERM inside the block (or an error in its wake: a loader worker or a collective's peer
-    stopped by the same signal) ends the process with exit code 130 and one line, ``message()``, on stderr
-    (when ``report``: rank 0 of several processes). What was saved before stays as it is."""
+    """Ctrl-C or SIGTERM inside the block (or an error in its wake) ends the process: exit code 130 and
+    ``message()`` on stderr when ``report`` (rank 0 of several processes)."""
     try:
         yield
     except BaseException as error:
@@ -160,8 +149,7 @@ def exit_on_interrupt(message: Callable[[], str], report: bool = True):
 
 @contextlib.contextmanager
 def flag_hint(flags: str):
-    """A UserError inside (a file, class or size at fault, from the data layer) gets the flags that
-    choose it added, e.g. '...; see --data_path'."""
+    """A UserError inside gets the flags that choose what it names: '...; see --data_path'."""
     try:
         yield
     except UserError as error:
@@ -181,8 +169,7 @@ def writing(path: str):
 
 
 class _Lines:
-    """Where progress bars write when stderr is not a terminal (a log file, a notebook, a cluster job): each
-    refresh becomes one plain line instead of a carriage return."""
+    """Progress off a terminal (a log, a notebook, a cluster job): each refresh one plain line."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -205,8 +192,7 @@ PLAIN_PROGRESS_INTERVAL = 30.0
 
 
 def progress(*args, **kwargs):
-    """A tqdm progress bar (rate, ETA) on stderr. When stderr is not a terminal, a few plain lines instead:
-    none for a bar that ends within PLAIN_PROGRESS_INTERVAL seconds, then one line per interval."""
+    """A tqdm bar (rate, ETA) on stderr; off a terminal, one plain line per PLAIN_PROGRESS_INTERVAL, none before."""
     from tqdm import tqdm
     if not sys.stderr.isatty() and 'file' not in kwargs:
         kwargs.update(file=_Lines(sys.stderr), mininterval=PLAIN_PROGRESS_INTERVAL,

@@ -36,15 +36,13 @@ def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episo
 
 def split_episodes(args, dataset, generator: torch.Generator, n_episodes: int, n_way: int,
                    n_shot: int) -> tuple['Episodes', str]:
-    """A split's N-way K-shot episodes (--Q queries, --task_mix) drawn from ``generator``, and the way
-    --eval_mode chooses for them: what every entry point evaluates."""
+    """A split's N-way K-shot episodes (--Q, --task_mix) from ``generator``, and the way --eval_mode chooses."""
     episodes = Episodes(n_episodes, n_way, n_shot, args.Q, generator, args.task_mix)
     return episodes, choose_eval_mode(args.eval_mode, len(dataset), n_episodes, episodes.images_per_episode)
 
 
 def describe_eval_mode(args, drawn: tuple['Episodes', str], n_images: int) -> str:
-    """'cached evaluation (auto: the split's 12000 images once, not 10000 episodes x 80 images)' for the episodes
-    and way ``split_episodes`` returned."""
+    """'cached evaluation (auto: the split's 12000 images once, not 10000 episodes x 80 images)'."""
     episodes, chosen = drawn
     how = 'auto' if args.eval_mode == 'auto' else 'forced by --eval_mode'
     once, each = f"the split's {n_images} images once", f'{episodes.n_episodes} episodes x {episodes.images_per_episode} images'
@@ -68,7 +66,7 @@ class EvalOptions:
 
 @dataclass
 class Episodes:
-    """Which episodes are evaluated: ``n_episodes`` N-way K-shot Q-query tasks drawn from ``generator``."""
+    """``n_episodes`` N-way K-shot Q-query tasks drawn from ``generator``."""
     n_episodes: int
     n_way: int
     n_shot: int
@@ -83,8 +81,7 @@ class Episodes:
 
 def stored_features(args, checkpoint: Optional[str], dataset, options: EvalOptions) -> Optional[Callable]:
     """With --feature_cache on and a checkpoint: what opens the store of the split's embeddings under
-    --save_dir/features (``harness.embeddings.FeatureCache``), keyed by the weights as they were loaded (their
-    digest taken now); else None (encode, store nothing). The store is opened only if the cached way runs."""
+    --save_dir/features, keyed by the weights as they were loaded; opened only if the cached way runs."""
     if args.feature_cache != 'on' or not checkpoint:
         return None
     weights = weights_digest(checkpoint)
@@ -97,8 +94,8 @@ def stored_features(args, checkpoint: Optional[str], dataset, options: EvalOptio
 
 
 class SplitFeatures:
-    """The embeddings of a split, encoded on first use (``harness.embeddings``) and then shared, e.g. by several
-    (N, K) settings; with a store (``stored_features``), read from it or written to it for the next evaluation."""
+    """A split's embeddings, encoded on first use and shared by several (N, K) settings; read from or written to
+    a store (``stored_features``) when given."""
 
     def __init__(self, encoder: nn.Module, dataset, options: EvalOptions, store: Optional[Callable] = None):
         self.encoder, self.dataset, self.options, self.store = encoder, dataset, options, store
@@ -118,10 +115,8 @@ class SplitFeatures:
 
 
 def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
-    """(..., 6): accuracy, alpha_task, alpha_cls, mean task mask, mean class mask of each episode, and 1 where
-    its logits are all finite.
-    logits (..., N*Q, N) and GLoFA's Adaptation of the same episodes (None for a model without
-    adaptors: its four columns are nan); targets (N*Q,)."""
+    """logits (..., N*Q, N), GLoFA's Adaptation (None: nan columns), targets (N*Q,) -> (..., 6): accuracy,
+    alpha_task, alpha_cls, mean task mask, mean class mask, 1 where the logits are finite."""
     accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
     finite = torch.isfinite(logits).flatten(-2).all(dim=-1).float()  # (...,): 0 where a logit is nan or inf
     if adaptation is None:
@@ -153,8 +148,7 @@ class EpisodeResults:
         return not np.isnan(self.alphas).all()
 
     def diagnostics(self) -> dict:
-        """Means over the episodes: the strengths, the share of episodes where each is above 0, the masks
-        ({} for a model without adaptors)."""
+        """Means of the strengths, the share of episodes where each is above 0, the masks ({} without adaptors)."""
         if not self.has_adaptors:
             return {}
         active = self.alphas > 0
@@ -163,8 +157,7 @@ class EpisodeResults:
                 'mask_task': float(self.mask_task.mean()), 'mask_cls': float(self.mask_cls.mean())}
 
     def adaptors_off(self, adaptor: str = 'both') -> bool:
-        """The strengths of the adaptor's masks are 0 on every episode: the masks have no effect and the
-        model is normalised-prototype ProtoNet ('task' and 'class' ablations: their one strength)."""
+        """The acting strengths are 0 on every episode: the masks do nothing (normalised-prototype ProtoNet)."""
         acting = ACTING_STRENGTHS[adaptor]
         return bool(acting) and self.has_adaptors and bool((self.alphas[:, acting] == 0).all())
 
@@ -172,14 +165,9 @@ class EpisodeResults:
 @torch.no_grad()
 def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, options: EvalOptions,
                  features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
-    """Evaluate the episodes in eval mode, the way ``mode`` ('cached' or 'episodic', as ``split_episodes``
-    chooses it); per-episode accuracies and adaptor diagnostics.
-
-    'episodic' encodes each episode's images and runs the model on it, as the reference does. 'cached'
-    encodes every image of the split once (or takes ``features``, already encoded), then runs the
-    model's head on batches of episodes at once (``episode_batch_size``). Both draw the same episodes
-    from ``episodes.generator`` and give the same answers up to float rounding. Either way the
-    encoder's DropBlock counter advances by one per episode, as in the reference.
+    """Per-episode accuracies and adaptor diagnostics, in eval mode. 'episodic' encodes each episode, as the
+    reference does; 'cached' encodes the split once (or takes ``features``) and runs the head on many episodes at
+    once. Same episodes, same answers up to rounding; the DropBlock counter advances once per episode either way.
     """
     if mode not in ('cached', 'episodic'):
         raise ValueError(f"mode must be 'cached' or 'episodic' (choose_eval_mode picks one), got {mode!r}")
@@ -246,8 +234,7 @@ def group_label(group: str) -> str:
 
 
 def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str = 'both') -> list[str]:
-    """The report of one test setting: the accuracy line, one line per root (or for single-source and
-    mixed tasks apart) with several roots, the adaptor diagnostics, and a warning when they are off."""
+    """One setting's report: the accuracy, per root with several, the adaptor diagnostics, a warning if off."""
     lines = [accuracy_line('test', results.accuracies, n_way, n_shot)]
     lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
               for group, values in results.group_accuracies().items()]

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 from harness import checkpoints, demo, runs
-from arguments import DEMO_PRESET, DEMO_ROOTS, parse_args
+from arguments import parse_args
+from harness.demo import DEMO_PRESET, DEMO_ROOTS
 from harness.checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
