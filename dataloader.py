@@ -413,12 +413,14 @@ def say_notes(notes: list[tuple[str, str]]) -> None:
 
 
 def data_loader(dataset: Dataset, n_workers: int = 0, pin_memory: bool = False, **batching) -> DataLoader:
-    """A loader of ``dataset`` (``batching``: batch_sampler=, or batch_size= and shuffle=); with workers, the
-    one of ``harness.workers``. Its own generator seeds the workers: the global random state is left alone."""
+    """A loader of ``dataset`` (``batching``: batch_sampler=, or batch_size= and shuffle=); with workers, through
+    ``harness.workers``. Its own generator seeds the workers: the global random state is left alone."""
     if n_workers > 0:
-        from harness.workers import worker_loader
-        return worker_loader(dataset, n_workers, pin_memory, **batching)
-    batching.pop('persistent_workers', None)
+        from harness.workers import Reported, collate, ignore_interrupts
+        dataset = Reported(dataset)
+        batching.update(num_workers=n_workers, worker_init_fn=ignore_interrupts, collate_fn=collate)
+    else:
+        batching.pop('persistent_workers', None)
     return DataLoader(dataset, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **batching)
 
 

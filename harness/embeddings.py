@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from dataloader import IMAGE_SIZE, data_loader, iterate
 from harness.console import UserError, progress
@@ -27,7 +27,7 @@ def encode_split(encoder: nn.Module, dataset: Dataset, options: EvalOptions, bat
     The encoder's DropBlock counter is left as it was: evaluation counts one pass per episode."""
     encoder.eval()
     device, features, count = options.device, [], forward_count(encoder)
-    loader = image_loader(dataset, batch_size, options.n_workers, pin_memory=device.type == 'cuda')
+    loader = data_loader(dataset, options.n_workers, device.type == 'cuda', batch_size=batch_size, shuffle=False)
     with progress(iterate(loader), total=len(loader), desc=desc or f'encoding {dataset.split}', leave=False,
               unit='batch', disable=desc == '') as bar:
         for images, _ in bar:
@@ -160,9 +160,3 @@ def content_digest(paths: Sequence[str]) -> str:
         except OSError:
             digest.update(b'\0unreadable\0')
     return digest.hexdigest()
-
-
-def image_loader(dataset: Dataset, batch_size: int = 128, n_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
-    """Every image of a split once, in order: for encoding a split in batches."""
-    return data_loader(dataset, n_workers, pin_memory, batch_size=batch_size, shuffle=False)

@@ -81,7 +81,7 @@ def save_figure(figure, path: str) -> None:
 
 
 def command_inputs(args, *datasets) -> list[str]:
-    """What no output of a command may be (utils.check_output): its weights files and every file of its data."""
+    """What no output of a command may be (``check_output``): its weights files and every file of its data."""
     weights = [getattr(args, flag, None) for flag in ('pretrained', 'model_path')]
     return [p for p in weights if p and p.lower() != 'none'] + [path for d in datasets for path in d.files()]
 

@@ -5,7 +5,6 @@ import signal
 import sys
 from typing import Iterator, NamedTuple
 
-import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dataloader import say_notes
@@ -50,11 +49,6 @@ def collate(items: list):
     notes = [(item.key, item.note) for item in items if isinstance(item, Noted)]
     batch = default_collate([item.item if isinstance(item, Noted) else item for item in items])
     return [*batch, notes] if notes else batch
-
-
-def worker_loader(dataset: Dataset, n_workers: int, pin_memory: bool, **batching) -> DataLoader:
-    return DataLoader(Reported(dataset), num_workers=n_workers, pin_memory=pin_memory, worker_init_fn=ignore_interrupts,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(0), **batching)
 
 
 def iterate(loader: DataLoader) -> Iterator:
