@@ -36,10 +36,6 @@ def domain_error(args, domains: dict) -> Optional[str]:
     return None
 
 
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default once: not for flags that are off, have none, or state their default in the help."""
 
@@ -49,53 +45,67 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def common_parser() -> argparse.ArgumentParser:
-    """The flags every entry point shares (train.py, test.py, pretrain.py), with one meaning and one help:
-    the data, the network, how and where it runs, what to do with an existing run, the demo."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group('data and network')
-    g.add_argument('--data_name', type=str, default='mini_imagenet',
-                   help='dataset name; data is read from datasets/<data_name> unless --data_path is given')
-    g.add_argument('--data_path', type=str, nargs='+', default=None,
-                   help='dataset root holding images/ and split/{train,val,test}.csv, tiered-ImageNet\'s '
-                        '{split}_images.npz and {split}_labels.pkl, or the pickles of MetaOptNet / rfs, learn2learn or '
-                        'Ren et al. (docs/datasets.md; default: datasets/<data_name>); several roots make one '
-                        'benchmark whose splits are the unions of theirs')
-    g.add_argument('--task_mix', type=str, default='class', choices=['class', 'source'],
-                   help='with several roots: class draws the N classes of an episode from all roots\' classes '
-                        '(tasks that mix coarse and fine classes); source draws a root per episode, then N of its classes')
-    g.add_argument('--allow_overlap', action='store_true',
-                   help='accept splits that share classes or images (refused otherwise: the accuracy would not be few-shot)')
-    g.add_argument('--network_name', type=str, default='resnet', choices=['resnet', 'convnet'],
-                   help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)')
-    g.add_argument('--normalization', type=str, default='imagenet', choices=['imagenet', 'feat'],
-                   help="the images' per-channel normalisation: imagenet (the reference's) or feat (the statistics "
-                        "FEAT's pretrained ResNet-12 was trained with)")
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # --n_workers
 
-    g = p.add_argument_group('running')
-    g.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'],
-                   help='auto: CUDA when present, else the CPU (under torchrun, process r uses GPU LOCAL_RANK)')
-    g.add_argument('--n_workers', type=int, default=default_workers(),
-                   help='DataLoader worker processes (0 loads in the main process)')
-    g.add_argument('--seed', type=int, default=960402, help='seed of Python, NumPy, torch and the samplers')
-    g.add_argument('--save_dir', type=str, default='saves',
-                   help='root of the outputs: trained_models/ and statistics/ (train.py), pretrained/ (pretrain.py)')
-    g.add_argument('--resume', action='store_true',
-                   help="continue the run's saved state (its 'last' file) when it exists")
-    g.add_argument('--overwrite', action='store_true',
-                   help='replace the files of a run with the same identity (finished or not) instead of stopping')
-    g.add_argument('--amp', action='store_true',
-                   help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)')
-    g.add_argument('--tensorboard', action='store_true',
-                   help='train.py and pretrain.py: also write the scalars of the JSON log (losses, accuracies, learning '
-                        'rates, strengths) for TensorBoard under <save_dir>/tensorboard/<run>; needs the tensorboard package')
-    g.add_argument('--channels_last', action='store_true',
-                   help='channels-last memory format for the encoder: the same numbers up to rounding, often faster')
-    g.add_argument('--demo', type=str, nargs='?', const='coarse', default=None, choices=['coarse', 'mixed'],
-                   help='generate the small built-in dataset (datasets/demo) and use the demo preset: '
-                        'Conv-4, short schedule; explicit flags override the preset. --demo mixed '
-                        'adds fine-grained classes (datasets/demo_fine) and uses both roots, --task_mix class')
-    return p
+
+def add_flags(parser: argparse.ArgumentParser, flags: dict, several: tuple = ()) -> argparse.ArgumentParser:
+    """Add a table of flags ({group: {flag: add_argument's options}}); the ``several`` flags take several values."""
+    for group, options in flags.items():
+        g = parser.add_argument_group(group)
+        for flag, kwargs in options.items():
+            g.add_argument(flag, **kwargs, **({'nargs': '+'} if flag in several else {}))
+    return parser
+
+
+# The flags every entry point shares (train.py, test.py, pretrain.py), with one meaning and one help: the data, the
+# network, how and where it runs, what to do with an existing run, the demo.
+COMMON_FLAGS = {
+    'data and network': {
+        '--data_name': dict(default='mini_imagenet',
+                            help='dataset name; data is read from datasets/<data_name> unless --data_path is given'),
+        '--data_path': dict(nargs='+', default=None, help=(
+            "dataset root holding images/ and split/{train,val,test}.csv, tiered-ImageNet's {split}_images.npz and "
+            '{split}_labels.pkl, or the pickles of MetaOptNet / rfs, learn2learn or Ren et al. (docs/datasets.md; '
+            'default: datasets/<data_name>); several roots make one benchmark whose splits are the unions of theirs')),
+        '--task_mix': dict(default='class', choices=['class', 'source'], help=(
+            "with several roots: class draws the N classes of an episode from all roots' classes (tasks that mix "
+            'coarse and fine classes); source draws a root per episode, then N of its classes')),
+        '--allow_overlap': dict(action='store_true', help=(
+            'accept splits that share classes or images (refused otherwise: the accuracy would not be few-shot)')),
+        '--network_name': dict(default='resnet', choices=['resnet', 'convnet'],
+                               help='backbone: resnet (ResNet-12, 640-d) or convnet (Conv-4, 64-d)'),
+        '--normalization': dict(default='imagenet', choices=['imagenet', 'feat'], help=(
+            "the images' per-channel normalisation: imagenet (the reference's) or feat (the statistics FEAT's "
+            'pretrained ResNet-12 was trained with)')),
+    },
+    'running': {
+        '--device': dict(default='auto', choices=['auto', 'cpu', 'cuda'], help=(
+            'auto: CUDA when present, else the CPU (under torchrun, process r uses GPU LOCAL_RANK)')),
+        '--n_workers': dict(type=int, default=DEFAULT_WORKERS,
+                            help='DataLoader worker processes (0 loads in the main process)'),
+        '--seed': dict(type=int, default=960402, help='seed of Python, NumPy, torch and the samplers'),
+        '--save_dir': dict(default='saves', help=(
+            'root of the outputs: trained_models/ and statistics/ (train.py), pretrained/ (pretrain.py)')),
+        '--resume': dict(action='store_true', help="continue the run's saved state (its 'last' file) when it exists"),
+        '--overwrite': dict(action='store_true', help=(
+            'replace the files of a run with the same identity (finished or not) instead of stopping')),
+        '--amp': dict(action='store_true',
+                      help='CUDA only: autocast (bfloat16 where supported, else float16 with a grad scaler)'),
+        '--tensorboard': dict(action='store_true', help=(
+            'train.py and pretrain.py: also write the scalars of the JSON log (losses, accuracies, learning rates, '
+            'strengths) for TensorBoard under <save_dir>/tensorboard/<run>; needs the tensorboard package')),
+        '--channels_last': dict(action='store_true', help=(
+            'channels-last memory format for the encoder: the same numbers up to rounding, often faster')),
+        '--demo': dict(nargs='?', const='coarse', default=None, choices=['coarse', 'mixed'], help=(
+            'generate the small built-in dataset (datasets/demo) and use the demo preset: Conv-4, short schedule; '
+            'explicit flags override the preset. --demo mixed adds fine-grained classes (datasets/demo_fine) and '
+            'uses both roots, --task_mix class')),
+    },
+}
+
+
+def common_parser() -> argparse.ArgumentParser:
+    return add_flags(argparse.ArgumentParser(add_help=False), COMMON_FLAGS)
 
 
 # each model's own flags; giving another model's flag is refused
@@ -112,91 +122,94 @@ def feat_regulariser(args, n_shot: int) -> tuple[float, float]:
             args.balance if args.balance is not None else (0.01 if one_shot else 0.1))
 
 
+# The flags of train.py and test.py beside the shared ones
+FLAGS = {
+    'model': {
+        '--model_name': dict(default='glofa', choices=list(MODEL_FLAGS), help=(
+            'few-shot model: glofa, or the baselines protonet and feat on the same encoder and protocol')),
+        '--pretrained': dict(default='pretrained_weights.pth', help=(
+            "encoder weights to start from (FEAT's Res12-pre.pth or con-pre.pth); 'none' trains from scratch")),
+    },
+    'model: glofa': {
+        '--adaptor': dict(default='both', choices=['both', 'task', 'class', 'none'], help=(
+            'ablation: which masks adapt the embedding (task: no class masks; class: no task mask; none: '
+            'ProtoNet-style baseline with normalised prototypes)')),
+        '--tau': dict(type=float, default=1.0, help='temperature dividing the logits'),
+        '--delta': dict(type=float, default=1.0, help='upper bound of the mask values'),
+        '--h_bias_init': dict(type=float, default=None, help=(
+            "start the bias of h's last layer (both strengths) at this value, so that relu(h(S)) starts above 0 and "
+            'the adaptors get gradients (default: the reference initialisation)')),
+    },
+    'model: protonet and feat': {
+        '--metric': dict(default='euclidean', choices=['euclidean', 'cosine'],
+                         help='distance of queries to (adapted) prototypes'),
+        '--temperature': dict(type=float, default=64.0,
+                              help="temperature dividing the logits (64: FEAT's ResNet-12 commands)"),
+        '--temperature2': dict(type=float, default=None, help=(
+            "feat: temperature of the contrastive regulariser (default: FEAT's ResNet-12 value for the shot, 64 for "
+            '1-shot, 32 otherwise)')),
+        '--balance': dict(type=float, default=None, help=(
+            "feat: weight of the contrastive regulariser in the loss (default: FEAT's ResNet-12 value for the shot, "
+            '0.01 for 1-shot, 0.1 otherwise)')),
+    },
+    'episodes': {
+        '--N': dict(type=int, default=5,
+                    help='classes per episode (way); test.py takes several values, e.g. --N 5 10'),
+        '--K': dict(type=int, default=1,
+                    help='support images per class (shot); test.py takes several values, e.g. --K 1 5'),
+        '--Q': dict(type=int, default=15, help='query images per class'),
+        '--n_training_episodes': dict(type=int, default=10000, help='training episodes in all'),
+        '--n_validating_episodes': dict(type=int, default=200, help='validation episodes at each validation'),
+        '--n_testing_episodes': dict(type=int, default=10000, help='test episodes'),
+        '--episode_gap': dict(type=int, default=200, help='training episodes between two validations'),
+    },
+    'optimisation': {
+        '--lr_network': dict(type=float, default=0.0001, help='learning rate of the encoder'),
+        '--freeze_encoder': dict(action='store_true', help=(
+            'meta-train the head alone: the encoder in eval mode (BatchNorm statistics fixed), no backward pass '
+            "through it, no update (--lr_network 0 still normalises by each episode's batch statistics and moves "
+            'the running ones)')),
+        '--lr': dict(type=float, default=0.01, help=(
+            "learning rate of the head: GLoFA's set functions, FEAT's attention layer (ProtoNet has none)")),
+        '--point': dict(type=int, nargs='+', default=[20, 30, 40],
+                        help='MultiStepLR milestones, counted in validations'),
+        '--gamma': dict(type=float, default=0.2, help='learning-rate factor at each milestone'),
+        '--wd': dict(type=float, default=0.0005, help='weight decay'),
+        '--mo': dict(type=float, default=0.9, help='Nesterov momentum'),
+    },
+    'running: train.py and test.py': {
+        '--devices': dict(type=int, nargs='+', default=[0],
+                          help='CUDA device ids; more than one wraps the encoder in DataParallel'),
+        '--model_path': dict(default=None, help=(
+            'checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags); with '
+            '--model_name protonet, none evaluates the --pretrained encoder itself (the default when no ProtoNet '
+            'run was trained with these flags)')),
+        '--eval_mode': dict(default='auto', choices=['auto', 'cached', 'episodic'], help=(
+            'cached: encode each image of the split once, then adapt per episode; episodic: encode every episode '
+            'anew as the reference does (same answers); auto: whichever encodes fewer images, for validation and '
+            'test alike')),
+        '--episode_batch': dict(type=int, default=0, help=(
+            'cached evaluation: episodes computed at once (default 0: as many as a memory bound allows; any value '
+            'gives the same results)')),
+        '--feature_cache': dict(default='on', choices=['on', 'off'], help=(
+            "the test's cached evaluation stores the split's embeddings under <save_dir>/features, one file per "
+            'checkpoint content, split files, transform and network; a later test of the same checkpoint reuses '
+            'them (validations always encode: the weights change)')),
+        '--json': dict(default=None, help=(
+            'write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')),
+        '--flag_debug': dict(action='store_true',
+                             help='debug run: a few episodes of everything, to check that the pipeline runs'),
+    },
+}
+
+
 def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
-    """Return the argparse parser of train.py and test.py (every flag documented and used).
-
-    With ``several_settings`` (test.py), --N and --K take several values: every (N, K) pair is evaluated.
-    """
-    p = argparse.ArgumentParser(
-        description='GLoFA: global and local feature adaptors for few-shot classification.',
-        formatter_class=HelpFormatter, parents=[common_parser()])
-
-    g = p.add_argument_group('model')
-    g.add_argument('--model_name', type=str, default='glofa', choices=list(MODEL_FLAGS),
-                   help='few-shot model: glofa, or the baselines protonet and feat on the same encoder and protocol')
-    g.add_argument('--pretrained', type=str, default='pretrained_weights.pth',
-                   help="encoder weights to start from (FEAT's Res12-pre.pth or con-pre.pth); 'none' trains from scratch")
-
-    g = p.add_argument_group('model: glofa')
-    g.add_argument('--adaptor', type=str, default='both', choices=['both', 'task', 'class', 'none'],
-                   help='ablation: which masks adapt the embedding (task: no class masks; class: no task '
-                        'mask; none: ProtoNet-style baseline with normalised prototypes)')
-    g.add_argument('--tau', type=float, default=1.0, help='temperature dividing the logits')
-    g.add_argument('--delta', type=float, default=1.0, help='upper bound of the mask values')
-    g.add_argument('--h_bias_init', type=float, default=None,
-                   help='start the bias of h\'s last layer (both strengths) at this value, so that relu(h(S)) '
-                        'starts above 0 and the adaptors get gradients (default: the reference initialisation)')
-
-    g = p.add_argument_group('model: protonet and feat')
-    g.add_argument('--metric', type=str, default='euclidean', choices=['euclidean', 'cosine'],
-                   help='distance of queries to (adapted) prototypes')
-    g.add_argument('--temperature', type=float, default=64.0,
-                   help="temperature dividing the logits (64: FEAT's ResNet-12 commands)")
-    g.add_argument('--temperature2', type=float, default=None,
-                   help="feat: temperature of the contrastive regulariser (default: FEAT's ResNet-12 value for the "
-                        "shot, 64 for 1-shot, 32 otherwise)")
-    g.add_argument('--balance', type=float, default=None,
-                   help="feat: weight of the contrastive regulariser in the loss (default: FEAT's ResNet-12 value "
-                        "for the shot, 0.01 for 1-shot, 0.1 otherwise)")
-
-    g = p.add_argument_group('episodes')
-    several = dict(nargs='+') if several_settings else {}
-    g.add_argument('--N', type=int, default=5, **several,
-                   help='classes per episode (way); test.py takes several values, e.g. --N 5 10')
-    g.add_argument('--K', type=int, default=1, **several,
-                   help='support images per class (shot); test.py takes several values, e.g. --K 1 5')
-    g.add_argument('--Q', type=int, default=15, help='query images per class')
-    g.add_argument('--n_training_episodes', type=int, default=10000, help='training episodes in all')
-    g.add_argument('--n_validating_episodes', type=int, default=200, help='validation episodes at each validation')
-    g.add_argument('--n_testing_episodes', type=int, default=10000, help='test episodes')
-    g.add_argument('--episode_gap', type=int, default=200, help='training episodes between two validations')
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--lr_network', type=float, default=0.0001, help='learning rate of the encoder')
-    g.add_argument('--freeze_encoder', action='store_true',
-                   help='meta-train the head alone: the encoder in eval mode (BatchNorm statistics fixed), no backward '
-                        'pass through it, no update (--lr_network 0 still normalises by each episode\'s batch '
-                        'statistics and moves the running ones)')
-    g.add_argument('--lr', type=float, default=0.01, help="learning rate of the head: GLoFA's set functions, FEAT's attention layer (ProtoNet has none)")
-    g.add_argument('--point', type=int, nargs='+', default=[20, 30, 40],
-                   help='MultiStepLR milestones, counted in validations')
-    g.add_argument('--gamma', type=float, default=0.2, help='learning-rate factor at each milestone')
-    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
-    g.add_argument('--mo', type=float, default=0.9, help='Nesterov momentum')
-
-    g = p.add_argument_group('running: train.py and test.py')
-    g.add_argument('--devices', type=int, nargs='+', default=[0],
-                   help='CUDA device ids; more than one wraps the encoder in DataParallel')
-    g.add_argument('--model_path', type=str, default=None,
-                   help='checkpoint that test.py evaluates (default: the best checkpoint train.py writes for these flags); '
-                        "with --model_name protonet, none evaluates the --pretrained encoder itself (the default when no "
-                        "ProtoNet run was trained with these flags)")
-    g.add_argument('--eval_mode', type=str, default='auto', choices=['auto', 'cached', 'episodic'],
-                   help='cached: encode each image of the split once, then adapt per episode; '
-                        'episodic: encode every episode anew as the reference does (same answers); '
-                        'auto: whichever encodes fewer images, for validation and test alike')
-    g.add_argument('--episode_batch', type=int, default=0,
-                   help='cached evaluation: episodes computed at once (default 0: as many as a memory bound allows; '
-                        'any value gives the same results)')
-    g.add_argument('--feature_cache', type=str, default='on', choices=['on', 'off'],
-                   help="the test's cached evaluation stores the split's embeddings under <save_dir>/features, one file "
-                        "per checkpoint content, split files, transform and network; a later test of the same "
-                        "checkpoint reuses them (validations always encode: the weights change)")
-    g.add_argument('--json', type=str, default=None,
-                   help='write the test figures (per setting: accuracy, CI, adaptor diagnostics) to this JSON file')
-    g.add_argument('--flag_debug', action='store_true',
-                   help='debug run: a few episodes of everything, to check that the pipeline runs')
-    return p
+    """The parser of train.py and test.py; with ``several_settings`` (test.py) --N and --K take several values:
+    every (N, K) pair is evaluated."""
+    parser = argparse.ArgumentParser(description='GLoFA: global and local feature adaptors for few-shot '
+                                                 'classification.', formatter_class=HelpFormatter,
+                                     parents=[common_parser()])
+    return add_flags(parser, FLAGS, several=('--N', '--K') if several_settings else ())
 
 
 # A few episodes of everything, to check that the pipeline runs end to end.

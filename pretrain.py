@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, check_domains, common_parser
+from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, add_flags, check_domains, common_parser
 from dataloader import SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
 from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
@@ -52,39 +52,45 @@ PRETRAIN_LR = {'sgd': 0.1, 'adam': 0.001}
 PRETRAIN_DEMO_PRESET = dict(network_name='convnet', epochs=4, batch_size=32, milestones=[3], val_every=1, val_way=5)
 
 
+PRETRAIN_FLAGS = {
+    'optimisation': {
+        '--epochs': dict(type=int, default=100, help='passes over the train split'),
+        '--batch_size': dict(type=int, default=128, help=(
+            'images per optimisation step, over all processes (each takes batch_size / processes)')),
+        '--optimizer': dict(default='auto', choices=['auto', 'sgd', 'adam'],
+                            help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)'),
+        '--lr': dict(type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam'),
+        '--milestones': dict(type=int, nargs='+', default=[60, 80],
+                             help='epochs after which the learning rate is multiplied by --gamma'),
+        '--gamma': dict(type=float, default=0.1, help='learning-rate factor at each milestone'),
+        '--wd': dict(type=float, default=0.0005, help='weight decay'),
+    },
+    'validation (model selection)': {
+        '--val_every': dict(type=int, default=5,
+                            help='epochs between two validations (the last epoch always validates)'),
+        '--val_way': dict(type=int, default=16, help='classes per validation episode'),
+        '--val_shot': dict(type=int, default=1, help='support images per class'),
+        '--val_query': dict(type=int, default=15, help='query images per class'),
+        '--val_episodes': dict(type=int, default=200,
+                               help='validation episodes (the same ones at every validation)'),
+    },
+    'output': {
+        '--out': dict(default=None, help=(
+            'weights file to write; none given: <save_dir>/pretrained/<data>-<network_name>-pretrain-seed<seed>.pth. '
+            'Its state, log and identity go beside it as .last.pth, .log.jsonl and .run.json')),
+        '--sync_bn': dict(action='store_true',
+                          help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch'),
+    },
+}
+
+
 def get_pretrain_parser() -> argparse.ArgumentParser:
     """The flags of pretrain.py (every one documented in docs/pretrain.md and used)."""
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description='Supervised pretraining of the GLoFA backbone (encoder + linear classifier over the '
                     'train classes), with few-shot validation for model selection.',
         formatter_class=HelpFormatter, parents=[common_parser()])
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=100, help='passes over the train split')
-    g.add_argument('--batch_size', type=int, default=128,
-                   help='images per optimisation step, over all processes (each takes batch_size / processes)')
-    g.add_argument('--optimizer', type=str, default='auto', choices=['auto', 'sgd', 'adam'],
-                   help='auto: SGD with Nesterov momentum 0.9 for resnet, Adam for convnet (as FEAT)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate; none given: 0.1 for SGD, 0.001 for Adam')
-    g.add_argument('--milestones', type=int, nargs='+', default=[60, 80],
-                   help='epochs after which the learning rate is multiplied by --gamma')
-    g.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each milestone')
-    g.add_argument('--wd', type=float, default=0.0005, help='weight decay')
-
-    g = p.add_argument_group('validation (model selection)')
-    g.add_argument('--val_every', type=int, default=5, help='epochs between two validations (the last epoch always validates)')
-    g.add_argument('--val_way', type=int, default=16, help='classes per validation episode')
-    g.add_argument('--val_shot', type=int, default=1, help='support images per class')
-    g.add_argument('--val_query', type=int, default=15, help='query images per class')
-    g.add_argument('--val_episodes', type=int, default=200, help='validation episodes (the same ones at every validation)')
-
-    g = p.add_argument_group('output')
-    g.add_argument('--out', type=str, default=None,
-                   help='weights file to write; none given: <save_dir>/pretrained/<data>-<network_name>-pretrain-'
-                        'seed<seed>.pth. Its state, log and identity go beside it as .last.pth, .log.jsonl and .run.json')
-    g.add_argument('--sync_bn', action='store_true',
-                   help='CUDA, several processes: synchronise BatchNorm statistics over the whole batch')
-    return p
+    return add_flags(parser, PRETRAIN_FLAGS)
 
 
 def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -51,7 +51,7 @@ if ROOT not in sys.path:
 
 from harness import checkpoints, distributed, runs, stages  # noqa: E402
 import train  # noqa: E402
-from arguments import default_workers, parse_args  # noqa: E402
+from arguments import DEFAULT_WORKERS, parse_args  # noqa: E402
 from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
 from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
                         train_transform)  # noqa: E402
@@ -335,7 +335,7 @@ def debug_start(data: str, saves: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--flag_debug', '--network_name', 'convnet',
                     '--pretrained', 'none', '--data_path', data, '--save_dir', saves, '--overwrite', '--n_workers',
-                    str(default_workers())], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    str(DEFAULT_WORKERS)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -532,7 +532,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--K', type=int, default=1, help='shots of the 5-way episodes (15 queries per class)')
     p.add_argument('--classes', type=int, default=5, help='classes of the shrunk split (evaluation, loading, training)')
     p.add_argument('--device', default='all', choices=['all', 'cpu', 'cuda'], help='where the per-device sections run')
-    p.add_argument('--n_workers', type=int, default=default_workers(), help='loader workers')
+    p.add_argument('--n_workers', type=int, default=DEFAULT_WORKERS, help="loader workers")
     p.add_argument('--eval_episodes', type=int, default=None,
                    help="evaluation: episodes (default: mini-ImageNet's proportion; another count gives no fair ratio)")
     p.add_argument('--loader_episodes', type=int, default=20, help='loading: episodes timed')
