@@ -27,11 +27,11 @@ from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_c
 from harness.device import (autocast, backward, grad_scaler, keep_freed_memory, select_device, set_seed, step,
                             to_device)
 from harness.embeddings import encode_split
-from harness.evaluation import EvalOptions, mean_ci
+from harness.evaluation import EvalOptions, git_revision, mean_ci
 from harness.files import trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (DATA_FLAGS, Progress, Run, RunPaths, check_disjoint, check_existing_run, check_finite,
-                          data_identity, data_label, data_path, git_revision, interrupted_message, load_last, log_entry,
+                          data_identity, data_label, data_path, interrupted_message, load_last, log_entry,
                           open_tensorboard, save_last, write_identity)
 from models import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier

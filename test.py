@@ -12,16 +12,14 @@ import os
 import sys
 from typing import Optional
 
-import torch
 
 from arguments import check_args, parse_args, with_setting
 from dataloader import episode_sampler, eval_transform, open_split
 from harness.checkpoints import build_model, load_model_checkpoint
-from harness.console import UserError, exit_on_interrupt, exits_cleanly, flag_hint
+from harness.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
-from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
-                                split_episodes, stored_features)
-from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, git_revision, model_config, run_paths,
+from harness.evaluation import test_settings
+from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, model_config, run_paths,
                           split_files_beside, start, unfinished_line)
 
 
@@ -74,23 +72,6 @@ def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[s
             + ', '.join(f'{n}-way {k}-shot' for n, k in settings))
 
 
-def evaluate_settings(args, settings, dataset, model, options, features, results: dict, rows: list) -> None:
-    """Each (N, K) setting on its own seeded episodes, its lines printed as it ends; filled into ``results``."""
-    for n, k in settings:
-        drawn = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes, n, k)
-        print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
-        result = run_episodes(model, dataset, *drawn, options, features, desc=f'test {n}-way {k}-shot')
-        print('\n'.join(result_lines(result, n, k, args.adaptor)))
-        results[(n, k)] = result
-        rows.append((n, k, *mean_ci(result.accuracies)))
-
-
-def summary_table(rows: list[tuple[int, int, float, float]]) -> str:
-    lines = ['| way | shot | accuracy (%) |', '|---|---|---|']
-    lines += [f'| {n} | {k} | {100 * m:.2f} ± {100 * c:.2f} |' for n, k, m, c in rows]
-    return '\n'.join(lines)
-
-
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv, several_settings=True)
@@ -128,23 +109,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if trained_as:
         print(trained_as)
     model = place_model(model, args, device)
-    options = EvalOptions.from_args(args, device)
-    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, model_path, dataset, options))
-
-    results, rows = {}, []
-    with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '
-                                   f'test.py writes nothing before the end: run the same command again'):
-        evaluate_settings(args, settings, dataset, model, options, features, results, rows)
-    if len(settings) > 1:
-        print(summary_table(rows))
-    print(f'seed {args.seed}, revision {git_revision()}')
-    if features.warning():
-        print(features.warning())
-    if args.json:
-        from harness.outputs import setting_figures, write_figures
-        write_figures(args.json, [setting_figures(n, k, r) for (n, k), r in results.items()],
-                      checkpoint=model_path, seed=args.seed, Q=args.Q, revision=git_revision())
-    return results
+    return test_settings(args, settings, dataset, model, model_path, device,
+                         'test.py writes nothing before the end: run the same command again')
 
 
 if __name__ == '__main__':

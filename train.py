@@ -18,11 +18,10 @@ from dataloader import episode_sampler, eval_transform, generate_data_loader, it
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
 from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
 from harness.device import autocast, backward, grad_scaler, place_model, step, to_device
-from harness.evaluation import (EvalOptions, SplitFeatures, describe_eval_mode, mean_ci, result_lines, run_episodes,
-                                split_episodes, stored_features)
+from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from harness.files import check_output_folder, trim_log
 from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite,
-                          data_path, git_revision, interrupted_message, load_last, log_entry, model_config,
+                          data_path, interrupted_message, load_last, log_entry, model_config,
                           open_tensorboard, run_identity, run_name, run_paths, save_last, start, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
                                 training_diagnostics)
@@ -207,20 +206,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     record = load_model_checkpoint(model, paths.best, model_config(args))
     print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
           f"checkpoint {paths.best}")
-    test = split_episodes(args, test_set, torch.Generator().manual_seed(args.seed), args.n_testing_episodes, args.N,
-                          args.K)
-    with exit_on_interrupt(lambda: f'interrupted during the test; training is finished and saved: python test.py '
-                                   f'with the same flags evaluates {paths.best}'):
-        options = EvalOptions.from_args(args, device)
-        features = SplitFeatures(model.encoder, test_set, options, stored_features(args, paths.best, test_set, options))
-        results = run_episodes(model, test_set, *test, options, features, desc='test')
-    print('\n'.join(result_lines(results, args.N, args.K, args.adaptor)))
-    print(f'seed {args.seed}, {results.mode} evaluation, revision {git_revision()}')
-    if features.warning():
-        print(features.warning())
-    if args.json:
-        from harness.outputs import setting_figures, write_figures
-        write_figures(args.json, [setting_figures(args.N, args.K, results)])
+    test = test_settings(args, [(args.N, args.K)], test_set, model, paths.best, device,
+                         f'training is finished and saved: python test.py with the same flags evaluates {paths.best}')
+    results = test[args.N, args.K]
     return {'statistics': p.statistics, 'test_accuracies': results.accuracies, 'test': results, 'paths': paths}
 
 

@@ -5,6 +5,8 @@ encodes each image of the split once (``SplitFeatures``) and runs only the model
 once. ``split_episodes`` draws the episodes and chooses the way (--eval_mode), ``run_episodes`` evaluates them.
 """
 import math
+import os
+import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -14,7 +16,7 @@ import torch.nn as nn
 
 from dataloader import episode_loader, episode_sampler, iterate
 from harness.checkpoints import weights_digest
-from harness.console import UserError, progress
+from harness.console import UserError, exit_on_interrupt, progress
 from harness.device import autocast, to_device
 from models import FewShotModel
 from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line
@@ -258,3 +260,43 @@ def accuracy_line(name: str, accuracies: Sequence[float], n_way: int, n_shot: in
     mean, ci = mean_ci(accuracies)
     return (f'{name} accuracy: {100 * mean:.2f} ± {100 * ci:.2f} % '
             f'({n_way}-way {n_shot}-shot, {len(accuracies)} episodes)')
+
+
+def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShotModel, checkpoint: Optional[str],
+                  device: torch.device, after_interrupt: str) -> dict:
+    """The test: each (N, K) setting on its own episodes drawn from --seed (so its line is the same alone or beside
+    others), the split encoded once for all of them (and stored, ``stored_features``); lines printed as each ends,
+    --json written at the end. ``after_interrupt``: what an interrupt leaves, said with it."""
+    options = EvalOptions.from_args(args, device)
+    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, checkpoint, dataset, options))
+    results = {}
+    with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '
+                                   f'{after_interrupt}'):
+        for n, k in settings:
+            drawn = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
+                                   n, k)
+            print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
+            results[n, k] = run_episodes(model, dataset, *drawn, options, features, desc=f'test {n}-way {k}-shot')
+            print('\n'.join(result_lines(results[n, k], n, k, args.adaptor)))
+    if len(settings) > 1:
+        print('| way | shot | accuracy (%) |\n|---|---|---|')
+        for (n, k), result in results.items():
+            mean, ci = mean_ci(result.accuracies)
+            print(f'| {n} | {k} | {100 * mean:.2f} ± {100 * ci:.2f} |')
+    print(f'seed {args.seed}, revision {git_revision()}')
+    if features.warning():
+        print(features.warning())
+    if args.json:
+        from harness.outputs import setting_figures, write_figures
+        write_figures(args.json, [setting_figures(n, k, r) for (n, k), r in results.items()], checkpoint=checkpoint,
+                      seed=args.seed, Q=args.Q, revision=git_revision())
+    return results
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+        return out.stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'

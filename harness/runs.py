@@ -3,7 +3,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -351,15 +350,6 @@ def split_files_beside(root: str, split: str) -> dict:
         return {}
     except UserError:
         return {}
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
-        return out.stdout.strip() or 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
 
 
 def start(args, check: Callable) -> torch.device:

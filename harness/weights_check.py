@@ -6,9 +6,9 @@ import torch
 
 from harness.checkpoints import build_model
 from harness.device import place_model
-from harness.evaluation import EvalOptions, SplitFeatures, result_lines, run_episodes, split_episodes, stored_features
+from harness.evaluation import (EvalOptions, SplitFeatures, git_revision, result_lines, run_episodes, split_episodes,
+                                stored_features)
 from harness.outputs import setting_figures, write_figures
-from harness.runs import git_revision
 from arguments import with_setting
 
 
