@@ -24,8 +24,7 @@ from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
 from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
                              interrupt_on_sigterm, progress)
-from harness.device import (autocast, backward, grad_scaler, keep_freed_memory, select_device, set_seed, step,
-                            to_device)
+from harness.device import autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
 from harness.embeddings import encode_split
 from harness.evaluation import EvalOptions, git_revision, mean_ci
 from harness.files import trim_log
@@ -254,8 +253,9 @@ def train_one_epoch(run: Run, loader, bar) -> tuple[float, float, float]:
         where = f'process {distributed.rank()}, ' if distributed.world_size() > 1 else ''
         check_finite(loss, run, f'{where}epoch {run.progress.done + 1}', 'epoch', '--lr')
         run.optimizer.zero_grad(set_to_none=True)
-        backward(loss, run.optimizer, run.scaler)  # DistributedDataParallel averages the gradients
-        step(run.optimizer, run.scaler)
+        run.scaler.scale(loss).backward()  # DistributedDataParallel averages the gradients
+        run.scaler.step(run.optimizer)     # (the scaler is off but with float16 --amp: harness.device.grad_scaler)
+        run.scaler.update()
         loss = loss.item()
         loss_sum, correct, count = loss_sum + loss * len(labels), correct + right, count + len(labels)
         bar.set_postfix(epoch=run.progress.done + 1, loss=f'{loss_sum / count:.4f}',

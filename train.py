@@ -17,7 +17,7 @@ from arguments import check_args, parse_args
 from dataloader import episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
 from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
-from harness.device import autocast, backward, grad_scaler, place_model, step, to_device
+from harness.device import autocast, grad_scaler, place_model, to_device
 from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from harness.files import check_output_folder, trim_log
 from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite,
@@ -62,10 +62,12 @@ def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
             loss, adaptation = episode_loss(model, features, targets, args.N, args.K)
         check_finite(loss, run, f'episode {run.progress.done + len(losses) + 1}', 'episode', '--lr or --lr_network')
         optimizer.zero_grad(set_to_none=True)
-        backward(loss, optimizer, run.scaler)
+        run.scaler.scale(loss).backward()  # the scaler is off but with float16 --amp: then the loss is scaled,
+        run.scaler.unscale_(optimizer)     # the gradients unscaled, and a step with non-finite ones skipped
         if record is not None:  # GLoFA: strengths, h(S) and the gradients reaching the set functions
             record_episode(record, model, adaptation)
-        step(optimizer, run.scaler)
+        run.scaler.step(optimizer)
+        run.scaler.update()
         losses.append(loss.item())
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}', refresh=False)
         bar.update(1)

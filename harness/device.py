@@ -1,7 +1,7 @@
 """Where and how the numbers are computed: the device, mixed precision, memory layout, seeds and random states."""
 import ctypes
 import random
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -91,24 +91,7 @@ def place_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     return model
 
 
-def grad_scaler(amp: bool) -> Optional[torch.amp.GradScaler]:
-    """--amp on a GPU without bfloat16: float16 autocast, whose loss needs the grad scaler; else None."""
-    return torch.amp.GradScaler('cuda') if amp and not torch.cuda.is_bf16_supported() else None
-
-
-def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
-    """loss.backward(); with the grad scaler, of the scaled loss, and the gradients unscaled after."""
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-
-
-def step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
-    """optimizer.step(); with the grad scaler, through it (a step with non-finite gradients is skipped)."""
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+def grad_scaler(amp: bool) -> torch.amp.GradScaler:
+    """The grad scaler: on with --amp on a GPU without bfloat16 (float16 autocast, whose loss needs it); off, its
+    calls are plain: scale(loss) is loss, step(optimizer) is optimizer.step(), unscale_ and update do nothing."""
+    return torch.amp.GradScaler('cuda', enabled=amp and not torch.cuda.is_bf16_supported())

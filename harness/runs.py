@@ -250,7 +250,7 @@ class Run:
     model: nn.Module          # in DistributedDataParallel under torchrun (pretrain.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: torch.amp.GradScaler  # off but with float16 --amp (harness.device.grad_scaler)
     config: dict              # what the saved state must agree with to be resumed
     progress: Progress = field(default_factory=Progress)
     generators: dict = field(default_factory=dict)  # named samplers' generators, saved with the state
@@ -303,7 +303,7 @@ def save_last(run: Run, finished: bool, **fields) -> None:
         states = gather_objects(states[0])
     if run.rank == 0:
         atomic_save({'state_dict': model_state_dict(run.plain), 'optimizer': run.optimizer.state_dict(),
-                     'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
+                     'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
                      'random_states': states, 'generators': {k: g.get_state() for k, g in run.generators.items()},
                      'forward_count': forward_count(run.plain.encoder), 'config': run.config, 'finished': finished,
                      **fields}, run.paths.last)
@@ -317,7 +317,7 @@ def load_last(run: Run, record: dict) -> None:
     load_strict(run.plain, record['state_dict'], path, 'resume state')
     run.optimizer.load_state_dict(record['optimizer'])
     run.scheduler.load_state_dict(record['scheduler'])
-    if run.scaler is not None and record.get('scaler'):
+    if run.scaler.is_enabled() and record.get('scaler'):
         run.scaler.load_state_dict(record['scaler'])
     for name, generator in run.generators.items():
         generator.set_state(record['generators'][name])
