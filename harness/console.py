@@ -81,7 +81,7 @@ def printable_output() -> None:
                 stream.reconfigure(errors='glofa-fallback')
 
 
-_unstarted: list = []  # what a start that fails takes back (an empty run identity file, see runs.RunLock)
+_unstarted: list = []  # what a start that fails takes back (an empty run identity file, see runs.lock_run)
 
 
 def on_failed_start(undo: Callable[[], None]) -> None:

@@ -38,14 +38,14 @@ def data_label(args) -> str:
 
 
 def data_identity(args) -> dict:
-    """The data of a run by content, not location (a moved dataset keeps its runs), and the mix of several roots."""
+    """The data by content, not location (a moved dataset keeps its runs), and the mix of several roots."""
     roots = data_path(args)
     return {'data': [root_digest(root) for root in roots], 'task_mix': args.task_mix if len(roots) > 1 else None}
 
 
 def root_digest(root: str) -> str:
-    """The digest of the split files' contents and the other files' names and sizes (images/ too): cheap at every
-    start, and other images or labels give another digest."""
+    """A digest of the split files' contents and of the other files' names and sizes (images/ too): cheap at every
+    start, and other images or labels give another."""
     digest = hashlib.blake2b(digest_size=8)
     for folder, read in ((root, False), (os.path.join(root, 'split'), True), (os.path.join(root, 'images'), False)):
         with contextlib.suppress(OSError):
@@ -58,42 +58,26 @@ def root_digest(root: str) -> str:
     return digest.hexdigest()
 
 
-def weights_identity(path: str) -> str:
-    """Pretrained weights by content (two files of one name are two runs); 'none' without."""
-    return weights_digest(path)[:16] if path.lower() != 'none' and os.path.isfile(path) else os.path.basename(path)
-
-
-def model_flags(args) -> dict:
-    """The model's own flags (arguments.MODEL_FLAGS), FEAT's regulariser resolved for the shot."""
-    flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
-    if args.model_name == 'feat':
-        flags['temperature2'], flags['balance'] = feat_regulariser(args, args.K)
-    return flags
-
-
 def run_identity(args) -> dict:
-    """What defines a run's result: data and pretrained weights (by content), model, optimisation, schedule, seed;
-    not how fast it runs (device, workers, --amp, --channels_last, --save_dir)."""
-    return {
-        **data_identity(args),
-        'network_name': args.network_name, 'model_name': args.model_name, **model_flags(args),
-        'normalization': args.normalization, 'freeze_encoder': getattr(args, 'freeze_encoder', False),
-        'pretrained': weights_identity(args.pretrained),
-        'N': args.N, 'K': args.K, 'Q': args.Q,
-        'n_training_episodes': args.n_training_episodes, 'episode_gap': args.episode_gap,
-        'n_validating_episodes': args.n_validating_episodes,
-        'lr_network': args.lr_network, 'lr': args.lr, 'point': list(args.point), 'gamma': args.gamma,
-        'wd': args.wd, 'mo': args.mo, 'seed': args.seed,
-    }
-
-
-# what a checkpoint must agree with to be evaluated (no model's parameters depend on N, K or Q)
-MODEL_KEYS = {'glofa': ('adaptor',), 'protonet': ('metric',), 'feat': ('metric',)}
+    """What defines a run's result: the data and the pretrained weights by content (two files of one name are two
+    runs), the model and its flags (FEAT's regulariser resolved for the shot), optimisation, schedule, seed; not
+    how fast it runs (device, workers, --amp, --channels_last, --save_dir)."""
+    model = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
+    if args.model_name == 'feat':
+        model['temperature2'], model['balance'] = feat_regulariser(args, args.K)
+    weights = args.pretrained.lower() != 'none' and os.path.isfile(args.pretrained)
+    return {**data_identity(args), 'network_name': args.network_name, 'model_name': args.model_name, **model,
+            'normalization': args.normalization, 'freeze_encoder': getattr(args, 'freeze_encoder', False),
+            'pretrained': weights_digest(args.pretrained)[:16] if weights else os.path.basename(args.pretrained),
+            **{key: getattr(args, key) for key in ('N', 'K', 'Q', 'n_training_episodes', 'episode_gap',
+                                                   'n_validating_episodes', 'lr_network', 'lr')},
+            'point': list(args.point), 'gamma': args.gamma, 'wd': args.wd, 'mo': args.mo, 'seed': args.seed}
 
 
 def model_config(args) -> dict:
+    """What a checkpoint must agree with to be evaluated (no model's parameters depend on N, K or Q)."""
     return {'network_name': args.network_name, 'model_name': args.model_name,
-            **{key: getattr(args, key) for key in MODEL_KEYS[args.model_name]}}
+            **({'adaptor': args.adaptor} if args.model_name == 'glofa' else {'metric': args.metric})}
 
 
 def run_name(args, identity: Optional[dict] = None) -> str:
@@ -101,13 +85,11 @@ def run_name(args, identity: Optional[dict] = None) -> str:
     identity = run_identity(args) if identity is None else identity
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     if args.model_name == 'glofa':
-        variant = '' if args.adaptor == 'both' else f'-{args.adaptor}'
-        if args.h_bias_init is not None:
-            variant += f'-hbias{args.h_bias_init:g}'
+        variant = ('' if args.adaptor == 'both' else f'-{args.adaptor}') + (
+            '' if args.h_bias_init is None else f'-hbias{args.h_bias_init:g}')
     else:
         variant = '' if args.metric == 'euclidean' else f'-{args.metric}'
-    if getattr(args, 'freeze_encoder', False):
-        variant += '-frozen'
+    variant += '-frozen' if getattr(args, 'freeze_encoder', False) else ''
     return (f'{data_label(args)}-{args.network_name}-{args.model_name}{variant}-N{args.N}-K{args.K}-seed{args.seed}'
             f'-{digest}')
 
@@ -141,7 +123,7 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
     if args.resume and args.overwrite:
         raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
     if main:
-        RunLock.take(paths)
+        lock_run(paths)
     if args.overwrite:
         removed = [path for path in paths.files() if path != paths.identity and os.path.isfile(path)]  # the lock stays
         if main:
@@ -187,46 +169,42 @@ def unfinished_line(checkpoint: str) -> Optional[str]:
             f"its best checkpoint so far is evaluated, not the run's result")
 
 
-class RunLock:
-    """A run's lock for the life of this process: flock on its identity file, so a second process training the
-    same run is refused; a crash releases it."""
-    held: dict = {}  # locked path -> its open file, for this process
+_locks: dict = {}  # the runs this process holds: identity file -> its open file
 
-    @classmethod
-    def take(cls, paths: RunPaths) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): no lock
-            return
-        path = os.path.abspath(paths.identity)
-        if path in cls.held:  # a run started again in the same process
-            return
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        new = not os.path.exists(path)
-        f = open(path, 'a')
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise UserError(f'this run is being trained by another process (its lock is on {path}): wait for it to '
-                            f'end, or stop it; a crashed process releases the lock') from None
-        cls.held[path] = f
-        if new:  # a start that fails before the identity is written leaves no empty file behind
-            on_failed_start(lambda: cls.release_unstarted(path))
 
-    @classmethod
-    def release_unstarted(cls, path: str) -> None:
-        f = cls.held.pop(path, None)
-        if f is not None:
-            f.close()
-            if os.path.isfile(path) and os.path.getsize(path) == 0:
-                os.remove(path)
+def lock_run(paths: RunPaths) -> None:
+    """Lock the run for the life of this process (flock on its identity file): a second process training it is
+    refused, a crash releases it. A start that fails leaves no empty identity file behind."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        return
+    path = os.path.abspath(paths.identity)
+    if path in _locks:  # a run started again in the same process
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    f = open(path, 'a')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f'this run is being trained by another process (its lock is on {path}): wait for it to '
+                        f'end, or stop it; a crashed process releases the lock') from None
+    _locks[path] = f
+
+    def release_unstarted():
+        _locks.pop(path).close()
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
+    if new:
+        on_failed_start(release_unstarted)
 
 
 def write_identity(identity: dict, paths: RunPaths) -> None:
     """<run>.run.json: what the run's name stands for."""
     os.makedirs(os.path.dirname(paths.identity) or '.', exist_ok=True)
-    with writing(paths.identity), open(paths.identity, 'w') as f:  # in place: the file is the run's lock (RunLock)
+    with writing(paths.identity), open(paths.identity, 'w') as f:  # in place: the file is the run's lock (lock_run)
         json.dump(identity, f, indent=1)
 
 

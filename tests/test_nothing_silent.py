@@ -210,7 +210,7 @@ def test_a_run_being_trained_by_another_process_is_refused(data, tmp_path, capsy
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and 'Traceback' not in err
-    runs.RunLock.take(runs.run_paths(parse_args(argv)))  # the lock went with the process (as with a crash)
+    runs.lock_run(runs.run_paths(parse_args(argv)))  # the lock went with the process (as with a crash)
 
 
 # ------------------------------------------------------------------ output paths
