@@ -386,7 +386,7 @@ def generate_data_loader(dataset: Dataset, n_episodes: int, N: int, S: int, n_wo
     ``seed``; the training split augmented under seeds from it too (``SeededEpisodes``)."""
     sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed), task_mix)
     batch_sampler = SeededEpisodes(sampler) if dataset.split == 'train' else sampler
-    return episode_loader(dataset, batch_sampler, n_workers, pin_memory, persistent=n_workers > 0)
+    return data_loader(dataset, n_workers, pin_memory, batch_sampler=batch_sampler, persistent_workers=n_workers > 0)
 
 
 # an image whose smaller side is under this is far below the input size: upscaled without detail (a warning)
@@ -413,8 +413,9 @@ def say_notes(notes: list[tuple[str, str]]) -> None:
 
 
 def data_loader(dataset: Dataset, n_workers: int = 0, pin_memory: bool = False, **batching) -> DataLoader:
-    """A loader of ``dataset`` (``batching``: batch_sampler=, or batch_size= and shuffle=); with workers, through
-    ``harness.workers``. Its own generator seeds the workers: the global random state is left alone."""
+    """A loader of ``dataset`` (``batching``: batch_sampler= for whole episodes, or batch_size= and shuffle=); with
+    workers, through ``harness.workers``. Its own generator seeds the workers: the global random state is left
+    alone."""
     if n_workers > 0:
         from harness.workers import Reported, collate, ignore_interrupts
         dataset = Reported(dataset)
@@ -422,13 +423,6 @@ def data_loader(dataset: Dataset, n_workers: int = 0, pin_memory: bool = False, 
     else:
         batching.pop('persistent_workers', None)
     return DataLoader(dataset, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **batching)
-
-
-def episode_loader(dataset: Dataset, batch_sampler, n_workers: int = 0, pin_memory: bool = False,
-                   persistent: bool = False) -> DataLoader:
-    """A loader of whole episodes: each batch is one episode from ``batch_sampler`` (or one batch of a
-    ``ShuffledBatches``)."""
-    return data_loader(dataset, n_workers, pin_memory, batch_sampler=batch_sampler, persistent_workers=persistent)
 
 
 def iterate(loader: DataLoader) -> Iterator:

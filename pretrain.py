@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, add_flags, check_domains, common_parser
-from dataloader import SplitDataset, episode_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
+from dataloader import SplitDataset, data_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
 from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
 from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
@@ -338,8 +338,8 @@ def pretrain(args, built: list) -> dict:
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it', main_process)
     distributed.barrier()  # rank 0 may have removed an earlier run's files (--overwrite)
     sampler = ShuffledBatches(len(train_set), args.batch_size, args.seed, distributed.rank(), processes)
-    loader = episode_loader(train_set, sampler, args.n_workers, pin_memory=device.type == 'cuda',
-                            persistent=args.n_workers > 0)
+    loader = data_loader(train_set, args.n_workers, device.type == 'cuda', batch_sampler=sampler,
+                         persistent_workers=args.n_workers > 0)
 
     # ---------------- model and optimisation
     model = EncoderClassifier(build_encoder(args.network_name), len(train_set.class_names)).to(device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dataloader import episode_loader, episode_sampler, iterate
+from dataloader import data_loader, episode_sampler, iterate
 from harness.checkpoints import weights_digest
 from harness.console import UserError, exit_on_interrupt, progress
 from harness.device import autocast, to_device
@@ -195,8 +195,8 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
                 done += len(indices)
                 bar.update(len(indices))
         else:
-            loader = episode_loader(dataset, RecordedEpisodes(sampler, drawn), options.n_workers,
-                                    pin_memory=device.type == 'cuda')
+            loader = data_loader(dataset, options.n_workers, device.type == 'cuda',
+                                 batch_sampler=RecordedEpisodes(sampler, drawn))
             batches = iterate(loader)  # held here until the end: an interrupt must not tear the workers down early
             for i, (images, _) in enumerate(batches):
                 with autocast(device, options.amp):
