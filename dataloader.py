@@ -164,13 +164,8 @@ def overlap_error(splits: dict) -> Optional[str]:
 class SplitDataset(Dataset):
     """The images of one split, whatever the form: ``dataset[i]`` -> (image (3, 84, 84), label), and
     ``dataset[(i, seed)]`` with the random transform under that seed, so augmentation depends on the sampler
-    alone, not on the workers. A reader sets the attributes below and implements ``load_image(i)``."""
-    root: str
-    split: str
-    labels: list[int]
-    class_names: list[str]
-    location: str  # the file that messages name
-    transform: Callable
+    alone, not on the workers. A reader sets ``root``, ``split``, ``labels`` (ints), ``class_names``,
+    ``location`` (the file that messages name) and ``transform``, and implements ``load_image(i)``."""
 
     def load_image(self, i: int) -> Image.Image:
         raise NotImplementedError
