@@ -111,9 +111,6 @@ class ResNet12(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def blocks(self) -> list[BasicBlock]:
-        return [getattr(self, f'layer{i}')[0] for i in range(1, 5)]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not getattr(self, '_is_replica', False):
             self.n_forward += 1
