@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Optional
 
-
 from arguments import check_args, parse_args, with_setting
 from dataloader import episode_sampler, eval_transform, open_split
 from harness.checkpoints import build_model, load_model_checkpoint

@@ -283,14 +283,22 @@ def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShot
         for (n, k), result in results.items():
             mean, ci = mean_ci(result.accuracies)
             print(f'| {n} | {k} | {100 * mean:.2f} ± {100 * ci:.2f} |')
-    print(f'seed {args.seed}, revision {git_revision()}')
+    end_of_test(args, features, {(n, k, None): r for (n, k), r in results.items()}, checkpoint=checkpoint)
+    return results
+
+
+def end_of_test(args, features: SplitFeatures, results: dict, **what) -> None:
+    """What follows a test's results: the seed and revision, why the embeddings could not be stored (if so), and
+    with --json the figures of ``results`` ({(N, K, metric or None): EpisodeResults}) beside ``what`` was tested."""
+    revision = git_revision()
+    print(f'seed {args.seed}, revision {revision}')
     if features.warning():
         print(features.warning())
     if args.json:
         from harness.outputs import setting_figures, write_figures
-        write_figures(args.json, [setting_figures(n, k, r) for (n, k), r in results.items()], checkpoint=checkpoint,
-                      seed=args.seed, Q=args.Q, revision=git_revision())
-    return results
+        figures = [{**setting_figures(n, k, r), **({'metric': metric} if metric else {})}
+                   for (n, k, metric), r in results.items()]
+        write_figures(args.json, figures, **what, seed=args.seed, Q=args.Q, revision=revision)
 
 
 def git_revision() -> str:

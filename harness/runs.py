@@ -281,7 +281,8 @@ def save_last(run: Run, finished: bool, **fields) -> None:
         states = gather_objects(states[0])
     if run.rank == 0:
         atomic_save({'state_dict': model_state_dict(run.plain), 'optimizer': run.optimizer.state_dict(),
-                     'scheduler': run.scheduler.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                     'scheduler': run.scheduler.state_dict(),
+                     'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
                      'random_states': states, 'generators': {k: g.get_state() for k, g in run.generators.items()},
                      'forward_count': forward_count(run.plain.encoder), 'config': run.config, 'finished': finished,
                      **fields}, run.paths.last)

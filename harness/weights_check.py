@@ -6,9 +6,8 @@ import torch
 
 from harness.checkpoints import build_model
 from harness.device import place_model
-from harness.evaluation import (EvalOptions, SplitFeatures, git_revision, result_lines, run_episodes, split_episodes,
+from harness.evaluation import (EvalOptions, SplitFeatures, end_of_test, result_lines, run_episodes, split_episodes,
                                 stored_features)
-from harness.outputs import setting_figures, write_figures
 from arguments import with_setting
 
 
@@ -54,7 +53,7 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     if args.network_name == 'resnet' and args.normalization != 'feat' and not untrained:
         print("note: FEAT's Res12-pre.pth was pretrained with FEAT's normalisation; evaluate FEAT's weights "
               "with --normalization feat")
-    results, figures = {}, []
+    results = {}
     for n, k in settings:
         for metric in ('euclidean', 'cosine'):
             model.metric = metric
@@ -67,10 +66,5 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
             lines[0] = f'{metric}: {lines[0]}' + (f'   [quoted on mini-ImageNet: {quoted}]' if quoted else '')
             print('\n'.join(lines))
             results[(n, k, metric)] = result
-            figures.append({**setting_figures(n, k, result), 'metric': metric})
-    print(f'seed {args.seed}, revision {git_revision()}')
-    if features.warning():
-        print(features.warning())
-    if args.json:
-        write_figures(args.json, figures, pretrained=args.pretrained, seed=args.seed, Q=args.Q, revision=git_revision())
+    end_of_test(args, features, results, pretrained=args.pretrained)
     return results
