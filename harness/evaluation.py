@@ -196,7 +196,7 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
                 bar.update(len(indices))
         else:
             loader = data_loader(dataset, options.n_workers, device.type == 'cuda',
-                                 batch_sampler=RecordedEpisodes(sampler, drawn))
+                                 batch_sampler=recorded(sampler, drawn))
             batches = iterate(loader)  # held here until the end: an interrupt must not tear the workers down early
             for i, (images, _) in enumerate(batches):
                 with autocast(device, options.amp):
@@ -215,19 +215,11 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
     return EpisodeResults(mode, values[:, 0], values[:, 1:3], values[:, 3], values[:, 4], groups=groups)
 
 
-class RecordedEpisodes:
-    """A batch sampler that passes on ``sampler``'s episodes and appends each one's indices to ``drawn``."""
-
-    def __init__(self, sampler, drawn: list):
-        self.sampler, self.drawn = sampler, drawn
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        for indices in self.sampler:
-            self.drawn.append(indices)
-            yield indices.tolist()  # plain numbers travel to the workers without sharing a tensor's memory
+def recorded(sampler, drawn: list):
+    """``sampler``'s episodes as a loader's batches, each one's indices appended to ``drawn`` as it is drawn."""
+    for indices in sampler:
+        drawn.append(indices)
+        yield indices.tolist()  # plain numbers travel to the workers without sharing a tensor's memory
 
 
 def group_label(group: str) -> str:
