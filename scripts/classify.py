@@ -26,14 +26,12 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from harness import checkpoints, runs  # noqa: E402
-from arguments import MODEL_FLAGS, parse_args  # noqa: E402
-from harness.checkpoints import (load_model_checkpoint, load_pretrained, model_of, read_file, strip_module,
-                                 tensors_of)  # noqa: E402
+from arguments import parse_args  # noqa: E402
+from hubconf import build, checkpoint_args  # noqa: E402
 from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa: E402
 from harness.embeddings import content_digest, feature_cache  # noqa: E402
 from harness.evaluation import EvalOptions  # noqa: E402
-from networks import NETWORKS, build_encoder  # noqa: E402
+from networks import NETWORKS  # noqa: E402
 from harness.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
 from harness.files import write_text  # noqa: E402
@@ -138,8 +136,9 @@ def query_files(paths: list[str], notes: list) -> list[str]:
 
 
 # ------------------------------------------------------------------ the model
-def model_flags(opts) -> tuple[list[str], Optional[str]]:
-    """train.py's flags that build the checkpoint's model (from its record), and the checkpoint's path."""
+def model_args(opts) -> tuple[object, Optional[str]]:
+    """train.py's flags of the model that classifies (from the checkpoint's record, ``hubconf.checkpoint_args``),
+    and the checkpoint's path (None: the encoder of --pretrained alone)."""
     if opts.pretrained and opts.pretrained.lower() == 'none':
         raise UserError('--pretrained none: this script classifies with trained weights; give --pretrained FILE '
                         '(encoder weights) or --model_path RUN.model')
@@ -147,36 +146,11 @@ def model_flags(opts) -> tuple[list[str], Optional[str]]:
         if opts.model_path or (opts.model_name or 'protonet') != 'protonet':
             raise UserError('--pretrained FILE evaluates the encoder alone: give it with --model_name protonet, '
                             'without --model_path')
-        flags = ['--model_name', 'protonet', '--pretrained', opts.pretrained, '--metric', opts.metric or 'euclidean',
-                 '--network_name', opts.network_name or 'resnet']
-        return flags, None
+        return parse_args(['--model_name', 'protonet', '--pretrained', opts.pretrained, '--metric',
+                           opts.metric or 'euclidean', '--network_name', opts.network_name or 'resnet']), None
     if not opts.model_path:
         raise UserError('give --model_path RUN.model (a trained run) or --pretrained FILE --model_name protonet')
-    record = read_file(opts.model_path, 'checkpoint')
-    state = tensors_of(record)
-    if state is None:
-        raise UserError(f"checkpoint {opts.model_path} is not a model checkpoint (expected a 'state_dict' or FEAT's "
-                        f"'params')")
-    config = record.get('config') if isinstance(record.get('config'), dict) else {}
-    model = opts.model_name or config.get('model_name') or model_of(strip_module(state))
-    flags = ['--model_name', model, '--pretrained', 'none']
-    for key in ('adaptor', 'tau', 'delta', 'h_bias_init', 'metric', 'temperature', 'temperature2', 'balance'):
-        if key in config and config[key] is not None and key in MODEL_FLAGS[model]:
-            flags += [f'--{key}', str(config[key])]
-    network = opts.network_name or config.get('network_name') or fitting_network(opts.model_path)
-    return flags + ['--network_name', network, '--normalization',
-                    opts.normalization or config.get('normalization', 'imagenet')], opts.model_path
-
-
-def fitting_network(path: str) -> str:
-    """The network whose encoder the checkpoint's tensors fit (a file without a record, e.g. FEAT's)."""
-    for name in NETWORKS:
-        try:
-            load_pretrained(build_encoder(name), path)
-            return name
-        except UserError:
-            continue
-    raise UserError(f'checkpoint {path} holds no encoder of a known network ({", ".join(NETWORKS)})')
+    return checkpoint_args(opts.model_path, opts.model_name, opts.network_name, opts.normalization), opts.model_path
 
 
 @torch.no_grad()
@@ -247,8 +221,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     opts = get_parser().parse_args(argv)
     if opts.shots is not None and opts.shots < 1:
         raise UserError(f'--shots must be at least 1, got {opts.shots}')
-    flags, checkpoint = model_flags(opts)
-    args = parse_args(flags)
+    args, checkpoint = model_args(opts)
     names, files, notes = support_sets(opts.support, opts.shots)
     queries = query_files(opts.query, notes)
     inputs = [checkpoint, args.pretrained, *queries, *(p for paths in files for p in paths)]
@@ -257,10 +230,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if opts.picture:
         check_output(opts.picture, '--picture', inputs, opts.overwrite, list(PICTURE_FORMATS))
     device = select_device(opts.device, [0])
-    model = checkpoints.build_model(args, pretrained=checkpoint is None)
-    if checkpoint:
-        load_model_checkpoint(model, checkpoint, runs.model_config(args))
-    model.to(device).eval()
+    model = build(args, checkpoint).to(device)
     for skipped in notes:
         print(skipped_note(*skipped))
     supports = {os.path.realpath(p) for paths in files for p in paths}

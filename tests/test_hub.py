@@ -6,7 +6,7 @@ import torch
 
 import train
 from conftest import pretrained_file, tiny_run_flags
-from harness.checkpoints import build_model, load_model_checkpoint
+from harness.checkpoints import atomic_save, build_model, load_model_checkpoint
 from harness.runs import model_config
 from arguments import parse_args
 
@@ -50,6 +50,17 @@ def test_the_encoder_alone_from_pretrained_weights_and_from_a_checkpoint(trained
     encoder = hub('encoder', checkpoint=trained[1])  # the network is read from the checkpoint's record
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[key], value), key
+
+
+def test_a_file_without_a_record_gets_the_network_its_tensors_fit(tmp_path):
+    """FEAT's checkpoints hold {'params': ...} and no config: the Conv-4 they fit is found, not the default ResNet-12."""
+    torch.manual_seed(4)
+    expected = build_model(parse_args(['--network_name', 'convnet', '--model_name', 'feat']), pretrained=False)
+    atomic_save({'params': expected.state_dict()}, str(tmp_path / 'feat.pth'))
+    model = hub('feat', checkpoint=str(tmp_path / 'feat.pth'))
+    assert model.encoder.out_dim == 64
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_a_fresh_model_takes_its_flags_and_refuses_others():
