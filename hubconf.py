@@ -17,17 +17,10 @@ def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name
     else what its tensors fit (FEAT's files have none); ``flags``: the model's own (e.g. tau=2). No checkpoint: the
     defaults and the flags given."""
     from arguments import MODEL_FLAGS, parse_args
-    from harness.checkpoints import model_of, read_file, strip_module, tensors_of
-    from harness.console import UserError
-    config, state = {}, None
-    if checkpoint:
-        record = read_file(checkpoint, 'checkpoint')
-        state = tensors_of(record)
-        if state is None:
-            raise UserError(f"checkpoint {checkpoint} is not a model checkpoint (expected a dict with a 'state_dict' "
-                            f"or FEAT's 'params')")
-        config = record['config'] if isinstance(record.get('config'), dict) else {}
-    model_name = model_name or config.get('model_name') or (model_of(strip_module(state)) if state else 'glofa')
+    from harness.checkpoints import model_of, read_checkpoint
+    record, state = read_checkpoint(checkpoint) if checkpoint else ({}, None)
+    config = record['config'] if isinstance(record.get('config'), dict) else {}
+    model_name = model_name or config.get('model_name') or (model_of(state) if state else 'glofa')
     network_name = network_name or config.get('network_name') or (fitting_network(checkpoint) if state else 'resnet')
     args = parse_args(['--model_name', model_name, '--network_name', network_name, '--pretrained', 'none',
                        '--normalization', normalization or config.get('normalization', 'imagenet')])
@@ -35,7 +28,8 @@ def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name
         given = flags.pop(flag, config.get(flag))
         setattr(args, flag, getattr(args, flag) if given is None else given)
     if flags:
-        raise TypeError(f'{model_name} has no flag {next(iter(flags))} (its flags: {", ".join(MODEL_FLAGS[model_name])})')
+        raise TypeError(f'{model_name} has no flag {next(iter(flags))} '
+                        f'(its flags: {", ".join(MODEL_FLAGS[model_name])})')
     return args
 
 

@@ -148,15 +148,20 @@ def model_of(state_dict: dict) -> str:
     return 'protonet'
 
 
-def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
-    """Load a checkpoint into ``model``: train.py's record {'state_dict', 'validating_accuracy', 'epoch', 'config'},
-    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record."""
+def read_checkpoint(path: str) -> tuple[dict, dict]:
+    """A model checkpoint's record and its state dict (``module.`` parts removed), or a UserError naming the file."""
     record = read_file(path, 'checkpoint')
     state = tensors_of(record)
     if state is None:
         raise UserError(f"checkpoint {path} is not a model checkpoint (expected a dict with a 'state_dict' "
                         f"or FEAT's 'params')")
-    state = strip_module(state)
+    return record, strip_module(state)
+
+
+def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
+    """Load a checkpoint into ``model``: train.py's record {'state_dict', 'validating_accuracy', 'epoch', 'config'},
+    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record."""
+    record, state = read_checkpoint(path)
     if config is not None:
         check_config(record, config, path)
         held = model_of(state)

@@ -85,6 +85,17 @@ def skipped_note(where: str, folders: int, others: int) -> str:
     return f'note: {where}: skipped {" and ".join(p for p in parts if p)}'
 
 
+def folder_images(folder: str, where: str, notes: list) -> list[str]:
+    """The readable images of ``folder`` by file name; what it held besides is added to ``notes``: (where,
+    sub-folders, files that are not images)."""
+    inside = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.startswith('.')]
+    files = [path for path in inside if os.path.isfile(path)]
+    images = [path for path in files if read_image(path) is not None]
+    if len(images) < len(inside):
+        notes.append((where, len(inside) - len(files), len(files) - len(images)))
+    return images
+
+
 def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[list[str]], list[tuple]]:
     """(class names, each class's image files, what was skipped: (where, sub-folders, files that are not
     images)): sub-folders in name order, images by file name."""
@@ -97,11 +108,7 @@ def support_sets(folder: str, shots: Optional[int]) -> tuple[list[str], list[lis
     files, notes = [], []
     for name in names:
         class_dir = os.path.join(folder, name)
-        inside = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir)) if not f.startswith('.')]
-        found = [path for path in inside if os.path.isfile(path)]
-        images = [path for path in found if read_image(path) is not None]
-        if len(images) < len(inside):
-            notes.append((f'class {name}', len(inside) - len(found), len(found) - len(images)))
+        images = folder_images(class_dir, f'class {name}', notes)
         if not images:
             raise UserError(f'class folder {class_dir} holds no readable image')
         if shots is not None:
@@ -118,12 +125,7 @@ def query_files(paths: list[str], notes: list) -> list[str]:
     found = []
     for path in paths:
         if os.path.isdir(path):
-            inside = [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
-            files = [f for f in inside if os.path.isfile(f)]
-            images = [f for f in files if read_image(f) is not None]
-            if len(images) < len(inside):
-                notes.append((f'query folder {path}', len(inside) - len(files), len(files) - len(images)))
-            found += images
+            found += folder_images(path, f'query folder {path}', notes)
         elif not os.path.isfile(path):
             raise UserError(f'query {path} not found')
         elif read_image(path) is None:

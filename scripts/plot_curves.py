@@ -148,6 +148,14 @@ def draw_training(ax, record: dict) -> None:
     ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc='upper right', fontsize=7)
 
 
+def draw_drops(ax_loss, ax_acc, drops: list[int]) -> None:
+    """A dotted line at each learning-rate drop, on both panels (one legend entry)."""
+    for i, at in enumerate(drops):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(at, color='grey', linestyle=':', linewidth=1,
+                       label='learning-rate drop' if i == 0 and ax is ax_acc else None)
+
+
 def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
          title: str, out: str, training: Optional[dict] = None) -> None:
     """Training loss and validation accuracy (%) against episodes, the adaptors' strengths at each validation
@@ -181,12 +189,9 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
     ax_acc.set_xlabel('training episode')
     ax_acc.set_ylabel('accuracy (%)')
 
-    if entries is not None:  # learning-rate drops of the schedule
+    if entries is not None:  # 'lr' is the rate after the validation's scheduler step: it dropped at e's episode
         drops = [e['episode'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
-        for i, episode in enumerate(drops):
-            for ax in (ax_loss, ax_acc):
-                ax.axvline(episode, color='grey', linestyle=':', linewidth=1,
-                           label='learning-rate drop' if i == 0 and ax is ax_acc else None)
+        draw_drops(ax_loss, ax_acc, drops)
     if strengths:
         ax_alpha = axes[2]
         for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
@@ -248,10 +253,7 @@ def draw_pretraining(entries: list[dict], title: str, out: str) -> None:
     ax_acc.set_ylabel('accuracy (%)')
     # 'lr' is the rate an epoch trained with: it dropped after prev's epoch, at the latest before e's
     drops = [prev['epoch'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
-    for i, epoch in enumerate(drops):
-        for ax in (ax_loss, ax_acc):
-            ax.axvline(epoch, color='grey', linestyle=':', linewidth=1,
-                       label='learning-rate drop' if i == 0 and ax is ax_acc else None)
+    draw_drops(ax_loss, ax_acc, drops)
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
