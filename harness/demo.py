@@ -357,39 +357,57 @@ def _write_dataset(root: str, design: Dict[str, List[dict]], params: dict, file_
     seed, images_per_class, image_size = params['seed'], params['images_per_class'], params['image_size']
     n_images = images_per_class * sum(len(classes) for classes in design.values())
     counts = ' / '.join(str(len(design[s])) for s in ('train', 'val', 'test'))
-    if not force and _is_complete(root, params):
+
+    def already_there() -> bool:
+        if force or not _is_complete(root, params):
+            return False
         if verbose:
             print(f'{what} in {root}: {counts} classes (train / val / test), {n_images} images, already generated')
+        return True
+    if already_there():
         return root
     refuse_unowned([root])
-    start = time.time()
     image_dir = os.path.join(root, 'images')
     split_dir = os.path.join(root, 'split')
     marker = os.path.join(root, _MARKER)
     os.makedirs(root, exist_ok=True)
-    with open(marker, 'w') as f:  # first: the folder is the demo's, its data not yet complete
-        json.dump({'complete': False}, f)
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(split_dir, exist_ok=True)
-    for name in os.listdir(image_dir):  # stale images of an earlier demo dataset only
-        if file_re.match(name):
-            os.remove(os.path.join(image_dir, name))
+    with open(marker, 'a') as lock:  # first: the folder is the demo's; locked while its data is written
+        _hold(lock)  # a process writing the same data now (two runs started at once): wait, then use its data
+        if already_there():
+            return root
+        start = time.time()
+        with open(marker, 'w') as f:  # the data not yet complete
+            json.dump({'complete': False}, f)
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(split_dir, exist_ok=True)
+        for name in os.listdir(image_dir):  # stale images of an earlier demo dataset only
+            if file_re.match(name):
+                os.remove(os.path.join(image_dir, name))
 
-    def items(classes: List[dict]):
-        for cls in classes:
-            rng = np.random.default_rng([seed, stream, cls['index']])
-            for j in range(1, images_per_class + 1):
-                yield f"{cls['label']}{j:08d}.jpg", cls['label'], _render_image(cls, image_size, rng)
+        def items(classes: List[dict]):
+            for cls in classes:
+                rng = np.random.default_rng([seed, stream, cls['index']])
+                for j in range(1, images_per_class + 1):
+                    yield f"{cls['label']}{j:08d}.jpg", cls['label'], _render_image(cls, image_size, rng)
 
-    for split, classes in design.items():
-        write_split(root, split, items(classes))
+        for split, classes in design.items():
+            write_split(root, split, items(classes))
 
-    with open(marker, 'w') as f:
-        json.dump(params, f, sort_keys=True)
+        with open(marker, 'w') as f:
+            json.dump(params, f, sort_keys=True)
     if verbose:
         print(f'{what}: wrote {n_images} images of {image_size}x{image_size} ({counts} classes in train / val / test, '
               f'{images_per_class} each) to {root} in {time.time() - start:.1f} s')
     return root
+
+
+def _hold(f) -> None:
+    """An exclusive flock on ``f`` until it is closed, waiting for the process that holds it (none on Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
 
 
 def _check_sizes(images_per_class: int, image_size: int) -> None:

@@ -116,6 +116,31 @@ def test_incomplete_dataset_is_regenerated(tmp_path):
     assert os.path.isfile(os.path.join(root, '.demo_complete'))
 
 
+def test_a_second_generation_waits_for_the_first_and_takes_its_data(tmp_path):
+    """Two runs started at once on a fresh folder: the second waits while the first writes (its lock on the
+    marker), then finds the data complete and rewrites nothing, so no image vanishes under the first."""
+    import fcntl
+    import threading
+    root = str(tmp_path / 'g')
+    os.makedirs(root)
+    with open(os.path.join(root, '.demo_complete'), 'a') as first:  # a process writing the data holds this
+        fcntl.flock(first, fcntl.LOCK_EX)
+        second = threading.Thread(target=generate_demo_dataset, args=(root,), kwargs={'images_per_class': 1})
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not os.path.exists(os.path.join(root, 'images'))  # waiting, nothing written
+        written = generate_demo_dataset(str(tmp_path / 'h'), images_per_class=1)  # what the first one writes
+        for name in ('images', 'split', '.demo_complete'):
+            os.rename(os.path.join(written, name), os.path.join(root, name))
+        stamp = 1_000_000_000
+        paths = [os.path.join(dp, n) for dp, _, ns in os.walk(root) for n in ns]
+        for p in paths:
+            os.utime(p, (stamp, stamp))
+    second.join(timeout=60)
+    assert not second.is_alive()
+    assert all(os.stat(p).st_mtime == stamp for p in paths)  # the second took the first's data as it was
+
+
 # ------------------------------------------------------------------ the coarse demo stays what it was
 PINNED_PIXELS = '8519108e283ef31187ba48653682479eb5b6e84d5c49f2eb51585afd8108f804'
 PINNED_TEXT_FILES = 'f3314632b46a498f916026accfdd9e9ee61a806bf042969d5a93cb37fe862945'
