@@ -17,11 +17,15 @@ def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name
     else what its tensors fit (FEAT's files have none); ``flags``: the model's own (e.g. tau=2). No checkpoint: the
     defaults and the flags given."""
     from arguments import MODEL_FLAGS, parse_args
-    from harness.checkpoints import model_of, read_checkpoint
+    from harness.checkpoints import fitting_network, model_of, read_checkpoint
+    from harness.console import UserError
+    from networks import NETWORKS
     record, state = read_checkpoint(checkpoint) if checkpoint else ({}, None)
     config = record['config'] if isinstance(record.get('config'), dict) else {}
     model_name = model_name or config.get('model_name') or (model_of(state) if state else 'glofa')
     network_name = network_name or config.get('network_name') or (fitting_network(checkpoint) if state else 'resnet')
+    if network_name is None:
+        raise UserError(f'checkpoint {checkpoint} holds no encoder of a known network ({", ".join(NETWORKS)})')
     args = parse_args(['--model_name', model_name, '--network_name', network_name, '--pretrained', 'none',
                        '--normalization', normalization or config.get('normalization', 'imagenet')])
     for flag in MODEL_FLAGS[model_name]:
@@ -31,20 +35,6 @@ def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name
         raise TypeError(f'{model_name} has no flag {next(iter(flags))} '
                         f'(its flags: {", ".join(MODEL_FLAGS[model_name])})')
     return args
-
-
-def fitting_network(path: str) -> str:
-    """The network whose encoder a file's tensors fit (a file without a record, e.g. FEAT's)."""
-    from harness.checkpoints import load_pretrained
-    from harness.console import UserError
-    from networks import NETWORKS, build_encoder
-    for name in NETWORKS:
-        try:
-            load_pretrained(build_encoder(name), path)
-            return name
-        except UserError:
-            continue
-    raise UserError(f'checkpoint {path} holds no encoder of a known network ({", ".join(NETWORKS)})')
 
 
 def build(args, checkpoint: str = None):

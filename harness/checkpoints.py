@@ -194,12 +194,19 @@ def load_encoder_weights(encoder: nn.Module, path: str, network_name: str) -> in
     try:
         return load_pretrained(encoder, path)
     except UserError:
-        for other in NETWORKS:
-            if other != network_name:
-                try:
-                    load_pretrained(build_encoder(other), path)
-                except UserError:
-                    continue
-                raise UserError(f'pretrained weights {path} hold a {other} encoder, not a {network_name} one: pass '
-                                f'--network_name {other}') from None
+        other = fitting_network(path, [name for name in NETWORKS if name != network_name])
+        if other is not None:
+            raise UserError(f'pretrained weights {path} hold a {other} encoder, not a {network_name} one: pass '
+                            f'--network_name {other}') from None
         raise
+
+
+def fitting_network(path: str, networks=NETWORKS) -> Optional[str]:
+    """The first of ``networks`` whose encoder the file's tensors fit (``load_pretrained``), or None."""
+    for name in networks:
+        try:
+            load_pretrained(build_encoder(name), path)
+            return name
+        except UserError:
+            continue
+    return None

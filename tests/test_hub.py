@@ -9,6 +9,7 @@ from conftest import pretrained_file, tiny_run_flags
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint
 from harness.runs import model_config
 from arguments import parse_args
+from harness.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +62,9 @@ def test_a_file_without_a_record_gets_the_network_its_tensors_fit(tmp_path):
     assert model.encoder.out_dim == 64
     for key, value in expected.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    atomic_save({'params': {'encoder.other.weight': torch.zeros(3)}}, str(tmp_path / 'other.pth'))
+    with pytest.raises(UserError, match='other.pth'):
+        hub('protonet', checkpoint=str(tmp_path / 'other.pth'))
 
 
 def test_a_fresh_model_takes_its_flags_and_refuses_others():
