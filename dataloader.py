@@ -26,6 +26,9 @@ except RuntimeError as error:  # a torchvision built for another torch: 'operato
 
 
 SPLITS = ('train', 'val', 'test')
+# the flags named when the data layer refuses something (with harness.console.flag_hint)
+DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
+EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
 
 
 # per-channel (mean, std) of the images, in [0, 1] units (--normalization)
@@ -146,18 +149,17 @@ def header_error(csv_path: str, header: Sequence[str], class_names: Iterable[str
     return None
 
 
-def overlap_error(splits: dict) -> Optional[str]:
-    """The first class or image (by file name) shared by two splits ({split: dataset}), in one line; or None."""
-    items = list(splits.items())
+def check_disjoint(splits: dict, allow_overlap: bool = False) -> None:
+    """Refuse splits ({split: dataset}) that share a class or an image (by file name), unless ``allow_overlap``."""
+    items = [] if allow_overlap else list(splits.items())
     for i, (a, first) in enumerate(items):
         for b, second in items[i + 1:]:
             for what, key in (('classes', 'class_names'), ('images', 'filenames')):
                 shared = sorted(set(getattr(first, key, ())) & set(getattr(second, key, ())))
                 if shared:
-                    return (f'{len(shared)} {what} are in both the {a} split ({first.location}) and the {b} split '
-                            f'({second.location}), e.g. {shared[0]}: few-shot splits must not share them, or the '
-                            f'accuracy is not few-shot (pass --allow_overlap if it is on purpose)')
-    return None
+                    raise UserError(f'{len(shared)} {what} are in both the {a} split ({first.location}) and the {b} '
+                                    f'split ({second.location}), e.g. {shared[0]}: few-shot splits must not share '
+                                    f'them, or the accuracy is not few-shot (pass --allow_overlap if it is on purpose)')
 
 
 # ------------------------------------------------------------------ readers
@@ -297,6 +299,20 @@ def open_split(paths: Union[str, Sequence[str]], split: str,
         return open_root(paths[0], split, transform)
     from harness.mixing import MultiSourceDataset, root_names
     return MultiSourceDataset([open_root(path, split, transform) for path in paths], root_names(paths))
+
+
+def split_files_beside(root: str, split: str) -> dict:
+    """The other splits of ``root`` where their labels are cheap to read (folder and tiered forms), else {}."""
+    try:
+        form = dataset_format(root)
+        if form == 'folder':
+            return {other: FewShotDataset(root, other, check_files=False) for other in SPLITS if other != split}
+        if form == 'tiered':
+            from harness.forms import TieredDataset
+            return {other: TieredDataset(root, other) for other in SPLITS if other != split}
+        return {}
+    except UserError:
+        return {}
 
 
 # ------------------------------------------------------------------ episodes

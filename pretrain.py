@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, add_flags, check_domains, common_parser
-from dataloader import SplitDataset, data_loader, episode_sampler, eval_transform, iterate, open_split, train_transform
+from dataloader import (DATA_FLAGS, SplitDataset, check_disjoint, data_loader, episode_sampler, eval_transform, iterate,
+                        open_split, train_transform)
 from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
 from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
@@ -29,9 +30,9 @@ from harness.embeddings import encode_split
 from harness.evaluation import EvalOptions, git_revision, mean_ci
 from harness.files import trim_log
 from harness.outputs import check_output, command_inputs
-from harness.runs import (DATA_FLAGS, Progress, Run, RunPaths, check_disjoint, check_existing_run, check_finite,
-                          data_identity, data_label, data_path, interrupted_message, load_last, log_entry,
-                          open_tensorboard, save_last, write_identity)
+from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
+                          data_path, interrupted_message, load_last, log_entry, open_tensorboard, save_last,
+                          write_identity)
 from models import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier
 from models.glofa import query_targets
@@ -330,7 +331,7 @@ def pretrain(args, built: list) -> dict:
     with flag_hint(DATA_FLAGS):
         train_set = open_split(root, 'train', train_transform(args.normalization))
         val_set = open_split(root, 'val', eval_transform(args.normalization))
-        check_disjoint(args, {'train': train_set, 'val': val_set})
+        check_disjoint({'train': train_set, 'val': val_set}, args.allow_overlap)
     check_data(args, train_set, val_set)
     if main_process:  # an existing file there is the existing-run rule's (check_existing_run)
         check_output(paths.best, '--out' if args.out else '--save_dir', command_inputs(args, train_set, val_set), True)

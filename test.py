@@ -13,13 +13,13 @@ import sys
 from typing import Optional
 
 from arguments import check_args, parse_args, with_setting
-from dataloader import episode_sampler, eval_transform, open_split
+from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform, open_split,
+                        split_files_beside)
 from harness.checkpoints import build_model, load_model_checkpoint
 from harness.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import test_settings
-from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, data_path, model_config, run_paths,
-                          split_files_beside, start, unfinished_line)
+from harness.runs import data_path, model_config, run_paths, start, unfinished_line
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
         parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
         for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
-            check_disjoint(args, {'test': part, **split_files_beside(root, 'test')})
+            check_disjoint({'test': part, **split_files_beside(root, 'test')}, args.allow_overlap)
     if args.json:  # the rule for outputs, before any work (harness.outputs)
         from harness.outputs import check_output, command_inputs
         check_output(args.json, '--json', [*command_inputs(args, dataset), model_path], args.overwrite)

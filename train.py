@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from arguments import check_args, parse_args
-from dataloader import episode_sampler, eval_transform, generate_data_loader, iterate, open_split, train_transform
+from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform,
+                        generate_data_loader, iterate, open_split, train_transform)
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
 from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
 from harness.device import autocast, grad_scaler, place_model, to_device
 from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from harness.files import check_output_folder, trim_log
-from harness.runs import (DATA_FLAGS, EPISODE_FLAGS, Progress, Run, check_disjoint, check_existing_run, check_finite,
-                          data_path, interrupted_message, load_last, log_entry, model_config,
-                          open_tensorboard, run_identity, run_name, run_paths, save_last, start, write_identity)
+from harness.runs import (Progress, Run, check_existing_run, check_finite, data_path, interrupted_message, load_last,
+                          log_entry, model_config, open_tensorboard, run_identity, run_name, run_paths, save_last,
+                          start, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
                                 training_diagnostics)
 from models.glofa import GLoFA, query_targets
@@ -143,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train_set = open_split(root, 'train', train_transform(args.normalization))
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         test_set = open_split(root, 'test', eval_transform(args.normalization))
-        check_disjoint(args, {'train': train_set, 'val': val_set, 'test': test_set})
+        check_disjoint({'train': train_set, 'val': val_set, 'test': test_set}, args.allow_overlap)
     if args.json:  # the rule for outputs, before any work (harness.outputs)
         from harness.outputs import check_output, command_inputs
         check_output(args.json, '--json', command_inputs(args, train_set, val_set, test_set), args.overwrite)

@@ -10,16 +10,11 @@ import torch
 import torch.nn as nn
 
 from arguments import MODEL_FLAGS, feat_regulariser
-from dataloader import FewShotDataset, SPLITS, dataset_format, overlap_error
 from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
 from harness.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
 from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
 from harness.files import append_log
 from networks import forward_count, set_forward_count
-
-# the flags named when the data layer refuses something
-DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
-EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
 
 
 def data_path(args) -> list[str]:
@@ -308,27 +303,6 @@ def load_last(run: Run, record: dict) -> None:
               f'continuation is not bit-identical to an uninterrupted run')
     if run.rank < len(states):
         set_random_states(states[run.rank])
-
-
-def check_disjoint(args, splits: dict) -> None:
-    """Refuse splits ({name: dataset}) sharing classes or images, unless --allow_overlap."""
-    error = overlap_error(splits)
-    if error and not args.allow_overlap:
-        raise UserError(error)
-
-
-def split_files_beside(root: str, split: str) -> dict:
-    """The other splits of ``root`` where their labels are cheap to read (folder and tiered forms), else {}."""
-    try:
-        form = dataset_format(root)
-        if form == 'folder':
-            return {other: FewShotDataset(root, other, check_files=False) for other in SPLITS if other != split}
-        if form == 'tiered':
-            from harness.forms import TieredDataset
-            return {other: TieredDataset(root, other) for other in SPLITS if other != split}
-        return {}
-    except UserError:
-        return {}
 
 
 def start(args, check: Callable) -> torch.device:
