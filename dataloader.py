@@ -151,7 +151,9 @@ def header_error(csv_path: str, header: Sequence[str], class_names: Iterable[str
 
 def check_disjoint(splits: dict, allow_overlap: bool = False) -> None:
     """Refuse splits ({split: dataset}) that share a class or an image (by file name), unless ``allow_overlap``."""
-    items = [] if allow_overlap else list(splits.items())
+    if allow_overlap:
+        return
+    items = list(splits.items())
     for i, (a, first) in enumerate(items):
         for b, second in items[i + 1:]:
             for what, key in (('classes', 'class_names'), ('images', 'filenames')):
