@@ -29,30 +29,29 @@ def settings_of(args) -> list[tuple[int, int]]:
     return [(n, k) for n in ways for k in shots]
 
 
-def checks_pretrained(args, settings: list[tuple[int, int]]) -> bool:
-    """ProtoNet with --model_path none, or with no meta-trained run for these flags: evaluate the
-    pretrained encoder itself (ProtoNet needs no training to be evaluated)."""
+def checks_pretrained(args, trained: Optional[str]) -> bool:
+    """ProtoNet with --model_path none, or with no meta-trained run for these flags (``trained``, its best
+    checkpoint): evaluate the pretrained encoder itself (ProtoNet needs no training to be evaluated)."""
     if args.model_name != 'protonet' or (args.model_path and args.model_path.lower() != 'none'):
         return False
-    if args.model_path or not os.path.isfile(run_paths(with_setting(args, *settings[0])).best):
+    if args.model_path or not os.path.isfile(trained):
         return True
     print(f'evaluating the meta-trained ProtoNet run of these flags; --model_path none evaluates the '
           f'pretrained encoder {args.pretrained} itself')
     return False
 
 
-def checkpoint_path(args, settings: list[tuple[int, int]]) -> str:
-    """--model_path, else the best checkpoint train.py writes for these flags (for several settings:
+def checkpoint_path(args, settings: list[tuple[int, int]], trained: Optional[str]) -> str:
+    """--model_path, else ``trained``: the best checkpoint train.py writes for these flags (for several settings:
     the run of the first one, said on screen)."""
     if args.model_path:
         if not os.path.isfile(args.model_path):
             raise UserError(f'checkpoint {args.model_path} (--model_path) not found')
         return args.model_path
-    first = with_setting(args, *settings[0])
-    path = run_paths(first).best
+    path = trained
     if not os.path.isfile(path):
         from harness.finding import trained_in_another_setting
-        path = trained_in_another_setting(first, path)
+        path = trained_in_another_setting(with_setting(args, *settings[0]), path)
     if len(settings) > 1:
         print(f'several settings: evaluating the checkpoint of the {settings[0][0]}-way {settings[0][1]}-shot run, '
               f'{path} (pass --model_path to choose another)')
@@ -76,8 +75,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv, several_settings=True)
     settings = settings_of(args)
     device = start(args, lambda device: [check_args(with_setting(args, n, k), device) for n, k in settings])
-    pretrained_only = checks_pretrained(args, settings)
-    model_path = None if pretrained_only else checkpoint_path(args, settings)
+    # the run train.py writes for these flags (its identity reads the data and the weights: made once)
+    trained = None if args.model_path else run_paths(with_setting(args, *settings[0])).best
+    pretrained_only = checks_pretrained(args, trained)
+    model_path = None if pretrained_only else checkpoint_path(args, settings, trained)
     with flag_hint(DATA_FLAGS):
         dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
         parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split

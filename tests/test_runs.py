@@ -170,3 +170,15 @@ def test_a_variant_resumes_only_its_own_unfinished_run(tiny_dataset, tmp_path):
     assert command[0] == 'train.py' and '--resume' in command
     (tmp_path / 'variant.test.json').write_text('{}')
     assert stage_runner.variant_stage(base, fresh) is None
+
+
+def test_test_py_reads_the_data_for_the_run_identity_once(tiny_dataset, tmp_path, monkeypatch):
+    """A meta-trained ProtoNet run found by its flags: the data's digest (a scan of images/) is made once."""
+    import test
+    run = flags(tiny_dataset, tmp_path, '--model_name', 'protonet')
+    train.main(run)
+    calls = []
+    digest = runs.root_digest
+    monkeypatch.setattr(runs, 'root_digest', lambda root: calls.append(root) or digest(root))
+    test.main(run)
+    assert calls == [str(tiny_dataset)]
