@@ -3,6 +3,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 from typing import Optional
 from harness.console import UserError
 
@@ -227,11 +228,28 @@ def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False)
             preset = {**DEMO_ROOTS[args.demo], **DEMO_PRESET}
         parser.set_defaults(**{**preset, **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
+    args.given = given_flags(parser, sys.argv[1:] if argv is None else argv)
     for flag in sorted({f for flags in MODEL_FLAGS.values() for f in flags} - set(MODEL_FLAGS[args.model_name])):
         if getattr(args, flag) != parser.get_default(flag):
             owners = ' and '.join(m for m, flags in MODEL_FLAGS.items() if flag in flags)
             parser.error(f'--{flag} is a flag of --model_name {owners}, not of {args.model_name}')
     return args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set:
+    """The flags (their dest names) written on the command line ``argv``, not taken from a default or a preset;
+    an abbreviation (--norm for --normalization) counts as argparse reads it."""
+    options = parser._option_string_actions
+    given = set()
+    for token in argv:
+        if token == '--':
+            break
+        if token.startswith('--'):
+            name = token.split('=', 1)[0]
+            matches = [options[name]] if name in options else [a for o, a in options.items() if o.startswith(name)]
+            if len({a.dest for a in matches}) == 1:
+                given.add(matches[0].dest)
+    return given
 
 
 def check_domains(args, domains: dict) -> None:

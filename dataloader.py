@@ -276,6 +276,26 @@ def dataset_format(root: str) -> str:
     return other_form(root)
 
 
+def data_sources(root: str) -> dict:
+    """What defines ``root``'s data, for a run's identity: {what: (files, read by content?)}. The folder form:
+    each split CSV (by content) and the images it names (by name and size); another form: its arrays and labels
+    (by name and size). Nothing else under the root counts (a README, .DS_Store, this program's converted copies)."""
+    if dataset_format(root) != 'folder':
+        from harness.forms import source_files
+        return {os.path.basename(path): ([path], False) for path in source_files(root)}
+    sources = {}
+    for split in SPLITS:
+        csv_path = split_csv_path(root, split)
+        if os.path.isfile(csv_path):
+            sources[f'split/{split}.csv'] = ([csv_path], True)
+            try:
+                names = read_split(csv_path, strict=False)[0]
+            except UserError:  # a damaged split file is refused when it is read
+                names = []
+            sources[f'the images split/{split}.csv names'] = ([os.path.join(root, 'images', n) for n in names], False)
+    return sources
+
+
 def open_root(root: str, split: str, transform: Optional[Callable] = None) -> 'SplitDataset':
     """The reader of ``split`` under ``root``, in whichever form it holds."""
     form = dataset_format(root)

@@ -28,7 +28,7 @@ from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_c
 from harness.device import autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
 from harness.embeddings import encode_split
 from harness.evaluation import EvalOptions, git_revision, mean_ci
-from harness.files import trim_log
+from harness.files import check_file_name, trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
                           data_path, interrupted_message, load_last, log_entry, open_tensorboard, save_last,
@@ -333,8 +333,15 @@ def pretrain(args, built: list) -> dict:
         val_set = open_split(root, 'val', eval_transform(args.normalization))
         check_disjoint({'train': train_set, 'val': val_set}, args.allow_overlap)
     check_data(args, train_set, val_set)
-    if main_process:  # an existing file there is the existing-run rule's (check_existing_run)
-        check_output(paths.best, '--out' if args.out else '--save_dir', command_inputs(args, train_set, val_set), True)
+    if main_process:  # an existing file of this run is the existing-run rule's (check_existing_run)
+        flag = '--out' if args.out else '--save_dir'
+        check_output(paths.best, flag, command_inputs(args, train_set, val_set), True)
+        for path in paths.files():  # the run's files beside it: names that fit too
+            check_file_name(path, flag)
+        if os.path.lexists(paths.best) and not os.path.isfile(paths.identity):
+            raise UserError(f'{flag} {paths.best} exists and was not written by pretrain.py (no run record '
+                            f'{paths.identity} beside it): refused, so nothing of yours is replaced; choose another '
+                            f'file')
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it', main_process)
     distributed.barrier()  # rank 0 may have removed an earlier run's files (--overwrite)

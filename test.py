@@ -15,7 +15,7 @@ from typing import Optional
 from arguments import check_args, parse_args, with_setting
 from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform, open_split,
                         split_files_beside)
-from harness.checkpoints import build_model, load_model_checkpoint
+from harness.checkpoints import as_trained, build_model, load_model_checkpoint, read_checkpoint
 from harness.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import test_settings
@@ -82,19 +82,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with flag_hint(DATA_FLAGS):
         dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
         parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
+        beside = []
         for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
-            check_disjoint({'test': part, **split_files_beside(root, 'test')}, args.allow_overlap)
-    if args.json:  # the rule for outputs, before any work (harness.outputs)
+            others = split_files_beside(root, 'test')
+            check_disjoint({'test': part, **others}, args.allow_overlap)
+            beside += others.values()
+    if args.json:  # the rule for outputs, before any work (harness.outputs): never a file this command reads
         from harness.outputs import check_output, command_inputs
-        check_output(args.json, '--json', [*command_inputs(args, dataset), model_path], args.overwrite)
+        check_output(args.json, '--json', [*command_inputs(args, dataset, *beside), model_path], args.overwrite)
     with flag_hint(EPISODE_FLAGS):  # every setting fits the split, before any is evaluated
         for n, k in settings:
             episode_sampler(dataset, 1, n, k + args.Q, task_mix=args.task_mix)
     if pretrained_only:
         from harness.weights_check import check_pretrained
         return check_pretrained(args, settings, dataset, device)
+    checkpoint = read_checkpoint(model_path)  # the data first: its mistakes are named before the checkpoint's
+    for line in as_trained(args, checkpoint[0], model_path):  # its normalisation, network, model flags (unless given)
+        print(line)
+    for part in parts:
+        part.transform = eval_transform(args.normalization)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
-    record = load_model_checkpoint(model, model_path, model_config(args))
+    record = load_model_checkpoint(model, model_path, model_config(args), checkpoint)
     if 'optimizer' in record:  # train.py's 'last' state: the weights after its last finished gap
         validated = f"the last state, after episode {record.get('episode')}; the best checkpoint is the .model file beside it"
     elif 'validating_accuracy' in record:

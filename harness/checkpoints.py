@@ -158,10 +158,38 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     return record, strip_module(state)
 
 
-def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None) -> dict:
+def as_trained(args, record: dict, path: str) -> list[str]:
+    """Set on ``args`` the settings ``path`` was trained with (its record's config): the model, network and image
+    normalisation, and the model's own flags (tau, delta, ...). A flag the user gave (``args.given``) wins and is
+    named; a setting the record lacks (an older file, FEAT's) keeps the flag's value, and is named too. The
+    lines to print, one per kind."""
+    from arguments import MODEL_FLAGS
+    config = record.get('config') if isinstance(record.get('config'), dict) else {}
+    given = getattr(args, 'given', set())
+    if 'model_name' in config and 'model_name' not in given and config['model_name'] in MODEL_FLAGS:
+        args.model_name = config['model_name']
+    differ, lacking = [], []
+    for flag in ('network_name', 'normalization', *MODEL_FLAGS[args.model_name]):
+        if flag not in config:
+            lacking.append(f'--{flag} {getattr(args, flag)}')
+        elif flag in given and config[flag] != getattr(args, flag):
+            differ.append(f'--{flag} {getattr(args, flag)} (trained with {config[flag]})')
+        else:
+            setattr(args, flag, config[flag])
+    lines = []
+    if differ:
+        lines.append(f'note: evaluating {path} with {", ".join(differ)}, as given, not as it was trained')
+    if lacking:
+        lines.append(f'note: {path} does not record {"these settings" if len(lacking) > 1 else "this setting"}: '
+                     f'using {", ".join(lacking)}')
+    return lines
+
+
+def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None, read: Optional[tuple] = None) -> dict:
     """Load a checkpoint into ``model``: train.py's record {'state_dict', 'validating_accuracy', 'epoch', 'config'},
-    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record."""
-    record, state = read_checkpoint(path)
+    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record.
+    ``read``: the file's (record, state dict) when ``read_checkpoint`` has read it already."""
+    record, state = read or read_checkpoint(path)
     if config is not None:
         check_config(record, config, path)
         held = model_of(state)

@@ -8,9 +8,10 @@ from harness.console import UserError
 from harness.runs import run_identity, run_name
 
 
-def other_runs(args) -> list[tuple[str, dict]]:
-    """Runs under --save_dir of the same data, network and model with another identity: (name, {flag:
-    (here, there)}), fewest differences first. Reads their identity files only."""
+def other_runs(args, same: tuple = ('data', 'network_name', 'model_name')) -> list[tuple[str, dict]]:
+    """Runs under --save_dir that agree with these flags in ``same`` (by default: the data, network and model)
+    and differ in something else: (name, {flag: (here, there)}), fewest differences first. Reads their identity
+    files only."""
     here, name_here = run_identity(args), run_name(args)
     folder = os.path.join(args.save_dir, 'statistics')
     found = []
@@ -25,11 +26,25 @@ def other_runs(args) -> list[tuple[str, dict]]:
         name = there.pop('run', file[:-len('.run.json')]) if isinstance(there, dict) else None
         if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..'):
             continue  # a record whose name would lead out of --save_dir's folders is not a run of ours
-        if name == name_here or any(there.get(k) != here[k] for k in ('data', 'network_name', 'model_name')):
+        if name == name_here or any(there.get(k) != here[k] for k in same):
             continue
         found.append((name, {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there))
                              if here.get(k) != there.get(k)}))
     return sorted(found, key=lambda run: len(run[1]))
+
+
+def data_changes(args) -> str:
+    """'; the run X of these flags was trained when <what> differed (split/test.csv, ...)' for a run under
+    --save_dir that differs from these flags in its data alone, else ''."""
+    runs = [(name, diff) for name, diff in other_runs(args, same=('network_name', 'model_name')) if set(diff) == {'data'}]
+    if not runs:
+        return ''
+    name, diff = runs[0]
+    here, there = diff['data']
+    changed = [what for i, (mine, theirs) in enumerate(zip(here, there)) if isinstance(mine, dict)
+               and isinstance(theirs, dict) for what in sorted(set(mine) | set(theirs)) if mine.get(what) != theirs.get(what)]
+    return (f'; the run {name} of these flags was trained on this data when it differed in: '
+            f'{", ".join(changed) or "its roots"}')
 
 
 def saved_state(last: str) -> str:
@@ -86,7 +101,7 @@ def trained_in_another_setting(args, path: str) -> str:
                            for name, diff in trained)
         raise UserError(f'no run was trained as {args.N}-way {args.K}-shot with these flags, and several were in '
                         f'other settings: {listed}; choose one with --N and --K of its training, or --model_path')
-    raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') +
+    raise UserError(missing_run_message('checkpoint', path, args.save_dir, '.model') + data_changes(args) +
                     '; or train this run first (train.py with the same flags)')
 
 
@@ -103,4 +118,7 @@ def resume_elsewhere(args, paths) -> None:
                         f'drop --resume to start this new run')
     for name, diff, state in others[:3]:
         print(f'note: no run with these flags; the {state} run {name} differs in {describe_differences(diff)}')
+    changed = data_changes(args) if paths.stat else ''
+    if changed:
+        print(f'note: no run with these flags{changed}')
     print(f'no saved state {paths.last} yet: starting a new run')

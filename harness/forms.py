@@ -284,6 +284,18 @@ def pickled_form(root: str) -> Optional[str]:
     return None
 
 
+def source_files(root: str) -> list[str]:
+    """The files a root in another form is read from (``other_form``): its arrays and labels, never the converted
+    copies (``.glofa-arrays``, an .npz's uncompressed .npy)."""
+    form = other_form(root)
+    if form == 'tiered':
+        names = [os.path.basename(p) for split in SPLITS for p in tiered_paths(root, split)]
+    else:
+        names = list(SPLIT_FILES[form].values()) + ([f'{split}_labels.pkl' for split in SPLITS]
+                                                    if form == 'tiered_png' else [])
+    return [os.path.join(root, name) for name in names if os.path.isfile(os.path.join(root, name))]
+
+
 def source_file(root: str, form: str, split: str) -> str:
     path = os.path.join(root, SPLIT_FILES[form][split])
     if not os.path.isfile(path):

@@ -1,12 +1,14 @@
 """What a command writes beside its report (--json figures, pictures, a study's folder), and the rule that keeps
 it off the command's inputs and off any file of the user's: every such file carries OUTPUT_MARK."""
+import csv
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 from harness.console import UserError
 from harness.evaluation import EpisodeResults, mean_ci
-from harness.files import atomic_write, check_output_folder
+from harness.files import atomic_write, check_file_name, check_output_folder
 
 
 # Every JSON file and picture the programs write carries this mark (a CSV, its header): an existing file
@@ -20,20 +22,42 @@ FOLDER_MARK = '.glofa-output'  # in a folder of outputs (a study's --out): the f
 PICTURE_FORMATS = {'.png': 'Software', '.pdf': 'Creator', '.svg': 'Creator'}  # and the metadata key of the mark
 
 
-def carries_mark(path: str, mark: str = OUTPUT_MARK) -> bool:
+def written_here(path: str, header: Optional[Sequence[str]] = None) -> bool:
+    """Whether ``path`` was written by these programs, by its structure: a JSON object whose top-level
+    'written_by' is OUTPUT_MARK; a picture whose metadata field (PICTURE_FORMATS) is OUTPUT_MARK; a CSV whose header
+    row starts with ``header``. Never by the mark appearing somewhere in the file."""
+    extension = os.path.splitext(path)[1].lower()
     try:
-        with open(path, 'rb') as f:
-            return mark.encode() in f.read(1 << 24)
-    except OSError:
+        if header is not None:
+            with open(path, newline='', encoding='utf-8') as f:
+                return next(csv.reader(f), [])[:len(header)] == list(header)
+        if extension == '.json':
+            with open(path, encoding='utf-8') as f:
+                content = json.load(f)
+            return isinstance(content, dict) and content.get('written_by') == OUTPUT_MARK
+        if extension == '.png':
+            from PIL import Image
+            with Image.open(path) as image:
+                return image.info.get(PICTURE_FORMATS['.png']) == OUTPUT_MARK
+        if extension in ('.pdf', '.svg'):
+            with open(path, 'rb') as f:
+                content = f.read(1 << 24)
+            field = (rb'/Creator \(' + re.escape(OUTPUT_MARK.encode()) + rb'\)' if extension == '.pdf' else
+                     rb'<dc:creator>\s*<cc:Agent>\s*<dc:title>' + re.escape(OUTPUT_MARK.encode()) + rb'</dc:title>')
+            return re.search(field, content) is not None
+    except (OSError, ValueError, UnicodeDecodeError, StopIteration):
         return False
+    return False
 
 
 def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: Optional[bool] = None,
-                 formats: Optional[Sequence[str]] = None, mark: str = OUTPUT_MARK) -> None:
+                 formats: Optional[Sequence[str]] = None, header: Optional[Sequence[str]] = None) -> None:
     """The one rule for a file a program writes, checked before any work (one line naming ``flag`` and the path
-    otherwise): not one of the command's ``inputs`` (the same file by any name, a link too); a
-    file name ending in one of ``formats`` when given; new, or written by these programs (it carries ``mark``), or
+    otherwise): a name that can be written (``files.check_file_name``); not one of the command's ``inputs`` (every
+    file it reads; the same file by any name, a link too), with or without --overwrite; a file name ending in one
+    of ``formats`` when given; new, or written by these programs (``written_here``; ``header``: a CSV's), or
     ``overwrite`` (the command's --overwrite; None for a command without one); its folder writable."""
+    check_file_name(path, flag)
     if formats and os.path.splitext(path)[1].lower() not in formats:
         raise UserError(f'{flag} {path}: expected a file ending in {" or ".join(formats)}')
     if os.path.exists(path):  # the same file as an input, by any name (a link, a hard link)
@@ -46,9 +70,7 @@ def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: Op
             if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
                 raise UserError(f'{flag} {path} is an input of this command ({given}): refused, nothing written '
                                 f'(choose another file)')
-    if os.path.isdir(path):
-        raise UserError(f'{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, "out" + (formats or [".json"])[0])}')
-    if os.path.lexists(path) and not overwrite and not carries_mark(path, mark):
+    if os.path.lexists(path) and not overwrite and not written_here(path, header):
         instead = 'remove it first' if overwrite is None else 'add --overwrite'
         raise UserError(f'{flag} {path} exists and was not written by this program: refused, so nothing of yours is '
                         f'replaced (choose another file, or {instead})')

@@ -1,5 +1,4 @@
 """A run: its identity and name, its files, what happens to an existing one (and its lock), its saved state."""
-import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from arguments import MODEL_FLAGS, feat_regulariser
+from dataloader import data_sources
 from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
 from harness.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
 from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
@@ -38,19 +38,27 @@ def data_identity(args) -> dict:
     return {'data': [root_digest(root) for root in roots], 'task_mix': args.task_mix if len(roots) > 1 else None}
 
 
-def root_digest(root: str) -> str:
-    """A digest of the split files' contents and of the other files' names and sizes (images/ too): cheap at every
-    start, and other images or labels give another."""
-    digest = hashlib.blake2b(digest_size=8)
-    for folder, read in ((root, False), (os.path.join(root, 'split'), True), (os.path.join(root, 'images'), False)):
-        with contextlib.suppress(OSError):
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.is_file() and read:
-                    with open(entry.path, 'rb') as f:
-                        digest.update(f'{entry.name}\0'.encode() + f.read())
-                elif entry.is_file():
-                    digest.update(f'{entry.name}\0{entry.stat().st_size}\0'.encode())
-    return digest.hexdigest()
+def root_digest(root: str) -> dict:
+    """{what: digest} of ``dataloader.data_sources``: the split files by content, the images they name (or another
+    form's arrays) by name and size. Files no split reads, and the program's converted copies, do not count."""
+    try:
+        sources = data_sources(root)
+    except UserError:  # no data there: refused, naming the flag, when the split is opened
+        return {}
+    digests = {}
+    for what, (paths, by_content) in sources.items():
+        digest = hashlib.blake2b(digest_size=8)
+        for path in paths:
+            try:
+                if by_content:
+                    with open(path, 'rb') as f:
+                        digest.update(f.read())
+                else:
+                    digest.update(f'{os.path.relpath(path, root)}\0{os.stat(path).st_size}\0'.encode())
+            except OSError:  # missing: refused when the split is read
+                digest.update(f'{os.path.relpath(path, root)}\0missing\0'.encode())
+        digests[what] = digest.hexdigest()
+    return digests
 
 
 def run_identity(args) -> dict:
@@ -70,9 +78,9 @@ def run_identity(args) -> dict:
 
 
 def model_config(args) -> dict:
-    """What a checkpoint must agree with to be evaluated (no model's parameters depend on N, K or Q)."""
-    return {'network_name': args.network_name, 'model_name': args.model_name,
-            **({'adaptor': args.adaptor} if args.model_name == 'glofa' else {'metric': args.metric})}
+    """What a checkpoint must agree with to be loaded at all (no model's parameters depend on N, K or Q, nor on
+    the flags that only change its logits, e.g. --adaptor or --metric: those are evaluated as given)."""
+    return {'network_name': args.network_name, 'model_name': args.model_name}
 
 
 def run_name(args, identity: Optional[dict] = None) -> str:

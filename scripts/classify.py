@@ -228,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     queries = query_files(opts.query, notes)
     inputs = [checkpoint, args.pretrained, *queries, *(p for paths in files for p in paths)]
     if opts.out:
-        check_output(opts.out, '--out', inputs, opts.overwrite, ['.csv'], mark=','.join(CSV_HEADER))
+        check_output(opts.out, '--out', inputs, opts.overwrite, ['.csv'], header=CSV_HEADER)
     if opts.picture:
         check_output(opts.picture, '--picture', inputs, opts.overwrite, list(PICTURE_FORMATS))
     device = select_device(opts.device, [0])

@@ -145,9 +145,15 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     if not args.model_path and not os.path.isfile(model_path):
         raise UserError(finding.missing_run_message('checkpoint', model_path, args.save_dir, '.model'))
 
-    # ---------------- model and episode
+    # ---------------- model (as it was trained: checkpoints.as_trained) and episode
+    checkpoint = checkpoints.read_checkpoint(model_path)
+    for line in checkpoints.as_trained(args, checkpoint[0], model_path):
+        print(line)
+    if args.model_name != 'glofa':
+        raise UserError(f'{model_path} holds a {args.model_name} model, which has no masks to draw: this script '
+                        f'draws GLoFA\'s')
     model = checkpoints.build_model(args, pretrained=False)
-    record = load_model_checkpoint(model, model_path, runs.model_config(args))
+    record = load_model_checkpoint(model, model_path, runs.model_config(args), checkpoint)
     model.to(device).eval()
     dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
     out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
