@@ -6,7 +6,10 @@ classes from 2, any number of images each); every query is an image file or a fo
 network and the normalisation come from the checkpoint's record, as in test.py. Prints one line per query
 (its predicted class, the probability, the runner-up); --out writes a CSV with every class's probability,
 --picture draws the support images by class beside each query and its prediction. The model always answers one
-of the given classes, also for a query of none of them: a top probability below 1.5 times chance is marked low.
+of the given classes, also for a query of none of them. The probabilities are the softmax of the model's logits
+over the given classes: they rank the classes, they are not a calibrated confidence (GLoFA's logits are inner
+products with normalised prototypes divided by tau: how peaked they are depends on tau and on the length of the
+query's embedding, and no threshold on them says "none of these").
 
 Classes with different numbers of images are classified exactly as the method defines them: GLoFA's set
 functions take each class's set as it is (f_class sums over the class's K_n images, f_task and h over the
@@ -32,7 +35,7 @@ from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa
 from harness.embeddings import content_digest, feature_cache  # noqa: E402
 from harness.evaluation import EvalOptions  # noqa: E402
 from networks import NETWORKS  # noqa: E402
-from harness.console import UserError, exits_cleanly  # noqa: E402
+from harness.console import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 from harness.device import select_device  # noqa: E402
 from harness.files import write_text  # noqa: E402
 from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
@@ -221,6 +224,7 @@ def draw(names: list[str], files: list[list[str]], queries: list[str], predictio
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     opts = get_parser().parse_args(argv)
+    interrupt_on_sigterm()  # a cluster's SIGTERM ends it as Ctrl-C does: one line, exit 130
     if opts.shots is not None and opts.shots < 1:
         raise UserError(f'--shots must be at least 1, got {opts.shots}')
     args, checkpoint = model_args(opts)
@@ -247,15 +251,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     shots = sorted({len(f) for f in files})
     print(f'{len(names)}-way task, {"-".join(map(str, shots))} support image(s) a class ({args.model_name} on '
           f'{args.network_name}, {checkpoint or args.pretrained}); {len(queries)} quer{"y" if len(queries) == 1 else "ies"}')
-    print(f'each query gets one of these {len(names)} classes, also when it shows none of them; "low": its top '
-          f'probability is below 1.5 times chance ({150 / len(names):.0f} %)')
-    predictions, low = [], []
+    print(f'each query gets one of these {len(names)} classes, also when it shows none of them; the probabilities '
+          f'(softmax of the logits) rank the classes, they are not a calibrated confidence')
+    predictions = []
     for path, p in zip(queries, probabilities):
         order = torch.argsort(p, descending=True).tolist()
         predictions.append(order[0])
-        low.append(bool(p[order[0]] < 1.5 / len(names)))
         print(f'{path}: {names[order[0]]} ({100 * p[order[0]]:.1f} %), runner-up {names[order[1]]} '
-              f'({100 * p[order[1]]:.1f} %){"; low" if low[-1] else ""}')
+              f'({100 * p[order[1]]:.1f} %)')
     if adaptation is not None:
         alpha = adaptation.alpha.tolist()
         print(f'adaptors: alpha_task {alpha[0]:.4f}, alpha_cls {alpha[1]:.4f}'
@@ -274,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if opts.picture:
         draw(names, files, queries, predictions, probabilities, opts.picture)
         print(f'wrote {opts.picture}')
-    return {'classes': names, 'queries': queries, 'predictions': [names[n] for n in predictions], 'low': low,
+    return {'classes': names, 'queries': queries, 'predictions': [names[n] for n in predictions],
             'skipped': notes,
             'probabilities': probabilities, 'logits': logits.cpu(), 'adaptation': adaptation}
 

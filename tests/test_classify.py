@@ -21,6 +21,8 @@ from models.protonet import ProtoNet
 
 import classify  # from scripts/ (pytest.ini puts it on the path)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 # ------------------------------------------------------------------ uneven shots, exactly
 def naive_glofa(model: GLoFA, sets, query):
@@ -214,3 +216,21 @@ def test_classify_reuses_the_support_sets_embeddings(trained, tiny_dataset, tmp_
     second = classify.main(['--model_path', checkpoint, '--support', support, '--query', *queries[:2]])
     assert 'reused from' in capsys.readouterr().out
     assert torch.equal(first['probabilities'], second['probabilities'])
+
+
+def test_classify_ends_on_sigterm_as_the_others_do(trained, tiny_dataset, tmp_path):
+    """SIGTERM (a cluster's stop) during the work, in a process of its own: one line, exit 130, no traceback."""
+    import subprocess
+    import sys
+    _, checkpoint = trained
+    support, queries, _ = class_folders(FewShotDataset(tiny_dataset, 'test', eval_transform()), tmp_path,
+                                        {0: 1, 1: 1, 2: 1})
+    driver = (f"import os, signal, sys; sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r}); import classify\n"
+              "real = classify.embed\n"
+              "def terminated(*args):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args)\n"
+              "classify.embed = terminated\n"
+              f"classify.main(['--model_path', {checkpoint!r}, '--support', {support!r}, '--query', {queries[0]!r}, "
+              "'--feature_cache', 'off'])\n")
+    done = subprocess.run([sys.executable, '-c', driver], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith('interrupted')
