@@ -465,8 +465,8 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
         lines += ['', '| encoder | tau | GLoFA minus --adaptor none, paired by seed |', '|---|---|---|']
         lines += [f"| {e['arm']} | {e['tau']:g} | {e['gain']:+.2f} ± {e['gain_ci']:.2f} |" for e in gains]
     lines += ['', '(image level, seeds: each seed\'s test accuracy ± its per-episode 95 % CI)', '',
-              'Commands (the feature level runs inside this script):', '',
-              *[f'- `{c}`' for c in commands]]
+              'Commands (the feature level runs inside this script), each to be copied as it is:', '',
+              *[f'- `{c}`' + (f' ({what})' if what else '') for c, what in commands]]
     write_text(os.path.join(out, 'results.md'), '\n'.join(lines) + '\n')
     write_json(os.path.join(out, 'results.json'), table)
     draw(table, settings, os.path.join(out, 'study.png'))
@@ -543,6 +543,8 @@ def draw(table: dict, settings: dict, path: str) -> None:
         for j, model in enumerate(IMAGE_MODELS):
             rows = [next((e for e in entries if (e['arm'], e['tau'], e['model']) == (*label, model)), None)
                     for label in labels]
+            if not any(rows):  # a head that did not run (--quick) has no bar and no legend entry
+                continue
             xs = [i + (j - 0.5) * width for i, r in enumerate(rows) if r]
             ax.bar(xs, [r['accuracy'] for r in rows if r], width, yerr=[r['ci_over_seeds'] for r in rows if r],
                    capsize=3, label='GLoFA' if model == 'glofa' else 'the same head without adaptors')
@@ -554,7 +556,8 @@ def draw(table: dict, settings: dict, path: str) -> None:
             ax.text(0.5, 0.5, 'not run yet', ha='center', va='center', transform=ax.transAxes)
         ax.set_title('images (mix-grained demo, pretrained Conv-4): test accuracy', fontsize=10)
         ax.set_ylabel('accuracy (%, 95 % CI over seeds)')
-        ax.legend(fontsize=7)
+        if accuracies:
+            ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -606,13 +609,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     os.makedirs(os.path.join(out, 'feature'), exist_ok=True)
     feature, image, done, order = {}, {}, [], []
     command = shlex.join(['python', 'scripts/adaptor_study.py', '--out', opts.out, *(['--quick'] if opts.quick else [])])
-    commands = [f'{command} (the whole study)']
+    commands = [(command, 'the whole study')]  # (command, what it is), each copied and run as it is
+    data = ['--data_path', os.path.join(out, 'data', 'demo'), os.path.join(out, 'data', 'demo_fine')]  # under --out
 
     def stage_path(sigma: float, knob: float, tau: float, seed: int) -> str:
         return os.path.join(out, 'feature', f'{scale}-sigma{sigma:g}-s{knob:g}-tau{tau:g}-seed{seed}.pt')
 
     def results() -> dict:
-        return write_results(out, scale, settings, feature, image, commands + [image[k]['command'] for k in order if k in image])
+        return write_results(out, scale, settings, feature, image,
+                             commands + [(image[k]['command'], None) for k in order if k in image])
 
     current = ['start-up']
     cells = [(sigma, knob, tau) for tau in settings['taus'] for sigma in settings['sigmas'] for knob in settings['knobs']]
@@ -640,9 +645,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             current[0] = 'the pretraining'
             save_dir = os.path.join(out, 'image' if scale == 'full' else 'image-quick')
             if opts.pretrained is None:
-                weights = pretrained_encoder(save_dir, settings['pretrain_extra'], done)
-                commands.append(shlex.join(['python', 'pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out',
-                                            weights, *settings['pretrain_extra']]) + ' (the pretraining)')
+                weights = pretrained_encoder(save_dir, [*settings['pretrain_extra'], *data], done)
+                commands.append((shlex.join(['python', 'pretrain.py', '--demo', 'mixed', '--save_dir', save_dir, '--out',
+                                             weights, *settings['pretrain_extra'], *data]), 'the pretraining'))
             else:  # runs from other weights go to a folder of their own
                 weights = os.path.abspath(opts.pretrained)
                 save_dir += '-' + hashlib.sha1(weights.encode()).hexdigest()[:8]
@@ -650,7 +655,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
             def run_image(keys: list) -> None:
                 """The image-level runs of ``keys`` (arm, model, tau, seed) that have no figures yet, then theirs."""
-                runs.update({key: image_flags(save_dir, *key, weights, settings['image_extra']) for key in keys})
+                runs.update({key: image_flags(save_dir, *key, weights, [*settings['image_extra'], *data]) for key in keys})
                 order.extend(keys)
 
                 def collect(key: tuple) -> None:

@@ -145,7 +145,12 @@ def draw_training(ax, record: dict) -> None:
     grad.set_ylabel('gradient norm reaching h')
     grad.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels(), grad.get_legend_handles_labels()
-    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc='upper right', fontsize=7)
+    legend_below(ax, lines[0][0] + lines[1][0], lines[0][1] + lines[1][1])
+
+
+def legend_below(ax, *handles_labels) -> None:
+    """The panel's legend under its axes, clear of the data whatever the curves do."""
+    ax.legend(*handles_labels, loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
 
 
 def draw_drops(ax_loss, ax_acc, drops: list[int]) -> None:
@@ -165,9 +170,13 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
 
     strengths = entries is not None and all(isinstance(e.get('alpha_task'), (int, float)) for e in entries)
     n_axes = 2 + strengths + (training is not None)
-    fig = Figure(figsize=(6 * n_axes, 4.5), dpi=120, layout='constrained')
+    rows = (n_axes + 1) // 2  # two panels a row: loss and accuracy, then the strengths
+    fig = Figure(figsize=(12, 5 * rows), dpi=120, layout='constrained')
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n_axes)
+    grid = fig.subplots(rows, 2, squeeze=False).flatten()
+    for ax in grid[n_axes:]:
+        ax.axis('off')
+    axes = grid[:n_axes]
     ax_loss, ax_acc = axes[:2]
     marker = 'o' if len(episodes) <= 60 else None
     percent = [100 * a for a in accuracies]
@@ -200,12 +209,12 @@ def draw(losses: list[float], accuracies: list[float], episodes: list[int], entr
         ax_alpha.set_title('adaptor strengths relu(h(S)); 0 = adaptor switched off')
         ax_alpha.set_xlabel('training episode')
         ax_alpha.set_ylabel('strength')
-        ax_alpha.legend(loc='upper right', fontsize=8)
+        legend_below(ax_alpha)
     if training is not None:
         draw_training(axes[-1], training)
     for ax in axes:
         ax.grid(alpha=0.3)
-    ax_acc.legend(loc='lower right', fontsize=8)
+    legend_below(ax_acc)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, out)
 
