@@ -45,7 +45,7 @@ def root_digest(root: str) -> dict:
         sources = data_sources(root)
     except UserError:  # no data there: refused, naming the flag, when the split is opened
         return {}
-    digests = {}
+    digests, prefix = {}, len(os.path.join(root, ''))
     for what, (paths, by_content) in sources.items():
         digest = hashlib.blake2b(digest_size=8)
         for path in paths:
@@ -54,9 +54,9 @@ def root_digest(root: str) -> dict:
                     with open(path, 'rb') as f:
                         digest.update(f.read())
                 else:
-                    digest.update(f'{os.path.relpath(path, root)}\0{os.stat(path).st_size}\0'.encode())
+                    digest.update(f'{path[prefix:]}\0{os.stat(path).st_size}\0'.encode())
             except OSError:  # missing: refused when the split is read
-                digest.update(f'{os.path.relpath(path, root)}\0missing\0'.encode())
+                digest.update(f'{path[prefix:]}\0missing\0'.encode())
         digests[what] = digest.hexdigest()
     return digests
 

@@ -13,7 +13,7 @@ from conftest import exits_with, pretrained_file
 
 
 def study_in(folder, argv) -> dict:
-    """adaptor_study.main(argv) from ``folder``: --demo mixed writes its data under the current folder."""
+    """adaptor_study.main(argv) from ``folder``: nothing but --out may be written there."""
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -63,6 +63,11 @@ def test_quick_writes_every_table_and_a_second_call_runs_nothing(quick):
         assert f'--tau {tau:g}' in run['command'] and ('--freeze_encoder' in run['command']) == (arm == 'frozen')
         died = runs[(arm, 'glofa', max(settings['image_taus']))]['runs'][0]['died_at'] is not None
         assert ((arm, 'glofa', adaptor_study.LARGER_TAU) in runs) == died  # tau 4 exactly where tau 2 died
+    assert sorted(os.listdir(folder)) == ['con-pre.pth', 'out']  # the demo data too is under --out
+    assert (out / 'data' / 'demo' / 'split' / 'test.csv').is_file()
+    commands = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('- `')]
+    assert commands and all(line.split('`')[1].startswith('python ') for line in commands)
+    assert all(line.count('`') == 2 and '(' not in line.split('`')[1] for line in commands)  # nothing but a command
     stamps = {p: os.stat(p).st_mtime_ns for p in (out / 'feature').iterdir()}
     stamps.update({p: os.stat(p).st_mtime_ns for p in out.glob('image-quick-*/*.test.json')})
     assert len(stamps) == len(cells) + len(runs)
