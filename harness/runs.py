@@ -55,7 +55,7 @@ def root_digest(root: str) -> dict:
                         digest.update(f.read())
                 else:
                     digest.update(f'{path[prefix:]}\0{os.stat(path).st_size}\0'.encode())
-            except OSError:  # missing: refused when the split is read
+            except (OSError, ValueError):  # missing, or no file name (a NUL byte): refused when the split is read
                 digest.update(f'{path[prefix:]}\0missing\0'.encode())
         digests[what] = digest.hexdigest()
     return digests

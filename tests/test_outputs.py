@@ -127,7 +127,7 @@ def test_classify_never_writes_onto_a_photo_and_checks_formats_first(trained, ti
     assert 'encoding' not in capsys.readouterr().out and digests(tmp_path) == before  # refused before any work
     result = classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])
     classify.main(base + ['--out', str(tmp_path / 'p.csv'), '--picture', str(tmp_path / 'p.png')])  # its own
-    assert len(result['low']) == 1
+    assert len(result['predictions']) == 1
     notes = tmp_path / 'notes.csv'
     notes.write_text('my,own,table\n')
     assert '--out' in exits_with(classify.main, base + ['--out', str(notes)], capsys)

@@ -589,7 +589,7 @@ def test_plot_curves_draws_the_strengths(capsys, tmp_path):
         f.write(''.join(json.dumps(e) + '\n' for e in entries))
     plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'c.png')])
     with Image.open(tmp_path / 'c.png') as image:
-        assert image.size[0] == 18 * 120  # a third panel: the strengths
+        assert image.size == (12 * 120, 10 * 120)  # a third panel, the strengths: on a second row
     plot_curves.main(['--stat', str(stat), '--out', str(tmp_path / 'd.png')])
     (tmp_path / 'run.log.jsonl').unlink()
     plot_curves.main(['--stat', str(stat), '--episode_gap', '50', '--out', str(tmp_path / 'e.png')])
