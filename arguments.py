@@ -5,7 +5,7 @@ import math
 import os
 import sys
 from typing import Optional
-from harness.console import UserError
+from base.console import UserError
 
 
 # what each numeric flag accepts: (test, what the one-line refusal says it must be)

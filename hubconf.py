@@ -66,7 +66,7 @@ def _resolve(checkpoint, model_name, network_name, normalization, flags, say: bo
     """(train.py's args, the checkpoint's (record, state dict) or None); ``say``: print as_trained's notes."""
     from arguments import DOMAINS, MODEL_FLAGS, check_domains, parse_args
     from harness.checkpoints import as_trained, fitting_network, model_of, read_checkpoint
-    from harness.console import UserError
+    from base.console import UserError
     from networks import NETWORKS
     if checkpoint is not None and not (isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint)):
         raise UserError(f'checkpoint {checkpoint!r}: expected the path of a checkpoint file (leave it out for a '

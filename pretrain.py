@@ -23,12 +23,12 @@ from dataloader import (DATA_FLAGS, SplitDataset, check_disjoint, data_loader, e
                         open_split, train_transform)
 from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
-from harness.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
+from base.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
                              interrupt_on_sigterm, progress)
 from harness.device import autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
 from harness.embeddings import encode_split
 from harness.evaluation import EvalOptions, git_revision, mean_ci
-from harness.files import check_file_name, trim_log
+from base.files import check_file_name, trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
                           data_path, interrupted_message, load_last, log_entry, open_tensorboard, save_last,

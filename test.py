@@ -16,7 +16,7 @@ from arguments import check_args, parse_args, with_setting
 from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform, open_split,
                         split_files_beside)
 from harness.checkpoints import as_trained, build_model, load_model_checkpoint, read_checkpoint
-from harness.console import UserError, exits_cleanly, flag_hint
+from base.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import test_settings
 from harness.runs import data_path, model_config, run_paths, start, unfinished_line

@@ -17,10 +17,10 @@ from arguments import check_args, parse_args
 from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform,
                         generate_data_loader, iterate, open_split, train_transform)
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
-from harness.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
+from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
 from harness.device import autocast, grad_scaler, place_model, to_device
 from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
-from harness.files import check_output_folder, trim_log
+from base.files import check_output_folder, trim_log
 from harness.runs import (Progress, Run, check_existing_run, check_finite, data_path, interrupted_message, load_last,
                           log_entry, model_config, open_tensorboard, run_identity, run_name, run_paths, save_last,
                           start, write_identity)

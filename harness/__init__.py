@@ -1,1 +1,2 @@
-"""The harness around the method: run files, evaluation, stored embeddings, other data forms, the console."""
+"""The harness around the method: run files and their identity, checkpoints, evaluation, stored embeddings, outputs,
+the demo data, the studies' stages."""

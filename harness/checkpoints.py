@@ -7,8 +7,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from harness.console import UserError
-from harness.files import atomic_write
+from base.console import UserError
+from base.files import atomic_write
 from models import FewShotModel, model_on
 from networks import NETWORKS, build_encoder
 

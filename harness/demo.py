@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
-from harness.console import UserError
+from base.console import UserError
 
 # The demo's roots: the coarse demo, and with it the fine-grained one for the mix-grained demo.
 DEMO_ROOTS = {'coarse': dict(data_name='demo'),

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harness.console import UserError
+from base.console import UserError
 from networks import data_parallel
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.console import ProcessError, UserError
+from base.console import ProcessError, UserError
 
 
 def launched() -> bool:

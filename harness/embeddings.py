@@ -12,10 +12,10 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from dataloader import IMAGE_SIZE, data_loader, iterate
-from harness.console import UserError, progress
+from base.console import UserError, progress
 from harness.device import autocast, to_device
 from harness.evaluation import Episodes, EvalOptions
-from harness.files import atomic_write
+from base.files import atomic_write
 from harness.outputs import write_json
 from networks import forward_count, set_forward_count
 

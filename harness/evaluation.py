@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from dataloader import data_loader, episode_sampler, iterate
 from harness.checkpoints import weights_digest
-from harness.console import UserError, exit_on_interrupt, progress
+from base.console import UserError, exit_on_interrupt, progress
 from harness.device import autocast, to_device
 from models import FewShotModel
 from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line
@@ -210,7 +210,7 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
                         f'the images hold non-finite numbers, or the model overflowed (with --amp, try without)')
     groups = None
     if len(getattr(dataset, 'source_names', ())) > 1:  # several roots: each episode's group
-        from harness.mixing import episode_group
+        from data.mixing import episode_group
         groups = [episode_group(dataset, indices, e.task_mix) for indices in drawn]
     return EpisodeResults(mode, values[:, 0], values[:, 1:3], values[:, 3], values[:, 4], groups=groups)
 

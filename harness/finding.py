@@ -4,7 +4,7 @@ import json
 import os
 
 from harness.checkpoints import read_file
-from harness.console import UserError
+from base.console import UserError
 from harness.runs import run_identity, run_name
 
 

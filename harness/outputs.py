@@ -6,9 +6,9 @@ import os
 import re
 from typing import Optional, Sequence
 
-from harness.console import UserError
+from base.console import UserError
 from harness.evaluation import EpisodeResults, mean_ci
-from harness.files import atomic_write, check_file_name, check_output_folder
+from base.files import atomic_write, check_file_name, check_output_folder
 
 
 # Every JSON file and picture the programs write carries this mark (a CSV, its header): an existing file

@@ -11,9 +11,9 @@ import torch.nn as nn
 from arguments import MODEL_FLAGS, feat_regulariser
 from dataloader import data_sources
 from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
-from harness.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
+from base.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
 from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
-from harness.files import append_log
+from base.files import append_log
 from networks import forward_count, set_forward_count
 
 
@@ -28,7 +28,7 @@ def data_label(args) -> str:
     roots = data_path(args)
     if len(roots) == 1:
         return os.path.basename(os.path.normpath(roots[0])) or 'data'
-    from harness.mixing import root_names
+    from data.mixing import root_names
     return '+'.join(name.replace('/', '_') for name in root_names(roots)) + f'-mix{args.task_mix}'
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from arguments import parse_args
 from harness.checkpoints import read_file
-from harness.console import UserError, progress, writing
+from base.console import UserError, progress, writing
 from harness.finding import saved_state
 from harness.runs import run_paths
 

@@ -1,5 +1,5 @@
 """--tensorboard: TensorBoard's writer (an optional package), opened only when the flag is given."""
-from harness.console import UserError
+from base.console import UserError
 
 
 def tensorboard_writer_class():

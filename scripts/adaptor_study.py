@@ -80,8 +80,8 @@ from harness.stages import (PRETRAINED_RATES, pretrained_encoder, run_stages, th
                             variant_stage)  # noqa: E402
 from models import model_on  # noqa: E402
 from train import build_optimizer, episode_loss  # noqa: E402
-from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
-from harness.files import write_text  # noqa: E402
+from base.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
+from base.files import write_text  # noqa: E402
 from harness.outputs import claim_output_folder, save_figure, write_json  # noqa: E402
 
 SEEDS = (960402, 1, 3)

@@ -31,11 +31,11 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dataloader import (IMAGE_SIZE, SMALL_SIDE, SPLITS, convertible, dataset_format, header_error,
-                        missing_root_message, open_split, read_split, small_image_note, split_csv_path, to_rgb)  # noqa: E402
-from harness.forms import FORM_NAMES, npz_array_info, read_tiered_labels, tiered_paths  # noqa: E402
+from dataloader import IMAGE_SIZE, SPLITS, dataset_format, missing_root_message, open_split, read_split, split_csv_path, to_rgb  # noqa: E402
+from data.splits import SMALL_SIDE, convertible, header_error, small_image_note  # noqa: E402
+from data.forms import FORM_NAMES, npz_array_info, read_tiered_labels, tiered_paths  # noqa: E402
 from harness.weights_check import BENCHMARKS  # noqa: E402
-from harness.console import UserError, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
+from base.console import UserError, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
 
 FORMAT_NAMES = {'folder': 'images/ and split/*.csv', 'tiered': "tiered-ImageNet's {split}_images.npz and {split}_labels.pkl"}
 LIST_LIMIT = 10  # problems of one kind listed one by one per split; the rest are counted

@@ -35,9 +35,9 @@ from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa
 from harness.embeddings import content_digest, feature_cache  # noqa: E402
 from harness.evaluation import EvalOptions  # noqa: E402
 from networks import NETWORKS  # noqa: E402
-from harness.console import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from base.console import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 from harness.device import select_device  # noqa: E402
-from harness.files import write_text  # noqa: E402
+from base.files import write_text  # noqa: E402
 from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 CSV_HEADER = ['file', 'prediction', 'probability']  # then one column per class; also the mark of a CSV of ours

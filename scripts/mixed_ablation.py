@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harness.stages import PRETRAINED_RATES, pretrained_encoder, run_variant  # noqa: E402
-from harness.console import exits_cleanly  # noqa: E402
+from base.console import exits_cleanly  # noqa: E402
 from harness.outputs import check_output, write_json  # noqa: E402
 
 VARIANTS = {'glofa': [], 'glofa-hbias1': ['--h_bias_init', '1'], 'task': ['--adaptor', 'task'],

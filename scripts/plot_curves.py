@@ -21,7 +21,7 @@ if ROOT not in sys.path:
 from harness import finding, runs  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import read_file  # noqa: E402
-from harness.console import UserError, exits_cleanly  # noqa: E402
+from base.console import UserError, exits_cleanly  # noqa: E402
 from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 
 STAT_SUFFIX = '.stat'

@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 from harness.demo import refuse_unowned  # noqa: E402
 from harness.stages import pretraining_finished, run_finished, run_stage  # noqa: E402
-from harness.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
-from harness.files import write_text  # noqa: E402
+from base.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm  # noqa: E402
+from base.files import write_text  # noqa: E402
 from harness.outputs import claim_output_folder  # noqa: E402
 
 # figures quoted beside ours, 5-way, mini-ImageNet's test split, ResNet-12 from FEAT's pretrained weights

@@ -25,7 +25,7 @@ from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
 from harness.evaluation import EvalOptions, stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
-from harness.console import UserError, exits_cleanly  # noqa: E402
+from base.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
 from harness.outputs import PICTURE_FORMATS, check_output, save_figure  # noqa: E402
 

@@ -83,7 +83,7 @@ def write_pickled_split(root: str, form: str, split: str, images: np.ndarray, na
     - 'tiered_png': {split}_images_png.pkl, a list of PNG-encoded images (uint8 1-d arrays), and
       {split}_labels.pkl with 'label_specific', 'label_general' and their '_str' names.
     Pickled with protocol 2, as Python 2 could read them."""
-    from harness.forms import SPLIT_FILES
+    from data.forms import SPLIT_FILES
     os.makedirs(root, exist_ok=True)
     classes = list(dict.fromkeys(names))
     if form == 'metaoptnet':

@@ -14,7 +14,7 @@ import test
 import train
 from conftest import exits_with, tiny_run_flags
 from harness.checkpoints import atomic_save, read_file
-from harness.console import UserError
+from base.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import train
 from arguments import parse_args
 from harness.checkpoints import atomic_save, load_pretrained
 from networks.resnet import ResNet12
-from harness.console import UserError
+from base.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

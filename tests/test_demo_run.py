@@ -12,7 +12,7 @@ from harness.demo import DEMO_PRESET, DEMO_ROOTS
 from harness.checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
-from harness.console import UserError
+from base.console import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

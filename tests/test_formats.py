@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from harness import forms
+from data import forms
 from harness.demo import write_colour_dataset
 from tests.small_data import TIERED_PER_CLASS, write_tiered_dataset
 from dataloader import (EpisodeSampler, dataset_format, episode_sampler, eval_transform, generate_data_loader,
                         open_split, read_split, train_transform)
-from harness.forms import TieredDataset, read_tiered_labels
-from harness.mixing import MultiSourceDataset, episode_group, root_names
-from harness.console import UserError
+from data.forms import TieredDataset, read_tiered_labels
+from data.mixing import MultiSourceDataset, episode_group, root_names
+from base.console import UserError
 
 
 

@@ -9,7 +9,7 @@ from conftest import pretrained_file, tiny_run_flags
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint
 from harness.runs import model_config
 from arguments import parse_args
-from harness.console import UserError
+from base.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

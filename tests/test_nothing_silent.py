@@ -22,7 +22,7 @@ from dataloader import FewShotDataset, eval_transform
 from harness.demo import write_colour_dataset
 from tests.small_data import write_tiered_dataset
 from networks import build_encoder
-from harness.console import UserError
+from base.console import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import check_dataset  # from scripts/ (pytest.ini puts it on the path)

@@ -10,7 +10,7 @@ import pytest
 import test as test_script
 import train
 from conftest import exits_with, tiny_run_flags as flags
-from harness.console import UserError
+from base.console import UserError
 from harness.outputs import OUTPUT_MARK, check_output, save_figure, written_here
 
 

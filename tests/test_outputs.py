@@ -18,7 +18,7 @@ from arguments import parse_args
 from harness.checkpoints import atomic_save
 from conftest import digests, exits_with, mounted_tmpfs, tiny_run_flags as flags
 from harness.runs import run_paths
-from harness.console import UserError
+from base.console import UserError
 from harness.outputs import OUTPUT_MARK, check_output, claim_output_folder
 
 import adaptor_study  # from scripts/ (pytest.ini puts it on the path)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import train
 from dataloader import dataset_format, eval_transform, open_split
-from harness.forms import CONVERTED, SPLIT_FILES, read_tiered_labels
+from data.forms import CONVERTED, SPLIT_FILES, read_tiered_labels
 from tests.small_data import PICKLED_FORMS, write_pickled_dataset
-from harness.console import UserError
+from base.console import UserError
 
 import check_dataset  # from scripts/ (pytest.ini puts it on the path)
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 import arguments
-from harness import checkpoints, console, finding, runs, stages as stage_runner
+from base import console
+from harness import checkpoints, finding, runs, stages as stage_runner
 import train
 from harness.demo import write_colour_dataset
 

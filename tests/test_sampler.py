@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dataloader import EpisodeSampler, SeededEpisodes, eval_transform, generate_data_loader, open_split, train_transform
-from harness.mixing import SourceEpisodeSampler
-from harness.console import UserError
+from data.mixing import SourceEpisodeSampler
+from base.console import UserError
 from models.glofa import query_targets
 
 

@@ -168,7 +168,7 @@ def test_reproduce_says_how_far_it_got_when_interrupted(tmp_path, monkeypatch, c
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(monkeypatch):
     import io
-    from harness import console
+    from base import console
     stream = io.StringIO()  # not a terminal, as a log file or a cluster job's output
     monkeypatch.setattr(sys, 'stderr', stream)
     monkeypatch.setattr(console, 'PLAIN_PROGRESS_INTERVAL', 0.1)

@@ -55,7 +55,7 @@ from arguments import DEFAULT_WORKERS, parse_args  # noqa: E402
 from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
 from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
                         train_transform)  # noqa: E402
-from harness.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
+from data.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
 from harness.demo import write_colour_dataset, write_split  # noqa: E402
 from tests.small_data import PICKLED_FORMS, write_pickled_split, write_tiered_split  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
@@ -64,7 +64,7 @@ from models.classifier import EncoderClassifier  # noqa: E402
 from models.glofa import GLoFA, query_targets  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
-from harness.console import exits_cleanly  # noqa: E402
+from base.console import exits_cleanly  # noqa: E402
 from harness.device import autocast, keep_freed_memory, place_model, select_device  # noqa: E402
 from harness.outputs import check_output, write_json  # noqa: E402
 
@@ -284,7 +284,7 @@ def memory(pid: int) -> dict:
 def workers_peak(dataset, workers: int, context: str) -> dict:
     """Peak summed memory of the loader's workers while they read every image once."""
     from torch.utils.data import DataLoader
-    from harness.workers import ignore_interrupts
+    from data.workers import ignore_interrupts
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, multiprocessing_context=context,
                         worker_init_fn=ignore_interrupts)
     peak = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)

@@ -46,7 +46,7 @@ from models.glofa import GLoFA, query_targets  # noqa: E402
 from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
-from harness.console import exits_cleanly  # noqa: E402
+from base.console import exits_cleanly  # noqa: E402
 from harness.outputs import check_output, write_json  # noqa: E402
 
 TOLERANCE = 1e-3

@@ -26,9 +26,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Opti
 import numpy as np
 from PIL import Image
 
-from dataloader import SPLITS, SplitDataset, eval_transform, missing_root_message, too_large
-from harness.console import UserError, progress
-from harness.files import atomic_write
+from data.splits import SPLITS, SplitDataset, eval_transform, missing_root_message, too_large
+from base.console import UserError, progress
+from base.files import atomic_write
 
 
 LABEL_KEYS = ('labels', 'label_specific')  # tiered-ImageNet pickles: FEAT's key, then Ren et al.'s

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataloader import EpisodeSampler, SplitDataset
-from harness.console import UserError
+from data.splits import EpisodeSampler, SplitDataset
+from base.console import UserError
 
 
 def root_names(paths: Sequence[str]) -> list[str]:

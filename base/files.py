@@ -6,7 +6,7 @@ import stat
 import tempfile
 from typing import Callable
 
-from harness.console import UserError, writing
+from base.console import UserError, writing
 
 
 def check_output_folder(path: str, flag: str) -> None:

@@ -7,8 +7,8 @@ from typing import Iterator, NamedTuple
 
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from dataloader import say_notes
-from harness.console import UserError
+from data.splits import say_notes
+from base.console import UserError
 
 
 class Noted(NamedTuple):
