@@ -115,14 +115,6 @@ MODEL_FLAGS = {'glofa': ('adaptor', 'tau', 'delta', 'h_bias_init'),
                'feat': ('metric', 'temperature', 'temperature2', 'balance')}
 
 
-def feat_regulariser(args, n_shot: int) -> tuple[float, float]:
-    """FEAT's (temperature2, balance): the flags, else FEAT's ResNet-12 values for the shot (its README:
-    1-shot 64 and 0.01, 5-shot 32 and 0.1)."""
-    one_shot = n_shot == 1
-    return (args.temperature2 if args.temperature2 is not None else (64.0 if one_shot else 32.0),
-            args.balance if args.balance is not None else (0.01 if one_shot else 0.1))
-
-
 # The flags of train.py and test.py beside the shared ones
 FLAGS = {
     'model': {
@@ -213,6 +205,16 @@ def get_parser(several_settings: bool = False) -> argparse.ArgumentParser:
     return add_flags(parser, FLAGS, several=('--N', '--K') if several_settings else ())
 
 
+# The demo's roots: the coarse demo, and with it the fine-grained one for the mix-grained demo (harness.demo writes them).
+DEMO_ROOTS = {'coarse': dict(data_name='demo'),
+              'mixed': dict(data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
+                            task_mix='class')}
+# A short schedule for the built-in demo data (Conv-4 from scratch on a 2-core CPU).
+DEMO_PRESET = dict(
+    network_name='convnet', pretrained='none',
+    Q=10, lr_network=0.01, lr=0.01, point=[4, 6], gamma=0.2,
+    n_training_episodes=300, episode_gap=50, n_validating_episodes=100, n_testing_episodes=1000,
+)
 # A few episodes of everything, to check that the pipeline runs end to end.
 DEBUG_PRESET = dict(n_training_episodes=10, episode_gap=5, n_validating_episodes=5, n_testing_episodes=10)
 
@@ -224,15 +226,22 @@ def parse_args(argv: Optional[list[str]] = None, several_settings: bool = False)
     if args.demo or args.flag_debug:
         preset = {}
         if args.demo:
-            from harness.demo import DEMO_PRESET, DEMO_ROOTS
             preset = {**DEMO_ROOTS[args.demo], **DEMO_PRESET}
         parser.set_defaults(**{**preset, **(DEBUG_PRESET if args.flag_debug else {})})
         args = parser.parse_args(argv)
+    with_data_roots(args)
     args.given = given_flags(parser, sys.argv[1:] if argv is None else argv)
     for flag in sorted({f for flags in MODEL_FLAGS.values() for f in flags} - set(MODEL_FLAGS[args.model_name])):
         if getattr(args, flag) != parser.get_default(flag):
             owners = ' and '.join(m for m, flags in MODEL_FLAGS.items() if flag in flags)
             parser.error(f'--{flag} is a flag of --model_name {owners}, not of {args.model_name}')
+    return args
+
+
+def with_data_roots(args) -> argparse.Namespace:
+    """``args.data_path`` as the list of dataset roots: --data_path, else datasets/<data_name>."""
+    if args.data_path is None:
+        args.data_path = [os.path.join('datasets', args.data_name)]
     return args
 
 

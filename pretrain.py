@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arguments import AT_LEAST_0, AT_LEAST_1, DOMAINS, FACTOR, HelpFormatter, add_flags, check_domains, common_parser
+from arguments import (AT_LEAST_0, AT_LEAST_1, DEMO_ROOTS, DOMAINS, FACTOR, HelpFormatter, add_flags, check_domains,
+                       common_parser, with_data_roots)
 from dataloader import (DATA_FLAGS, SplitDataset, check_disjoint, data_loader, episode_sampler, eval_transform, iterate,
                         open_split, train_transform)
 from harness import distributed
@@ -31,7 +32,7 @@ from harness.evaluation import EvalOptions, git_revision, mean_ci
 from base.files import check_file_name, trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
-                          data_path, interrupted_message, load_last, log_entry, open_tensorboard, save_last,
+                          interrupted_message, load_last, log_entry, open_tensorboard, save_last, weights_paths,
                           write_identity)
 from models import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier
@@ -98,9 +99,9 @@ def parse_pretrain_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = get_pretrain_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        from harness.demo import DEMO_ROOTS
         parser.set_defaults(**DEMO_ROOTS[args.demo], **PRETRAIN_DEMO_PRESET)
         args = parser.parse_args(argv)
+    with_data_roots(args)
     args.optimizer = args.optimizer if args.optimizer != 'auto' else ('sgd' if args.network_name == 'resnet' else 'adam')
     args.lr = args.lr if args.lr is not None else PRETRAIN_LR[args.optimizer]
     return args
@@ -119,9 +120,8 @@ def pretrain_paths(args) -> RunPaths:
     """The FEAT-format weights (--out, else under <save_dir>/pretrained/), and beside them the state to
     resume from, the JSON log and the identity."""
     data = data_label(args)  # the data folder's name (roots and mix), as train.py's runs
-    out = args.out or os.path.join(args.save_dir, 'pretrained', f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth')
-    base = os.path.splitext(out)[0]
-    return RunPaths(best=out, last=f'{base}.last.pth', log=f'{base}.log.jsonl', identity=f'{base}.run.json')
+    return weights_paths(args.out or os.path.join(args.save_dir, 'pretrained',
+                                                  f'{data}-{args.network_name}-pretrain-seed{args.seed}.pth'))
 
 
 # ------------------------------------------------------------------ the pretraining
@@ -327,7 +327,7 @@ def pretrain(args, built: list) -> dict:
     paths = pretrain_paths(args)
 
     # ---------------- data
-    root = data_path(args)
+    root = args.data_path
     with flag_hint(DATA_FLAGS):
         train_set = open_split(root, 'train', train_transform(args.normalization))
         val_set = open_split(root, 'val', eval_transform(args.normalization))
@@ -344,6 +344,9 @@ def pretrain(args, built: list) -> dict:
                             f'file')
     record = check_existing_run(args, paths, lambda saved: saved['epoch'] >= args.epochs, 'epoch',
                                 'pass --out to write elsewhere, or --resume with more --epochs to continue it', main_process)
+    if record is None and args.resume and main_process:
+        from harness.finding import resume_elsewhere
+        resume_elsewhere(args, paths)
     distributed.barrier()  # rank 0 may have removed an earlier run's files (--overwrite)
     sampler = ShuffledBatches(len(train_set), args.batch_size, args.seed, distributed.rank(), processes)
     loader = data_loader(train_set, args.n_workers, device.type == 'cuda', batch_sampler=sampler,

@@ -19,7 +19,7 @@ from harness.checkpoints import as_trained, build_model, load_model_checkpoint, 
 from base.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import test_settings
-from harness.runs import data_path, model_config, run_paths, start, unfinished_line
+from harness.runs import model_config, run_paths, start, unfinished_line
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -80,10 +80,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pretrained_only = checks_pretrained(args, trained)
     model_path = None if pretrained_only else checkpoint_path(args, settings, trained)
     with flag_hint(DATA_FLAGS):
-        dataset = open_split(data_path(args), 'test', eval_transform(args.normalization))
-        parts = dataset.datasets if len(data_path(args)) > 1 else [dataset]  # each root's test split
+        dataset = open_split(args.data_path, 'test', eval_transform(args.normalization))
+        parts = dataset.datasets if len(args.data_path) > 1 else [dataset]  # each root's test split
         beside = []
-        for root, part in zip(data_path(args), parts):  # against the splits beside it, where they are cheap to read
+        for root, part in zip(args.data_path, parts):  # against the splits beside it, where they are cheap to read
             others = split_files_beside(root, 'test')
             check_disjoint({'test': part, **others}, args.allow_overlap)
             beside += others.values()

@@ -21,7 +21,7 @@ from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_clea
 from harness.device import autocast, grad_scaler, place_model, to_device
 from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from base.files import check_output_folder, trim_log
-from harness.runs import (Progress, Run, check_existing_run, check_finite, data_path, interrupted_message, load_last,
+from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message, load_last,
                           log_entry, model_config, open_tensorboard, run_identity, run_name, run_paths, save_last,
                           start, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
@@ -136,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f'--network_name convnet (Conv-4) takes seconds')
     check_output_folder(args.save_dir, '--save_dir')
     identity = run_identity(args)  # the data and the pretrained weights by content: made once
-    name, root = run_name(args, identity), data_path(args)
+    name, root = run_name(args, identity), args.data_path
     paths = run_paths(args, name)
 
     # ---------------- data
@@ -159,6 +159,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # ---------------- model, optimizer, schedule (or the saved state to resume)
     record = check_existing_run(args, paths, lambda saved: saved.get('finished', True), 'episode',
                                 'evaluate it with test.py and the same flags')
+    if record is None and args.resume:  # no saved state: what there is instead (another run's flags continue it)
+        from harness.finding import resume_elsewhere
+        resume_elsewhere(args, paths)
     model = place_model(build_model(args, pretrained=record is None), args, device)
     optimizer = build_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)  # per gap

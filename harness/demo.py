@@ -44,17 +44,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from base.console import UserError
 
-# The demo's roots: the coarse demo, and with it the fine-grained one for the mix-grained demo.
-DEMO_ROOTS = {'coarse': dict(data_name='demo'),
-              'mixed': dict(data_path=[os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')],
-                            task_mix='class')}
-# A short schedule for the built-in demo data (Conv-4 from scratch on a 2-core CPU).
-DEMO_PRESET = dict(
-    network_name='convnet', pretrained='none',
-    Q=10, lr_network=0.01, lr=0.01, point=[4, 6], gamma=0.2,
-    n_training_episodes=300, episode_gap=50, n_validating_episodes=100, n_testing_episodes=1000,
-)
-
 DEMO_SPLITS: Dict[str, int] = {'train': 20, 'val': 8, 'test': 10}
 
 _FORMAT_VERSION = 2
@@ -469,8 +458,7 @@ def prepare_demo(args) -> None:
     """Generate the built-in demo data once (deterministic), where --data_path points: one root for
     --demo, two (coarse, then fine) for --demo mixed. A folder that is neither empty nor the demo's is
     refused before anything is written (a user's dataset given by mistake stays as it was)."""
-    from harness.runs import data_path
-    roots = data_path(args)
+    roots = args.data_path
     wanted = 2 if args.demo == 'mixed' else 1
     if len(roots) != wanted:
         raise UserError(f'--demo mixed writes two roots, the coarse demo then the fine one: give --data_path '

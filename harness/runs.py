@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from arguments import MODEL_FLAGS, feat_regulariser
+from arguments import MODEL_FLAGS
 from dataloader import data_sources
 from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
 from base.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
@@ -17,15 +17,9 @@ from base.files import append_log
 from networks import forward_count, set_forward_count
 
 
-def data_path(args) -> list[str]:
-    """The dataset roots: --data_path, else datasets/<data_name>."""
-    paths = args.data_path or os.path.join('datasets', args.data_name)
-    return [paths] if isinstance(paths, str) else list(paths)
-
-
 def data_label(args) -> str:
     """The data part of a run name: the root's folder name, or the roots' joined, e.g. demo+demo_fine-mixclass."""
-    roots = data_path(args)
+    roots = args.data_path
     if len(roots) == 1:
         return os.path.basename(os.path.normpath(roots[0])) or 'data'
     from data.mixing import root_names
@@ -34,7 +28,7 @@ def data_label(args) -> str:
 
 def data_identity(args) -> dict:
     """The data by content, not location (a moved dataset keeps its runs), and the mix of several roots."""
-    roots = data_path(args)
+    roots = args.data_path
     return {'data': [root_digest(root) for root in roots], 'task_mix': args.task_mix if len(roots) > 1 else None}
 
 
@@ -67,6 +61,7 @@ def run_identity(args) -> dict:
     how fast it runs (device, workers, --amp, --channels_last, --save_dir)."""
     model = {flag: getattr(args, flag) for flag in MODEL_FLAGS[args.model_name]}
     if args.model_name == 'feat':
+        from models.feat import feat_regulariser
         model['temperature2'], model['balance'] = feat_regulariser(args, args.K)
     weights = args.pretrained.lower() != 'none' and os.path.isfile(args.pretrained)
     return {**data_identity(args), 'network_name': args.network_name, 'model_name': args.model_name, **model,
@@ -109,6 +104,13 @@ class RunPaths:
         return [p for p in (self.best, self.last, self.stat, self.log, self.identity) if p]
 
 
+def weights_paths(out: str) -> RunPaths:
+    """A pretraining's files: the FEAT-format weights at ``out``, and beside them the state to resume from, the JSON
+    log and the identity."""
+    base = os.path.splitext(out)[0]
+    return RunPaths(best=out, last=f'{base}.last.pth', log=f'{base}.log.jsonl', identity=f'{base}.run.json')
+
+
 def run_paths(args, name: Optional[str] = None) -> RunPaths:
     """A meta-training run's files under --save_dir."""
     name = run_name(args) if name is None else name
@@ -122,7 +124,8 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
                        main: bool = True) -> Optional[dict]:
     """The saved state to resume, or None to start afresh. An existing run, finished or not, is replaced only with
     --overwrite; an unfinished one is continued with --resume. ``unit``: what the state counts ('episode',
-    'epoch'); ``use_it``: what to do with a finished run instead; ``main``: rank 0, which locks, removes, says."""
+    'epoch'); ``use_it``: what to do with a finished run instead; ``main``: rank 0, which locks, removes, says.
+    (--resume without a saved state: the program then says what else there is, ``harness.finding.resume_elsewhere``.)"""
     if args.resume and args.overwrite:
         raise UserError('--resume continues the saved run, --overwrite replaces it: give one of them')
     if main:
@@ -150,9 +153,6 @@ def check_existing_run(args, paths: RunPaths, finished: Callable[[dict], bool], 
         state = f' (finished at {unit} {record[unit]})' if record is not None else ', without a state to resume'
         raise UserError(f'this run is already done{state}: its files are {where} and the rest beside it; '
                         f'{use_it}, or add --overwrite to run it again')
-    if args.resume and main:
-        from harness.finding import resume_elsewhere
-        resume_elsewhere(args, paths)
     return None
 
 

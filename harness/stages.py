@@ -11,7 +11,7 @@ from arguments import parse_args
 from harness.checkpoints import read_file
 from base.console import UserError, progress, writing
 from harness.finding import saved_state
-from harness.runs import run_paths
+from harness.runs import run_paths, weights_paths
 
 
 # ------------------------------------------------------------------ runs of the scripts that chain commands
@@ -100,13 +100,11 @@ def run_finished(argv: list[str]) -> bool:
     return saved_state(run_paths(parse_args(argv)).last) == 'finished'
 
 
-def pretraining_finished(argv: list[str]) -> bool:
-    """Whether pretrain.py with ``argv`` has finished: its 'last' state holds all --epochs."""
-    from pretrain import parse_pretrain_args, pretrain_paths
-    args = parse_pretrain_args(argv)
-    last = pretrain_paths(args).last
+def pretraining_finished(weights: str) -> bool:
+    """Whether the pretraining that writes ``weights`` (pretrain.py --out) has finished: its 'last' state says so."""
+    last = weights_paths(weights).last
     try:
-        return os.path.isfile(last) and read_file(last, 'resume state').get('epoch', 0) >= args.epochs
+        return os.path.isfile(last) and bool(read_file(last, 'resume state').get('finished'))
     except (UserError, AttributeError):
         return False
 
@@ -119,7 +117,7 @@ def pretrained_encoder(save_dir: str, pretrain_extra: list, done: list) -> str:
     """The Conv-4 of pretrain.py --demo mixed in save_dir, pretrained once (continued when unfinished)."""
     weights = os.path.join(save_dir, 'pretrained-convnet-demo-mixed.pth')
     command = ['--demo', 'mixed', '--save_dir', save_dir, '--out', weights, *pretrain_extra]
-    if not pretraining_finished(command):
+    if not pretraining_finished(weights):
         run_stage(['pretrain.py', *command, '--resume'], os.path.join(save_dir, 'pretrain.log'), done)
     return weights
 

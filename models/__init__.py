@@ -79,8 +79,7 @@ def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:
         from models.protonet import ProtoNet
         return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
     if args.model_name == 'feat':
-        from arguments import feat_regulariser
-        from models.feat import FEAT
+        from models.feat import FEAT, feat_regulariser
         temperature2, balance = feat_regulariser(args, args.K)
         return FEAT(encoder, feature_dim, metric=args.metric, temperature=args.temperature,
                     temperature2=temperature2, balance=balance)

@@ -41,6 +41,14 @@ class SelfAttention(nn.Module):
         return self.layer_norm(self.dropout(self.fc(output)) + x)
 
 
+def feat_regulariser(args, n_shot: int) -> tuple[float, float]:
+    """FEAT's (temperature2, balance): the flags, else FEAT's ResNet-12 values for the shot (its README:
+    1-shot 64 and 0.01, 5-shot 32 and 0.1)."""
+    one_shot = n_shot == 1
+    return (args.temperature2 if args.temperature2 is not None else (64.0 if one_shot else 32.0),
+            args.balance if args.balance is not None else (0.01 if one_shot else 0.1))
+
+
 class FEAT(FewShotModel):
     def __init__(self, encoder: nn.Module, feature_dim: int, metric: str = 'euclidean', temperature: float = 64.0,
                  temperature2: float = 64.0, balance: float = 0.01):

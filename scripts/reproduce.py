@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    '--out', pretrained, *opts.pretrain_extra]
         commands['pretraining'] = shlex.join(['python', *command])
         stages.append(('pretraining', command + ['--resume'], os.path.join(logs, 'pretrain.log'),
-                       lambda command=command: pretraining_finished(command[1:])))
+                       lambda weights=pretrained: pretraining_finished(weights)))
     weights = ['--pretrained', pretrained] if pretrained else []
     base = [*(DEMO_TRAIN if opts.demo else []), *common, *weights, '--save_dir', saves, '--N', str(opts.N)]
     check_json = os.path.join(out, 'figures', 'check.json')  # 2. the check of data and weights

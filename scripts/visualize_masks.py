@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     model = checkpoints.build_model(args, pretrained=False)
     record = load_model_checkpoint(model, model_path, runs.model_config(args), checkpoint)
     model.to(device).eval()
-    dataset = open_split(runs.data_path(args), own.split, eval_transform(args.normalization))
+    dataset = open_split(args.data_path, own.split, eval_transform(args.normalization))
     out = own.out or os.path.splitext(model_path)[0] + '.masks.png'
     check_output(out, '--out', [model_path, *dataset.files()], args.overwrite, list(PICTURE_FORMATS))
     sampler = episode_sampler(dataset, 1, args.N, args.K, torch.Generator().manual_seed(own.episode_seed),

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import test as test_script
 import train
-from arguments import feat_regulariser, parse_args
+from arguments import parse_args
+from models.feat import feat_regulariser
 from harness.checkpoints import atomic_save, build_model
 from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, episode_sampler, eval_transform

@@ -8,7 +8,7 @@ import pytest
 import torch
 from harness import checkpoints, demo, runs
 from arguments import parse_args
-from harness.demo import DEMO_PRESET, DEMO_ROOTS
+from arguments import DEMO_PRESET, DEMO_ROOTS
 from harness.checkpoints import load_pretrained
 from models.glofa import GLoFA
 from networks.convnet import ConvNet
@@ -81,7 +81,7 @@ def test_mixed_demo_preset_and_run_names():
     args = parse_args(['--demo', 'mixed'])
     for key, value in {**DEMO_PRESET, **DEMO_ROOTS['mixed']}.items():
         assert getattr(args, key) == value
-    assert runs.data_path(args) == [os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')]
+    assert args.data_path == [os.path.join('datasets', 'demo'), os.path.join('datasets', 'demo_fine')]
     assert re.fullmatch(r'demo\+demo_fine-mixclass-convnet-glofa-N5-K1-seed960402-[0-9a-f]{8}', runs.run_name(args))
     args = parse_args(['--demo', 'mixed', '--task_mix', 'source', '--adaptor', 'task', '--h_bias_init', '1'])
     assert runs.run_name(args).startswith('demo+demo_fine-mixsource-convnet-glofa-task-hbias1-N5-K1-seed960402-')
@@ -91,7 +91,7 @@ def test_mixed_demo_preset_and_run_names():
     names = set()
     for argv in ([], ['--task_mix', 'source']):
         args = parse_args(argv)
-        assert len(runs.data_path(args)) == 1
+        assert len(args.data_path) == 1
         names.add(runs.run_name(args))
     assert len(names) == 1 and names.pop().startswith('mini_imagenet-resnet-glofa-N5-K1-seed960402-')
     assert runs.run_name(parse_args(['--data_path', 'somewhere/else'])).startswith('else-resnet-glofa-N5-K1-')

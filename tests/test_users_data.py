@@ -159,7 +159,7 @@ def test_reproduce_says_how_far_it_got_when_interrupted(tmp_path, monkeypatch, c
             raise KeyboardInterrupt
         done.append(' '.join(command))
     monkeypatch.setattr(reproduce, 'run_stage', stage)
-    monkeypatch.setattr(reproduce, 'pretraining_finished', lambda argv: False)
+    monkeypatch.setattr(reproduce, 'pretraining_finished', lambda weights: False)
     line = exits_with(reproduce.main, ['--demo', '--out', str(tmp_path / 'out'), '--models', 'protonet',
                                        '--shots', '1'], capsys, code=130)
     assert '1 of 3 stages' in line and 'same command' in line

@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from harness import checkpoints, distributed, runs, stages  # noqa: E402
+from harness import checkpoints, distributed, stages  # noqa: E402
 import train  # noqa: E402
 from arguments import DEFAULT_WORKERS, parse_args  # noqa: E402
 from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
@@ -453,7 +453,7 @@ def timed_test(args, settings: list[tuple[int, int]], n_episodes: int, eval_mode
     """Seconds of one test.py command's work for these settings (split opened, model built, episodes), and
     its accuracy lines."""
     start, lines = time.perf_counter(), []
-    dataset = open_split(runs.data_path(args), 'test', eval_transform())
+    dataset = open_split(args.data_path, 'test', eval_transform())
     torch.manual_seed(0)
     model = checkpoints.build_model(args, pretrained=False).eval()
     options = EvalOptions(torch.device('cpu'), args.n_workers)
