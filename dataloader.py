@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from base.console import UserError
 from data.splits import (IMAGE_SIZE, NORMALIZATIONS, SPLITS, TASK_MIXES, EpisodeSampler, FewShotDataset,  # noqa: F401
-                         SplitDataset, eval_transform, missing_root_message, read_split, split_csv_path, to_rgb,
-                         too_large, train_transform)
+                         SplitDataset, eval_transform, missing_root_message, query_targets, read_split,
+                         split_csv_path, to_rgb, too_large, train_transform)
 # the flags named when the data layer refuses something (with base.console.flag_hint)
 DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
 EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'

@@ -10,19 +10,17 @@ used and named. Without a checkpoint the model is freshly initialised from ``net
 the flags given (e.g. ``tau=2``), checked as the command line checks them. Models come in eval mode, on the CPU.
 Images go in as the 'transform' entry makes them: (B, 3, 84, 84), normalised as the checkpoint was trained.
 
-The repository's modules (arguments, dataloader, harness, models, networks) are imported for each call and then
+The repository's modules (arguments, base, data, dataloader, harness, models, networks) are imported for each call and then
 taken out of ``sys.modules`` again: a caller's own modules of those names are not touched.
 """
-import contextlib
 import functools
-import io
 import os
 import sys
 
 dependencies = ['torch', 'torchvision', 'numpy', 'PIL']
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_PACKAGES = ('arguments', 'dataloader', 'harness', 'models', 'networks')
+_PACKAGES = ('arguments', 'base', 'data', 'dataloader', 'harness', 'models', 'networks')
 _ours: dict = {}  # this repository's modules, loaded by an earlier call of this file's entries
 
 
@@ -53,70 +51,9 @@ def _repository_modules(entry):
     return call
 
 
-def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name: str = None,
-                    normalization: str = None, **flags):
-    """train.py's flags of the model in ``checkpoint``, as it was trained (``harness.checkpoints.as_trained``: its
-    record's, a flag given here wins and is named; a file without a record gets the network its tensors fit);
-    ``flags``: the model's own (e.g. tau=2). No checkpoint: the defaults and the flags given. Every flag is checked
-    as the command line checks it (one UserError naming it)."""
-    return _resolve(checkpoint, model_name, network_name, normalization, flags)[0]
-
-
-def _resolve(checkpoint, model_name, network_name, normalization, flags, say: bool = True):
-    """(train.py's args, the checkpoint's (record, state dict) or None); ``say``: print as_trained's notes."""
-    from arguments import DOMAINS, MODEL_FLAGS, check_domains, parse_args
-    from harness.checkpoints import as_trained, fitting_network, model_of, read_checkpoint
-    from base.console import UserError
-    from networks import NETWORKS
-    if checkpoint is not None and not (isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint)):
-        raise UserError(f'checkpoint {checkpoint!r}: expected the path of a checkpoint file (leave it out for a '
-                        f'freshly initialised model)')
-    checkpoint = None if checkpoint is None else str(checkpoint)
-    read = read_checkpoint(checkpoint) if checkpoint else None
-    config = read[0].get('config') if read and isinstance(read[0].get('config'), dict) else {}
-    model_name = model_name or config.get('model_name') or (model_of(read[1]) if read else 'glofa')
-    if model_name not in MODEL_FLAGS:
-        raise UserError(f'model_name {model_name!r}: expected one of {", ".join(MODEL_FLAGS)}')
-    unknown = [flag for flag in flags if flag not in MODEL_FLAGS[model_name]]
-    if unknown:
-        raise TypeError(f'{model_name} has no flag {unknown[0]} (its flags: {", ".join(MODEL_FLAGS[model_name])})')
-    given = {'network_name': network_name, 'normalization': normalization, **flags}
-    argv = ['--model_name', model_name, '--pretrained', 'none']
-    for flag, value in given.items():
-        if value is not None:
-            argv.append(f'--{flag}={value}')
-    if read and network_name is None and 'network_name' not in config:  # FEAT's files: the network they fit
-        network_name = fitting_network(checkpoint)
-        if network_name is None:
-            raise UserError(f'checkpoint {checkpoint} holds no encoder of a known network ({", ".join(NETWORKS)})')
-        argv += ['--network_name', network_name]
-    refusal = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(refusal):
-            args = parse_args(argv)
-    except SystemExit:  # argparse's refusal (a wrong type or choice), as one error naming the argument
-        raise UserError(refusal.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]) from None
-    check_domains(args, DOMAINS)
-    if read:
-        notes = as_trained(args, read[0], checkpoint)
-        for line in notes if say else ():
-            print(line)
-    return args, read
-
-
-def build(args, checkpoint: str = None, read: tuple = None):
-    """The model of train.py's ``args`` in eval mode: its weights from ``checkpoint`` (``read``: its record and
-    state dict, when read already), else its encoder's from --pretrained (none: fresh)."""
-    from harness.checkpoints import build_model, load_model_checkpoint
-    from harness.runs import model_config
-    model = build_model(args, pretrained=checkpoint is None)
-    if checkpoint:
-        load_model_checkpoint(model, checkpoint, model_config(args), read)
-    return model.eval()
-
-
 def _model(model_name: str, checkpoint, network_name: str, flags: dict):
-    args, read = _resolve(checkpoint, model_name, network_name, None, flags)
+    from harness.checkpoints import build, resolve
+    args, read = resolve(checkpoint, model_name, network_name, None, flags)
     return build(args, checkpoint and str(checkpoint), read)
 
 
@@ -142,9 +79,9 @@ def feat(checkpoint: str = None, network_name: str = None, **flags):
 def encoder(checkpoint: str = None, network_name: str = None):
     """The encoder alone, (B, 3, 84, 84) -> (B, d): from pretrained weights (FEAT's files, pretrain.py's) or from a
     train.py checkpoint (its encoder's tensors), else freshly initialised."""
-    from harness.checkpoints import load_encoder_weights
+    from harness.checkpoints import load_encoder_weights, resolve
     from networks import build_encoder
-    network_name = _resolve(checkpoint, 'protonet', network_name, None, {}, say=False)[0].network_name
+    network_name = resolve(checkpoint, 'protonet', network_name, None, {}, say=False)[0].network_name
     model = build_encoder(network_name)
     if checkpoint:
         load_encoder_weights(model, str(checkpoint), network_name)
@@ -157,5 +94,6 @@ def transform(checkpoint: str = None, normalization: str = None):
     normalised): with the normalisation ``checkpoint`` was trained with, else ``normalization`` (default
     imagenet)."""
     from dataloader import eval_transform
-    args = _resolve(checkpoint, None, None, normalization, {})[0]
+    from harness.checkpoints import resolve
+    args = resolve(checkpoint, None, None, normalization, {})[0]
     return eval_transform(args.normalization)

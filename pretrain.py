@@ -26,9 +26,9 @@ from harness import distributed
 from harness.checkpoints import atomic_save, model_state_dict
 from base.console import (ProcessError, UserError, exit_on_interrupt, exits_cleanly, flag_hint,
                              interrupt_on_sigterm, progress)
-from harness.device import autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
+from harness.device import EvalOptions, autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
 from harness.embeddings import encode_split
-from harness.evaluation import EvalOptions, git_revision, mean_ci
+from harness.evaluation import git_revision, mean_ci
 from base.files import check_file_name, trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
@@ -36,7 +36,7 @@ from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_fin
                           write_identity)
 from models import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier
-from models.glofa import query_targets
+from dataloader import query_targets
 from networks import build_encoder
 
 

@@ -19,7 +19,7 @@ from harness.checkpoints import as_trained, build_model, load_model_checkpoint, 
 from base.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import test_settings
-from harness.runs import model_config, run_paths, start, unfinished_line
+from harness.runs import run_paths, start, unfinished_line
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -102,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for part in parts:
         part.transform = eval_transform(args.normalization)
     model = build_model(with_setting(args, *settings[0]), pretrained=False)
-    record = load_model_checkpoint(model, model_path, model_config(args), checkpoint)
+    record = load_model_checkpoint(model, model_path, args, checkpoint)
     if 'optimizer' in record:  # train.py's 'last' state: the weights after its last finished gap
         validated = f"the last state, after episode {record.get('episode')}; the best checkpoint is the .model file beside it"
     elif 'validating_accuracy' in record:

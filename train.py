@@ -11,40 +11,21 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from arguments import check_args, parse_args
-from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform,
+from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampler, eval_transform, query_targets,
                         generate_data_loader, iterate, open_split, train_transform)
-from harness.checkpoints import atomic_save, build_model, load_model_checkpoint, model_state_dict
+from harness.checkpoints import atomic_save, build_model, build_optimizer, load_model_checkpoint, model_state_dict
 from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
-from harness.device import autocast, grad_scaler, place_model, to_device
-from harness.evaluation import EvalOptions, describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
+from harness.device import EvalOptions, autocast, grad_scaler, place_model, to_device
+from harness.evaluation import describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from base.files import check_output_folder, trim_log
 from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message, load_last,
-                          log_entry, model_config, open_tensorboard, run_identity, run_name, run_paths, save_last,
+                          log_entry, open_tensorboard, run_identity, run_name, run_paths, save_last,
                           start, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
                                 training_diagnostics)
-from models.glofa import GLoFA, query_targets
-
-
-def build_optimizer(args, model) -> torch.optim.SGD:
-    """SGD with Nesterov momentum: the encoder at --lr_network, the head (GLoFA's three set functions, FEAT's
-    attention layer) at --lr; ProtoNet has the encoder's group only."""
-    head = model.head_parameters()
-    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network}]
-                           + ([{'params': head, 'lr': args.lr}] if head else []),
-                           momentum=args.mo, nesterov=True, weight_decay=args.wd)
-
-
-def episode_loss(model, features: torch.Tensor, targets: torch.Tensor, n_way: int, n_shot: int):
-    """One episode's loss from its embeddings (cross-entropy, plus FEAT's regulariser) and the head's
-    adaptation (GLoFA's masks and strengths; None for the others)."""
-    logits, adaptation = model.episode(features, n_way, n_shot)  # (N*Q, N)
-    loss = F.cross_entropy(logits.float(), targets)
-    auxiliary = model.auxiliary_loss(features, n_way, n_shot)  # FEAT's regulariser; None for the others
-    return (loss if auxiliary is None else loss + auxiliary), adaptation
+from models.glofa import GLoFA
 
 
 def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
@@ -60,7 +41,7 @@ def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
         with autocast(device, args.amp):
             with torch.no_grad() if args.freeze_encoder else contextlib.nullcontext():
                 features = model.encode(to_device(images, device, args.channels_last))  # (N*(K+Q), d)
-            loss, adaptation = episode_loss(model, features, targets, args.N, args.K)
+            loss, adaptation = model.loss(features, targets, args.N, args.K)
         check_finite(loss, run, f'episode {run.progress.done + len(losses) + 1}', 'episode', '--lr or --lr_network')
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()  # the scaler is off but with float16 --amp: then the loss is scaled,
@@ -209,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # ---------------- test of the best checkpoint
     if not os.path.isfile(paths.best):
         raise UserError(f"no best checkpoint was written (validation accuracy never rose above 0); see {paths.stat}")
-    record = load_model_checkpoint(model, paths.best, model_config(args))
+    record = load_model_checkpoint(model, paths.best, args)
     print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
           f"checkpoint {paths.best}")
     test = test_settings(args, [(args.N, args.K)], test_set, model, paths.best, device,

@@ -292,6 +292,11 @@ class EpisodeSampler:
 
 
 # an image whose smaller side is under this is far below the input size: upscaled without detail (a warning)
+def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:
+    """Targets of the N*Q queries in shot-major order: j % N."""
+    return torch.arange(n_way * n_query, device=device) % n_way
+
+
 SMALL_SIDE = IMAGE_SIZE // 2
 
 

@@ -1,4 +1,5 @@
 """Weights: atomic saves, strict loading with one-line errors, and a model built from its flags and weights."""
+import contextlib
 import hashlib
 import io
 import os
@@ -185,18 +186,21 @@ def as_trained(args, record: dict, path: str) -> list[str]:
     return lines
 
 
-def load_model_checkpoint(model: nn.Module, path: str, config: Optional[dict] = None, read: Optional[tuple] = None) -> dict:
+def load_model_checkpoint(model: nn.Module, path: str, args=None, read: Optional[tuple] = None) -> dict:
     """Load a checkpoint into ``model``: train.py's record {'state_dict', 'validating_accuracy', 'epoch', 'config'},
-    a 'last' state, or FEAT's {'params': ...}; its config must match ``config``, its model too. The record.
+    a 'last' state, or FEAT's {'params': ...}; with ``args``, its network and model must be theirs (no parameter
+    depends on N, K, Q or on the flags that only change the logits: those are evaluated as given). The record.
     ``read``: the file's (record, state dict) when ``read_checkpoint`` has read it already."""
     record, state = read or read_checkpoint(path)
-    if config is not None:
-        check_config(record, config, path)
+    if args is not None:
+        check_config(record, {'network_name': args.network_name, 'model_name': args.model_name}, path)
         held = model_of(state)
-        if 'model_name' in config and held != config['model_name']:
-            raise UserError(f'checkpoint {path} holds a {held} model, not {config["model_name"]}: pass '
-                            f'--model_name {held}')
+        if held != args.model_name:
+            raise UserError(f'checkpoint {path} holds a {held} model, not {args.model_name}: pass --model_name {held}')
     load_strict(model, state, path, 'checkpoint')
+    config = record.get('config') if isinstance(record.get('config'), dict) else {}
+    if isinstance(config.get('N'), int) and isinstance(config.get('K'), int):  # the model's call: trained as N-way K-shot
+        model.n_way, model.n_shot = config['N'], config['K']
     return record
 
 
@@ -215,6 +219,15 @@ def build_model(args, pretrained: bool = True) -> FewShotModel:
         n = load_encoder_weights(encoder, args.pretrained, args.network_name)
         print(f'loaded {n} encoder tensors from {args.pretrained}')
     return model_on(args, encoder, encoder.out_dim)
+
+
+def build_optimizer(args, model) -> torch.optim.SGD:
+    """SGD with Nesterov momentum: the encoder at --lr_network, the head (GLoFA's three set functions, FEAT's
+    attention layer) at --lr; ProtoNet has the encoder's group only."""
+    head = model.head_parameters()
+    return torch.optim.SGD([{'params': list(model.encoder.parameters()), 'lr': args.lr_network}]
+                           + ([{'params': head, 'lr': args.lr}] if head else []),
+                           momentum=args.mo, nesterov=True, weight_decay=args.wd)
 
 
 def load_encoder_weights(encoder: nn.Module, path: str, network_name: str) -> int:
@@ -238,3 +251,61 @@ def fitting_network(path: str, networks=NETWORKS) -> Optional[str]:
         except UserError:
             continue
     return None
+
+
+# ------------------------------------------------------------------ a model rebuilt from a checkpoint
+def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name: str = None,
+                    normalization: str = None, **flags):
+    """train.py's flags of the model in ``checkpoint``, as it was trained (``harness.checkpoints.as_trained``: its
+    record's, a flag given here wins and is named; a file without a record gets the network its tensors fit);
+    ``flags``: the model's own (e.g. tau=2). No checkpoint: the defaults and the flags given. Every flag is checked
+    as the command line checks it (one UserError naming it)."""
+    return resolve(checkpoint, model_name, network_name, normalization, flags)[0]
+
+
+def resolve(checkpoint, model_name, network_name, normalization, flags, say: bool = True):
+    """(train.py's args, the checkpoint's (record, state dict) or None); ``say``: print as_trained's notes."""
+    from arguments import DOMAINS, MODEL_FLAGS, check_domains, parse_args
+    if checkpoint is not None and not (isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint)):
+        raise UserError(f'checkpoint {checkpoint!r}: expected the path of a checkpoint file (leave it out for a '
+                        f'freshly initialised model)')
+    checkpoint = None if checkpoint is None else str(checkpoint)
+    read = read_checkpoint(checkpoint) if checkpoint else None
+    config = read[0].get('config') if read and isinstance(read[0].get('config'), dict) else {}
+    model_name = model_name or config.get('model_name') or (model_of(read[1]) if read else 'glofa')
+    if model_name not in MODEL_FLAGS:
+        raise UserError(f'model_name {model_name!r}: expected one of {", ".join(MODEL_FLAGS)}')
+    unknown = [flag for flag in flags if flag not in MODEL_FLAGS[model_name]]
+    if unknown:
+        raise TypeError(f'{model_name} has no flag {unknown[0]} (its flags: {", ".join(MODEL_FLAGS[model_name])})')
+    given = {'network_name': network_name, 'normalization': normalization, **flags}
+    argv = ['--model_name', model_name, '--pretrained', 'none']
+    for flag, value in given.items():
+        if value is not None:
+            argv.append(f'--{flag}={value}')
+    if read and network_name is None and 'network_name' not in config:  # FEAT's files: the network they fit
+        network_name = fitting_network(checkpoint)
+        if network_name is None:
+            raise UserError(f'checkpoint {checkpoint} holds no encoder of a known network ({", ".join(NETWORKS)})')
+        argv += ['--network_name', network_name]
+    refusal = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refusal):
+            args = parse_args(argv)
+    except SystemExit:  # argparse's refusal (a wrong type or choice), as one error naming the argument
+        raise UserError(refusal.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]) from None
+    check_domains(args, DOMAINS)
+    if read:
+        notes = as_trained(args, read[0], checkpoint)
+        for line in notes if say else ():
+            print(line)
+    return args, read
+
+
+def build(args, checkpoint: str = None, read: tuple = None):
+    """The model of train.py's ``args`` in eval mode: its weights from ``checkpoint`` (``read``: its record and
+    state dict, when read already), else its encoder's from --pretrained (none: fresh)."""
+    model = build_model(args, pretrained=checkpoint is None)
+    if checkpoint:
+        load_model_checkpoint(model, checkpoint, args, read)
+    return model.eval()

@@ -1,5 +1,6 @@
 """Where and how the numbers are computed: the device, mixed precision, memory layout, seeds and random states."""
 import ctypes
+from dataclasses import dataclass
 import random
 from typing import Sequence
 
@@ -95,3 +96,17 @@ def grad_scaler(amp: bool) -> torch.amp.GradScaler:
     """The grad scaler: on with --amp on a GPU without bfloat16 (float16 autocast, whose loss needs it); off, its
     calls are plain: scale(loss) is loss, step(optimizer) is optimizer.step(), unscale_ and update do nothing."""
     return torch.amp.GradScaler('cuda', enabled=amp and not torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class EvalOptions:
+    """How evaluation runs: none of these changes a result."""
+    device: torch.device
+    n_workers: int = 0           # loader workers
+    amp: bool = False            # CUDA autocast
+    channels_last: bool = False  # encoder memory format
+    episode_batch: int = 0       # cached way: episodes computed at once; 0 chooses by memory
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> 'EvalOptions':
+        return cls(device, args.n_workers, args.amp, args.channels_last, args.episode_batch)

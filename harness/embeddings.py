@@ -13,10 +13,10 @@ from torch.utils.data import Dataset
 
 from dataloader import IMAGE_SIZE, data_loader, iterate
 from base.console import UserError, progress
-from harness.device import autocast, to_device
-from harness.evaluation import Episodes, EvalOptions
+from harness.device import EvalOptions, autocast, to_device
 from base.files import atomic_write
 from harness.outputs import write_json
+from models.diagnostics import episode_values
 from networks import forward_count, set_forward_count
 
 
@@ -134,7 +134,7 @@ EPISODE_BATCH_MEMORY = {'cpu': 256 * 2 ** 20, 'cuda': 1024 * 2 ** 20}
 MAX_EPISODE_BATCH = 1000
 
 
-def episode_batch_size(options: EvalOptions, episodes: Episodes, feature_dim: int) -> int:
+def episode_batch_size(options: EvalOptions, episodes, feature_dim: int) -> int:
     """Episodes computed at once by the cached way: --episode_batch, else as many as fit in
     EPISODE_BATCH_MEMORY. Per episode: its embeddings (N*(K+Q) x d) and, per support image, the three
     set functions' hidden activations (about 24 d floats), all float32."""
@@ -160,3 +160,20 @@ def content_digest(paths: Sequence[str]) -> str:
         except OSError:
             digest.update(b'\0unreadable\0')
     return digest.hexdigest()
+
+
+def head_on_stored(model, features: torch.Tensor, draws, episodes, options: EvalOptions, targets: torch.Tensor,
+                   values, drawn: list, bar) -> None:
+    """The cached way of ``evaluation.run_episodes``: the head on ``features`` (the split's embeddings), many of the
+    ``draws`` (episodes' indices) at once; each episode's ``episode_values`` into ``values``, its indices into
+    ``drawn``."""
+    e, done = episodes, 0
+    batch = episode_batch_size(options, e, features.size(1))
+    while done < e.n_episodes:
+        indices = torch.stack([next(draws) for _ in range(min(batch, e.n_episodes - done))])  # (B, N*S)
+        drawn.extend(indices)
+        with autocast(options.device, options.amp):
+            logits, adaptation = model.episode(features[indices.to(options.device)], e.n_way, e.n_shot)  # (B, N*Q, N)
+        values[done:done + len(indices)] = episode_values(logits, adaptation, targets).cpu().numpy()
+        done += len(indices)
+        bar.update(len(indices))

@@ -17,10 +17,10 @@ import torch.nn as nn
 from dataloader import data_loader, episode_sampler, iterate
 from harness.checkpoints import weights_digest
 from base.console import UserError, exit_on_interrupt, progress
-from harness.device import autocast, to_device
+from harness.device import EvalOptions, autocast, to_device
 from models import FewShotModel
-from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line
-from models.glofa import query_targets
+from models.diagnostics import ACTING_STRENGTHS, adaptors_off_warning, diagnostics_line, episode_values
+from dataloader import query_targets
 from networks import advance_forward_count
 
 
@@ -50,20 +50,6 @@ def describe_eval_mode(args, drawn: tuple['Episodes', str], n_images: int) -> st
     once, each = f"the split's {n_images} images once", f'{episodes.n_episodes} episodes x {episodes.images_per_episode} images'
     reason = f'{once}, not {each}' if chosen == 'cached' else f'{each}, not {once}'
     return f'{chosen} evaluation ({how}: {reason})'
-
-
-@dataclass
-class EvalOptions:
-    """How evaluation runs: none of these changes a result."""
-    device: torch.device
-    n_workers: int = 0           # loader workers
-    amp: bool = False            # CUDA autocast
-    channels_last: bool = False  # encoder memory format
-    episode_batch: int = 0       # cached way: episodes computed at once; 0 chooses by memory
-
-    @classmethod
-    def from_args(cls, args, device: torch.device) -> 'EvalOptions':
-        return cls(device, args.n_workers, args.amp, args.channels_last, args.episode_batch)
 
 
 @dataclass
@@ -116,18 +102,6 @@ class SplitFeatures:
         return self.features
 
 
-def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
-    """logits (..., N*Q, N), GLoFA's Adaptation (None: nan columns), targets (N*Q,) -> (..., 6): accuracy,
-    alpha_task, alpha_cls, mean task mask, mean class mask, 1 where the logits are finite."""
-    accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
-    finite = torch.isfinite(logits).flatten(-2).all(dim=-1).float()  # (...,): 0 where a logit is nan or inf
-    if adaptation is None:
-        nan = torch.full_like(accuracy, float('nan'))
-        return torch.stack([accuracy, nan, nan, nan, nan, finite], dim=-1)
-    return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
-                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1)), finite], dim=-1).float()
-
-
 @dataclass
 class EpisodeResults:
     """What evaluation measured on each episode, in order."""
@@ -158,6 +132,16 @@ class EpisodeResults:
                 'alpha_task_active': float(active[:, 0].mean()), 'alpha_cls_active': float(active[:, 1].mean()),
                 'mask_task': float(self.mask_task.mean()), 'mask_cls': float(self.mask_cls.mean())}
 
+    def figures(self, n_way: int, n_shot: int) -> dict:
+        """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
+        mean, ci = mean_ci(self.accuracies)
+        figures = {'N': n_way, 'K': n_shot, 'episodes': len(self.accuracies), 'accuracy': 100 * mean,
+                   'ci95': 100 * ci, 'mode': self.mode, **self.diagnostics()}
+        if self.groups is not None:
+            figures['groups'] = {group: dict(zip(('accuracy', 'ci95'), (100 * v for v in mean_ci(values))),
+                                             episodes=len(values)) for group, values in self.group_accuracies().items()}
+        return figures
+
     def adaptors_off(self, adaptor: str = 'both') -> bool:
         """The acting strengths are 0 on every episode: the masks do nothing (normalised-prototype ProtoNet)."""
         acting = ACTING_STRENGTHS[adaptor]
@@ -183,17 +167,9 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
         cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
         advance_forward_count(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
     with progress(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
-        if mode == 'cached':
-            from harness.embeddings import episode_batch_size
-            batch, draws, done = episode_batch_size(options, e, cache.size(1)), iter(sampler), 0
-            while done < e.n_episodes:
-                indices = torch.stack([next(draws) for _ in range(min(batch, e.n_episodes - done))])  # (B, N*S)
-                drawn.extend(indices)
-                with autocast(device, options.amp):
-                    logits, adaptation = model.episode(cache[indices.to(device)], e.n_way, e.n_shot)  # (B, N*Q, N)
-                values[done:done + len(indices)] = episode_values(logits, adaptation, targets).cpu().numpy()
-                done += len(indices)
-                bar.update(len(indices))
+        if mode == 'cached':  # the head on many episodes at once (harness.embeddings)
+            from harness.embeddings import head_on_stored
+            head_on_stored(model, cache, iter(sampler), e, options, targets, values, drawn, bar)
         else:
             loader = data_loader(dataset, options.n_workers, device.type == 'cuda',
                                  batch_sampler=recorded(sampler, drawn))
@@ -287,8 +263,8 @@ def end_of_test(args, features: SplitFeatures, results: dict, **what) -> None:
     if features.warning():
         print(features.warning())
     if args.json:
-        from harness.outputs import setting_figures, write_figures
-        figures = [{**setting_figures(n, k, r), **({'metric': metric} if metric else {})}
+        from harness.outputs import write_figures
+        figures = [{**r.figures(n, k), **({'metric': metric} if metric else {})}
                    for (n, k, metric), r in results.items()]
         write_figures(args.json, figures, **what, seed=args.seed, Q=args.Q, revision=revision)
 

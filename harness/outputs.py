@@ -7,7 +7,6 @@ import re
 from typing import Optional, Sequence
 
 from base.console import UserError
-from harness.evaluation import EpisodeResults, mean_ci
 from base.files import atomic_write, check_file_name, check_output_folder
 
 
@@ -106,18 +105,6 @@ def command_inputs(args, *datasets) -> list[str]:
     """What no output of a command may be (``check_output``): its weights files and every file of its data."""
     weights = [getattr(args, flag, None) for flag in ('pretrained', 'model_path')]
     return [p for p in weights if p and p.lower() != 'none'] + [path for d in datasets for path in d.files()]
-
-
-def setting_figures(n_way: int, n_shot: int, results: EpisodeResults) -> dict:
-    """One setting's figures for --json: accuracy and CI in percent, episodes, way, shot, diagnostics."""
-    mean, ci = mean_ci(results.accuracies)
-    figures = {'N': n_way, 'K': n_shot, 'episodes': len(results.accuracies), 'accuracy': 100 * mean, 'ci95': 100 * ci,
-               'mode': results.mode, **results.diagnostics()}
-    if results.groups is not None:
-        figures['groups'] = {group: dict(zip(('accuracy', 'ci95'), (100 * v for v in mean_ci(values))),
-                                         episodes=len(values))
-                             for group, values in results.group_accuracies().items()}
-    return figures
 
 
 def write_figures(path: str, settings: list[dict], **extra) -> None:

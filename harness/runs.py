@@ -72,12 +72,6 @@ def run_identity(args) -> dict:
             'point': list(args.point), 'gamma': args.gamma, 'wd': args.wd, 'mo': args.mo, 'seed': args.seed}
 
 
-def model_config(args) -> dict:
-    """What a checkpoint must agree with to be loaded at all (no model's parameters depend on N, K or Q, nor on
-    the flags that only change its logits, e.g. --adaptor or --metric: those are evaluated as given)."""
-    return {'network_name': args.network_name, 'model_name': args.model_name}
-
-
 def run_name(args, identity: Optional[dict] = None) -> str:
     """A readable name and a hash of the whole identity, e.g. mini_imagenet-resnet-glofa-N5-K1-seed960402-1a2b3c4d."""
     identity = run_identity(args) if identity is None else identity

@@ -6,7 +6,8 @@ import torch
 
 from harness.checkpoints import build_model
 from harness.device import place_model
-from harness.evaluation import (EvalOptions, SplitFeatures, end_of_test, result_lines, run_episodes, split_episodes,
+from harness.device import EvalOptions
+from harness.evaluation import (SplitFeatures, end_of_test, result_lines, run_episodes, split_episodes,
                                 stored_features)
 from arguments import with_setting
 

@@ -16,6 +16,20 @@ class FewShotModel(nn.Module):
     ``auxiliary_loss`` may add a term to the cross-entropy. No parameter depends on N, K or Q.
     """
     encoder: nn.Module
+    n_way, n_shot = 5, 1  # the setting the model was trained in (its flags, its checkpoint's record): forward's default
+
+    def forward(self, images: torch.Tensor, n_way: Optional[int] = None, n_shot: Optional[int] = None) -> torch.Tensor:
+        """The reference's call: one shot-major episode's images (N*(K+Q), 3, H, W) -> its logits (N*Q, N), N and K
+        by default those the model was trained with: ``episode(encode(images), N, K)``'s logits."""
+        return self.episode(self.encode(images), n_way or self.n_way, n_shot or self.n_shot)[0]
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Optional[tuple]]:
+        """One training episode's loss from its embeddings: the cross-entropy of its logits (plus FEAT's regulariser),
+        and the head's adaptation (GLoFA's masks and strengths; None for the others)."""
+        logits, adaptation = self.episode(features, n_way, n_shot)  # (N*Q, N)
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+        auxiliary = self.auxiliary_loss(features, n_way, n_shot)
+        return (loss if auxiliary is None else loss + auxiliary), adaptation
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, d). One forward pass of the encoder (advances its DropBlock ramp once)."""
@@ -74,15 +88,19 @@ METRICS = ('euclidean', 'cosine')
 
 
 def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:
-    """--model_name and its flags on ``encoder`` (embeddings of ``feature_dim``), its head freshly initialised."""
+    """--model_name and its flags on ``encoder`` (embeddings of ``feature_dim``), its head freshly initialised; its
+    call's default setting --N, --K."""
     if args.model_name == 'protonet':
         from models.protonet import ProtoNet
-        return ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
-    if args.model_name == 'feat':
+        model = ProtoNet(encoder, metric=args.metric, temperature=args.temperature)
+    elif args.model_name == 'feat':
         from models.feat import FEAT, feat_regulariser
         temperature2, balance = feat_regulariser(args, args.K)
-        return FEAT(encoder, feature_dim, metric=args.metric, temperature=args.temperature,
-                    temperature2=temperature2, balance=balance)
-    from models.glofa import GLoFA
-    return GLoFA(encoder, feature_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
-                 h_bias_init=args.h_bias_init)
+        model = FEAT(encoder, feature_dim, metric=args.metric, temperature=args.temperature,
+                     temperature2=temperature2, balance=balance)
+    else:
+        from models.glofa import GLoFA
+        model = GLoFA(encoder, feature_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
+                      h_bias_init=args.h_bias_init)
+    model.n_way, model.n_shot = args.N, args.K
+    return model

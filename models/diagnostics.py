@@ -87,3 +87,15 @@ def adaptors_off_warning(results, where: str, adaptor: str = 'both') -> str:
     names = ' = '.join(('alpha_task', 'alpha_cls')[i] for i in ACTING_STRENGTHS[adaptor])
     return (f'warning: {names} = 0 on all {len(results.accuracies)} {where} episodes: the adaptors '
             f'are switched off and the model is normalised-prototype ProtoNet at this point')
+
+
+def episode_values(logits: torch.Tensor, adaptation, targets: torch.Tensor) -> torch.Tensor:
+    """logits (..., N*Q, N), GLoFA's Adaptation (None: nan columns), targets (N*Q,) -> (..., 6): accuracy,
+    alpha_task, alpha_cls, mean task mask, mean class mask, 1 where the logits are finite."""
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean(dim=-1)  # (...,)
+    finite = torch.isfinite(logits).flatten(-2).all(dim=-1).float()  # (...,): 0 where a logit is nan or inf
+    if adaptation is None:
+        nan = torch.full_like(accuracy, float('nan'))
+        return torch.stack([accuracy, nan, nan, nan, nan, finite], dim=-1)
+    return torch.stack([accuracy, adaptation.alpha[..., 0], adaptation.alpha[..., 1],
+                        adaptation.m_task.mean(dim=-1), adaptation.m_cls.mean(dim=(-2, -1)), finite], dim=-1).float()

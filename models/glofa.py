@@ -98,8 +98,3 @@ class GLoFA(FewShotModel):
         adaptation = self.adaptation(torch.cat(sets), lambda: torch.stack([self.f_class(s) for s in sets]))
         mean_support = torch.stack([s.mean(dim=0) for s in sets])  # (N, d)
         return self.logits(query, mean_support, adaptation.scale), adaptation
-
-
-def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:
-    """Targets of the N*Q queries in shot-major order: j % N."""
-    return torch.arange(n_way * n_query, device=device) % n_way

@@ -70,16 +70,17 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, path)
 
 from arguments import parse_args  # noqa: E402
-from harness.checkpoints import atomic_save, read_file  # noqa: E402
-from harness.evaluation import episode_values, mean_ci  # noqa: E402
+from harness.checkpoints import atomic_save, build_optimizer, read_file  # noqa: E402
+from harness.evaluation import mean_ci  # noqa: E402
+from models.diagnostics import episode_values  # noqa: E402
 from models.diagnostics import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since, record_episode,  # noqa: E402
                                 training_diagnostics)
-from models.glofa import GLoFA, query_targets  # noqa: E402
+from dataloader import query_targets  # noqa: E402
+from models.glofa import GLoFA  # noqa: E402
 from harness.runs import run_paths  # noqa: E402
 from harness.stages import (PRETRAINED_RATES, pretrained_encoder, run_stages, threads_per_job, variant_figures,
                             variant_stage)  # noqa: E402
 from models import model_on  # noqa: E402
-from train import build_optimizer, episode_loss  # noqa: E402
 from base.console import UserError, exit_on_interrupt, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
 from base.files import write_text  # noqa: E402
 from harness.outputs import claim_output_folder, save_figure, write_json  # noqa: E402
@@ -167,7 +168,7 @@ def train_head(model, args, features: torch.Tensor) -> Optional[dict]:
     targets = query_targets(N_WAY, N_QUERY)
     record = {key: [] for key in ADAPTOR_RECORD} if isinstance(model, GLoFA) else None
     for episode in features:
-        loss, adaptation = episode_loss(model, episode, targets, N_WAY, N_SHOT)
+        loss, adaptation = model.loss(episode, targets, N_WAY, N_SHOT)
         if not torch.isfinite(loss):
             raise UserError(f'the training loss of {args.model_name} became {loss.item()}')
         optimizer.zero_grad(set_to_none=True)

@@ -30,10 +30,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from hubconf import build, checkpoint_args  # noqa: E402
+from harness.checkpoints import build, checkpoint_args  # noqa: E402
 from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa: E402
 from harness.embeddings import content_digest, feature_cache  # noqa: E402
-from harness.evaluation import EvalOptions  # noqa: E402
+from harness.device import EvalOptions  # noqa: E402
 from networks import NETWORKS  # noqa: E402
 from base.console import UserError, exits_cleanly, interrupt_on_sigterm  # noqa: E402
 from harness.device import select_device  # noqa: E402

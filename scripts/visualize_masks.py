@@ -23,7 +23,8 @@ from arguments import parse_args  # noqa: E402
 from harness.checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
-from harness.evaluation import EvalOptions, stored_features  # noqa: E402
+from harness.device import EvalOptions  # noqa: E402
+from harness.evaluation import stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
 from base.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402
@@ -153,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
         raise UserError(f'{model_path} holds a {args.model_name} model, which has no masks to draw: this script '
                         f'draws GLoFA\'s')
     model = checkpoints.build_model(args, pretrained=False)
-    record = load_model_checkpoint(model, model_path, runs.model_config(args), checkpoint)
+    record = load_model_checkpoint(model, model_path, args, checkpoint)
     model.to(device).eval()
     dataset = open_split(args.data_path, own.split, eval_transform(args.normalization))
     out = own.out or os.path.splitext(model_path)[0] + '.masks.png'

@@ -178,3 +178,25 @@ def test_a_change_of_the_data_names_what_changed(data, tmp_path, capsys, change,
         csv.write_text(''.join(csv.read_text().splitlines(keepends=True)[:-1]))  # one image less
     line = exits_with(test.main, flags, capsys)
     assert 'not found' in line and named in line and 'split/train.csv' not in line
+
+
+# ------------------------------------------------------------------ a model you can call
+@pytest.mark.parametrize('model_name', ['glofa', 'protonet', 'feat'])
+def test_a_model_is_called_as_the_reference_calls_it(model_name, tiny_dataset, tmp_path):
+    """model(images, N, K) is model.episode(model.encode(images), N, K)'s logits, for a model built from flags, one
+    loaded from a checkpoint and one through torch.hub; N and K default to the setting it was trained in."""
+    from arguments import parse_args
+    from harness.checkpoints import build_model, load_model_checkpoint
+    flags = tiny_run_flags(tiny_dataset, tmp_path, '--model_name', model_name, '--N', '3', '--K', '2')
+    best = train.main(flags)['paths'].best
+    built = build_model(parse_args(flags), pretrained=False).eval()
+    loaded = build_model(parse_args(tiny_run_flags(tiny_dataset, tmp_path, '--model_name', model_name)),
+                         pretrained=False)  # built as 2-way 1-shot: the checkpoint says 3-way 2-shot
+    load_model_checkpoint(loaded, best)
+    images = torch.randn(3 * (2 + 1), 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    for model in (built, loaded.eval(), hub(model_name, checkpoint=best)):
+        with torch.no_grad():
+            expected = model.episode(model.encode(images), 3, 2)[0]
+            torch.testing.assert_close(model(images, 3, 2), expected, rtol=0, atol=0)
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=0)  # trained as 3-way 2-shot
+            assert model(images[:2 * 2], 2, 1).shape == (2, 2)  # any setting: 2-way 1-shot, one query each

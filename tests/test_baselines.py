@@ -16,13 +16,13 @@ from harness.checkpoints import atomic_save, build_model
 from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, episode_sampler, eval_transform
 from harness.embeddings import encode_split
-from harness.evaluation import EvalOptions
+from harness.device import EvalOptions
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet
 from networks import build_encoder
 from harness.runs import run_name
-from train import build_optimizer
+from harness.checkpoints import build_optimizer
 
 FEAT_KEYS = {'slf_attn.w_qs.weight', 'slf_attn.w_ks.weight', 'slf_attn.w_vs.weight', 'slf_attn.fc.weight',
              'slf_attn.fc.bias', 'slf_attn.layer_norm.weight', 'slf_attn.layer_norm.bias'}

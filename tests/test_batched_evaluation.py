@@ -7,8 +7,10 @@ from harness import embeddings
 from benchmark import Labels, given  # scripts/dev/ (pytest.ini puts it on the path)
 from dataloader import episode_sampler
 from harness.embeddings import episode_batch_size
-from harness.evaluation import Episodes, EvalOptions, run_episodes
-from models.glofa import ADAPTORS, GLoFA, query_targets
+from harness.device import EvalOptions
+from harness.evaluation import Episodes, run_episodes
+from dataloader import query_targets
+from models.glofa import ADAPTORS, GLoFA
 
 D = 640
 CPU = torch.device('cpu')

@@ -14,7 +14,7 @@ from arguments import parse_args
 from conftest import exits_with, pretrained_file
 from dataloader import FewShotDataset, eval_transform
 from harness.embeddings import encode_split
-from harness.evaluation import EvalOptions
+from harness.device import EvalOptions
 from models.feat import FEAT
 from models.glofa import GLoFA
 from models.protonet import ProtoNet

@@ -3,15 +3,17 @@ import numpy as np
 import pytest
 import torch
 from harness import embeddings, evaluation
+from harness.device import EvalOptions
 from dataloader import EpisodeSampler, FewShotDataset, eval_transform
 from harness.demo import write_split
-from models.glofa import GLoFA, query_targets
+from dataloader import query_targets
+from models.glofa import GLoFA
 from networks import forward_count
 from networks.resnet import ResNet12
 
 N_WAY, N_SHOT, N_QUERY, N_EPISODES = 3, 1, 2, 5
 CPU = torch.device('cpu')
-OPTIONS = evaluation.EvalOptions(CPU)
+OPTIONS = EvalOptions(CPU)
 
 
 def accuracies(model, dataset, n_episodes: int, seed: int, mode: str) -> np.ndarray:

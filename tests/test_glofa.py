@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from models.glofa import GLoFA, query_targets
+from dataloader import query_targets
+from models.glofa import GLoFA
 from networks.resnet import ResNet12
 
 D = 8  # feature dimension of the stand-in encoder

@@ -7,7 +7,6 @@ import torch
 import train
 from conftest import pretrained_file, tiny_run_flags
 from harness.checkpoints import atomic_save, build_model, load_model_checkpoint
-from harness.runs import model_config
 from arguments import parse_args
 from base.console import UserError
 
@@ -30,7 +29,7 @@ def test_glofa_from_a_checkpoint_is_the_trained_model(trained):
     assert (model.tau, model.delta, model.training) == (2.0, 0.5, False)  # the run's flags, from its record
     args = parse_args(flags)
     reference = build_model(args, pretrained=False)
-    load_model_checkpoint(reference, path, model_config(args))
+    load_model_checkpoint(reference, path, args)
     reference.eval()
     images = torch.randn(2 * 3, 3, 84, 84, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

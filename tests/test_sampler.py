@@ -7,7 +7,7 @@ import torch
 from dataloader import EpisodeSampler, SeededEpisodes, eval_transform, generate_data_loader, open_split, train_transform
 from data.mixing import SourceEpisodeSampler
 from base.console import UserError
-from models.glofa import query_targets
+from dataloader import query_targets
 
 
 def interleaved_labels(n_classes: int, per_class: int, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,8 @@ import test as test_script
 import train
 from harness.demo import write_colour_dataset
 from dataloader import FewShotDataset, eval_transform, open_split
-from harness.evaluation import Episodes, EvalOptions, choose_eval_mode, run_episodes
+from harness.device import EvalOptions
+from harness.evaluation import Episodes, choose_eval_mode, run_episodes
 
 CPU_OPTIONS = EvalOptions(torch.device('cpu'))
 from models.glofa import GLoFA

@@ -22,7 +22,7 @@ def ids(params) -> list[int]:
 
 def test_optimizer_groups(model):
     args = parse_args([])
-    optimizer = train.build_optimizer(args, model)
+    optimizer = checkpoints.build_optimizer(args, model)
     assert isinstance(optimizer, torch.optim.SGD)
     assert len(optimizer.param_groups) == 2
     encoder_group, set_group = optimizer.param_groups
@@ -43,7 +43,7 @@ def test_optimizer_groups(model):
 
 def test_optimizer_follows_the_flags(model):
     args = parse_args(['--lr_network', '0.003', '--lr', '0.07', '--mo', '0.8', '--wd', '0.001'])
-    optimizer = train.build_optimizer(args, model)
+    optimizer = checkpoints.build_optimizer(args, model)
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.003, 0.07])
     assert [g['momentum'] for g in optimizer.param_groups] == pytest.approx([0.8, 0.8])
     assert [g['weight_decay'] for g in optimizer.param_groups] == pytest.approx([0.001, 0.001])

@@ -59,9 +59,11 @@ from data.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
 from harness.demo import write_colour_dataset, write_split  # noqa: E402
 from tests.small_data import PICKLED_FORMS, write_pickled_split, write_tiered_split  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
-from harness.evaluation import (Episodes, EvalOptions, SplitFeatures, accuracy_line, choose_eval_mode, run_episodes)  # noqa: E402
+from harness.device import EvalOptions  # noqa: E402
+from harness.evaluation import (Episodes, SplitFeatures, accuracy_line, choose_eval_mode, run_episodes)  # noqa: E402
 from models.classifier import EncoderClassifier  # noqa: E402
-from models.glofa import GLoFA, query_targets  # noqa: E402
+from dataloader import query_targets  # noqa: E402
+from models.glofa import GLoFA  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
 from base.console import exits_cleanly  # noqa: E402
@@ -215,7 +217,7 @@ def loading(opts, device: torch.device, work: str) -> list[Row]:
 def training(opts, device: torch.device, work: str) -> list[Row]:
     root = shrunk_split(opts, work)
     model, args = model_and_args(opts, root, device)
-    optimizer = train.build_optimizer(args, model)
+    optimizer = checkpoints.build_optimizer(args, model)
     targets = query_targets(5, 15, device)
     loader = generate_data_loader(open_split(root, 'train', train_transform()), opts.train_episodes + 1, 5, opts.K + 15,
                                   n_workers=opts.n_workers, pin_memory=device.type == 'cuda')

@@ -42,7 +42,8 @@ from arguments import parse_args  # noqa: E402
 from harness.demo import write_colour_dataset  # noqa: E402
 import benchmark  # noqa: E402
 from models.feat import FEAT  # noqa: E402
-from models.glofa import GLoFA, query_targets  # noqa: E402
+from dataloader import query_targets  # noqa: E402
+from models.glofa import GLoFA  # noqa: E402
 from models.protonet import ProtoNet  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from networks.resnet import ResNet12  # noqa: E402
