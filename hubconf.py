@@ -52,7 +52,7 @@ def _repository_modules(entry):
 
 
 def _model(model_name: str, checkpoint, network_name: str, flags: dict):
-    from harness.checkpoints import build, resolve
+    from harness.rebuild import build, resolve
     args, read = resolve(checkpoint, model_name, network_name, None, flags)
     return build(args, checkpoint and str(checkpoint), read)
 
@@ -79,7 +79,8 @@ def feat(checkpoint: str = None, network_name: str = None, **flags):
 def encoder(checkpoint: str = None, network_name: str = None):
     """The encoder alone, (B, 3, 84, 84) -> (B, d): from pretrained weights (FEAT's files, pretrain.py's) or from a
     train.py checkpoint (its encoder's tensors), else freshly initialised."""
-    from harness.checkpoints import load_encoder_weights, resolve
+    from harness.checkpoints import load_encoder_weights
+    from harness.rebuild import resolve
     from networks import build_encoder
     network_name = resolve(checkpoint, 'protonet', network_name, None, {}, say=False)[0].network_name
     model = build_encoder(network_name)
@@ -94,6 +95,6 @@ def transform(checkpoint: str = None, normalization: str = None):
     normalised): with the normalisation ``checkpoint`` was trained with, else ``normalization`` (default
     imagenet)."""
     from dataloader import eval_transform
-    from harness.checkpoints import resolve
+    from harness.rebuild import resolve
     args = resolve(checkpoint, None, None, normalization, {})[0]
     return eval_transform(args.normalization)

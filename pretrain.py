@@ -32,9 +32,9 @@ from harness.evaluation import git_revision, mean_ci
 from base.files import check_file_name, trim_log
 from harness.outputs import check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
-                          interrupted_message, load_last, log_entry, open_tensorboard, save_last, weights_paths,
+                          interrupted_message, log_entry, open_tensorboard, save_last, weights_paths,
                           write_identity)
-from models import METRICS, prototype_logits, split_episode
+from models.protonet import METRICS, prototype_logits, split_episode
 from models.classifier import EncoderClassifier
 from dataloader import query_targets
 from networks import build_encoder
@@ -365,6 +365,7 @@ def pretrain(args, built: list) -> dict:
     built.append(run)
     p = run.progress
     if record is not None:
+        from harness.finding import load_last
         load_last(run, record)
         p.done = p.saved = record['epoch']
         p.best_accuracy, p.best_at = record['best_accuracy'], record['best_epoch']

@@ -20,7 +20,7 @@ from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_clea
 from harness.device import EvalOptions, autocast, grad_scaler, place_model, to_device
 from harness.evaluation import describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
 from base.files import check_output_folder, trim_log
-from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message, load_last,
+from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message,
                           log_entry, open_tensorboard, run_identity, run_name, run_paths, save_last,
                           start, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
@@ -149,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), identity,
               generators=generators)
     if record is not None:
+        from harness.finding import load_last
         load_last(run, record)
         run.progress = Progress(done=record['episode'], saved=record['episode'], best_accuracy=record['best_accuracy'],
                                 statistics=record['statistics'])

@@ -1,5 +1,4 @@
 """Weights: atomic saves, strict loading with one-line errors, and a model built from its flags and weights."""
-import contextlib
 import hashlib
 import io
 import os
@@ -251,61 +250,3 @@ def fitting_network(path: str, networks=NETWORKS) -> Optional[str]:
         except UserError:
             continue
     return None
-
-
-# ------------------------------------------------------------------ a model rebuilt from a checkpoint
-def checkpoint_args(checkpoint: str = None, model_name: str = None, network_name: str = None,
-                    normalization: str = None, **flags):
-    """train.py's flags of the model in ``checkpoint``, as it was trained (``harness.checkpoints.as_trained``: its
-    record's, a flag given here wins and is named; a file without a record gets the network its tensors fit);
-    ``flags``: the model's own (e.g. tau=2). No checkpoint: the defaults and the flags given. Every flag is checked
-    as the command line checks it (one UserError naming it)."""
-    return resolve(checkpoint, model_name, network_name, normalization, flags)[0]
-
-
-def resolve(checkpoint, model_name, network_name, normalization, flags, say: bool = True):
-    """(train.py's args, the checkpoint's (record, state dict) or None); ``say``: print as_trained's notes."""
-    from arguments import DOMAINS, MODEL_FLAGS, check_domains, parse_args
-    if checkpoint is not None and not (isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint)):
-        raise UserError(f'checkpoint {checkpoint!r}: expected the path of a checkpoint file (leave it out for a '
-                        f'freshly initialised model)')
-    checkpoint = None if checkpoint is None else str(checkpoint)
-    read = read_checkpoint(checkpoint) if checkpoint else None
-    config = read[0].get('config') if read and isinstance(read[0].get('config'), dict) else {}
-    model_name = model_name or config.get('model_name') or (model_of(read[1]) if read else 'glofa')
-    if model_name not in MODEL_FLAGS:
-        raise UserError(f'model_name {model_name!r}: expected one of {", ".join(MODEL_FLAGS)}')
-    unknown = [flag for flag in flags if flag not in MODEL_FLAGS[model_name]]
-    if unknown:
-        raise TypeError(f'{model_name} has no flag {unknown[0]} (its flags: {", ".join(MODEL_FLAGS[model_name])})')
-    given = {'network_name': network_name, 'normalization': normalization, **flags}
-    argv = ['--model_name', model_name, '--pretrained', 'none']
-    for flag, value in given.items():
-        if value is not None:
-            argv.append(f'--{flag}={value}')
-    if read and network_name is None and 'network_name' not in config:  # FEAT's files: the network they fit
-        network_name = fitting_network(checkpoint)
-        if network_name is None:
-            raise UserError(f'checkpoint {checkpoint} holds no encoder of a known network ({", ".join(NETWORKS)})')
-        argv += ['--network_name', network_name]
-    refusal = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(refusal):
-            args = parse_args(argv)
-    except SystemExit:  # argparse's refusal (a wrong type or choice), as one error naming the argument
-        raise UserError(refusal.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]) from None
-    check_domains(args, DOMAINS)
-    if read:
-        notes = as_trained(args, read[0], checkpoint)
-        for line in notes if say else ():
-            print(line)
-    return args, read
-
-
-def build(args, checkpoint: str = None, read: tuple = None):
-    """The model of train.py's ``args`` in eval mode: its weights from ``checkpoint`` (``read``: its record and
-    state dict, when read already), else its encoder's from --pretrained (none: fresh)."""
-    model = build_model(args, pretrained=checkpoint is None)
-    if checkpoint:
-        load_model_checkpoint(model, checkpoint, args, read)
-    return model.eval()

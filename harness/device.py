@@ -72,16 +72,6 @@ def random_states() -> dict:
             'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_random_states(states: dict) -> None:
-    """Restore what ``random_states`` returned (the CUDA states when the machine has as many devices)."""
-    random.setstate(states['python'])
-    kind, keys, *rest = states['numpy']  # a tensor key, or an array in states saved before
-    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
-    torch.set_rng_state(states['torch'])
-    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states['cuda'])
-
-
 def place_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     """Move the model to ``device``; several --devices wrap the encoder in DataParallel."""
     model.to(device)

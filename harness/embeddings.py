@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from dataloader import IMAGE_SIZE, data_loader, iterate
 from base.console import UserError, progress
+from harness.checkpoints import weights_digest
 from harness.device import EvalOptions, autocast, to_device
 from base.files import atomic_write
 from harness.outputs import write_json
@@ -177,3 +178,36 @@ def head_on_stored(model, features: torch.Tensor, draws, episodes, options: Eval
         values[done:done + len(indices)] = episode_values(logits, adaptation, targets).cpu().numpy()
         done += len(indices)
         bar.update(len(indices))
+
+
+def stored_features(args, checkpoint: Optional[str], dataset, options: EvalOptions) -> Optional[Callable]:
+    """With --feature_cache on and a checkpoint: what opens the store of the split's embeddings under
+    --save_dir/features, keyed by the weights as they were loaded; opened only if the cached way runs."""
+    if args.feature_cache != 'on' or not checkpoint:
+        return None
+    weights = weights_digest(checkpoint)
+
+    def open_store():
+        return feature_cache(args.save_dir, weights, lambda: {'split': dataset.split, 'content': content_digest(
+            dataset.files())}, args.normalization, args.network_name, options)
+    return open_store
+
+
+class SplitFeatures:
+    """A split's embeddings, encoded on first use and shared by several (N, K) settings; read from or written to
+    a store (``stored_features``) when given."""
+
+    def __init__(self, encoder: nn.Module, dataset, options: EvalOptions, store: Optional[Callable] = None):
+        self.encoder, self.dataset, self.options, self.store = encoder, dataset, options, store
+        self.features: Optional[torch.Tensor] = None
+        self.cache = None
+
+    def warning(self) -> Optional[str]:
+        """Why the embeddings could not be stored, if so: printed after the result."""
+        return self.cache.warning if self.cache is not None else None
+
+    def get(self) -> torch.Tensor:
+        if self.features is None:
+            self.cache = self.store() if self.store is not None else None
+            self.features = load_or_encode(self.encoder, self.dataset, self.options, self.cache)
+        return self.features

@@ -1,21 +1,19 @@
 """Few-shot evaluation: per-episode accuracies of a model on a split's episodes, and their report.
 
 Two ways give the same answers: 'episodic' encodes every episode's images, as the reference does; 'cached'
-encodes each image of the split once (``SplitFeatures``) and runs only the model's head, on many episodes at
+encodes each image of the split once (``harness.embeddings``, loaded when it runs) and runs only the model's head, on many episodes at
 once. ``split_episodes`` draws the episodes and chooses the way (--eval_mode), ``run_episodes`` evaluates them.
 """
 import math
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from dataloader import data_loader, episode_sampler, iterate
-from harness.checkpoints import weights_digest
 from base.console import UserError, exit_on_interrupt, progress
 from harness.device import EvalOptions, autocast, to_device
 from models import FewShotModel
@@ -67,41 +65,6 @@ class Episodes:
         return self.n_way * (self.n_shot + self.n_query)
 
 
-def stored_features(args, checkpoint: Optional[str], dataset, options: EvalOptions) -> Optional[Callable]:
-    """With --feature_cache on and a checkpoint: what opens the store of the split's embeddings under
-    --save_dir/features, keyed by the weights as they were loaded; opened only if the cached way runs."""
-    if args.feature_cache != 'on' or not checkpoint:
-        return None
-    weights = weights_digest(checkpoint)
-
-    def open_store():
-        from harness.embeddings import content_digest, feature_cache
-        return feature_cache(args.save_dir, weights, lambda: {'split': dataset.split, 'content': content_digest(
-            dataset.files())}, args.normalization, args.network_name, options)
-    return open_store
-
-
-class SplitFeatures:
-    """A split's embeddings, encoded on first use and shared by several (N, K) settings; read from or written to
-    a store (``stored_features``) when given."""
-
-    def __init__(self, encoder: nn.Module, dataset, options: EvalOptions, store: Optional[Callable] = None):
-        self.encoder, self.dataset, self.options, self.store = encoder, dataset, options, store
-        self.features: Optional[torch.Tensor] = None
-        self.cache = None
-
-    def warning(self) -> Optional[str]:
-        """Why the embeddings could not be stored, if so: printed after the result."""
-        return self.cache.warning if self.cache is not None else None
-
-    def get(self) -> torch.Tensor:
-        if self.features is None:
-            from harness.embeddings import load_or_encode
-            self.cache = self.store() if self.store is not None else None
-            self.features = load_or_encode(self.encoder, self.dataset, self.options, self.cache)
-        return self.features
-
-
 @dataclass
 class EpisodeResults:
     """What evaluation measured on each episode, in order."""
@@ -150,7 +113,7 @@ class EpisodeResults:
 
 @torch.no_grad()
 def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, options: EvalOptions,
-                 features: Optional[SplitFeatures] = None, desc: str = 'test') -> EpisodeResults:
+                 features=None, desc: str = 'test') -> EpisodeResults:
     """Per-episode accuracies and adaptor diagnostics, in eval mode. 'episodic' encodes each episode, as the
     reference does; 'cached' encodes the split once (or takes ``features``) and runs the head on many episodes at
     once. Same episodes, same answers up to rounding; the DropBlock counter advances once per episode either way.
@@ -163,12 +126,12 @@ def run_episodes(model: FewShotModel, dataset, episodes: Episodes, mode: str, op
     targets = query_targets(e.n_way, e.n_query, device)
     values = np.empty((e.n_episodes, 6))  # per episode: episode_values
     drawn = []  # every episode's indices, in order (episodic: recorded as the loader draws them)
-    if mode == 'cached':  # encoded before the episodes' progress bar starts
+    if mode == 'cached':  # encoded before the episodes' progress bar starts (harness.embeddings)
+        from harness.embeddings import SplitFeatures, head_on_stored
         cache = (features or SplitFeatures(model.encoder, dataset, options)).get()  # (len(dataset), d)
         advance_forward_count(model.encoder, e.n_episodes)  # one pass per episode, as the reference counts
     with progress(total=e.n_episodes, desc=desc, leave=False, unit='ep') as bar:
-        if mode == 'cached':  # the head on many episodes at once (harness.embeddings)
-            from harness.embeddings import head_on_stored
+        if mode == 'cached':  # the head on many episodes at once
             head_on_stored(model, cache, iter(sampler), e, options, targets, values, drawn, bar)
         else:
             loader = data_loader(dataset, options.n_workers, device.type == 'cuda',
@@ -235,15 +198,15 @@ def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShot
     """The test: each (N, K) setting on its own episodes drawn from --seed (so its line is the same alone or beside
     others), the split encoded once for all of them (and stored, ``stored_features``); lines printed as each ends,
     --json written at the end. ``after_interrupt``: what an interrupt leaves, said with it."""
-    options = EvalOptions.from_args(args, device)
-    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, checkpoint, dataset, options))
-    results = {}
+    options, features, results = EvalOptions.from_args(args, device), None, {}
     with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '
                                    f'{after_interrupt}'):
         for n, k in settings:
             drawn = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
                                    n, k)
             print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
+            features = features or (split_features(args, model, checkpoint, dataset, options) if drawn[1] == 'cached'
+                                    else None)  # encoded (or read) once for every setting evaluated the cached way
             results[n, k] = run_episodes(model, dataset, *drawn, options, features, desc=f'test {n}-way {k}-shot')
             print('\n'.join(result_lines(results[n, k], n, k, args.adaptor)))
     if len(settings) > 1:
@@ -255,12 +218,19 @@ def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShot
     return results
 
 
-def end_of_test(args, features: SplitFeatures, results: dict, **what) -> None:
+def split_features(args, model: FewShotModel, checkpoint: Optional[str], dataset, options: EvalOptions):
+    """The split's embeddings for the cached way, shared by every setting (harness.embeddings.SplitFeatures), stored
+    under --save_dir/features for ``checkpoint`` (``stored_features``)."""
+    from harness.embeddings import SplitFeatures, stored_features
+    return SplitFeatures(model.encoder, dataset, options, stored_features(args, checkpoint, dataset, options))
+
+
+def end_of_test(args, features, results: dict, **what) -> None:
     """What follows a test's results: the seed and revision, why the embeddings could not be stored (if so), and
     with --json the figures of ``results`` ({(N, K, metric or None): EpisodeResults}) beside ``what`` was tested."""
     revision = git_revision()
     print(f'seed {args.seed}, revision {revision}')
-    if features.warning():
+    if features is not None and features.warning():
         print(features.warning())
     if args.json:
         from harness.outputs import write_figures

@@ -1,11 +1,17 @@
-"""Finding runs by their flags: the other runs of the same data and model under --save_dir, what a run's saved
-state says, the checkpoint test.py evaluates, and the messages that list what is there when a run is not."""
+"""Finding runs again: by their flags (the other runs of the same data and model under --save_dir, what a run's
+saved state says, the checkpoint test.py evaluates, the messages that list what is there when a run is not), and a
+saved state resumed (``load_last``). Loaded when a run is not where its flags say, or is resumed."""
 import json
 import os
+import random
 
-from harness.checkpoints import read_file
+import numpy as np
+import torch
+
+from harness.checkpoints import check_config, load_strict, read_file
 from base.console import UserError
-from harness.runs import run_identity, run_name
+from harness.runs import Run, run_identity, run_name
+from networks import set_forward_count
 
 
 def other_runs(args, same: tuple = ('data', 'network_name', 'model_name')) -> list[tuple[str, dict]]:
@@ -122,3 +128,35 @@ def resume_elsewhere(args, paths) -> None:
     if changed:
         print(f'note: no run with these flags{changed}')
     print(f'no saved state {paths.last} yet: starting a new run')
+
+
+# ------------------------------------------------------------------ a saved state resumed
+def load_last(run: Run, record: dict) -> None:
+    """Restore what ``save_last`` wrote."""
+    path = run.paths.last
+    check_config(record, run.config, path)
+    load_strict(run.plain, record['state_dict'], path, 'resume state')
+    run.optimizer.load_state_dict(record['optimizer'])
+    run.scheduler.load_state_dict(record['scheduler'])
+    if run.scaler.is_enabled() and record.get('scaler'):
+        run.scaler.load_state_dict(record['scaler'])
+    for name, generator in run.generators.items():
+        generator.set_state(record['generators'][name])
+    set_forward_count(run.plain.encoder, int(record['forward_count']))
+    states = record['random_states']
+    if len(states) != run.world_size and run.rank == 0:
+        print(f'note: the state was saved by {len(states)} process(es) and is resumed on '
+              f'{run.world_size}: processes without a saved random state keep a fresh seed, so the '
+              f'continuation is not bit-identical to an uninterrupted run')
+    if run.rank < len(states):
+        set_random_states(states[run.rank])
+
+
+def set_random_states(states: dict) -> None:
+    """Restore what ``random_states`` returned (the CUDA states when the machine has as many devices)."""
+    random.setstate(states['python'])
+    kind, keys, *rest = states['numpy']  # a tensor key, or an array in states saved before
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states['cuda'])

@@ -10,11 +10,11 @@ import torch.nn as nn
 
 from arguments import MODEL_FLAGS
 from dataloader import data_sources
-from harness.checkpoints import weights_digest, atomic_save, check_config, load_strict, model_state_dict, read_file
+from harness.checkpoints import atomic_save, model_state_dict, read_file, weights_digest
 from base.console import NonFiniteLoss, UserError, interrupt_on_sigterm, on_failed_start, writing
-from harness.device import keep_freed_memory, random_states, select_device, set_random_states, set_seed
+from harness.device import keep_freed_memory, random_states, select_device, set_seed
 from base.files import append_log
-from networks import forward_count, set_forward_count
+from networks import forward_count
 
 
 def data_label(args) -> str:
@@ -284,27 +284,6 @@ def save_last(run: Run, finished: bool, **fields) -> None:
                      'forward_count': forward_count(run.plain.encoder), 'config': run.config, 'finished': finished,
                      **fields}, run.paths.last)
     run.progress.saved = run.progress.done
-
-
-def load_last(run: Run, record: dict) -> None:
-    """Restore what ``save_last`` wrote."""
-    path = run.paths.last
-    check_config(record, run.config, path)
-    load_strict(run.plain, record['state_dict'], path, 'resume state')
-    run.optimizer.load_state_dict(record['optimizer'])
-    run.scheduler.load_state_dict(record['scheduler'])
-    if run.scaler.is_enabled() and record.get('scaler'):
-        run.scaler.load_state_dict(record['scaler'])
-    for name, generator in run.generators.items():
-        generator.set_state(record['generators'][name])
-    set_forward_count(run.plain.encoder, int(record['forward_count']))
-    states = record['random_states']
-    if len(states) != run.world_size and run.rank == 0:
-        print(f'note: the state was saved by {len(states)} process(es) and is resumed on '
-              f'{run.world_size}: processes without a saved random state keep a fresh seed, so the '
-              f'continuation is not bit-identical to an uninterrupted run')
-    if run.rank < len(states):
-        set_random_states(states[run.rank])
 
 
 def start(args, check: Callable) -> torch.device:

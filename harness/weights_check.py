@@ -7,8 +7,7 @@ import torch
 from harness.checkpoints import build_model
 from harness.device import place_model
 from harness.device import EvalOptions
-from harness.evaluation import (SplitFeatures, end_of_test, result_lines, run_episodes, split_episodes,
-                                stored_features)
+from harness.evaluation import end_of_test, result_lines, run_episodes, split_episodes, split_features
 from arguments import with_setting
 
 
@@ -42,7 +41,7 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     model = place_model(build_model(with_setting(args, *settings[0])), args, device)
     options = EvalOptions.from_args(args, device)
     weights = None if args.pretrained.lower() == 'none' else args.pretrained
-    features = SplitFeatures(model.encoder, dataset, options, stored_features(args, weights, dataset, options))
+    features = split_features(args, model, weights, dataset, options)  # one encoding for both metrics
     untrained = args.pretrained.lower() == 'none'
     if untrained:
         print(f'ProtoNet on an untrained {args.network_name} encoder (random initialisation, seed {args.seed}), no '

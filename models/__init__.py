@@ -36,10 +36,8 @@ class FewShotModel(nn.Module):
         return self.encoder(images)
 
     def episode(self, features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, Optional[tuple]]:
-        """features (..., N*(K+Q), d) -> (logits (..., N*Q, N), the head's per-task adaptation or None). By
-        default (ProtoNet, FEAT): ``head`` on the prototypes, each the mean of its class's K support embeddings."""
-        _, query, prototypes = split_episode(features, n_way, n_shot)
-        return self.head(prototypes, query), None
+        """features (..., N*(K+Q), d) -> (logits (..., N*Q, N), the head's per-task adaptation or None)."""
+        raise NotImplementedError
 
     def auxiliary_loss(self, features: torch.Tensor, n_way: int, n_shot: int) -> Optional[torch.Tensor]:
         """Training only: a term added to the cross-entropy (features (N*(K+Q), d)); None when there is none."""
@@ -58,33 +56,8 @@ class FewShotModel(nn.Module):
         return self.uneven_logits(sets, query)
 
     def uneven_logits(self, sets: list[torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
-        """Classes of different sizes: by default the head on the prototypes, each the mean of its class's set."""
-        return self.head(torch.stack([s.mean(dim=0) for s in sets]), query), None
-
-    def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """prototypes (..., N, d), query (..., M, d) -> logits (..., M, N), for a model that works on prototypes."""
+        """Classes of different sizes (N sets (K_n, d)): (logits (M, N), the adaptation)."""
         raise NotImplementedError
-
-
-def split_episode(features: torch.Tensor, n_way: int, n_shot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """features (..., N*(K+Q), d) -> support (..., N*K, d), query (..., N*Q, d), prototypes (..., N, d):
-    the mean of each class's K support embeddings."""
-    support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]
-    return support, query, support.unflatten(-2, (n_shot, n_way)).mean(dim=-3)
-
-
-def prototype_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
-    """query (..., M, d), prototypes (..., N, d) -> (..., M, N).
-    'euclidean': -||q - p_n||^2 / temperature; 'cosine': <q, p_n / ||p_n||> / temperature (q as it is)."""
-    if metric == 'cosine':
-        return query @ nn.functional.normalize(prototypes, dim=-1).transpose(-1, -2) / temperature
-    # ||q||^2 - 2 <q, p> + ||p||^2: no (M, N, d) difference tensor, so many episodes fit at once
-    distances = (query.pow(2).sum(-1, keepdim=True) - 2 * query @ prototypes.transpose(-1, -2)
-                 + prototypes.pow(2).sum(-1).unsqueeze(-2))
-    return -distances / temperature
-
-
-METRICS = ('euclidean', 'cosine')
 
 
 def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:

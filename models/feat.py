@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import METRICS, FewShotModel, prototype_logits
+from models.protonet import ProtoNet, prototype_logits
 
 
 class SelfAttention(nn.Module):
@@ -49,15 +49,12 @@ def feat_regulariser(args, n_shot: int) -> tuple[float, float]:
             args.balance if args.balance is not None else (0.01 if one_shot else 0.1))
 
 
-class FEAT(FewShotModel):
+class FEAT(ProtoNet):
     def __init__(self, encoder: nn.Module, feature_dim: int, metric: str = 'euclidean', temperature: float = 64.0,
                  temperature2: float = 64.0, balance: float = 0.01):
-        super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
-        self.encoder = encoder
+        super().__init__(encoder, metric, temperature)
         self.slf_attn = SelfAttention(feature_dim)
-        self.metric, self.temperature, self.temperature2, self.balance = metric, temperature, temperature2, balance
+        self.temperature2, self.balance = temperature2, balance
 
     def head(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         adapted = self.slf_attn(prototypes)  # (..., N, d): the task's prototypes, one sequence

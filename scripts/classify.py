@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from harness.checkpoints import build, checkpoint_args  # noqa: E402
+from harness.rebuild import build, resolve  # noqa: E402
 from dataloader import NORMALIZATIONS, eval_transform, to_rgb, too_large  # noqa: E402
 from harness.embeddings import content_digest, feature_cache  # noqa: E402
 from harness.device import EvalOptions  # noqa: E402
@@ -142,7 +142,7 @@ def query_files(paths: list[str], notes: list) -> list[str]:
 
 # ------------------------------------------------------------------ the model
 def model_args(opts) -> tuple[object, Optional[str]]:
-    """train.py's flags of the model that classifies (from the checkpoint's record, ``hubconf.checkpoint_args``),
+    """train.py's flags of the model that classifies (from the checkpoint's record, ``harness.rebuild.resolve``),
     and the checkpoint's path (None: the encoder of --pretrained alone)."""
     if opts.pretrained and opts.pretrained.lower() == 'none':
         raise UserError('--pretrained none: this script classifies with trained weights; give --pretrained FILE '
@@ -155,7 +155,7 @@ def model_args(opts) -> tuple[object, Optional[str]]:
                            opts.metric or 'euclidean', '--network_name', opts.network_name or 'resnet']), None
     if not opts.model_path:
         raise UserError('give --model_path RUN.model (a trained run) or --pretrained FILE --model_name protonet')
-    return checkpoint_args(opts.model_path, opts.model_name, opts.network_name, opts.normalization), opts.model_path
+    return resolve(opts.model_path, opts.model_name, opts.network_name, opts.normalization)[0], opts.model_path
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from harness.checkpoints import load_model_checkpoint  # noqa: E402
 from dataloader import (NORMALIZATIONS, SPLITS, episode_sampler,  # noqa: E402
                         eval_transform, open_split)
 from harness.device import EvalOptions  # noqa: E402
-from harness.evaluation import stored_features  # noqa: E402
+from harness.embeddings import stored_features  # noqa: E402
 from models.glofa import Adaptation  # noqa: E402
 from base.console import UserError, exits_cleanly  # noqa: E402
 from harness.device import select_device  # noqa: E402

@@ -50,7 +50,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from harness import checkpoints, distributed, stages  # noqa: E402
-import train  # noqa: E402
 from arguments import DEFAULT_WORKERS, parse_args  # noqa: E402
 from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
 from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
@@ -60,7 +59,8 @@ from harness.demo import write_colour_dataset, write_split  # noqa: E402
 from tests.small_data import PICKLED_FORMS, write_pickled_split, write_tiered_split  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
 from harness.device import EvalOptions  # noqa: E402
-from harness.evaluation import (Episodes, SplitFeatures, accuracy_line, choose_eval_mode, run_episodes)  # noqa: E402
+from harness.embeddings import SplitFeatures  # noqa: E402
+from harness.evaluation import Episodes, accuracy_line, choose_eval_mode, run_episodes  # noqa: E402
 from models.classifier import EncoderClassifier  # noqa: E402
 from dataloader import query_targets  # noqa: E402
 from models.glofa import GLoFA  # noqa: E402
