@@ -10,18 +10,16 @@ import pytest
 import benchmark  # from scripts/ (pytest.ini puts it on the path)
 
 TINY = ['--device', 'cpu', '--n_workers', '0', '--loader_episodes', '2', '--train_episodes', '1',
-        '--head_episodes', '8', '--full_episodes', '20', '--images', '40', '--reads', '10', '--workers', '1',
-        '--contexts', 'fork', '--forms', 'metaoptnet', '--episodes', '4', '--batch_size', '8', '--steps', '1',
-        '--warmup', '0']
+        '--head_episodes', '8', '--full_episodes', '20', '--episodes', '4', '--steps', '1', '--warmup', '0']
 
 
-def test_every_section_but_the_slow_starts_runs_into_one_table_and_json(tmp_path, capsys):
+def test_every_quick_section_runs_into_one_table_and_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    rows = benchmark.main(['evaluation', 'head', 'loading', 'training', 'formats', 'settings', *TINY,
+    rows = benchmark.main(['evaluation', 'head', 'loading', 'training', 'settings', *TINY,
                            '--work_dir', str(tmp_path), '--json', str(out)])
     saved = json.loads(out.read_text())['rows']
     assert [row['section'] for row in saved] == [row.section for row in rows]
-    assert {row.section for row in rows} == {'evaluation', 'head', 'loading', 'training', 'formats', 'settings'}
+    assert {row.section for row in rows} == {'evaluation', 'head', 'loading', 'training', 'settings'}
     for row in rows:
         assert row.a_value > 0 and (row.b_value is None or row.b_value > 0), row
         assert row.same is not False, row  # cached = episodic, batched = one at a time, lines alike
@@ -29,20 +27,6 @@ def test_every_section_but_the_slow_starts_runs_into_one_table_and_json(tmp_path
     assert '67 episodes over 80 images' in evaluation.what and evaluation.same  # 10000 * 80 / 12000
     printed = capsys.readouterr().out
     assert sum(line.startswith('| ') for line in printed.splitlines()) == len(rows) + 1  # the header, then a row each
-
-
-def test_the_pretrain_section_runs_one_process_and_torchrun(tmp_path, capsys):
-    (row,) = benchmark.main(['pretrain', *TINY, '--work_dir', str(tmp_path)])
-    assert row.section == 'pretrain' and row.a_value > 0 and row.b_value > 0 and '2 processes' in row.b
-
-
-def test_the_pickled_section_converts_and_starts_every_form(tmp_path, capsys, monkeypatch):
-    started = []  # train.py --flag_debug itself is run by the command-line tests; here, which data it is given
-    monkeypatch.setattr(benchmark, 'debug_start', lambda data, saves: started.append(data) or 1.0)
-    rows = benchmark.main(['pickled', *TINY, '--forms', 'metaoptnet', 'tiered_png', '--work_dir', str(tmp_path)])
-    assert [os.path.basename(path) for path in started] == ['metaoptnet'] * 2 + ['tiered_png'] * 2 + ['folder']
-    disk = [row for row in rows if 'on disk' in row.what]
-    assert len(disk) == 2 and all(row.a_value > 0 and row.b_value > 0 for row in disk)
 
 
 def test_the_cache_section_times_three_calls_with_the_same_accuracies(tmp_path, capsys):

@@ -10,12 +10,6 @@ Sections (none named: the quick set, evaluation loading training settings):
   loading     training episodes per second from the loader, 0 workers vs --n_workers
   training    seconds per training episode: with the loader vs the model alone (one episode in memory);
               plain vs --channels_last, and plain vs --amp on CUDA
-  formats     per-image read cost, JPEG folder vs memory-mapped tiered npz; loader memory of --workers
-              workers reading every image, memory map vs np.load, with fork and spawn workers
-  pickled     each pickled form of the images of --data_path (a folder-form dataset; default a small
-              generated one): the one-time conversion and disk use, and train.py --flag_debug's first
-              start (converting) vs a later one (mapped); the folder form beside them
-  pretrain    seconds per pretraining step (batch in memory), one process vs --processes under torchrun
   allocator   seconds and page faults per training step (one episode's images in memory, the CPU), with glibc's
               default allocator vs utils.keep_freed_memory as the entry points set it (the weights bit for bit)
   settings    test.py's choices: 3 episodes auto vs the whole split cached; --K 1 5 in one command vs
@@ -27,36 +21,27 @@ Every row is | section | what | A | B | A / B | same results |; --json writes th
 in the real on-disk formats under --work_dir (a temporary folder by default). Speed is never asserted.
 """
 import argparse
-import glob
 import hashlib
 import json
 import os
-import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from harness import checkpoints, distributed, stages  # noqa: E402
+from harness import checkpoints  # noqa: E402
 from arguments import DEFAULT_WORKERS, parse_args  # noqa: E402
-from pretrain import build_optimizer, classification_loss, parse_pretrain_args  # noqa: E402
-from dataloader import (SPLITS, FewShotDataset, eval_transform, generate_data_loader, open_split,
-                        train_transform)  # noqa: E402
-from data.forms import CONVERTED, TieredDataset, convert_split  # noqa: E402
-from harness.demo import write_colour_dataset, write_split  # noqa: E402
-from tests.small_data import PICKLED_FORMS, write_pickled_split, write_tiered_split  # noqa: E402
+from dataloader import FewShotDataset, eval_transform, generate_data_loader, open_split, train_transform  # noqa: E402
+from harness.demo import write_colour_dataset  # noqa: E402
 from harness.embeddings import content_digest, episode_batch_size  # noqa: E402
 from harness.device import EvalOptions  # noqa: E402
 from harness.embeddings import SplitFeatures  # noqa: E402
@@ -67,7 +52,7 @@ from models.glofa import GLoFA  # noqa: E402
 from networks import build_encoder  # noqa: E402
 from harness.checkpoints import atomic_save, model_state_dict  # noqa: E402
 from base.console import exits_cleanly  # noqa: E402
-from harness.device import autocast, keep_freed_memory, place_model, select_device  # noqa: E402
+from harness.device import autocast, keep_freed_memory, place_model  # noqa: E402
 from harness.outputs import check_output, write_json  # noqa: E402
 
 
@@ -97,7 +82,6 @@ def backward_and_step(loss, optimizer) -> None:
 FULL_IMAGES, FULL_EPISODES = 12000, 10000  # mini-ImageNet's test split and the reference protocol
 MIB, GIB = 2 ** 20, 2 ** 30
 QUICK = ['evaluation', 'loading', 'training', 'settings']
-RESULT = 'RESULT '  # how a torchrun worker of the pretrain section reports
 
 
 @dataclass
@@ -247,170 +231,6 @@ def training(opts, device: torch.device, work: str) -> list[Row]:
     return rows
 
 
-# ------------------------------------------------------------------ formats: JPEG folder vs memory-mapped npz
-def smooth_images(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 84, 84, 3) uint8 smooth colour fields plus a little noise: closer to photographs than noise."""
-    rng, images = np.random.default_rng(seed), []
-    for _ in range(n):
-        low = Image.fromarray(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)).resize((84, 84), Image.Resampling.BICUBIC)
-        images.append(np.clip(np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (84, 84, 3)), 0, 255))
-    return np.stack(images).astype(np.uint8)
-
-
-class NaiveTiered(TieredDataset):
-    """What a reader without memory-mapping does: np.load the whole array into memory."""
-
-    def __init__(self, root: str, split: str, transform=None):
-        super().__init__(root, split, transform)
-        with np.load(self.images_path) as archive:
-            self.array = archive['images']
-
-    def load_image(self, i: int) -> Image.Image:
-        return Image.fromarray(self.array[i])
-
-
-def memory(pid: int) -> dict:
-    """Pss, Pss_Anon and Pss_File of a process in bytes (zeros once it is gone)."""
-    out = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)
-    try:
-        with open(f'/proc/{pid}/smaps_rollup') as f:
-            for line in f:
-                key, _, rest = line.partition(':')
-                if key in out:
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def workers_peak(dataset, workers: int, context: str) -> dict:
-    """Peak summed memory of the loader's workers while they read every image once."""
-    from torch.utils.data import DataLoader
-    from data.workers import ignore_interrupts
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, multiprocessing_context=context,
-                        worker_init_fn=ignore_interrupts)
-    peak = dict.fromkeys(('Pss', 'Pss_Anon', 'Pss_File'), 0)
-    for b, _ in enumerate(loader):
-        if b % 10 == 0 or b == len(loader) - 1:
-            pids = [int(p) for path in glob.glob(f'/proc/{os.getpid()}/task/*/children') for p in open(path).read().split()]
-            sums = [memory(pid) for pid in pids]
-            peak = {k: max(v, sum(s[k] for s in sums)) for k, v in peak.items()}
-    return peak
-
-
-def formats(opts, device: torch.device, work: str) -> list[Row]:
-    array, labels = smooth_images(opts.images), np.arange(opts.images) % 100
-    folder, tiered = os.path.join(work, 'jpeg'), os.path.join(work, 'tiered')
-    write_split(folder, 'train', ((f'{i:08d}.jpg', f'c{labels[i]:04d}', image) for i, image in enumerate(array)))
-    write_tiered_split(tiered, 'train', labels, array)
-    jpeg, mapped = (open_split(root, 'train', eval_transform()) for root in (folder, tiered))
-    indices = torch.randperm(opts.images, generator=torch.Generator().manual_seed(0))[:opts.reads].tolist()
-    ms = {}
-    for name, fn in (('load', lambda d: d.load_image), ('item', lambda d: d.__getitem__)):
-        for dataset in (jpeg, mapped):
-            [fn(dataset)(i) for i in indices[:50]]  # warm page cache
-            ms[(name, dataset)] = 1000 * timed(lambda: [fn(dataset)(i) for i in indices])[0] / len(indices)
-    rows = [Row('formats', f'{what}, {len(indices)} random 84 x 84 images, warm page cache', 'JPEG folder',
-                ms[(name, jpeg)], 'tiered memmap', ms[(name, mapped)], 'ms')
-            for name, what in (('load', 'raw read (load_image)'), ('item', 'item with the eval transform'))]
-    warnings.filterwarnings('ignore', message='This DataLoader will create')  # more workers than cores, on purpose
-    for context in (opts.contexts if opts.workers else []):
-        peaks = [workers_peak(cls(tiered, 'train', eval_transform()), opts.workers, context)
-                 for cls in (NaiveTiered, TieredDataset)]
-        for key, what in (('Pss', 'all'), ('Pss_Anon', 'private'), ('Pss_File', 'page cache')):
-            rows.append(Row('formats', f'loader memory, {opts.workers} {context} workers reading {opts.images} '
-                            f'images: peak PSS, {what}', 'np.load', peaks[0][key] / MIB, 'memory map',
-                            peaks[1][key] / MIB, 'MiB'))
-    rows.append(Row('formats', 'bytes a worker receives (the pickled dataset)', 'np.load',
-                    len(pickle.dumps(NaiveTiered(tiered, 'train'))) / 1024, 'memory map',
-                    len(pickle.dumps(TieredDataset(tiered, 'train'))) / 1024, 'KiB'))
-    return rows
-
-
-# ------------------------------------------------------------------ pickled forms
-def disk(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def debug_start(data: str, saves: str) -> float:
-    """Seconds of train.py --flag_debug on Conv-4 from scratch, in its own process."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--flag_debug', '--network_name', 'convnet',
-                    '--pretrained', 'none', '--data_path', data, '--save_dir', saves, '--overwrite', '--n_workers',
-                    str(DEFAULT_WORKERS)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def pickled(opts, device: torch.device, work: str) -> list[Row]:
-    data = opts.data_path or write_colour_dataset(os.path.join(work, 'folder'), (5, 5, 5), 16, (84, 84))
-    saves, splits, rows = os.path.join(work, 'saves'), {split: open_split(data, split) for split in SPLITS}, []
-    for form in opts.forms:
-        root, first = os.path.join(work, form), 0
-        for split, dataset in splits.items():
-            images = np.stack([np.asarray(dataset.load_image(i)) for i in range(len(dataset))])
-            write_pickled_split(root, form, split, images, [dataset.class_names[c] for c in dataset.labels], first)
-            first += len(dataset.class_names)
-        conversion, _ = timed(lambda: [convert_split(root, split) for split in SPLITS])
-        converted = disk(os.path.join(root, CONVERTED))
-        shutil.rmtree(os.path.join(root, CONVERTED))
-        rows += [Row('pickled', f'{form}: the one-time conversion of the three splits', 'conversion', conversion),
-                 Row('pickled', f'{form}: on disk', 'pickles', (disk(root)) / GIB, 'converted arrays', converted / GIB,
-                     'GiB'),
-                 Row('pickled', f'{form}: train.py --flag_debug', 'first start (converts)', debug_start(root, saves),
-                     'later start (maps)', debug_start(root, saves))]
-    rows.append(Row('pickled', 'folder of JPEGs: train.py --flag_debug', 'a start', debug_start(data, saves)))
-    return rows
-
-
-# ------------------------------------------------------------------ pretraining, one process vs several
-def pretrain_worker(opts) -> None:
-    """One pretraining step (loss, backward, optimiser step) on this process's share of a batch in memory,
-    timed; rank 0 prints the result as JSON."""
-    device = distributed.setup(select_device(opts.device if opts.device != 'all' else 'auto', [0]))
-    args = parse_pretrain_args(['--network_name', opts.network])  # the network's default optimiser
-    torch.manual_seed(distributed.rank())
-    model = distributed.wrap(EncoderClassifier(build_encoder(opts.network), 64).to(device), device)
-    optimizer = build_optimizer(args.optimizer, distributed.unwrap(model).parameters(), args.lr, args.wd)
-    share = opts.batch_size // distributed.world_size()
-    images, labels = torch.randn(share, 3, 84, 84, device=device), torch.randint(64, (share,), device=device)
-
-    def steps(n: int) -> float:
-        return timed(lambda: [backward_and_step(classification_loss(model, images, labels)[0], optimizer)
-                              for _ in range(n)], device)[0]
-    steps(opts.warmup)
-    seconds = steps(opts.steps) / opts.steps
-    if distributed.is_main_process():
-        print(RESULT + json.dumps({'s_per_step': seconds, 'threads': torch.get_num_threads()}), flush=True)
-    distributed.cleanup()
-
-
-def worker_result(command: list[str], section: str, env: Optional[dict] = None) -> dict:
-    """Run this script as a worker of ``section`` (or torchrun around it) and return what it reported."""
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f'a worker of the {section} section failed:\n{done.stderr[-2000:]}')
-    return json.loads(lines[0][len(RESULT):])
-
-
-def pretrain(opts, device: torch.device, work: str) -> list[Row]:
-    figures = {}
-    for processes in (1, opts.processes):
-        command = [os.path.abspath(__file__), '--pretrain_worker', '--network', opts.network, '--batch_size',
-                   str(opts.batch_size), '--steps', str(opts.steps), '--warmup', str(opts.warmup), '--device',
-                   device.type]
-        env = dict(os.environ)
-        if processes > 1:
-            command = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), *command]
-            env['OMP_NUM_THREADS'] = str(stages.threads_per_job(processes))
-        figures[processes] = worker_result(command, f'pretrain ({processes} process(es))', env)
-    one, several = figures[1], figures[opts.processes]
-    return [Row('pretrain', f'{device.type} {opts.network}, seconds per step of {opts.batch_size} images (100 epochs '
-                f'of 300 steps, 1 process: {one["s_per_step"] * 30000 / 3600:.1f} h)',
-                f'1 process ({one["threads"]} threads)', one['s_per_step'],
-                f'{opts.processes} processes ({several["threads"]} thread(s) each)', several['s_per_step'])]
-
-
 # ------------------------------------------------------------------ allocator: glibc's default vs kept freed memory
 def allocator_worker(opts) -> None:
     """Training steps of the encoder and a classifier on one episode's images in memory, with the C allocator
@@ -426,7 +246,7 @@ def allocator_worker(opts) -> None:
     labels = torch.randint(64, (len(images),))
 
     def step() -> None:
-        backward_and_step(classification_loss(model, images, labels)[0], optimizer)
+        backward_and_step(torch.nn.functional.cross_entropy(model(images), labels), optimizer)
     for _ in range(opts.warmup):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -434,6 +254,18 @@ def allocator_worker(opts) -> None:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / opts.steps
     digest = hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     print(RESULT + json.dumps({'s_per_step': seconds, 'faults_per_step': faults, 'digest': digest}), flush=True)
+
+
+RESULT = 'RESULT '  # how the allocator section's worker process reports
+
+
+def worker_result(command: list[str], section: str) -> dict:
+    """Run this script as a worker of ``section`` and return what it reported."""
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f'a worker of the {section} section failed:\n{done.stderr[-2000:]}')
+    return json.loads(lines[0][len(RESULT):])
 
 
 def allocator(opts, device: torch.device, work: str) -> list[Row]:
@@ -521,9 +353,9 @@ def cache(opts, device: torch.device, work: str) -> list[Row]:
                 'by sizes and times (the former key)', by_times)]
 
 
-SECTIONS = {'evaluation': evaluation, 'head': head, 'loading': loading, 'training': training, 'formats': formats,
-            'pickled': pickled, 'pretrain': pretrain, 'allocator': allocator, 'settings': settings, 'cache': cache}
-PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'pretrain', 'cache')  # the others time CPU work
+SECTIONS = {'evaluation': evaluation, 'head': head, 'loading': loading, 'training': training, 'allocator': allocator,
+            'settings': settings, 'cache': cache}
+PER_DEVICE = ('evaluation', 'head', 'loading', 'training', 'cache')  # the others time CPU work
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -542,22 +374,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--head_episodes', type=int, default=1000, help='head: episodes timed one at a time and batched')
     p.add_argument('--head_batch', type=int, default=0, help='head: episodes at once (default: chosen by memory)')
     p.add_argument('--full_episodes', type=int, default=10000, help='head: episodes of the whole cached test')
-    p.add_argument('--images', type=int, default=20000, help='formats: images written in both layouts')
-    p.add_argument('--reads', type=int, default=2000, help='formats: random images read per layout')
-    p.add_argument('--workers', type=int, default=8, help='formats: loader workers for the memory figures (0: none)')
-    p.add_argument('--contexts', nargs='+', default=['fork', 'spawn'], choices=['fork', 'spawn', 'forkserver'],
-                   help='formats: how the workers are started')
-    p.add_argument('--data_path', default=None, help='pickled, settings: a folder-form dataset (default: generated)')
-    p.add_argument('--forms', nargs='+', default=list(PICKLED_FORMS), choices=list(PICKLED_FORMS), help='pickled: forms')
-    p.add_argument('--processes', type=int, default=2, help='pretrain: processes of the torchrun way')
-    p.add_argument('--batch_size', type=int, default=128, help="pretrain: images a step over all processes")
-    p.add_argument('--steps', type=int, default=3, help='pretrain, allocator: timed steps')
-    p.add_argument('--warmup', type=int, default=1, help='pretrain, allocator: untimed steps first')
+    p.add_argument('--data_path', default=None, help='settings, cache: a folder-form dataset (default: generated)')
+    p.add_argument('--steps', type=int, default=3, help='allocator: timed steps')
+    p.add_argument('--warmup', type=int, default=1, help='allocator: untimed steps first')
     p.add_argument('--episodes', type=int, default=2000, help='settings: episodes of each setting')
     p.add_argument('--cache_episodes', type=int, default=10000, help="cache: test.py's --n_testing_episodes")
     p.add_argument('--work_dir', default=None, help='where data is written (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
-    p.add_argument('--pretrain_worker', action='store_true', help=argparse.SUPPRESS)  # what the pretrain section runs
     p.add_argument('--allocator_worker', choices=['default', 'kept'], help=argparse.SUPPRESS)  # the allocator section's
     return p
 
@@ -588,8 +411,6 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if opts.allocator_worker:
         return allocator_worker(opts)
     keep_freed_memory()  # as train.py, test.py and pretrain.py do
-    if opts.pretrain_worker:
-        return pretrain_worker(opts)
     if opts.json:
         check_output(opts.json, '--json', formats=['.json'])
     rows = run_sections(opts, opts.sections or QUICK)
