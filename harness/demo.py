@@ -7,8 +7,8 @@ Layout written under ``root``::
     split/{train,val,test}.csv             header ``filename,label``
     .demo_complete                         JSON of the generation parameters
 
-Two datasets: the coarse demo (``generate_demo_dataset``, datasets/demo) and a fine-grained
-sibling (``generate_fine_dataset``, datasets/demo_fine); ``--demo mixed`` trains on both.
+Two datasets, both by ``generate_demo_dataset``: the coarse demo (datasets/demo) and a fine-grained
+sibling (``kind='fine'``, datasets/demo_fine); ``--demo mixed`` trains on both.
 
 Every class is a combination of a background *texture* covering the whole
 image (horizontal, vertical or diagonal stripes, checks or dots, each at two
@@ -30,7 +30,6 @@ survives the training augmentation: RandomResizedCrop can crop away a small mark
 count of objects, and ColorJitter changes brightness, contrast and saturation but not hue.
 Families (texture, shape, band of hues) are never shared between splits.
 """
-import argparse
 import colorsys
 import csv
 import json
@@ -38,7 +37,7 @@ import math
 import os
 import re
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -292,18 +291,6 @@ def write_colour_dataset(root: str, classes_per_split: Sequence[int] = (4, 3, 3)
 
 
 # ------------------------------------------------------------------ the demo
-def _params(seed: int, images_per_class: int, image_size: int) -> dict:
-    return {'format': _FORMAT_VERSION, 'seed': int(seed), 'images_per_class': int(images_per_class),
-            'image_size': int(image_size), 'splits': dict(DEMO_SPLITS)}
-
-
-def _fine_params(seed: int, images_per_class: int, image_size: int) -> dict:
-    return {'kind': 'fine', 'format': _FINE_FORMAT_VERSION, 'seed': int(seed),
-            'images_per_class': int(images_per_class), 'image_size': int(image_size),
-            'families': dict(FINE_SPLITS), 'family_size': FINE_FAMILY_SIZE, 'hue_step': FINE_HUE_STEP,
-            'hue_jitter': FINE_HUE_JITTER}
-
-
 def demo_owns(root: str) -> bool:
     """Whether the demo may write into ``root``: it is missing or empty, or it carries the demo's marker
     (written before anything else, so an interrupted generation is still the demo's)."""
@@ -399,59 +386,23 @@ def _hold(f) -> None:
     fcntl.flock(f, fcntl.LOCK_EX)
 
 
-def _check_sizes(images_per_class: int, image_size: int) -> None:
-    if images_per_class < 1:
-        raise ValueError('images_per_class must be >= 1')
-    if image_size < 16:
-        raise ValueError('image_size must be >= 16')
-
-
-def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50,
-                          image_size: int = 84, force: bool = False, verbose: bool = True) -> str:
-    """Write the demo dataset under ``root`` (mini-ImageNet layout) and return ``root``.
-
-    Returns at once when ``root`` already holds a completed dataset made with the
-    same parameters, unless ``force``.  Output is byte-identical for a given seed.
-    """
-    _check_sizes(images_per_class, image_size)
-    return _write_dataset(root, _design_classes(seed), _params(seed, images_per_class, image_size), _FILE_RE,
-                          1, force, 'demo data', verbose)
-
-
-def generate_fine_dataset(root: str, seed: int = 0, images_per_class: int = 50,
-                          image_size: int = 84, force: bool = False, verbose: bool = True) -> str:
-    """Write the fine-grained demo dataset under ``root`` (mini-ImageNet layout) and return ``root``:
-    families of FINE_FAMILY_SIZE classes that differ only in the objects' hue (20 / 10 / 10 classes).
-    Deterministic and idempotent like ``generate_demo_dataset``; its labels start with ``n8``."""
-    _check_sizes(images_per_class, image_size)
-    return _write_dataset(root, _design_fine_classes(seed), _fine_params(seed, images_per_class, image_size),
-                          _FINE_FILE_RE, 2, force, 'fine-grained demo data', verbose)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Generate the procedural demo dataset.')
-    parser.add_argument('--kind', choices=['coarse', 'fine', 'mini_scale'], default='coarse',
-                        help='coarse: the demo of --demo; fine: the fine-grained sibling --demo mixed adds; mini_scale: '
-                             "60000 84 x 84 images of coloured noise in mini-ImageNet's layout (64 / 16 / 20 classes of "
-                             '600), for trying a feature at full scale (--root is required)')
-    parser.add_argument('--root', default=None, help='default: datasets/demo, or datasets/demo_fine with --kind fine')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--images-per-class', type=int, default=50)
-    parser.add_argument('--force', action='store_true')
-    args = parser.parse_args(argv)
-    if args.kind == 'mini_scale':
-        if not args.root:
-            parser.error('--kind mini_scale needs --root DIR')
-        start = time.time()
-        write_colour_dataset(args.root, (64, 16, 20), 600, (84, 84), args.seed)
-        print(f'wrote 100 classes, 60000 images to {args.root} in {time.time() - start:.1f} s')
-        return
-    generate = generate_fine_dataset if args.kind == 'fine' else generate_demo_dataset
-    root = args.root or os.path.join('datasets', 'demo_fine' if args.kind == 'fine' else 'demo')
-    try:
-        generate(root, seed=args.seed, images_per_class=args.images_per_class, force=args.force)
-    except (ValueError, OSError) as error:
-        parser.exit(2, f'error: {error}\n')
+def generate_demo_dataset(root: str, seed: int = 0, images_per_class: int = 50, image_size: int = 84,
+                          force: bool = False, verbose: bool = True, kind: str = 'coarse') -> str:
+    """Write the demo dataset under ``root`` (mini-ImageNet layout) and return ``root``: the coarse demo, or with
+    ``kind='fine'`` its fine-grained sibling (families of FINE_FAMILY_SIZE classes that differ only in the objects'
+    hue, 20 / 10 / 10 classes, labels starting with ``n8``). Returns at once when ``root`` already holds a completed
+    dataset made with the same parameters, unless ``force``. Output is byte-identical for a given seed."""
+    if images_per_class < 1 or image_size < 16:
+        raise ValueError('images_per_class must be >= 1 and image_size >= 16')
+    params = {'format': _FORMAT_VERSION, 'seed': int(seed), 'images_per_class': int(images_per_class),
+              'image_size': int(image_size)}
+    if kind == 'coarse':
+        return _write_dataset(root, _design_classes(seed), {**params, 'splits': dict(DEMO_SPLITS)}, _FILE_RE, 1, force,
+                              'demo data', verbose)
+    params.update(kind='fine', format=_FINE_FORMAT_VERSION, families=dict(FINE_SPLITS), family_size=FINE_FAMILY_SIZE,
+                  hue_step=FINE_HUE_STEP, hue_jitter=FINE_HUE_JITTER)
+    return _write_dataset(root, _design_fine_classes(seed), params, _FINE_FILE_RE, 2, force, 'fine-grained demo data',
+                          verbose)
 
 
 def prepare_demo(args) -> None:
@@ -468,14 +419,11 @@ def prepare_demo(args) -> None:
         refuse_unowned(roots)
     except ValueError as error:
         raise UserError(f'{error} with --data_path, or drop --demo to use the dataset that is there') from None
-    for root, generate in zip(roots, (generate_demo_dataset, generate_fine_dataset)):
+    for root, kind in zip(roots, ('coarse', 'fine')):
         try:
-            generate(root)
+            generate_demo_dataset(root, kind=kind)
         except OSError as error:
             raise UserError(f'the demo data cannot be written to {root} ({error.strerror or error}'
                             f'{f": {error.filename}" if error.filename else ""}): run from a folder you can write '
                             f'to, or give --data_path a writable folder') from None
 
-
-if __name__ == '__main__':
-    main()

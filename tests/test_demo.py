@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from harness import demo
-from harness.demo import DEMO_SPLITS, FINE_FAMILY_SIZE, FINE_SPLITS, generate_demo_dataset, generate_fine_dataset
+from harness.demo import DEMO_SPLITS, FINE_FAMILY_SIZE, FINE_SPLITS, generate_demo_dataset
 
 N_IMAGES = 3
 
@@ -170,7 +170,7 @@ def test_coarse_demo_is_unchanged(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the fine-grained sibling
 @pytest.fixture(scope='module')
 def fine_root(tmp_path_factory):
-    return generate_fine_dataset(str(tmp_path_factory.mktemp('fine') / 'a'), images_per_class=N_IMAGES)
+    return generate_demo_dataset(str(tmp_path_factory.mktemp('fine') / 'a'), images_per_class=N_IMAGES, kind='fine')
 
 
 def test_fine_dataset_format_and_families(fine_root):
@@ -201,26 +201,12 @@ def test_fine_dataset_format_and_families(fine_root):
 
 
 def test_fine_dataset_deterministic_and_idempotent(fine_root, tmp_path, capsys):
-    assert all_files(generate_fine_dataset(str(tmp_path / 'b'), images_per_class=N_IMAGES)) == all_files(fine_root)
+    assert all_files(generate_demo_dataset(str(tmp_path / 'b'), images_per_class=N_IMAGES, kind='fine')) == all_files(fine_root)
     out = capsys.readouterr().out
     assert 'wrote 120 images' in out and str(tmp_path / 'b') in out and ' s' in out
     with open(os.path.join(fine_root, '.demo_complete')) as f:
         assert json.load(f)['kind'] == 'fine'
     stamp = os.stat(os.path.join(fine_root, 'split', 'train.csv')).st_mtime_ns
-    generate_fine_dataset(fine_root, images_per_class=N_IMAGES)
+    generate_demo_dataset(fine_root, images_per_class=N_IMAGES, kind='fine')
     assert os.stat(os.path.join(fine_root, 'split', 'train.csv')).st_mtime_ns == stamp
     assert 'already generated' in capsys.readouterr().out
-
-
-
-def test_mini_scale_writes_mini_imagenets_shape(monkeypatch, tmp_path, capsys):
-    """demo.py --kind mini_scale: 64 / 16 / 20 classes of 600 84 x 84 images (the writer is faked here:
-    60000 JPEGs take half a minute); without --root it is refused."""
-    from harness import demo
-    calls = []
-    monkeypatch.setattr(demo, 'write_colour_dataset', lambda *args: calls.append(args))
-    demo.main(['--kind', 'mini_scale', '--root', str(tmp_path / 'mini')])
-    assert calls == [(str(tmp_path / 'mini'), (64, 16, 20), 600, (84, 84), 0)]
-    with pytest.raises(SystemExit) as exit_info:
-        demo.main(['--kind', 'mini_scale'])
-    assert exit_info.value.code == 2 and '--root' in capsys.readouterr().err
