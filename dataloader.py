@@ -108,17 +108,21 @@ def split_files_beside(root: str, split: str) -> dict:
 
 
 class SeededEpisodes:
-    """``sampler``'s episodes, each index paired with an augmentation seed drawn from the same generator."""
+    """The training split's episodes, each index paired with an augmentation seed drawn from the sampler's generator
+    (so augmentation depends on the sampler alone, not on the workers), in passes of ``per_pass`` episodes (the
+    training between two validations; default all) from episode ``done`` up to the sampler's ``n_episodes``."""
 
-    def __init__(self, sampler: EpisodeSampler):
-        self.sampler = sampler
+    def __init__(self, sampler: EpisodeSampler, per_pass: Optional[int] = None, done: int = 0):
+        self.sampler, self.per_pass, self.done = sampler, per_pass or sampler.n_episodes, done
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return min(self.per_pass, self.sampler.n_episodes - self.done)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for indices in self.sampler:
+        for _ in range(len(self)):
+            indices = self.sampler.sample()
             seeds = torch.randint(2 ** 62, (len(indices),), generator=self.sampler.generator)
+            self.done += 1
             yield list(zip(indices.tolist(), seeds.tolist()))
 
 
@@ -139,11 +143,13 @@ def episode_sampler(dataset: Dataset, n_episodes: int, N: int, S: int,
 
 
 def generate_data_loader(dataset: Dataset, n_episodes: int, N: int, S: int, n_workers: int = 0, seed: int = 0,
-                         pin_memory: bool = False, task_mix: str = 'class') -> DataLoader:
-    """Each batch one episode, (images (N*S, 3, 84, 84), labels) shot-major, drawn from a generator seeded with
-    ``seed``; the training split augmented under seeds from it too (``SeededEpisodes``)."""
-    sampler = episode_sampler(dataset, n_episodes, N, S, torch.Generator().manual_seed(seed), task_mix)
-    batch_sampler = SeededEpisodes(sampler) if dataset.split == 'train' else sampler
+                         pin_memory: bool = False, task_mix: str = 'class', generator: Optional[torch.Generator] = None,
+                         per_pass: Optional[int] = None, done: int = 0) -> DataLoader:
+    """Each batch one episode, (images (N*S, 3, 84, 84), labels) shot-major, drawn from ``generator`` (else one
+    seeded with ``seed``); the training split augmented under seeds from it too, and iterated in passes of
+    ``per_pass`` episodes from episode ``done`` on (``SeededEpisodes``)."""
+    sampler = episode_sampler(dataset, n_episodes, N, S, generator or torch.Generator().manual_seed(seed), task_mix)
+    batch_sampler = SeededEpisodes(sampler, per_pass, done) if dataset.split == 'train' else sampler
     return data_loader(dataset, n_workers, pin_memory, batch_sampler=batch_sampler, persistent_workers=n_workers > 0)
 
 

@@ -18,7 +18,7 @@ from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampl
 from harness.checkpoints import as_trained, build_model, load_model_checkpoint, read_checkpoint
 from base.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
-from harness.evaluation import test_settings
+from harness.evaluation import run_test
 from harness.runs import run_paths, start, unfinished_line
 
 
@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if trained_as:
         print(trained_as)
     model = place_model(model, args, device)
-    return test_settings(args, settings, dataset, model, model_path, device,
+    return run_test(args, settings, dataset, model, model_path, device,
                          'test.py writes nothing before the end: run the same command again')
 
 

@@ -18,7 +18,7 @@ from dataloader import (DATA_FLAGS, EPISODE_FLAGS, check_disjoint, episode_sampl
 from harness.checkpoints import atomic_save, build_model, build_optimizer, load_model_checkpoint, model_state_dict
 from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_cleanly, flag_hint, progress
 from harness.device import EvalOptions, autocast, grad_scaler, place_model, to_device
-from harness.evaluation import describe_eval_mode, mean_ci, run_episodes, split_episodes, test_settings
+from harness.evaluation import describe_eval_mode, draw_episodes, mean_ci, run_episodes, run_test
 from base.files import check_output_folder, trim_log
 from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message,
                           log_entry, open_tensorboard, run_identity, run_name, run_paths, save_last,
@@ -36,7 +36,7 @@ def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
     if args.freeze_encoder:
         model.encoder.eval()  # BatchNorm normalises by its running statistics and leaves them as they are
     targets = query_targets(args.N, args.Q, device)  # query j is of class j % N
-    losses, record = [], {key: [] for key in ADAPTOR_RECORD} if isinstance(model, GLoFA) else None
+    losses, adaptors = [], {key: [] for key in ADAPTOR_RECORD} if isinstance(model, GLoFA) else None
     for images, _ in iterate(loader):  # one episode: N*(K+Q) images, shot-major
         with autocast(device, args.amp):
             with torch.no_grad() if args.freeze_encoder else contextlib.nullcontext():
@@ -46,14 +46,14 @@ def train_one_gap(run: Run, loader, bar) -> tuple[list[float], Optional[dict]]:
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()  # the scaler is off but with float16 --amp: then the loss is scaled,
         run.scaler.unscale_(optimizer)     # the gradients unscaled, and a step with non-finite ones skipped
-        if record is not None:  # GLoFA: strengths, h(S) and the gradients reaching the set functions
-            record_episode(record, model, adaptation)
+        if adaptors is not None:  # GLoFA: strengths, h(S) and the gradients reaching the set functions
+            record_episode(adaptors, model, adaptation)
         run.scaler.step(optimizer)
         run.scaler.update()
         losses.append(loss.item())
         bar.set_postfix(loss=f'{np.mean(losses):.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2g}', refresh=False)
         bar.update(1)
-    return losses, record
+    return losses, adaptors
 
 
 def save_state(run: Run) -> None:
@@ -63,9 +63,9 @@ def save_state(run: Run) -> None:
               best_accuracy=p.best_accuracy)
 
 
-def validate_and_save(run: Run, val_set, validation, losses: list[float], record: Optional[dict]):
+def validate_and_save(run: Run, val_set, validation, losses: list[float], adaptors: Optional[dict]):
     """The end of a gap, in the reference's order: validation, best checkpoint, scheduler step; then the
-    statistics (with GLoFA's per-episode ``record``), the JSON log line and the 'last' state. Returns the
+    statistics (with GLoFA's per-episode ``adaptors``), the JSON log line and the 'last' state. Returns the
     validation and whether it improved."""
     args, p, paths = run.args, run.progress, run.paths
     try:
@@ -78,11 +78,11 @@ def validate_and_save(run: Run, val_set, validation, losses: list[float], record
     loss = float(np.mean(losses))
     p.statistics['training_loss'].append(loss)
     p.statistics['validating_accuracy'].append(accuracy)
-    if record is not None:  # one entry per training episode, beside the reference's one per validation
+    if adaptors is not None:  # one entry per training episode, beside the reference's one per validation
         history = p.statistics.setdefault('training_episodes', {key: [] for key in ('episode', *ADAPTOR_RECORD)})
         history['episode'].extend(range(p.done - len(losses) + 1, p.done + 1))
         for key in ADAPTOR_RECORD:
-            history[key].extend(record[key])
+            history[key].extend(adaptors[key])
     improved = accuracy > p.best_accuracy
     if improved:  # the reference's record; its key 'epoch' holds the number of training episodes done
         p.best_accuracy, p.best_at = accuracy, p.done
@@ -94,7 +94,7 @@ def validate_and_save(run: Run, val_set, validation, losses: list[float], record
            **({'lr': run.optimizer.param_groups[1]['lr']} if len(run.optimizer.param_groups) > 1 else {})}
     log_entry(run, {'episode': p.done, 'training_loss': loss, 'validating_accuracy': accuracy, 'validating_ci': ci,
                     'best_validating_accuracy': p.best_accuracy, **lrs, **results.diagnostics(),
-                    **(training_diagnostics(record) if record else {})}, 'episode')
+                    **(training_diagnostics(adaptors) if adaptors else {})}, 'episode')
     save_state(run)
     return results, improved
 
@@ -129,35 +129,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.json:  # the rule for outputs, before any work (harness.outputs)
         from harness.outputs import check_output, command_inputs
         check_output(args.json, '--json', command_inputs(args, train_set, val_set, test_set), args.overwrite)
-    with flag_hint(EPISODE_FLAGS):
-        train_loader = generate_data_loader(train_set, args.episode_gap, args.N, args.K + args.Q, args.n_workers,
-                                            args.seed, device.type == 'cuda', args.task_mix)
-        for dataset in (val_set, test_set):  # fail now, not after hours of training
+    with flag_hint(EPISODE_FLAGS):  # every split fits the episodes: fail now, not after hours of training
+        for dataset in (train_set, val_set, test_set):
             episode_sampler(dataset, 1, args.N, args.K + args.Q, task_mix=args.task_mix)
-    episodes = train_loader.batch_sampler.sampler
-    generators = {'train': episodes.generator, 'val': torch.Generator().manual_seed(args.seed + 1)}
 
-    # ---------------- model, optimizer, schedule (or the saved state to resume)
-    record = check_existing_run(args, paths, lambda saved: saved.get('finished', True), 'episode',
-                                'evaluate it with test.py and the same flags')
-    if record is None and args.resume:  # no saved state: what there is instead (another run's flags continue it)
+    # ---------------- model, optimizer, schedule, or the saved state to resume
+    saved = check_existing_run(args, paths, lambda state: state.get('finished', True), 'episode',
+                               'evaluate it with test.py and the same flags')
+    if saved is None and args.resume:  # no saved state: what there is instead (another run's flags continue it)
         from harness.finding import resume_elsewhere
         resume_elsewhere(args, paths)
-    model = place_model(build_model(args, pretrained=record is None), args, device)
+    model = place_model(build_model(args, pretrained=saved is None), args, device)
     optimizer = build_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.point, gamma=args.gamma)  # per gap
-    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), identity,
-              generators=generators)
-    if record is not None:
+    generators = {'train': torch.Generator().manual_seed(args.seed), 'val': torch.Generator().manual_seed(args.seed + 1)}
+    run = Run(args, device, paths, model, optimizer, scheduler, grad_scaler(args.amp), identity, generators=generators)
+    if saved is not None:
         from harness.finding import load_last
-        load_last(run, record)
-        run.progress = Progress(done=record['episode'], saved=record['episode'], best_accuracy=record['best_accuracy'],
-                                statistics=record['statistics'])
+        load_last(run, saved)
+        run.progress = Progress(done=saved['episode'], saved=saved['episode'], best_accuracy=saved['best_accuracy'],
+                                statistics=saved['statistics'])
         print(f"resumed {paths.last} at episode {run.progress.done}")
     trim_log(paths.log, 'episode', run.progress.done)
     write_identity({'run': name, **run.config}, paths)
     open_tensorboard(run, name)
-    validation = split_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
+    train_loader = generate_data_loader(train_set, args.n_training_episodes, args.N, args.K + args.Q, args.n_workers,
+                                        pin_memory=device.type == 'cuda', task_mix=args.task_mix,
+                                        generator=generators['train'], per_pass=args.episode_gap,
+                                        done=run.progress.done)  # one pass: the episodes between two validations
+    validation = draw_episodes(args, val_set, generators['val'], args.n_validating_episodes, args.N, args.K)
     print(f'run {name} on {device}; {len(train_set)} / {len(val_set)} / {len(test_set)} images in train / '
           f'val / test; validation: {describe_eval_mode(args, validation, len(val_set))}')
 
@@ -174,14 +174,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if p.done == 0:
                 save_state(run)
             while p.done < args.n_training_episodes:
-                episodes.n_episodes = min(args.episode_gap, args.n_training_episodes - p.done)
                 phase = 'training'
-                losses, record = train_one_gap(run, train_loader, bar)
+                losses, adaptors = train_one_gap(run, train_loader, bar)
                 p.done += len(losses)
                 phase = 'validation'
-                results, improved = validate_and_save(run, val_set, validation, losses, record)
+                results, improved = validate_and_save(run, val_set, validation, losses, adaptors)
                 bar.write(validation_line(p.done, losses, results, improved))
-                died = record and adaptors_died_line(p.statistics['training_episodes'], len(losses), args.adaptor)
+                died = adaptors and adaptors_died_line(p.statistics['training_episodes'], len(losses), args.adaptor)
                 if died and not said_died:
                     bar.write(died)
                 said_died = bool(died)
@@ -191,10 +190,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # ---------------- test of the best checkpoint
     if not os.path.isfile(paths.best):
         raise UserError(f"no best checkpoint was written (validation accuracy never rose above 0); see {paths.stat}")
-    record = load_model_checkpoint(model, paths.best, args)
-    print(f"best validation accuracy {100 * record['validating_accuracy']:.2f} % at episode {record['epoch']}; "
+    best = load_model_checkpoint(model, paths.best, args)
+    print(f"best validation accuracy {100 * best['validating_accuracy']:.2f} % at episode {best['epoch']}; "
           f"checkpoint {paths.best}")
-    test = test_settings(args, [(args.N, args.K)], test_set, model, paths.best, device,
+    test = run_test(args, [(args.N, args.K)], test_set, model, paths.best, device,
                          f'training is finished and saved: python test.py with the same flags evaluates {paths.best}')
     results = test[args.N, args.K]
     return {'statistics': p.statistics, 'test_accuracies': results.accuracies, 'test': results, 'paths': paths}

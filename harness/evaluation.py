@@ -2,7 +2,7 @@
 
 Two ways give the same answers: 'episodic' encodes every episode's images, as the reference does; 'cached'
 encodes each image of the split once (``harness.embeddings``, loaded when it runs) and runs only the model's head, on many episodes at
-once. ``split_episodes`` draws the episodes and chooses the way (--eval_mode), ``run_episodes`` evaluates them.
+once. ``draw_episodes`` draws the episodes and chooses the way (--eval_mode), ``run_episodes`` evaluates them.
 """
 import math
 import os
@@ -34,7 +34,7 @@ def choose_eval_mode(mode: str, n_images: int, n_episodes: int, images_per_episo
     return 'cached' if n_images < n_episodes * images_per_episode else 'episodic'
 
 
-def split_episodes(args, dataset, generator: torch.Generator, n_episodes: int, n_way: int,
+def draw_episodes(args, dataset, generator: torch.Generator, n_episodes: int, n_way: int,
                    n_shot: int) -> tuple['Episodes', str]:
     """A split's N-way K-shot episodes (--Q, --task_mix) from ``generator``, and the way --eval_mode chooses."""
     episodes = Episodes(n_episodes, n_way, n_shot, args.Q, generator, args.task_mix)
@@ -193,7 +193,7 @@ def accuracy_line(name: str, accuracies: Sequence[float], n_way: int, n_shot: in
             f'({n_way}-way {n_shot}-shot, {len(accuracies)} episodes)')
 
 
-def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShotModel, checkpoint: Optional[str],
+def run_test(args, settings: list[tuple[int, int]], dataset, model: FewShotModel, checkpoint: Optional[str],
                   device: torch.device, after_interrupt: str) -> dict:
     """The test: each (N, K) setting on its own episodes drawn from --seed (so its line is the same alone or beside
     others), the split encoded once for all of them (and stored, ``stored_features``); lines printed as each ends,
@@ -202,7 +202,7 @@ def test_settings(args, settings: list[tuple[int, int]], dataset, model: FewShot
     with exit_on_interrupt(lambda: f'interrupted during the test ({len(results)} of {len(settings)} settings done); '
                                    f'{after_interrupt}'):
         for n, k in settings:
-            drawn = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
+            drawn = draw_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
                                    n, k)
             print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
             features = features or (split_features(args, model, checkpoint, dataset, options) if drawn[1] == 'cached'

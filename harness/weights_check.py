@@ -7,7 +7,7 @@ import torch
 from harness.checkpoints import build_model
 from harness.device import place_model
 from harness.device import EvalOptions
-from harness.evaluation import end_of_test, result_lines, run_episodes, split_episodes, split_features
+from harness.evaluation import end_of_test, result_lines, run_episodes, draw_episodes, split_features
 from arguments import with_setting
 
 
@@ -57,7 +57,7 @@ def check_pretrained(args, settings: list[tuple[int, int]], dataset, device) -> 
     for n, k in settings:
         for metric in ('euclidean', 'cosine'):
             model.metric = metric
-            episodes, mode = split_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
+            episodes, mode = draw_episodes(args, dataset, torch.Generator().manual_seed(args.seed),
                                             args.n_testing_episodes, n, k)
             result = run_episodes(model, dataset, episodes, mode, options, features, desc=f'{metric} {n}-way {k}-shot')
             quoted = PRETRAINED_FIGURES.get((args.network_name, metric)) if (n, k) == (5, 1) and benchmark \

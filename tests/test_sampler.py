@@ -172,3 +172,24 @@ def test_source_mix_needs_n_classes_in_every_root():
     labels, sources = two_sources((2, 6))
     with pytest.raises(UserError, match='small has 2 classes in the train split, fewer than N = 3'):
         SourceEpisodeSampler(labels, sources, 1, 3, 2, split='train split', roots=['small', 'large'])
+
+
+def test_training_episodes_come_in_passes_that_continue_one_stream():
+    """SeededEpisodes in passes of per_pass (the gaps between validations) from episode done on: the passes
+    together are the one long stream, and a stream resumed at done with the generator's state continues it."""
+    labels = interleaved_labels(6, 10).tolist()
+
+    def stream(per_pass=None, done=0, state=None):
+        generator = torch.Generator().manual_seed(7)
+        if state is not None:
+            generator.set_state(state)
+        return SeededEpisodes(EpisodeSampler(labels, 10, 3, 4, generator=generator), per_pass, done)
+
+    whole = list(stream())
+    passes = stream(per_pass=4)
+    drawn = [list(passes), list(passes), list(passes), list(passes)]
+    assert [len(p) for p in drawn] == [4, 4, 2, 0] and sum(drawn, []) == whole
+    resumed = stream(per_pass=4)
+    list(resumed)
+    state = resumed.sampler.generator.get_state()
+    assert list(stream(per_pass=4, done=4, state=state)) == whole[4:8]

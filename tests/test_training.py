@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 from harness import checkpoints, runs
-import train
 from arguments import get_parser, parse_args
 
 
