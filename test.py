@@ -19,7 +19,7 @@ from harness.checkpoints import as_trained, build_model, load_model_checkpoint, 
 from base.console import UserError, exits_cleanly, flag_hint
 from harness.device import place_model
 from harness.evaluation import run_test
-from harness.runs import run_paths, start, unfinished_line
+from harness.runs import run_paths, set_up, unfinished_line
 
 
 def settings_of(args) -> list[tuple[int, int]]:
@@ -74,7 +74,7 @@ def trained_as_line(record: dict, settings: list[tuple[int, int]]) -> Optional[s
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv, several_settings=True)
     settings = settings_of(args)
-    device = start(args, lambda device: [check_args(with_setting(args, n, k), device) for n, k in settings])
+    device = set_up(args, lambda device: [check_args(with_setting(args, n, k), device) for n, k in settings])
     # the run train.py writes for these flags (its identity reads the data and the weights: made once)
     trained = None if args.model_path else run_paths(with_setting(args, *settings[0])).best
     pretrained_only = checks_pretrained(args, trained)

@@ -20,9 +20,8 @@ from base.console import NonFiniteLoss, UserError, exit_on_interrupt, exits_clea
 from harness.device import EvalOptions, autocast, grad_scaler, place_model, to_device
 from harness.evaluation import describe_eval_mode, draw_episodes, mean_ci, run_episodes, run_test
 from base.files import check_output_folder, trim_log
-from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message,
-                          log_entry, open_tensorboard, run_identity, run_name, run_paths, save_last,
-                          start, write_identity)
+from harness.runs import (Progress, Run, check_existing_run, check_finite, interrupted_message, log_entry,
+                          open_tensorboard, run_identity, run_name, run_paths, save_last, set_up, write_identity)
 from models.diagnostics import (ADAPTOR_RECORD, adaptors_died_line, adaptors_off_warning, record_episode,
                                 training_diagnostics)
 from models.glofa import GLoFA
@@ -110,7 +109,7 @@ def validation_line(episode: int, losses: list[float], results, improved: bool) 
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    device = start(args, lambda device: check_args(args, device))
+    device = set_up(args, lambda device: check_args(args, device))
     if device.type == 'cpu' and args.network_name == 'resnet':
         print(f'note: the ResNet-12 is slow on the CPU (seconds per training episode, minutes per encoded split)'
               f'{"; to check that the pipeline runs" if args.flag_debug else "; for a quick check"}, '

@@ -286,7 +286,7 @@ def save_last(run: Run, finished: bool, **fields) -> None:
     run.progress.saved = run.progress.done
 
 
-def start(args, check: Callable) -> torch.device:
+def set_up(args, check: Callable) -> torch.device:
     """What every entry point does first: signals, memory, the demo's data, the device, ``check(device)``, seeds."""
     interrupt_on_sigterm()
     keep_freed_memory()
