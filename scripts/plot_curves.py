@@ -161,62 +161,75 @@ def draw_drops(ax_loss, ax_acc, drops: list[int]) -> None:
                        label='learning-rate drop' if i == 0 and ax is ax_acc else None)
 
 
-def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
-         title: str, out: str, training: Optional[dict] = None) -> None:
-    """Training loss and validation accuracy (%) against episodes, the adaptors' strengths at each validation
-    when the log has them, and their record in training (``training``, per episode) when given, as a PNG."""
+def draw_curves(x: list, unit: str, losses: list[float], loss_title: str, curves: list[tuple], best: tuple,
+                drops: list, title: str, out: str, panels: tuple = ()) -> None:
+    """The one figure of both kinds of run, two panels a row: the training loss; the accuracies (``curves``: label,
+    values in %, 95 % CI in % or None, colour, line style), the best one starred (``best``: x, value, label), the
+    learning-rate drops on both; then each of ``panels`` (a function drawing an axis). Every legend under its panel,
+    clear of the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    strengths = entries is not None and all(isinstance(e.get('alpha_task'), (int, float)) for e in entries)
-    n_axes = 2 + strengths + (training is not None)
-    rows = (n_axes + 1) // 2  # two panels a row: loss and accuracy, then the strengths
+    n_axes = 2 + len(panels)
+    rows = (n_axes + 1) // 2
     fig = Figure(figsize=(12, 5 * rows), dpi=120, layout='constrained')
     FigureCanvasAgg(fig)
     grid = fig.subplots(rows, 2, squeeze=False).flatten()
     for ax in grid[n_axes:]:
         ax.axis('off')
-    axes = grid[:n_axes]
-    ax_loss, ax_acc = axes[:2]
-    marker = 'o' if len(episodes) <= 60 else None
-    percent = [100 * a for a in accuracies]
-
-    ax_loss.plot(episodes, losses, marker=marker, markersize=3, color='tab:blue')
-    ax_loss.set_title('training loss (mean over each interval)')
-    ax_loss.set_xlabel('training episode')
+    ax_loss, ax_acc = grid[:2]
+    marker = 'o' if len(x) <= 60 else None
+    ax_loss.plot(x, losses, marker=marker, markersize=3, color='tab:blue')
+    ax_loss.set_title(loss_title)
     ax_loss.set_ylabel('cross-entropy')
-
-    if entries is not None and all(isinstance(e.get('validating_ci'), (int, float)) for e in entries):
-        ci = [100 * e['validating_ci'] for e in entries]
-        ax_acc.fill_between(episodes, [p - c for p, c in zip(percent, ci)], [p + c for p, c in zip(percent, ci)],
-                            color='tab:orange', alpha=0.2, label='95 % confidence interval')
-    ax_acc.plot(episodes, percent, marker=marker, markersize=3, color='tab:orange', label='validation accuracy')
-    best = max(range(len(percent)), key=lambda i: (percent[i], -i))  # the first best, as train.py keeps it
-    ax_acc.plot([episodes[best]], [percent[best]], marker='*', markersize=14, color='tab:red', linestyle='none',
-                label=f'best {percent[best]:.2f} % (episode {episodes[best]})')
-    ax_acc.set_title('validation accuracy')
-    ax_acc.set_xlabel('training episode')
+    for label, values, ci, colour, style in curves:
+        if ci is not None:
+            ax_acc.fill_between(x, [v - c for v, c in zip(values, ci)], [v + c for v, c in zip(values, ci)],
+                                color=colour, alpha=0.2)
+        ax_acc.plot(x, values, marker=marker if style == '-' else None, markersize=3, color=colour, linestyle=style,
+                    label=label)
+    ax_acc.plot([best[0]], [best[1]], marker='*', markersize=14, color='tab:red', linestyle='none', label=best[2])
+    ax_acc.set_title('accuracy')
     ax_acc.set_ylabel('accuracy (%)')
-
-    if entries is not None:  # 'lr' is the rate after the validation's scheduler step: it dropped at e's episode
-        drops = [e['episode'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
-        draw_drops(ax_loss, ax_acc, drops)
-    if strengths:
-        ax_alpha = axes[2]
-        for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
-            ax_alpha.plot(episodes, [e[key] for e in entries], marker=marker, markersize=3, color=colour,
-                          label=f'{key} (mean over the validation episodes)')
-        ax_alpha.set_title('adaptor strengths relu(h(S)); 0 = adaptor switched off')
-        ax_alpha.set_xlabel('training episode')
-        ax_alpha.set_ylabel('strength')
-        legend_below(ax_alpha)
-    if training is not None:
-        draw_training(axes[-1], training)
-    for ax in axes:
+    draw_drops(ax_loss, ax_acc, drops)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel(unit)
+    for draw_panel, ax in zip(panels, grid[2:]):
+        draw_panel(ax, marker)
+    for ax in grid[:n_axes]:
         ax.grid(alpha=0.3)
     legend_below(ax_acc)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, out)
+
+
+def draw(losses: list[float], accuracies: list[float], episodes: list[int], entries: Optional[list[dict]],
+         title: str, out: str, training: Optional[dict] = None) -> None:
+    """A meta-training run: training loss and validation accuracy (%) against episodes, the adaptors' strengths at
+    each validation when the log has them, and their record in training (``training``, per episode) when given."""
+    percent = [100 * a for a in accuracies]
+    ci = ([100 * e['validating_ci'] for e in entries] if entries is not None
+          and all(isinstance(e.get('validating_ci'), (int, float)) for e in entries) else None)
+    best = max(range(len(percent)), key=lambda i: (percent[i], -i))  # the first best, as train.py keeps it
+    # 'lr' is the rate after the validation's scheduler step: it dropped at e's episode
+    drops = [e['episode'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')] if entries else []
+    panels = []
+    if entries is not None and all(isinstance(e.get('alpha_task'), (int, float)) for e in entries):
+        def strengths(ax, marker):
+            for key, colour in (('alpha_task', 'tab:green'), ('alpha_cls', 'tab:purple')):
+                ax.plot(episodes, [e[key] for e in entries], marker=marker, markersize=3, color=colour,
+                        label=f'{key} (mean over the validation episodes)')
+            ax.set_title('adaptor strengths relu(h(S)); 0 = adaptor switched off')
+            ax.set_xlabel('training episode')
+            ax.set_ylabel('strength')
+            legend_below(ax)
+        panels.append(strengths)
+    if training is not None:
+        panels.append(lambda ax, marker: draw_training(ax, training))
+    draw_curves(episodes, 'training episode', losses, 'training loss (mean over each interval)',
+                [('validation accuracy (95 % CI shaded)', percent, ci, 'tab:orange', '-')],
+                (episodes[best], percent[best], f'best {percent[best]:.2f} % (episode {episodes[best]})'), drops,
+                title, out, tuple(panels))
 
 
 PRETRAINING_KEYS = ('loss', 'train_accuracy', 'val_cosine', 'val_euclidean')
@@ -234,41 +247,19 @@ def read_pretraining_log(path: str) -> list[dict]:
 
 
 def draw_pretraining(entries: list[dict], title: str, out: str) -> None:
-    """Training loss, and training and validation accuracies (%) against epochs, saved as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.5), dpi=120, layout='constrained')
-    FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    """A pretraining: training loss, and training and validation accuracies (%) against epochs."""
     epochs = [e['epoch'] for e in entries]
-    marker = 'o' if len(epochs) <= 60 else None
-    ax_loss.plot(epochs, [e['loss'] for e in entries], marker=marker, markersize=3, color='tab:blue')
-    ax_loss.set_title('training loss (mean over the epoch)')
-    ax_loss.set_ylabel('cross-entropy')
-    for key, color in (('val_cosine', 'tab:orange'), ('val_euclidean', 'tab:green')):
-        percent = [100 * e[key] for e in entries]
-        ci = [100 * e.get(f'{key}_ci', 0.0) for e in entries]
-        ax_acc.fill_between(epochs, [p - c for p, c in zip(percent, ci)], [p + c for p, c in zip(percent, ci)],
-                            color=color, alpha=0.2)
-        ax_acc.plot(epochs, percent, marker=marker, markersize=3, color=color,
-                    label=f'validation, {key[4:]} prototypes (95 % CI shaded)')
-    ax_acc.plot(epochs, [100 * e['train_accuracy'] for e in entries], color='tab:grey', linestyle='--',
-                label='training batches (augmented)')
+    curves = [(f'validation, {key[4:]} prototypes (95 % CI shaded)', [100 * e[key] for e in entries],
+               [100 * e.get(f'{key}_ci', 0.0) for e in entries], colour, '-')
+              for key, colour in (('val_cosine', 'tab:orange'), ('val_euclidean', 'tab:green'))]
+    curves.append(('training batches (augmented)', [100 * e['train_accuracy'] for e in entries], None, 'tab:grey',
+                   '--'))
     best = max(range(len(entries)), key=lambda i: (entries[i]['val_cosine'], -i))  # the first best, as kept
-    ax_acc.plot([epochs[best]], [100 * entries[best]['val_cosine']], marker='*', markersize=14, color='tab:red',
-                linestyle='none', label=f"best {100 * entries[best]['val_cosine']:.2f} % (epoch {epochs[best]})")
-    ax_acc.set_title('accuracy')
-    ax_acc.set_ylabel('accuracy (%)')
     # 'lr' is the rate an epoch trained with: it dropped after prev's epoch, at the latest before e's
     drops = [prev['epoch'] for prev, e in zip(entries, entries[1:]) if e.get('lr') != prev.get('lr')]
-    draw_drops(ax_loss, ax_acc, drops)
-    for ax in (ax_loss, ax_acc):
-        ax.set_xlabel('epoch')
-        ax.grid(alpha=0.3)
-    ax_acc.legend(loc='lower right', fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, out)
+    draw_curves(epochs, 'epoch', [e['loss'] for e in entries], 'training loss (mean over the epoch)', curves,
+                (epochs[best], 100 * entries[best]['val_cosine'],
+                 f"best {100 * entries[best]['val_cosine']:.2f} % (epoch {epochs[best]})"), drops, title, out)
 
 
 def plot_pretraining(path: str, out: str) -> str:
