@@ -370,14 +370,9 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
     table = {'scale': scale, 'seeds': list(seeds), 'oracle_scale': ORACLE_SCALE, 'cells': [], 'full_row': {},
              'image': []}
     lines = [f'# Where the adaptors pay, die and cost{" (--quick: a check of the pipeline; its numbers answer nothing)" if scale == "quick" else ""}',
-             '', 'Design: scripts/adaptor_study.py (its docstring). Accuracy in %, 5-way 1-shot; every figure is a mean '
-             f'over seeds (seeds {", ".join(map(str, seeds))}) ± 95 % CI over seeds. Gain: GLoFA minus GLoFA '
-             '--adaptor none, paired by seed (the same episodes). Died: GLoFA\'s strengths were 0 on every one of the '
-             'last training episodes (the last 10 % at feature level), in how many seeds. Room: the oracle task '
-             f'mask\'s accuracy (own dimensions x {ORACLE_SCALE:g}) minus --adaptor none\'s. Readable: the share of '
-             'test episodes whose kind the support set\'s mean squares tell. Pull: the untrained GLoFA on the first '
-             f'{INITIAL_EPISODES} training episodes: its accuracy, its confidence, and the share of episodes where '
-             'd loss / d alpha_task > 0.', '',
+             '', f'The design, and what gain, died, room, readable and pull mean: scripts/adaptor_study.py (its docstring). '
+             f'Accuracy in %, 5-way 1-shot; every figure is a mean over seeds (seeds {", ".join(map(str, seeds))}) ± 95 % '
+             'CI over seeds.', '',
              f"## Feature level ({settings['train_episodes']} training episodes, {settings['test_episodes']} test episodes "
              'a seed)', '']
     cells = {}
@@ -412,19 +407,18 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
     if cells:  # the mechanism across the map: measured correlations over cells
         alive = [c for c in cells.values() if c['died'] == 0]
         dying = list(cells.values())
-        lines += ['### Across the map (over cells; Pearson r)', '',
-                  '| what | r | cells |', '|---|---|---|',
-                  f"| gain against room, where GLoFA lived in every seed | "
-                  f"{correlation([c['ceiling_room'] for c in alive], [c['gain'] for c in alive]):.2f} | {len(alive)} |",
-                  f"| gain against readability, where GLoFA lived in every seed | "
-                  f"{correlation([c['readability'] for c in alive], [c['gain'] for c in alive]):.2f} | {len(alive)} |",
-                  f"| seeds died against the share of first episodes pulling alpha_task down | "
-                  f"{correlation([c['initial_pull']['alpha_task_pushed_down'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
-                  f"| seeds died against the untrained head's accuracy | "
-                  f"{correlation([c['initial_pull']['accuracy'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
-                  f"| seeds died against the untrained head's confidence | "
-                  f"{correlation([c['initial_pull']['confidence'] for c in dying], [c['died'] for c in dying]):.2f} | {len(dying)} |",
-                  '']
+        pairs = [('gain against room, where GLoFA lived in every seed', alive, 'ceiling_room', 'gain'),
+                 ('gain against readability, where GLoFA lived in every seed', alive, 'readability', 'gain'),
+                 ('seeds died against the share of first episodes pulling alpha_task down', dying,
+                  'alpha_task_pushed_down', 'died'),
+                 ("seeds died against the untrained head's accuracy", dying, 'accuracy', 'died'),
+                 ("seeds died against the untrained head's confidence", dying, 'confidence', 'died')]
+
+        def value(c, key):
+            return c[key] if key in c else c['initial_pull'][key]
+        lines += ['### Across the map (over cells; Pearson r)', '', '| what | r | cells |', '|---|---|---|',
+                  *[f'| {what} | {correlation([value(c, x) for c in group], [value(c, y) for c in group]):.2f} | '
+                    f'{len(group)} |' for what, group, x, y in pairs], '']
     row = [c for c in cells.values() if (c['sigma'], c['tau']) == FULL_ROW]
     if row:  # every head where the first study looked
         lines += [f'### Every head at sigma = {FULL_ROW[0]:g}, tau = {FULL_ROW[1]:g}', '',
