@@ -247,6 +247,16 @@ def missing_root_message(root: str) -> str:
 
 
 # ------------------------------------------------------------------ episodes
+def episode_problems(per_class: Sequence[int], class_names: Optional[Sequence[str]], n_way: int, n_per_class: int,
+                     split: str) -> list[str]:
+    """What keeps a split (``per_class``: its images per class) from N-way episodes of K + Q images a class, one line
+    each: the sampler refuses the first, scripts/check_dataset.py lists them all."""
+    problems = [f'{split}: {len(per_class)} classes, fewer than N = {n_way} classes per episode'] \
+        if n_way > len(per_class) else []
+    return problems + [f'class {class_names[c] if class_names is not None else c} has {n} images, fewer than K + Q = '
+                       f'{n_per_class} needed per episode ({split})' for c, n in enumerate(per_class) if n < n_per_class]
+
+
 class EpisodeSampler:
     """Yields ``n_episodes`` episodes, each an index tensor of n_way * n_per_class images.
 
@@ -263,13 +273,9 @@ class EpisodeSampler:
         self.class_indices = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
         self.n_episodes, self.n_way, self.n_per_class = n_episodes, n_way, n_per_class
         self.generator = generator
-        if n_way > n_classes:
-            raise UserError(f'the {split} has {n_classes} classes, fewer than N = {n_way} classes per episode')
-        for c, indices in enumerate(self.class_indices):
-            if len(indices) < n_per_class:
-                name = class_names[c] if class_names is not None else str(c)
-                raise UserError(f'class {name} of the {split} has {len(indices)} images, fewer than '
-                                f'K + Q = {n_per_class} needed per episode')
+        problems = episode_problems([len(i) for i in self.class_indices], class_names, n_way, n_per_class, split)
+        if problems:
+            raise UserError(problems[0])
 
     def __len__(self) -> int:
         return self.n_episodes

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dataloader import IMAGE_SIZE, SPLITS, dataset_format, missing_root_message, open_split, read_split, split_csv_path, to_rgb  # noqa: E402
-from data.splits import SMALL_SIDE, convertible, header_error, small_image_note  # noqa: E402
+from data.splits import SMALL_SIDE, convertible, episode_problems, header_error, small_image_note  # noqa: E402
 from data.forms import FORM_NAMES, npz_array_info, read_tiered_labels, tiered_paths  # noqa: E402
 from harness.weights_check import BENCHMARKS  # noqa: E402
 from base.console import UserError, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
@@ -114,13 +114,13 @@ def size_summary(sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> str:
 
 def check_classes(split: str, labels: Sequence[int], class_names: Sequence[str], N: int, K: int, Q: int,
                   problems: list[str]) -> list[int]:
-    """Problems of a split's classes for N-way episodes of K + Q images a class; returns the counts."""
+    """Problems of a split's classes for N-way episodes of K + Q images a class (the sampler's own check,
+    ``episode_problems``, every one listed); returns the counts."""
     counts = collections.Counter(labels)
     per_class = [counts[c] for c in range(len(class_names))]
-    if N > len(class_names):
-        problems.append(f'{split}: {len(class_names)} classes, fewer than N = {N} classes per episode')
-    capped(problems, [f'{split}: class {name} has {per_class[c]} images, fewer than K + Q = {K + Q}'
-                      for c, name in enumerate(class_names) if per_class[c] < K + Q],
+    found = episode_problems(per_class, class_names, N, K + Q, split)
+    problems.extend(found[:1] if N > len(class_names) else [])
+    capped(problems, found[1:] if N > len(class_names) else found,
            f'classes of {split} with fewer than K + Q = {K + Q} images')
     return per_class
 
