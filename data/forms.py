@@ -121,21 +121,14 @@ def is_writable(folder: str) -> bool:
 def uncompressed_copy(npz_path: str, key: str, info: ArrayInfo) -> str:
     """Path of an uncompressed .npy copy of a compressed .npz member, written once (with a progress
     bar) beside the .npz, or under ``cache_dir()`` when that folder is read-only."""
-    folder = os.path.dirname(os.path.abspath(npz_path))
-    name = os.path.splitext(os.path.basename(npz_path))[0] + '.npy'
-    if not is_writable(folder):
-        digest = hashlib.sha1(os.path.abspath(npz_path).encode()).hexdigest()[:12]
-        folder = cache_folder(os.path.join(cache_dir(), 'tiered', digest), npz_path)
-    target = os.path.join(folder, name)
+    folder = copy_folder(os.path.dirname(os.path.abspath(npz_path)), npz_path, 'tiered', npz_path)
+    target = os.path.join(folder, os.path.splitext(os.path.basename(npz_path))[0] + '.npy')
     if os.path.isfile(target) and os.path.getsize(target) == info.member_size \
             and os.path.getmtime(target) >= os.path.getmtime(npz_path):
         with open(target, 'rb') as f:
             if read_npy_header(f, target) == (info.shape, info.dtype, info.fortran_order):
                 return target
-    free = shutil.disk_usage(folder).free
-    if free < info.member_size:
-        raise UserError(f'{npz_path} is compressed and its uncompressed copy needs {info.member_size / 2 ** 30:.1f} GiB '
-                        f'in {folder}, which has {free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to another folder)')
+    check_room(folder, info.member_size, f'{npz_path} is compressed and its uncompressed copy')
     print(f'{npz_path} is compressed: writing an uncompressed copy to {target} once, memory-mapped from then on')
 
     def copy(out) -> None:
@@ -389,12 +382,24 @@ def cache_folder(folder: str, source: str) -> str:
                     f'GLOFA_CACHE to a folder you can write to (now {cache_dir()})')
 
 
-def converted_folder(root: str) -> str:
-    """<root>/.glofa-arrays, or, for a read-only root, a folder of its own under the cache folder."""
-    if os.access(root, os.W_OK):
-        return os.path.join(root, CONVERTED)
-    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), 'pickled', digest)
+def copy_folder(beside: str, source: str, kind: str, key: str) -> str:
+    """Where this program's copy of ``source`` goes: ``beside`` when its parent can be written, else a folder of its
+    own under the cache folder (``kind``/a digest of ``key``), created; a folder that cannot be written is one line
+    naming it and the way out. The one rule of both copies: a compressed .npz's .npy, a pickled form's arrays."""
+    parent = os.path.dirname(beside) if os.path.basename(beside) == CONVERTED else beside
+    if is_writable(parent):
+        return beside
+    return cache_folder(os.path.join(cache_dir(), kind, hashlib.sha1(os.path.abspath(key).encode()).hexdigest()[:12]),
+                        source)
+
+
+def check_room(folder: str, needed: int, what: str) -> None:
+    """Before a copy is written: ``folder`` has ``needed`` bytes free, else one line saying how much is missing."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f'{what} needs {needed / 2 ** 30:.1f} GiB in {folder}, which has {free / 2 ** 30:.1f} GiB free '
+                        f'(set GLOFA_CACHE to a folder with room, and make the dataset\'s folder read-only so that the '
+                        f'copy goes there)')
 
 
 def source_stamp(path: str) -> dict:
@@ -418,7 +423,7 @@ def convert_split(root: str, split: str) -> str:
     if it is not there yet (or its source changed). Returns the folder (TieredDataset reads it)."""
     form = pickled_form(root)
     source = source_file(root, form, split)
-    folder = converted_folder(root)
+    folder = copy_folder(os.path.join(root, CONVERTED), source, 'pickled', root)
     images_path, labels_path = (os.path.join(folder, f'{split}_images.npz'), os.path.join(folder, f'{split}_labels.pkl'))
     stamp_path = os.path.join(folder, f'{split}.source.json')
     stamp = source_stamp(source)
@@ -450,11 +455,7 @@ def convert_split(root: str, split: str) -> str:
         def rows() -> Iterator[np.ndarray]:
             yield from progress(np.array_split(data, max(1, n // 1000)) if n else [],
                             desc=f'writing {os.path.basename(images_path)}', unit='chunk', leave=False)
-    needed = n * int(np.prod(shape)) + 2 ** 20
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(f'converting {source} needs {needed / 2 ** 30:.1f} GiB in {folder}, which has '
-                        f'{free / 2 ** 30:.1f} GiB free (set GLOFA_CACHE to a folder with room, and make {root} read-only)')
+    check_room(folder, n * int(np.prod(shape)) + 2 ** 20, f'converting {source}')
     if os.path.lexists(stamp_path):
         os.remove(stamp_path)  # written last: a conversion cut short is never taken for a whole one
     atomic_write(images_path, lambda f: write_stored_npz(f, n, shape[0], shape[1], rows()))
