@@ -29,8 +29,8 @@ from base.console import (ProcessError, UserError, exit_on_interrupt, exits_clea
 from harness.device import EvalOptions, autocast, grad_scaler, keep_freed_memory, select_device, set_seed, to_device
 from harness.embeddings import encode_split
 from harness.evaluation import git_revision, mean_ci
-from base.files import check_file_name, trim_log
-from harness.outputs import check_output, command_inputs
+from base.files import trim_log
+from harness.outputs import check_file_name, check_output, command_inputs
 from harness.runs import (Progress, Run, RunPaths, check_existing_run, check_finite, data_identity, data_label,
                           interrupted_message, log_entry, open_tensorboard, save_last, weights_paths,
                           write_identity)

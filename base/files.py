@@ -2,7 +2,6 @@
 import contextlib
 import json
 import os
-import stat
 import tempfile
 from typing import Callable
 
@@ -20,35 +19,6 @@ def check_output_folder(path: str, flag: str) -> None:
         os.remove(probe)
     except OSError as error:
         raise UserError(f'{flag} {path} cannot be written ({error.strerror or error})') from None
-
-
-TEMPORARY_SUFFIX = len('..') + 8 + len('.part')  # what atomic_write's temporary name adds to the file name
-
-
-def check_file_name(path: str, flag: str) -> None:
-    """Before any work, that ``path`` can be written as a file here (one line naming ``flag`` otherwise): a file
-    name, not a folder or a name ending in a separator; short enough for its temporary name (``atomic_write``);
-    nothing there, or a regular file (a pipe or a device is never read or replaced); '-' is not standard output."""
-    if path == '-':
-        raise UserError(f'{flag} -: the output is written to a file, not to standard output; give a file name')
-    if path.endswith(('/', os.sep)) or os.path.isdir(path):
-        raise UserError(f'{flag} {path} is a folder, not a file name: give a file name, e.g. '
-                        f'{os.path.join(path, "out.json")}')
-    name = os.path.basename(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    try:
-        limit = os.pathconf(folder, 'PC_NAME_MAX')
-    except (OSError, ValueError, AttributeError):
-        limit = 255
-    if len(os.fsencode(name)) + TEMPORARY_SUFFIX > limit:
-        raise UserError(f'{flag} {path}: the file name is {len(os.fsencode(name))} bytes long, and this folder takes '
-                        f'{limit - TEMPORARY_SUFFIX} at most (the file is first written under a longer temporary '
-                        f'name): choose a shorter name')
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise UserError(f'{flag} {path} is not a regular file (a pipe, a device or a socket): the output is written '
-                        f'whole to a file; give a file name')
 
 
 _UMASK = os.umask(0)

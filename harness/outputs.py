@@ -4,10 +4,11 @@ import csv
 import json
 import os
 import re
+import stat
 from typing import Optional, Sequence
 
 from base.console import UserError
-from base.files import atomic_write, check_file_name, check_output_folder
+from base.files import atomic_write, check_output_folder
 
 
 # Every JSON file and picture the programs write carries this mark (a CSV, its header): an existing file
@@ -19,6 +20,35 @@ FOLDER_MARK = '.glofa-output'  # in a folder of outputs (a study's --out): the f
 
 
 PICTURE_FORMATS = {'.png': 'Software', '.pdf': 'Creator', '.svg': 'Creator'}  # and the metadata key of the mark
+
+
+TEMPORARY_SUFFIX = len('..') + 8 + len('.part')  # what atomic_write's temporary name adds to the file name
+
+
+def check_file_name(path: str, flag: str) -> None:
+    """Before any work, that ``path`` can be written as a file here (one line naming ``flag`` otherwise): a file
+    name, not a folder or a name ending in a separator; short enough for its temporary name (``atomic_write``);
+    nothing there, or a regular file (a pipe or a device is never read or replaced); '-' is not standard output."""
+    if path == '-':
+        raise UserError(f'{flag} -: the output is written to a file, not to standard output; give a file name')
+    if path.endswith(('/', os.sep)) or os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder, not a file name: give a file name, e.g. '
+                        f'{os.path.join(path, "out.json")}')
+    name = os.path.basename(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        limit = os.pathconf(folder, 'PC_NAME_MAX')
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if len(os.fsencode(name)) + TEMPORARY_SUFFIX > limit:
+        raise UserError(f'{flag} {path}: the file name is {len(os.fsencode(name))} bytes long, and this folder takes '
+                        f'{limit - TEMPORARY_SUFFIX} at most (the file is first written under a longer temporary '
+                        f'name): choose a shorter name')
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f'{flag} {path} is not a regular file (a pipe, a device or a socket): the output is written '
+                        f'whole to a file; give a file name')
 
 
 def written_here(path: str, header: Optional[Sequence[str]] = None) -> bool:
@@ -52,7 +82,7 @@ def written_here(path: str, header: Optional[Sequence[str]] = None) -> bool:
 def check_output(path: str, flag: str, inputs: Sequence[str] = (), overwrite: Optional[bool] = None,
                  formats: Optional[Sequence[str]] = None, header: Optional[Sequence[str]] = None) -> None:
     """The one rule for a file a program writes, checked before any work (one line naming ``flag`` and the path
-    otherwise): a name that can be written (``files.check_file_name``); not one of the command's ``inputs`` (every
+    otherwise): a name that can be written (``check_file_name``); not one of the command's ``inputs`` (every
     file it reads; the same file by any name, a link too), with or without --overwrite; a file name ending in one
     of ``formats`` when given; new, or written by these programs (``written_here``; ``header``: a CSV's), or
     ``overwrite`` (the command's --overwrite; None for a command without one); its folder writable."""
