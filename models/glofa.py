@@ -50,7 +50,7 @@ class GLoFA(FewShotModel):
             nn.init.constant_(self.h.rho[2].bias, h_bias_init)  # (2,): alpha_task, alpha_cls before relu
         self.tau, self.delta, self.adaptor = tau, delta, adaptor
 
-    def adapt(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
+    def masks_and_strengths(self, support: torch.Tensor, n_way: int, n_shot: int) -> Adaptation:
         """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.
         Returns the masks, the strengths and the per-class scale."""
         per_class = support.unflatten(-2, (n_shot, n_way)).transpose(-3, -2)  # (..., N, K, d): class n's set
@@ -79,7 +79,7 @@ class GLoFA(FewShotModel):
         the numbers it would get alone, up to float rounding. Query j's target is j % N.
         """
         support, query = features[..., :n_way * n_shot, :], features[..., n_way * n_shot:, :]  # (..., N*K | N*Q, d)
-        adaptation = self.adapt(support, n_way, n_shot)
+        adaptation = self.masks_and_strengths(support, n_way, n_shot)
         # the mean after the set functions, as the reference orders it: autograd then sums the gradients reaching
         # the support in the same order (float64: the reference's logits, loss and gradients to about 1e-13 after
         # three steps; float32 differs at about 1e-6 where the order of operations does)

@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> Adaptation:
     stored = stored().load(len(dataset), getattr(model.encoder, "out_dim", None)) if stored is not None else None
     with torch.no_grad():
         support = stored[indices].to(device) if stored is not None else model.encode(images.to(device))  # (N*K, d)
-        adaptation = Adaptation(*(t.float().cpu() for t in model.adapt(support, args.N, args.K)))
+        adaptation = Adaptation(*(t.float().cpu() for t in model.masks_and_strengths(support, args.N, args.K)))
 
     # ---------------- numbers, then the picture
     accuracy = record.get('validating_accuracy')

@@ -120,7 +120,7 @@ def test_adapt_equals_the_naive_masks_and_strengths(n_way, n_shot, delta):
     model = make_model(delta=delta)
     support = torch.randn(n_way * n_shot, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        a = model.adapt(support, n_way, n_shot)
+        a = model.masks_and_strengths(support, n_way, n_shot)
     m_task, m_cls, alpha = naive_adaptation(model, support.tolist(), n_way, n_shot, delta)
     assert a.m_task.shape == (D,) and a.m_cls.shape == (n_way, D) and a.alpha.shape == (2,)
     torch.testing.assert_close(a.m_task, torch.tensor(m_task, dtype=torch.float64), rtol=1e-10, atol=1e-10)
@@ -157,20 +157,20 @@ def test_masks_are_bounded_and_reach_their_bounds(delta):
     model = make_model(delta=delta)
     support = torch.randn(n_way * n_shot, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        a = model.adapt(support, n_way, n_shot)
+        a = model.masks_and_strengths(support, n_way, n_shot)
         for m in (a.m_task, a.m_cls):
             assert (m >= 0).all() and (m <= delta).all()
         assert (a.alpha >= 0).all()
         for value, expected in ((1e3, delta), (-1e3, 0.0)):
             for f in (model.f_task, model.f_class):
                 f.rho[2].bias.fill_(value)
-            a = model.adapt(support, n_way, n_shot)
+            a = model.masks_and_strengths(support, n_way, n_shot)
             assert torch.equal(a.m_task, torch.full((D,), expected, dtype=torch.float64))
             assert torch.equal(a.m_cls, torch.full((n_way, D), expected, dtype=torch.float64))
         model.h.rho[2].bias.fill_(-1e3)
-        assert torch.equal(model.adapt(support, n_way, n_shot).alpha, torch.zeros(2, dtype=torch.float64))
+        assert torch.equal(model.masks_and_strengths(support, n_way, n_shot).alpha, torch.zeros(2, dtype=torch.float64))
         model.h.rho[2].bias.fill_(1e3)
-        alpha = model.adapt(support, n_way, n_shot).alpha
+        alpha = model.masks_and_strengths(support, n_way, n_shot).alpha
         assert (alpha > 100).all(), 'alpha = relu(h): unbounded above'
 
 
@@ -180,7 +180,7 @@ def test_random_weights_keep_masks_in_range():
     with torch.no_grad():
         for seed in range(5):
             support = 10 * torch.randn(10, D, generator=torch.Generator().manual_seed(seed))
-            a = model.adapt(support, 5, 2)
+            a = model.masks_and_strengths(support, 5, 2)
             assert (a.m_task >= 0).all() and (a.m_task <= 0.7).all()
             assert (a.m_cls >= 0).all() and (a.m_cls <= 0.7).all()
             assert (a.alpha >= 0).all()
@@ -296,5 +296,5 @@ def test_h_bias_init_makes_both_strengths_positive(seed):
     for n_shot in (1, 5):
         images = torch.rand(5 * n_shot, 3, 84, 84, generator=generator)  # a random support set
         with torch.no_grad():
-            alpha = model.adapt(model.encode(images), 5, n_shot).alpha
+            alpha = model.masks_and_strengths(model.encode(images), 5, n_shot).alpha
         assert (alpha > 0).all(), alpha

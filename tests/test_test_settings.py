@@ -157,7 +157,7 @@ def test_diagnostics_equal_in_both_ways(small_test_split):
 
 
 def test_diagnostics_are_the_adaptations(small_test_split):
-    """Each episode's recorded strengths and mask means are those of model.adapt on its support set."""
+    """Each episode's recorded strengths and mask means are those of model.masks_and_strengths on its support set."""
     model = model_with_h_bias(0.3)
     results = run_episodes(model, small_test_split, Episodes(2, 3, 2, 1, torch.Generator().manual_seed(4)),
                            'cached', CPU_OPTIONS)
@@ -165,7 +165,7 @@ def test_diagnostics_are_the_adaptations(small_test_split):
     sampler = dataloader.episode_sampler(small_test_split, 2, 3, 3, torch.Generator().manual_seed(4))
     for i, indices in enumerate(sampler):
         with torch.no_grad():
-            a = model.adapt(features[indices][:6], 3, 2)
+            a = model.masks_and_strengths(features[indices][:6], 3, 2)
         np.testing.assert_allclose(results.alphas[i], a.alpha.numpy(), rtol=1e-6)
         assert results.mask_task[i] == pytest.approx(a.m_task.mean().item(), rel=1e-6)
         assert results.mask_cls[i] == pytest.approx(a.m_cls.mean().item(), rel=1e-6)
