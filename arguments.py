@@ -268,10 +268,6 @@ def check_domains(args, domains: dict) -> None:
         raise UserError(error)
 
 
-def check_episode_flags(N: int, K: int, Q: int) -> None:
-    check_domains(argparse.Namespace(N=N, K=K, Q=Q), DOMAINS)
-
-
 def check_args(args, device) -> None:
     """Every numeric flag in its domain (arguments.DOMAINS), and what the device allows."""
     check_domains(args, DOMAINS)

@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from base.console import UserError
-from networks import data_parallel
 
 
 def keep_freed_memory() -> None:
@@ -78,6 +77,7 @@ def place_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     if args.channels_last:
         model.encoder.to(memory_format=torch.channels_last)
     if device.type == 'cuda' and len(args.devices) > 1:
+        from harness.distributed import data_parallel
         model.encoder = data_parallel(model.encoder, args.devices)
     return model
 

@@ -1,4 +1,5 @@
-"""The one module that knows about torch.distributed.
+"""The one module that knows about several devices: torch.distributed for pretraining, and train.py's --devices
+(DataParallel, with the encoder's passes counted once each).
 
 ``torchrun --nproc_per_node G script.py`` gives each of its G processes RANK, LOCAL_RANK and WORLD_SIZE (and
 MASTER_ADDR, MASTER_PORT) in its environment. A plain ``python script.py`` is rank 0 of 1, and no function here
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from base.console import ProcessError, UserError
+from networks import advance_forward_count
 
 
 def launched() -> bool:
@@ -107,3 +109,18 @@ def barrier() -> None:
 def cleanup() -> None:
     if _initialized():
         torch.distributed.destroy_process_group()
+
+
+class _CountingDataParallel(nn.DataParallel):
+    """DataParallel that counts each call once on the wrapped encoder; its replicas (thrown away after
+    the call) see the count and do not advance it."""
+
+    def forward(self, *inputs, **kwargs):
+        if len(self.device_ids) > 1:
+            advance_forward_count(self.module, 1)
+        return super().forward(*inputs, **kwargs)
+
+
+def data_parallel(encoder: nn.Module, device_ids: list[int]) -> nn.Module:
+    """The encoder split over several CUDA devices, its forward passes counted as one each."""
+    return _CountingDataParallel(encoder, device_ids=device_ids)

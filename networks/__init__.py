@@ -33,18 +33,3 @@ def set_forward_count(encoder: nn.Module, n: int) -> None:
 def advance_forward_count(encoder: nn.Module, n: int) -> None:
     """Count ``n`` more forward passes, as if the encoder had been called ``n`` more times."""
     set_forward_count(encoder, forward_count(encoder) + n)
-
-
-class _CountingDataParallel(nn.DataParallel):
-    """DataParallel that counts each call once on the wrapped encoder; its replicas (thrown away after
-    the call) see the count and do not advance it."""
-
-    def forward(self, *inputs, **kwargs):
-        if len(self.device_ids) > 1:
-            advance_forward_count(self.module, 1)
-        return super().forward(*inputs, **kwargs)
-
-
-def data_parallel(encoder: nn.Module, device_ids: list[int]) -> nn.Module:
-    """The encoder split over several CUDA devices, its forward passes counted as one each."""
-    return _CountingDataParallel(encoder, device_ids=device_ids)

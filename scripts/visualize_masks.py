@@ -138,7 +138,7 @@ def draw(images: torch.Tensor, class_names: list[str], adaptation: Adaptation, n
 def main(argv: Optional[list[str]] = None) -> Adaptation:
     own, rest = get_parser().parse_known_args(argv)
     args = parse_args(rest)
-    arguments.check_episode_flags(args.N, args.K, args.Q)
+    arguments.check_domains(argparse.Namespace(N=args.N, K=args.K, Q=args.Q), arguments.DOMAINS)
     if args.model_name != 'glofa':
         raise UserError(f'--model_name {args.model_name} has no masks to draw: this script draws GLoFA\'s')
     device = select_device(args.device, args.devices)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import networks
 import networks.resnet as resnet
-from networks import data_parallel
+from harness.distributed import data_parallel
 from networks.resnet import BasicBlock, ResNet12, dropblock, dropblock_gamma, dropblock_keep
 
 WIDTHS = (64, 160, 320, 640)
@@ -183,7 +183,8 @@ def test_data_parallel_replicas_see_the_count_and_do_not_advance_it(monkeypatch)
     wrapped.device_ids = [0, 1]  # as on two GPUs; the call itself needs them, the counting does not
     advance = networks.advance_forward_count
     calls = []
-    monkeypatch.setattr(networks, 'advance_forward_count', lambda m, n: calls.append((m, n)) or advance(m, n))
+    import harness.distributed
+    monkeypatch.setattr(harness.distributed, 'advance_forward_count', lambda m, n: calls.append((m, n)) or advance(m, n))
     monkeypatch.setattr(nn.DataParallel, 'forward', lambda self, *a, **k: None)
     wrapped(torch.randn(2, 3, 84, 84))
     assert calls == [(net, 1)] and net.n_forward == 20000 and networks.forward_count(wrapped) == 20000
