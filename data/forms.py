@@ -54,7 +54,7 @@ def number_labels(values: Iterable) -> tuple[list[int], list[str]]:
 def read_tiered_labels(pkl_path: str) -> tuple[list[int], list[str]]:
     """Labels of a tiered-ImageNet pickle: a dict whose ``labels`` (or ``label_specific``) holds one
     label per image. Python 2 pickles load too (always read with encoding='latin1', which leaves
-    Python 3 pickles unchanged); only plain data is admitted (``pickles.safe_load``). Returns (integer
+    Python 3 pickles unchanged); only plain data is admitted (``safe_load``). Returns (integer
     labels, class names in order of first appearance)."""
     if not os.path.isfile(pkl_path):
         raise UserError(f'label file {pkl_path} not found (expected a pickled dict with one label per image)')

@@ -12,7 +12,7 @@ from base.console import UserError
 
 
 class Noted(NamedTuple):
-    """An item and a note about it (``dataloader.small_image_note``), carried to the main process."""
+    """An item and a note about it (``data.splits.small_image_note``), carried to the main process."""
     item: tuple
     key: str
     note: str

@@ -56,7 +56,7 @@ class FeatureCache:
     ``<folder>/<digest>.npy`` (float32, (n_images, d)) with ``<digest>.json`` beside it, where the digest is
     that of ``key``: the digest of the checkpoint's bytes as they were loaded, the content of every file the split
     is read from (split file and images, or the arrays), the transform, the network and how it ran. Any change of
-    those is another file. Both are written atomically (utils.atomic_write); on reading, the array is checked
+    those is another file. Both are written atomically (base.files.atomic_write); on reading, the array is checked
     against its record's SHA-256 and against the model (one row per image, its feature size, float32), so a
     damaged, partial or foreign file is encoded again, with one line, never read as numbers. The key is made
     on first use (hashing the split reads every file): an evaluation that never uses the store pays nothing."""

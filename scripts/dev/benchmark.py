@@ -11,7 +11,7 @@ Sections (none named: the quick set, evaluation loading training settings):
   training    seconds per training episode: with the loader vs the model alone (one episode in memory);
               plain vs --channels_last, and plain vs --amp on CUDA
   allocator   seconds and page faults per training step (one episode's images in memory, the CPU), with glibc's
-              default allocator vs utils.keep_freed_memory as the entry points set it (the weights bit for bit)
+              default allocator vs harness.device.keep_freed_memory as the entry points set it (the weights bit for bit)
   settings    test.py's choices: 3 episodes auto vs the whole split cached; --K 1 5 in one command vs
               two commands (the accuracy lines identical)
   cache       test.py of one checkpoint on --data_path's test split (default a small generated one), three
@@ -234,7 +234,7 @@ def training(opts, device: torch.device, work: str) -> list[Row]:
 # ------------------------------------------------------------------ allocator: glibc's default vs kept freed memory
 def allocator_worker(opts) -> None:
     """Training steps of the encoder and a classifier on one episode's images in memory, with the C allocator
-    as a process starts or as the entry points set it (utils.keep_freed_memory); reports seconds and page
+    as a process starts or as the entry points set it (harness.device.keep_freed_memory); reports seconds and page
     faults per step after the warm-up, and a digest of the weights."""
     import resource  # Unix only
     if opts.allocator_worker == 'kept':
