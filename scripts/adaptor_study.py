@@ -27,7 +27,10 @@ Every cell also measures, on the same test episodes:
     half of the dimensions with the larger mean square is the kind's own (or the smaller, whichever was right on
     more training episodes): what a set function can hope to read from a support set;
   the untrained GLoFA's pull on its strengths on the first 100 training episodes: its accuracy and confidence
-    (mean largest softmax probability), and the share of episodes where d loss / d alpha > 0 (a step lowers it).
+    (mean largest softmax probability), and the share of episodes where d loss / d alpha > 0 (a step lowers it);
+    added after the map above was run, so its published cells lack it: the mean pull split into the part through
+    the logits' size and through their direction, and into the part from right and from wrong queries
+    (``pull_parts``).
 
 Image level: the mix-grained demo (--demo mixed) from the Conv-4 of pretrain.py --demo mixed, on the demo's
 schedule (300 training episodes, 5-way 1-shot, 1000 test episodes), with the reference's rates for a pretrained
@@ -217,15 +220,46 @@ def readability(train_features: torch.Tensor, train_kinds: torch.Tensor, test_fe
     return {'rule': rule, 'share': 100 * (read == test_kinds).double().mean().item()}
 
 
+PULL_PARTS = ('total', 'size', 'direction', 'right', 'wrong')
+
+
+def pull_parts(model: GLoFA, episode: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """d loss / d (alpha_task, alpha_cls) of one episode at the head's strengths (its masks held), and its parts: a
+    (5, 2) array, rows PULL_PARTS. A logit is <q * s_n, p_n> / tau = |q * s_n| cos(q * s_n, p_n) / tau, and the
+    strengths move both factors: 'size' is the part through the adapted query's length (the logits' size, as a
+    temperature would), 'direction' the part through the cosine (the adapted query's and the prototype's
+    directions); size + direction = total (the product rule). 'right' and 'wrong' split the total by the queries the
+    head classifies right and wrong; right + wrong = total."""
+    support, query = episode[:N_WAY * N_SHOT], episode[N_WAY * N_SHOT:]
+    adaptation = model.masks_and_strengths(support, N_WAY, N_SHOT)
+    alpha = adaptation.alpha.detach().clone().requires_grad_(True)
+    scale = (1 + alpha[0] * adaptation.m_task.detach()) * (1 + alpha[1] * adaptation.m_cls.detach())  # (N, d)
+    prototypes = F.normalize(support.unflatten(0, (N_SHOT, N_WAY)).mean(dim=0) * scale, dim=-1)  # (N, d)
+    adapted = query[:, None, :] * scale  # (M, N, d): q * s_n
+    length = adapted.norm(dim=-1)  # (M, N)
+    cosine = (adapted / length[..., None] * prototypes).sum(dim=-1)  # (M, N)
+    logits = length * cosine / model.tau
+    right = (logits.argmax(dim=1) == targets).float()
+
+    def pull(logits: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+        loss = (F.cross_entropy(logits, targets, reduction='none') * weights).sum() / len(targets)
+        return torch.autograd.grad(loss, alpha, retain_graph=True)[0].numpy()
+    every = torch.ones_like(right)
+    return np.stack([pull(logits, every), pull(length * cosine.detach() / model.tau, every),
+                     pull(length.detach() * cosine / model.tau, every), pull(logits, right), pull(logits, 1 - right)])
+
+
 def initial_pull(features: torch.Tensor, seed: int, tau: float) -> dict:
     """Which way the loss pulls GLoFA's strengths before any training: on the first training episodes where both
     are above 0, the untrained head's accuracy and confidence (mean largest softmax probability of a query), the
-    share where d loss / d alpha > 0 (a step lowers the strength), and the share where its sign for alpha_task
-    equals that of d loss / d c for the logits scaled by c (the strength acting as a temperature)."""
+    share where d loss / d alpha > 0 (a step lowers the strength), the share where its sign for alpha_task
+    equals that of d loss / d c for the logits scaled by c (the strength acting as a temperature), and the mean
+    pull and its parts (``pull_parts``: through the logits' size or their direction, from right or wrong queries),
+    with the share of episodes where the size part has the total's sign and outweighs the direction part."""
     model, _ = head('glofa', seed, tau)
     model.train()
     targets = query_targets(N_WAY, N_QUERY)
-    down, agrees, accuracies, confidences = [], [], [], []
+    down, agrees, accuracies, confidences, parts = [], [], [], [], []
     for episode in features[:INITIAL_EPISODES]:
         logits, adaptation = model.episode(episode, N_WAY, N_SHOT)
         if not (adaptation.alpha > 0).all():
@@ -237,13 +271,22 @@ def initial_pull(features: torch.Tensor, seed: int, tau: float) -> dict:
         agrees.append(bool((pull[0] > 0) == (temperature > 0)))
         accuracies.append((logits.argmax(dim=1) == targets).float().mean().item())
         confidences.append(logits.detach().softmax(dim=1).max(dim=1).values.mean().item())
+        parts.append(pull_parts(model, episode, targets))
     down = np.array(down, dtype=float).reshape(-1, 2)
+    parts = np.array(parts).reshape(-1, len(PULL_PARTS), 2)  # (episodes, part, strength)
     nan = float('nan')
-    return {'episodes': len(agrees), 'accuracy': 100 * float(np.mean(accuracies)) if agrees else nan,
-            'confidence': float(np.mean(confidences)) if agrees else nan,
-            'alpha_task_pushed_down': float(down[:, 0].mean()) if agrees else nan,
-            'alpha_cls_pushed_down': float(down[:, 1].mean()) if agrees else nan,
-            'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else nan}
+    figures = {'episodes': len(agrees), 'accuracy': 100 * float(np.mean(accuracies)) if agrees else nan,
+               'confidence': float(np.mean(confidences)) if agrees else nan,
+               'alpha_task_pushed_down': float(down[:, 0].mean()) if agrees else nan,
+               'alpha_cls_pushed_down': float(down[:, 1].mean()) if agrees else nan,
+               'agrees_with_logit_scale': float(np.mean(agrees)) if agrees else nan}
+    for j, strength in enumerate(('alpha_task', 'alpha_cls')):
+        for i, part in enumerate(PULL_PARTS):
+            figures[f'{strength}_pull_{part}'] = float(parts[:, i, j].mean()) if agrees else nan
+        size, direction, total = parts[:, 1, j], parts[:, 2, j], parts[:, 0, j]
+        figures[f'{strength}_size_decides'] = (float(((np.sign(size) == np.sign(total)) & (abs(size) > abs(direction)))
+                                                     .mean()) if agrees else nan)
+    return figures
 
 
 def cell_heads(sigma: float, tau: float) -> list:

@@ -171,3 +171,32 @@ def test_the_study_refuses_bad_input_naming_the_flag(tmp_path, capsys):
     (tmp_path / 'file').write_text('x')
     assert '--out' in exits_with(adaptor_study.main, ['--out', str(tmp_path / 'file'), '--quick'], capsys)
 
+
+
+def test_the_pull_on_the_strengths_splits_exactly_into_its_parts():
+    """pull_parts: the total is d loss / d alpha through GLoFA's own logits (float64); size + direction and
+    right + wrong add up to it, and each part is d loss / d alpha of its own factor alone."""
+    torch.manual_seed(0)
+    model = adaptor_study.GLoFA(torch.nn.Identity(), 2 * adaptor_study.GROUP, tau=2.0, h_bias_init=1.0).double()
+    episode = torch.randn(adaptor_study.N_WAY * (adaptor_study.N_SHOT + adaptor_study.N_QUERY),
+                          2 * adaptor_study.GROUP, dtype=torch.float64)
+    targets = adaptor_study.query_targets(adaptor_study.N_WAY, adaptor_study.N_QUERY)
+    logits, adaptation = model.episode(episode, adaptor_study.N_WAY, adaptor_study.N_SHOT)
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), adaptation.alpha)[0].numpy()
+    total, size, direction, right, wrong = adaptor_study.pull_parts(model, episode, targets)
+    np.testing.assert_allclose(total, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(size + direction, total, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(right + wrong, total, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(size, 0) and not np.allclose(direction, 0)
+    # the size part alone: d loss / d alpha when only the adapted queries' lengths move (a naive loop over queries)
+    alpha = adaptation.alpha.detach().clone().requires_grad_(True)
+    m_task, m_cls = adaptation.m_task.detach(), adaptation.m_cls.detach()
+    support, query = episode[:adaptor_study.N_WAY], episode[adaptor_study.N_WAY:]
+    fixed = (1 + adaptation.alpha.detach()[0] * m_task) * (1 + adaptation.alpha.detach()[1] * m_cls)
+    moving = (1 + alpha[0] * m_task) * (1 + alpha[1] * m_cls)
+    rows = []
+    for q in query:
+        rows.append(torch.stack([(q * moving[n]).norm() * torch.nn.functional.cosine_similarity(
+            q * fixed[n], support[n] * fixed[n], dim=0) for n in range(adaptor_study.N_WAY)]) / model.tau)
+    naive = torch.autograd.grad(torch.nn.functional.cross_entropy(torch.stack(rows), targets), alpha)[0].numpy()
+    np.testing.assert_allclose(size, naive, rtol=1e-10, atol=1e-12)
