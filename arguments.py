@@ -110,7 +110,7 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 # each model's own flags; giving another model's flag is refused
-MODEL_FLAGS = {'glofa': ('adaptor', 'tau', 'delta', 'h_bias_init'),
+MODEL_FLAGS = {'glofa': ('adaptor', 'tau', 'delta', 'h_bias_init', 'strengths'),
                'protonet': ('metric', 'temperature'),
                'feat': ('metric', 'temperature', 'temperature2', 'balance')}
 
@@ -129,6 +129,10 @@ FLAGS = {
             'ProtoNet-style baseline with normalised prototypes)')),
         '--tau': dict(type=float, default=1.0, help='temperature dividing the logits'),
         '--delta': dict(type=float, default=1.0, help='upper bound of the mask values'),
+        '--strengths': dict(default='reference', choices=['reference', 'constant', 'mix', 'mix-direction'], help=(
+            "how the two strengths are made: reference, the method's relu(h(S)); constant, both held at 1 with h "
+            'unused (the masks alone); mix, sigmoid(h(S)), between no adaptation and the constant\'s; mix-direction, '
+            "mix learning only from the logits' direction, not their size (the same logits)")),
         '--h_bias_init': dict(type=float, default=None, help=(
             "start the bias of h's last layer (both strengths) at this value, so that relu(h(S)) starts above 0 and "
             'the adaptors get gradients (default: the reference initialisation)')),

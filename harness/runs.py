@@ -78,7 +78,8 @@ def run_name(args, identity: Optional[dict] = None) -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     if args.model_name == 'glofa':
         variant = ('' if args.adaptor == 'both' else f'-{args.adaptor}') + (
-            '' if args.h_bias_init is None else f'-hbias{args.h_bias_init:g}')
+            '' if args.h_bias_init is None else f'-hbias{args.h_bias_init:g}') + (
+            '' if args.strengths == 'reference' else f'-{args.strengths}')
     else:
         variant = '' if args.metric == 'euclidean' else f'-{args.metric}'
     variant += '-frozen' if getattr(args, 'freeze_encoder', False) else ''

@@ -74,6 +74,6 @@ def model_on(args, encoder: nn.Module, feature_dim: int) -> FewShotModel:
     else:
         from models.glofa import GLoFA
         model = GLoFA(encoder, feature_dim, tau=args.tau, delta=args.delta, adaptor=args.adaptor,
-                      h_bias_init=args.h_bias_init)
+                      h_bias_init=args.h_bias_init, strengths=args.strengths)
     model.n_way, model.n_shot = args.N, args.K
     return model
