@@ -399,6 +399,17 @@ def died_text(row: dict) -> str:
     return f"{row['died']} of {row['seeds']} (since episode {at})" if row['died'] else f"0 of {row['seeds']}"
 
 
+def gain_text(cell: Optional[dict], name: str) -> str:
+    """'+12.30 ± 4.10 (0/3; 0.61)': a head's gain over --adaptor none in a cell, its deaths, the room it kept."""
+    if cell is None or name not in cell.get('gains', {}):
+        return ''
+    gain, ci = cell['gains'][name]
+    row = cell['heads'][name]
+    died = f"{row['died']}/{row['seeds']}" if 'died' in row else '-'
+    kept = f"; {gain / cell['ceiling_room']:.2f}" if cell['ceiling_room'] >= 15 else ''
+    return f'{gain:+.2f} ± {ci:.2f} ({died}{kept})'
+
+
 def cell_row(sigma: float, knob: float, tau: float, runs: list) -> dict:
     """One cell of the map over its seeds: every head, GLoFA - none paired, the ceiling's room, the readability,
     the untrained pull."""
@@ -408,7 +419,9 @@ def cell_row(sigma: float, knob: float, tau: float, runs: list) -> dict:
     gain, gain_ci = paired([r['glofa'] for r in runs], none)
     room, room_ci = paired([r['ceiling'] for r in runs], none)
     pulls = [r['initial_pull'] for r in runs]
-    return {'sigma': sigma, 's': knob, 'tau': tau, 'seeds': len(runs), 'heads': heads,
+    gains = {name: paired([r[name] for r in runs], none) for name in cell_heads(sigma, tau)
+             if name in MAP_HEADS and name != 'glofa-none'}
+    return {'sigma': sigma, 's': knob, 'tau': tau, 'seeds': len(runs), 'heads': heads, 'gains': gains,
             'gain': gain, 'gain_ci': gain_ci, 'gain_runs': [r['glofa']['accuracy'] - r['glofa-none']['accuracy'] for r in runs],
             'died': heads['glofa']['died'], 'ceiling': over_seeds([r['ceiling'] for r in runs]),
             'ceiling_room': room, 'ceiling_room_ci': room_ci,
@@ -444,13 +457,15 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
         present = [c for c in cells.values() if c['tau'] == tau]
         if not present:
             continue
-        lines += [f'### tau = {tau:g}: GLoFA minus --adaptor none (died in training, of seeds)', '',
-                  '| sigma \\ s | ' + ' | '.join(f'{k:g}' for k in settings['knobs']) + ' |',
-                  '|---|' + '---|' * len(settings['knobs'])]
-        for sigma in settings['sigmas']:
-            lines.append(f'| {sigma:g} | ' + ' | '.join(
-                f"{c['gain']:+.2f} ± {c['gain_ci']:.2f} ({c['died']}/{c['seeds']})" if (c := cells.get((sigma, k, tau)))
-                else '' for k in settings['knobs']) + ' |')
+        for name in [h for h in MAP_HEADS if h != 'glofa-none']:
+            lines += [f'### tau = {tau:g}: {name} minus --adaptor none (died in training, of seeds; share of the room '
+                      f'kept where the room is 15 points or more)', '',
+                      '| sigma \\ s | ' + ' | '.join(f'{k:g}' for k in settings['knobs']) + ' |',
+                      '|---|' + '---|' * len(settings['knobs'])]
+            for sigma in settings['sigmas']:
+                lines.append(f'| {sigma:g} | ' + ' | '.join(gain_text(cells.get((sigma, k, tau)), name)
+                                                           for k in settings['knobs']) + ' |')
+            lines.append('')
         lines += ['', f'### tau = {tau:g}, every cell', '',
                   '| sigma | s | GLoFA | none | gain | strengths on the test | died | ceiling | room | readable | '
                   'pull: accuracy, confidence, share down |', '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -534,11 +549,12 @@ def draw(table: dict, settings: dict, path: str) -> None:
     from matplotlib.patches import Patch
 
     sigmas, knobs, taus = settings['sigmas'], settings['knobs'], settings['taus']
-    fig = Figure(figsize=(6 * (len(taus) + 1), 10), dpi=90, layout='constrained')
+    fig = Figure(figsize=(6 * (len(taus) + 1), 15), dpi=90, layout='constrained')
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(taus) + 1)
+    axes = fig.subplots(3, len(taus) + 1)
     cells = {(c['sigma'], c['s'], c['tau']): c for c in table['cells']}
-    limit = max([abs(c['gain']) for c in table['cells']] + [1.0])  # the colour scales, symmetric around 0
+    limit = max([abs(g[0]) for c in table['cells'] for g in c.get('gains', {}).values()]
+                + [abs(c['gain']) for c in table['cells']] + [1.0])  # the colour scales, symmetric around 0
     room_limit = max([abs(c['ceiling_room']) for c in table['cells']] + [1.0])
 
     def grid(ax, value, title, cmap, vmin, vmax, label, tau=None, mark_dead=False):
@@ -546,7 +562,7 @@ def draw(table: dict, settings: dict, path: str) -> None:
         for i, sigma in enumerate(sigmas):
             for j, knob in enumerate(knobs):
                 c = cells.get((sigma, knob, tau if tau is not None else taus[0]))
-                if c is not None:
+                if c is not None and value(c) is not None:
                     data[i, j] = value(c)
                     text = f'{data[i, j]:+.1f}' if vmin < 0 else f'{data[i, j]:.0f}'
                     if mark_dead and c['died']:
@@ -570,9 +586,16 @@ def draw(table: dict, settings: dict, path: str) -> None:
              'RdBu', -limit, limit, 'accuracy gain (points)', tau=tau, mark_dead=True)
     grid(axes[0, -1], lambda c: c['ceiling_room'], 'room of a perfect task mask over no adaptors',
          'RdBu', -room_limit, room_limit, 'accuracy gain (points)')
-    grid(axes[1, 0], lambda c: c['readability'], "episodes whose kind the support set's mean squares tell",
+    def rule_gain(name):
+        return lambda c: c['gains'][name][0] if name in c.get('gains', {}) else None
+    for i, tau in enumerate(taus):
+        grid(axes[1, i], rule_gain(CHOSEN_RULE), f'{CHOSEN_RULE} (the chosen strength rule) minus no adaptors, '
+             f'temperature {tau:g}', 'RdBu', -limit, limit, 'accuracy gain (points)', tau=tau)
+    grid(axes[1, -1], rule_gain('glofa-constant'), 'strengths held constant minus no adaptors, temperature '
+         f'{taus[0]:g}', 'RdBu', -limit, limit, 'accuracy gain (points)')
+    grid(axes[2, 0], lambda c: c['readability'], "episodes whose kind the support set's mean squares tell",
          'viridis', 50, 100, 'share of test episodes (%)')
-    ax = axes[1, 1]
+    ax = axes[2, 1]
     for tau, marker in zip(taus, 'os^'):
         present = [c for c in table['cells'] if c['tau'] == tau]
         points = ax.scatter([c['ceiling_room'] for c in present], [c['gain'] for c in present],
@@ -587,7 +610,7 @@ def draw(table: dict, settings: dict, path: str) -> None:
     ax.set_ylabel('GLoFA minus no adaptors (points)')
     ax.set_title('what GLoFA takes of the room, each cell', fontsize=10)
     ax.legend(fontsize=7)
-    ax = axes[1, -1] if len(taus) > 1 else None
+    ax = axes[2, -1] if len(taus) > 1 else None
     if ax is not None:
         entries = table['image']
         labels = sorted({(e['arm'], e['tau']) for e in entries}, key=lambda x: (list(IMAGE_ARMS).index(x[0]), x[1]))
