@@ -589,10 +589,10 @@ def draw(table: dict, settings: dict, path: str) -> None:
     def rule_gain(name):
         return lambda c: c['gains'][name][0] if name in c.get('gains', {}) else None
     for i, tau in enumerate(taus):
-        grid(axes[1, i], rule_gain(CHOSEN_RULE), f'{CHOSEN_RULE} (the chosen strength rule) minus no adaptors, '
+        grid(axes[1, i], rule_gain(CHOSEN_RULE), f'chosen rule ({CHOSEN_RULE[len("glofa-"):]}) minus no adaptors, '
              f'temperature {tau:g}', 'RdBu', -limit, limit, 'accuracy gain (points)', tau=tau)
-    grid(axes[1, -1], rule_gain('glofa-constant'), 'strengths held constant minus no adaptors, temperature '
-         f'{taus[0]:g}', 'RdBu', -limit, limit, 'accuracy gain (points)')
+    grid(axes[1, -1], rule_gain('glofa-constant'), f'strengths held at 1 minus no adaptors, temperature {taus[0]:g}',
+         'RdBu', -limit, limit, 'accuracy gain (points)')
     grid(axes[2, 0], lambda c: c['readability'], "episodes whose kind the support set's mean squares tell",
          'viridis', 50, 100, 'share of test episodes (%)')
     ax = axes[2, 1]

@@ -81,10 +81,13 @@ def test_the_feature_benchmark_at_one_cell_and_seed(quick):
     cells = {(c['sigma'], c['s'], c['tau']): c for c in quick[2]['cells']}
     cell = cells[(1.0, 2.0, 1.0)]
     heads = {name: row['runs'][0] for name, row in cell['heads'].items()}
-    recorded = {'glofa': 57.20, 'protonet': 51.92, 'protonet-cosine': 57.19, 'feat': 52.60}
+    recorded = {'glofa': 57.20, 'protonet': 51.92, 'protonet-cosine': 57.19, 'feat': 52.60,
+                'glofa-constant': 56.57, 'glofa-mix-direction': 57.01}  # the last two: when the rules were added
     for name, accuracy in recorded.items():
         assert abs(heads[name]['accuracy'] - accuracy) < heads[name]['ci95'], name
     assert abs(cell['ceiling']['accuracy'] - 94.56) < 1.0 and cell['readability'] == 100
+    assert heads['glofa-constant']['alpha_task'] == heads['glofa-constant']['alpha_cls'] == 1.0  # held, h unused
+    assert 0 < heads['glofa-mix-direction']['alpha_task'] < 1  # a sigmoid: never exactly 0 or 1
     # GLoFA without adaptors, on a fixed encoder, ranks every query as cosine ProtoNet does
     assert heads['glofa-none']['accuracy'] == heads['protonet-cosine']['accuracy']
     assert 'died_at' not in heads['glofa-none']  # it acts through no strength
