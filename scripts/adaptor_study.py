@@ -43,7 +43,8 @@ schedule (300 training episodes, 5-way 1-shot, 1000 test episodes), with the ref
 encoder (--lr_network 0.0001 --lr 0.01, as scripts/mixed_ablation.py), encoder fine-tuned and frozen
 (--freeze_encoder: eval mode, so BatchNorm's statistics stay as pretrained; no backward pass; no update): GLoFA
 and GLoFA --adaptor none at --tau 1 and 2, 3 seeds; in an arm where GLoFA died at tau 2 in at least one seed, both
-also at tau 4. ProtoNet and FEAT on this data: scripts/mixed_ablation.py. The runs use --channels_last, a speed
+also at tau 4. Added for the second run, before it was run: GLoFA --strengths constant and the chosen rule, at
+--tau 1 (the method's default), 3 seeds, in both arms. ProtoNet and FEAT on this data: scripts/mixed_ablation.py. The runs use --channels_last, a speed
 option: the same numbers up to rounding.
 
 Every head reports test accuracy (mean over seeds ± 1.96 std / sqrt(seeds)), GLoFA's strengths on the test and
@@ -112,15 +113,19 @@ MAP_HEADS = ('glofa', 'glofa-none', 'glofa-constant', CHOSEN_RULE)
 FULL_ROW = (1.0, 1.0)  # (sigma, tau)
 ORACLE_SCALE = 10.0  # the ceiling's factor on the kind's own dimensions: 1 + alpha_task * m_task, alpha_task = 9
 INITIAL_EPISODES = 100  # training episodes on which the untrained GLoFA's pull on its strengths is measured
-IMAGE_MODELS = {'glofa': [], 'glofa-none': ['--adaptor', 'none']}
+IMAGE_MODELS = {'glofa': [], 'glofa-none': ['--adaptor', 'none'], 'glofa-constant': ['--strengths', 'constant'],
+                'glofa-mix-direction': ['--strengths', 'mix-direction']}
+IMAGE_LABELS = {'glofa': 'GLoFA', 'glofa-none': 'the same head without adaptors',
+                'glofa-constant': 'strengths held at 1', 'glofa-mix-direction': 'the chosen strength rule'}
 IMAGE_ARMS = {'fine-tuned': [], 'frozen': ['--freeze_encoder']}
 LARGER_TAU = 4.0  # at image level, in an arm where GLoFA died at tau 2 in at least one seed
 SCALES = {
     'full': dict(seeds=SEEDS, sigmas=(0.3, 0.5, 1.0), knobs=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0), taus=(1.0, 2.0),
-                 train_episodes=3000, test_episodes=2000, image_models=tuple(IMAGE_MODELS), image_taus=(1.0, 2.0),
+                 train_episodes=3000, test_episodes=2000, image_models=('glofa', 'glofa-none'), image_taus=(1.0, 2.0),
+                 image_rules=('glofa-constant', CHOSEN_RULE),
                  image_extra=[], pretrain_extra=[]),
     'quick': dict(seeds=SEEDS[:1], sigmas=(0.5, 1.0), knobs=(0.0, 2.0), taus=(1.0, 2.0), train_episodes=200,
-                  test_episodes=200, image_models=('glofa',), image_taus=(1.0, 2.0),
+                  test_episodes=200, image_models=('glofa',), image_taus=(1.0, 2.0), image_rules=(CHOSEN_RULE,),
                   image_extra=['--n_training_episodes', '4', '--episode_gap', '2', '--n_validating_episodes', '5',
                                '--n_testing_episodes', '20', '--Q', '3', '--n_workers', '0'],
                   pretrain_extra=['--epochs', '1', '--val_episodes', '10', '--n_workers', '0'])}
@@ -520,17 +525,18 @@ def write_results(out: str, scale: str, settings: dict, feature: dict, image: di
                     continue
                 row = over_seeds(runs)
                 entry = {'arm': arm, 'tau': tau, 'model': model, **row, 'runs': runs}
-                glofa = [f for _, f in sorted(groups.get((arm, tau, 'glofa'), []), key=lambda x: seeds.index(x[0]))]
-                if model == 'glofa-none' and len(glofa) == len(runs):
-                    entry['gain'], entry['gain_ci'] = paired(glofa, runs)
+                none = [f for _, f in sorted(groups.get((arm, tau, 'glofa-none'), []), key=lambda x: seeds.index(x[0]))]
+                if model != 'glofa-none' and len(none) == len(runs):
+                    entry['gain'], entry['gain_ci'] = paired(runs, none)
                 table['image'].append(entry)
                 each = ', '.join(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" for r in runs)
                 lines.append(f"| {arm} | {tau:g} | {model} | {accuracy_text(row)} | {each} | "
                              f"{strength_text(row)} | {died_text(row)} |")
     gains = [e for e in table['image'] if 'gain' in e]
     if gains:
-        lines += ['', '| encoder | tau | GLoFA minus --adaptor none, paired by seed |', '|---|---|---|']
-        lines += [f"| {e['arm']} | {e['tau']:g} | {e['gain']:+.2f} ± {e['gain_ci']:.2f} |" for e in gains]
+        lines += ['', '| encoder | tau | head | minus --adaptor none, paired by seed |', '|---|---|---|---|']
+        lines += [f"| {e['arm']} | {e['tau']:g} | {e['model']} | {e['gain']:+.2f} ± {e['gain_ci']:.2f} |"
+                  for e in gains]
     lines += ['', '(image level, seeds: each seed\'s test accuracy ± its per-episode 95 % CI)', '',
               'Commands (the feature level runs inside this script), each to be copied as it is:', '',
               *[f'- `{c}`' + (f' ({what})' if what else '') for c, what in commands]]
@@ -614,21 +620,21 @@ def draw(table: dict, settings: dict, path: str) -> None:
     if ax is not None:
         entries = table['image']
         labels = sorted({(e['arm'], e['tau']) for e in entries}, key=lambda x: (list(IMAGE_ARMS).index(x[0]), x[1]))
-        width = 0.38
+        width = 0.8 / len(IMAGE_MODELS)
         for j, model in enumerate(IMAGE_MODELS):
             rows = [next((e for e in entries if (e['arm'], e['tau'], e['model']) == (*label, model)), None)
                     for label in labels]
             if not any(rows):  # a head that did not run (--quick) has no bar and no legend entry
                 continue
-            xs = [i + (j - 0.5) * width for i, r in enumerate(rows) if r]
+            xs = [i + (j - (len(IMAGE_MODELS) - 1) / 2) * width for i, r in enumerate(rows) if r]
             ax.bar(xs, [r['accuracy'] for r in rows if r], width, yerr=[r['ci_over_seeds'] for r in rows if r],
-                   capsize=3, label='GLoFA' if model == 'glofa' else 'the same head without adaptors')
+                   capsize=3, label=IMAGE_LABELS[model])
         ax.set_xticks(range(len(labels)), [f'{a}\ntau {t:g}' for a, t in labels], fontsize=8)
         accuracies = [e['accuracy'] for e in entries]
         if accuracies:
             ax.set_ylim(max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 3))
         else:
-            ax.text(0.5, 0.5, 'not run yet', ha='center', va='center', transform=ax.transAxes)
+            ax.text(0.5, 0.5, 'the image level is not in this run', ha='center', va='center', transform=ax.transAxes)
         ax.set_title('images (mix-grained demo, pretrained Conv-4): test accuracy', fontsize=10)
         ax.set_ylabel('accuracy (%, 95 % CI over seeds)')
         if accuracies:
@@ -806,6 +812,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                        for seed in settings['seeds'])]
             run_image([(arm, model, LARGER_TAU, seed) for arm in larger for model in settings['image_models']
                        for seed in settings['seeds']])
+            run_image([(arm, model, 1.0, seed) for arm in IMAGE_ARMS for model in settings['image_rules']
+                       for seed in settings['seeds']])  # the strength rules at the method's temperature
     table = results()
     print(f'\nwrote {os.path.join(out, "results.md")}, results.json and study.png ({len(done)} command'
           f'{"s" if len(done) != 1 else ""} run now)')
