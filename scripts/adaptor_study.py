@@ -721,6 +721,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help='folder of results.md, results.json, study.png, the stages and the runs')
     p.add_argument('--quick', action='store_true', help='one seed, two knobs, short runs: a check of the pipeline')
     p.add_argument('--levels', nargs='+', default=['feature', 'image'], choices=['feature', 'image'])
+    p.add_argument('--image_taus', type=float, nargs='+', default=None,
+                   help="run the image level's runs at these temperatures only, now (default: all of the design); "
+                        'the rest run when the command is given without it')
     p.add_argument('--choose', action='store_true',
                    help='only choose the strength rule: the candidates on a few cells at seeds never reported '
                         '(DIR/choice.md)')
@@ -806,14 +809,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         collect(key)
                 current[0] = f'the image level ({len(pending)} runs to go when it started)'
                 run_stages([to_run[key] for key in pending], done, opts.jobs, finished=lambda i: collect(pending[i]))
+            now = set(opts.image_taus or [*settings['image_taus'], LARGER_TAU])  # --image_taus: a part now
             run_image([(arm, model, tau, seed) for arm in IMAGE_ARMS for model in settings['image_models']
-                       for tau in settings['image_taus'] for seed in settings['seeds']])
-            larger = [arm for arm in IMAGE_ARMS if any(image[(arm, 'glofa', max(settings['image_taus']), seed)].get('died_at')
-                                                       for seed in settings['seeds'])]
-            run_image([(arm, model, LARGER_TAU, seed) for arm in larger for model in settings['image_models']
-                       for seed in settings['seeds']])
+                       for tau in settings['image_taus'] if tau in now for seed in settings['seeds']])
             run_image([(arm, model, 1.0, seed) for arm in IMAGE_ARMS for model in settings['image_rules']
-                       for seed in settings['seeds']])  # the strength rules at the method's temperature
+                       for seed in settings['seeds'] if 1.0 in now])  # the strength rules at the method's temperature
+            larger = [arm for arm in IMAGE_ARMS if max(settings['image_taus']) in now and any(
+                image[(arm, 'glofa', max(settings['image_taus']), seed)].get('died_at') for seed in settings['seeds'])]
+            run_image([(arm, model, LARGER_TAU, seed) for arm in larger for model in settings['image_models']
+                       for seed in settings['seeds'] if LARGER_TAU in now])
     table = results()
     print(f'\nwrote {os.path.join(out, "results.md")}, results.json and study.png ({len(done)} command'
           f'{"s" if len(done) != 1 else ""} run now)')
