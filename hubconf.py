@@ -10,8 +10,8 @@ used and named. Without a checkpoint the model is freshly initialised from ``net
 the flags given (e.g. ``tau=2``), checked as the command line checks them. Models come in eval mode, on the CPU.
 Images go in as the 'transform' entry makes them: (B, 3, 84, 84), normalised as the checkpoint was trained.
 
-The repository's modules (arguments, base, data, dataloader, harness, models, networks) are imported for each call and then
-taken out of ``sys.modules`` again: a caller's own modules of those names are not touched.
+The repository's modules (arguments, base, data, dataloader, harness, models, networks) are imported for each
+call and then taken out of ``sys.modules`` again: a caller's own modules of those names are not touched.
 """
 import functools
 import os

@@ -204,3 +204,15 @@ def test_the_pull_on_the_strengths_splits_exactly_into_its_parts():
             q * fixed[n], support[n] * fixed[n], dim=0) for n in range(adaptor_study.N_WAY)]) / model.tau)
     naive = torch.autograd.grad(torch.nn.functional.cross_entropy(torch.stack(rows), targets), alpha)[0].numpy()
     np.testing.assert_allclose(size, naive, rtol=1e-10, atol=1e-12)
+
+
+def test_image_taus_runs_a_part_of_the_image_level_now(tmp_path):
+    """--image_taus 1: the image level's runs at tau 1 only (the reference and the chosen rule in --quick); the
+    rest are left for the command without it."""
+    weights = tmp_path / 'con-pre.pth'
+    pretrained_file(weights)
+    table = study_in(tmp_path, ['--out', str(tmp_path / 'out'), '--quick', '--pretrained', str(weights),
+                                '--levels', 'image', '--image_taus', '1'])
+    runs = {(e['arm'], e['model'], e['tau']) for e in table['image']}
+    assert runs == {(arm, model, 1.0) for arm in adaptor_study.IMAGE_ARMS
+                    for model in ('glofa', adaptor_study.CHOSEN_RULE)}
