@@ -249,7 +249,7 @@ def pull_parts(model: GLoFA, episode: torch.Tensor, targets: torch.Tensor) -> np
     support, query = episode[:N_WAY * N_SHOT], episode[N_WAY * N_SHOT:]
     adaptation = model.masks_and_strengths(support, N_WAY, N_SHOT)
     alpha = adaptation.alpha.detach().clone().requires_grad_(True)
-    scale = (1 + alpha[0] * adaptation.m_task.detach()) * (1 + alpha[1] * adaptation.m_cls.detach())  # (N, d)
+    scale = GLoFA.scale(adaptation.m_task.detach(), adaptation.m_cls.detach(), alpha)  # (N, d), the masks held
     prototypes = F.normalize(support.unflatten(0, (N_SHOT, N_WAY)).mean(dim=0) * scale, dim=-1)  # (N, d)
     adapted = query[:, None, :] * scale  # (M, N, d): q * s_n
     length = adapted.norm(dim=-1)  # (M, N)
