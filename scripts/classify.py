@@ -141,9 +141,9 @@ def query_files(paths: list[str], notes: list) -> list[str]:
 
 
 # ------------------------------------------------------------------ the model
-def model_args(opts) -> tuple[object, Optional[str]]:
+def model_args(opts) -> tuple[object, Optional[str], Optional[tuple]]:
     """train.py's flags of the model that classifies (from the checkpoint's record, ``harness.rebuild.resolve``),
-    and the checkpoint's path (None: the encoder of --pretrained alone)."""
+    the checkpoint's path (None: the encoder of --pretrained alone) and its (record, state dict), read once."""
     if opts.pretrained and opts.pretrained.lower() == 'none':
         raise UserError('--pretrained none: this script classifies with trained weights; give --pretrained FILE '
                         '(encoder weights) or --model_path RUN.model')
@@ -152,10 +152,11 @@ def model_args(opts) -> tuple[object, Optional[str]]:
             raise UserError('--pretrained FILE evaluates the encoder alone: give it with --model_name protonet, '
                             'without --model_path')
         return parse_args(['--model_name', 'protonet', '--pretrained', opts.pretrained, '--metric',
-                           opts.metric or 'euclidean', '--network_name', opts.network_name or 'resnet']), None
+                           opts.metric or 'euclidean', '--network_name', opts.network_name or 'resnet']), None, None
     if not opts.model_path:
         raise UserError('give --model_path RUN.model (a trained run) or --pretrained FILE --model_name protonet')
-    return resolve(opts.model_path, opts.model_name, opts.network_name, opts.normalization)[0], opts.model_path
+    args, read = resolve(opts.model_path, opts.model_name, opts.network_name, opts.normalization)
+    return args, opts.model_path, read
 
 
 @torch.no_grad()
@@ -227,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     interrupt_on_sigterm()  # a cluster's SIGTERM ends it as Ctrl-C does: one line, exit 130
     if opts.shots is not None and opts.shots < 1:
         raise UserError(f'--shots must be at least 1, got {opts.shots}')
-    args, checkpoint = model_args(opts)
+    args, checkpoint, read = model_args(opts)
     names, files, notes = support_sets(opts.support, opts.shots)
     queries = query_files(opts.query, notes)
     inputs = [checkpoint, args.pretrained, *queries, *(p for paths in files for p in paths)]
@@ -236,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if opts.picture:
         check_output(opts.picture, '--picture', inputs, opts.overwrite, list(PICTURE_FORMATS))
     device = select_device(opts.device, [0])
-    model = build(args, checkpoint).to(device)
+    model = build(args, checkpoint, read).to(device)
     for skipped in notes:
         print(skipped_note(*skipped))
     supports = {os.path.realpath(p) for paths in files for p in paths}
