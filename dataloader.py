@@ -23,19 +23,26 @@ DATA_FLAGS = '--data_path (or --demo for the built-in demo data)'
 EPISODE_FLAGS = '--N, --K, --Q, or --task_mix with several roots'
 
 
-def check_disjoint(splits: dict, allow_overlap: bool = False) -> None:
-    """Refuse splits ({split: dataset}) that share a class or an image (by file name), unless ``allow_overlap``."""
-    if allow_overlap:
-        return
-    items = list(splits.items())
+def overlaps(splits: dict) -> list[str]:
+    """One line per two splits ({split: dataset}) that share classes, and per two that share images (by file name):
+    ``check_disjoint`` refuses the first, scripts/check_dataset.py lists them all."""
+    items, lines = list(splits.items()), []
     for i, (a, first) in enumerate(items):
         for b, second in items[i + 1:]:
             for what, key in (('classes', 'class_names'), ('images', 'filenames')):
                 shared = sorted(set(getattr(first, key, ())) & set(getattr(second, key, ())))
                 if shared:
-                    raise UserError(f'{len(shared)} {what} are in both the {a} split ({first.location}) and the {b} '
-                                    f'split ({second.location}), e.g. {shared[0]}: few-shot splits must not share '
-                                    f'them, or the accuracy is not few-shot (pass --allow_overlap if it is on purpose)')
+                    lines.append(f'{len(shared)} {what} are in both the {a} split ({first.location}) and the {b} '
+                                 f'split ({second.location}), e.g. {shared[0]}')
+    return lines
+
+
+def check_disjoint(splits: dict, allow_overlap: bool = False) -> None:
+    """Refuse splits ({split: dataset}) that share a class or an image (``overlaps``), unless ``allow_overlap``."""
+    shared = [] if allow_overlap else overlaps(splits)
+    if shared:
+        raise UserError(f'{shared[0]}: few-shot splits must not share them, or the accuracy is not few-shot (pass '
+                        f'--allow_overlap if it is on purpose)')
 
 
 def dataset_format(root: str) -> str:

@@ -114,6 +114,19 @@ def npz_array_info(npz_path: str, key: str = 'images') -> ArrayInfo:
                      member.file_size, header_size, member.header_offset + 30 + name_length + extra_length)
 
 
+def array_problems(info: ArrayInfo, labels: Optional[list], images_path: str, labels_path: str) -> list[str]:
+    """What keeps a tiered split's array from being read (a shape or dtype other than (n, H, W, 3) uint8, another
+    number of images than of ``labels``), one line each: the reader refuses the first, scripts/check_dataset.py
+    lists them all."""
+    problems = []
+    if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != np.uint8:
+        problems.append(f"{images_path}: 'images' is {info.dtype} of shape {info.shape}, expected uint8 of shape "
+                        f'(n, height, width, 3)')
+    if labels is not None and info.shape and info.shape[0] != len(labels):
+        problems.append(f'{labels_path} lists {len(labels)} labels but {images_path} holds {info.shape[0]} images')
+    return problems
+
+
 def is_writable(folder: str) -> bool:
     return os.access(folder, os.W_OK)
 
@@ -161,12 +174,9 @@ class TieredDataset(SplitDataset):
         self.transform = transform if transform is not None else eval_transform()
         self.labels, self.class_names = read_tiered_labels(self.labels_path)
         info = npz_array_info(self.images_path, 'images')
-        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != np.uint8:
-            raise UserError(f"{self.images_path}: 'images' is {info.dtype} of shape {info.shape}, "
-                            f'expected uint8 of shape (n, height, width, 3)')
-        if info.shape[0] != len(self.labels):
-            raise UserError(f'{self.labels_path} lists {len(self.labels)} labels but {self.images_path} '
-                            f'holds {info.shape[0]} images')
+        problems = array_problems(info, self.labels, self.images_path, self.labels_path)
+        if problems:
+            raise UserError(problems[0])
         self.shape, self.dtype, self.fortran_order = info.shape, info.dtype, info.fortran_order
         if info.compressed:
             self.array_path = uncompressed_copy(self.images_path, 'images', info)

@@ -211,11 +211,9 @@ class FewShotDataset(SplitDataset):
         self.csv_path = self.location = split_csv_path(data_path, split)
         self.filenames, self.labels, self.class_names = read_split(self.csv_path)
         self.transform = transform if transform is not None else eval_transform()
-        if check_files:
-            present = set(os.listdir(self.image_dir))
-            for name in self.filenames:
-                if name not in present and not os.path.isfile(os.path.join(self.image_dir, name)):
-                    raise UserError(f'image {name} listed in {self.csv_path} is missing from {self.image_dir}')
+        missing = missing_images(self.image_dir, self.csv_path, self.filenames) if check_files else []
+        if missing:
+            raise UserError(missing[0])
 
     def image_path(self, i: int) -> str:
         return os.path.join(self.image_dir, self.filenames[i])
@@ -230,6 +228,14 @@ class FewShotDataset(SplitDataset):
                 return to_rgb(image, path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UserError(f'image {path} cannot be read or decoded ({too_large(error) or type(error).__name__})') from None
+
+
+def missing_images(image_dir: str, csv_path: str, filenames: Sequence[str], present: Optional[set] = None) -> list[str]:
+    """One line per image ``csv_path`` lists that ``image_dir`` lacks (``present``: its listing, when read already):
+    the reader refuses the first, scripts/check_dataset.py lists them all."""
+    present = set(os.listdir(image_dir)) if present is None else present
+    return [f'image {name} listed in {csv_path} is missing from {image_dir}' for name in dict.fromkeys(filenames)
+            if name not in present and not os.path.isfile(os.path.join(image_dir, name))]
 
 
 ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.zip', '.tar.bz2', '.tar.xz')
@@ -297,13 +303,12 @@ class EpisodeSampler:
             yield self.sample()
 
 
-# an image whose smaller side is under this is far below the input size: upscaled without detail (a warning)
 def query_targets(n_way: int, n_query: int, device: torch.device = None) -> torch.Tensor:
     """Targets of the N*Q queries in shot-major order: j % N."""
     return torch.arange(n_way * n_query, device=device) % n_way
 
 
-SMALL_SIDE = IMAGE_SIZE // 2
+SMALL_SIDE = IMAGE_SIZE // 2  # an image whose smaller side is under this is upscaled without detail (a warning)
 
 
 def small_image_note(path: str, size: tuple[int, int]) -> Optional[str]:

@@ -22,6 +22,7 @@ import os
 import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +32,10 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dataloader import IMAGE_SIZE, SPLITS, dataset_format, missing_root_message, open_split, read_split, split_csv_path, to_rgb  # noqa: E402
-from data.splits import SMALL_SIDE, convertible, episode_problems, header_error, small_image_note  # noqa: E402
-from data.forms import FORM_NAMES, npz_array_info, read_tiered_labels, tiered_paths  # noqa: E402
+from dataloader import (IMAGE_SIZE, SPLITS, dataset_format, missing_root_message, open_split, overlaps,  # noqa: E402
+                        read_split, split_csv_path, to_rgb)
+from data.splits import SMALL_SIDE, convertible, episode_problems, header_error, missing_images, small_image_note  # noqa: E402
+from data.forms import FORM_NAMES, array_problems, npz_array_info, read_tiered_labels, tiered_paths  # noqa: E402
 from harness.weights_check import BENCHMARKS  # noqa: E402
 from base.console import UserError, exits_cleanly, interrupt_on_sigterm, progress  # noqa: E402
 
@@ -167,14 +169,10 @@ def check_tiered(root: str, N: int, K: int, Q: int, decode: bool, summary: list[
         how = (f'compressed: an uncompressed copy of {size} is written once at the first run' if info.compressed
                else f'stored: memory-mapped in place, {size}')
         summary.append(f'{split}: images {info.dtype} of shape {info.shape} ({os.path.basename(images_path)}, {how})')
-        if len(info.shape) != 4 or info.shape[3] != 3 or info.dtype != 'uint8':
-            problems.append(f"{split}: {images_path}: 'images' is {info.dtype} of shape {info.shape}, "
-                            f'expected uint8 of shape (n, height, width, 3)')
-        elif info.shape[1:3] != (84, 84):
+        wrong = array_problems(info, labels, images_path, labels_path)  # the reader's own checks
+        problems.extend(f'{split}: {problem}' for problem in wrong)
+        if not wrong and info.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
             summary.append(f'{split}: images are {info.shape[2]}x{info.shape[1]}, resized to 84x84 by the transforms')
-        if labels is not None and info.shape[0] != len(labels):
-            problems.append(f'{split}: {labels_path} lists {len(labels)} labels but {images_path} '
-                            f'holds {info.shape[0]} images')
         if decode:
             error = read_member(images_path)
             if error:
@@ -238,8 +236,7 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
         splits[split] = (csv_path, filenames, labels, class_names)
 
     # ---------------- per split: counts, episode needs, missing files, duplicates
-    owners = collections.defaultdict(list)  # class name -> splits listing it
-    file_owners = collections.defaultdict(list)  # filename -> splits listing it
+    listed = set()  # every filename a split lists
     to_read = []  # (split, path) of images whose header (or pixels) are read
     rng = random.Random(0)
     for split, (csv_path, filenames, labels, class_names) in splits.items():
@@ -247,31 +244,23 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
         counts[split] = (class_names, per_class)
         summary.append(f'{split}: {len(class_names)} classes, {len(filenames)} images, '
                        f'min {min(per_class)} / max {max(per_class)} images per class ({os.path.basename(csv_path)})')
-        for name in class_names:
-            owners[name].append(split)
         repeated = [name for name, n in collections.Counter(filenames).items() if n > 1]
         capped(problems, [f'{split}: {name} is listed {filenames.count(name)} times in {csv_path}' for name in repeated],
                f'filenames listed more than once in {csv_path}')
-        for name in dict.fromkeys(filenames):
-            file_owners[name].append(split)
+        listed.update(filenames)
         if present is None:
             continue
-        missing = [name for name in dict.fromkeys(filenames) if name not in present]
-        capped(problems, [f'{split}: image {name} listed in {csv_path} is missing from {image_dir}' for name in missing],
-               f'images of {split} missing from {image_dir}')
-        found = [name for name in dict.fromkeys(filenames) if name in present]
+        missing = missing_images(image_dir, csv_path, filenames, present)  # the reader's own check, every image
+        capped(problems, [f'{split}: {line}' for line in missing], f'images of {split} missing from {image_dir}')
+        found = [name for name in dict.fromkeys(filenames) if name in present or os.path.isfile(os.path.join(image_dir, name))]
         chosen = set(found if decode or len(found) <= sample else rng.sample(found, sample))
         to_read.extend((split, os.path.join(image_dir, name), name in chosen) for name in found)
 
-    shared = [f'class {name} appears in more than one split: {", ".join(s)}' for name, s in owners.items() if len(s) > 1]
-    capped(problems, shared, 'classes in more than one split')
-    shared_files = [f'{name} is listed in more than one split: {", ".join(s)}'
-                    for name, s in file_owners.items() if len(s) > 1]
-    capped(problems, shared_files, 'filenames in more than one split')
+    problems.extend(overlaps({split: SimpleNamespace(filenames=filenames, class_names=class_names, location=csv_path)
+                              for split, (csv_path, filenames, _, class_names) in splits.items()}))  # the loader's check
 
     # ---------------- images: the header of every listed image, a sample (or every image) decoded
     if present is not None:
-        listed = set(file_owners)
         summary.append(f'images/: {len(present)} files, {len(present - listed)} not listed in any split')
     if to_read:
         unique = list({path: full for _, path, full in to_read}.items())

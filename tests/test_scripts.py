@@ -252,7 +252,8 @@ def break_too_few_images(root):
 def break_shared_class(root):
     write_rows(root, 'val', rows(root, 'val') + [rows(root, 'train')[1]])
     label = rows(root, 'train')[1].split(',')[1]
-    return [f'class {label} appears in more than one split: train, val', 'listed in more than one split']
+    name = rows(root, 'train')[1].split(',')[0]  # the loader's check, each shared class and image named
+    return [f'classes are in both the train split', f'e.g. {label}', 'images are in both the train split', f'e.g. {name}']
 
 
 def break_duplicate_filename(root):
