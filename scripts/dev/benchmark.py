@@ -232,47 +232,38 @@ def training(opts, device: torch.device, work: str) -> list[Row]:
 
 
 # ------------------------------------------------------------------ allocator: glibc's default vs kept freed memory
-def allocator_worker(opts) -> None:
-    """Training steps of the encoder and a classifier on one episode's images in memory, with the C allocator
-    as a process starts or as the entry points set it (harness.device.keep_freed_memory); reports seconds and page
-    faults per step after the warm-up, and a digest of the weights."""
+def allocator_steps(network: str, K: int, steps: int, warmup: int, kept: bool) -> dict:
+    """In a fresh process: training steps of the encoder and a classifier on one episode's images in memory, with
+    the C allocator as a process starts or as the entry points set it (``kept``: harness.device.keep_freed_memory);
+    seconds and page faults per step after the warm-up, and a digest of the weights."""
     import resource  # Unix only
-    if opts.allocator_worker == 'kept':
+    if kept:
         keep_freed_memory()
     torch.manual_seed(0)
-    model = EncoderClassifier(build_encoder(opts.network), 64)
+    model = EncoderClassifier(build_encoder(network), 64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(5 * (opts.K + 15), 3, 84, 84)
+    images = torch.randn(5 * (K + 15), 3, 84, 84)
     labels = torch.randint(64, (len(images),))
 
     def step() -> None:
         backward_and_step(torch.nn.functional.cross_entropy(model(images), labels), optimizer)
-    for _ in range(opts.warmup):
+    for _ in range(warmup):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    seconds = timed(lambda: [step() for _ in range(opts.steps)])[0] / opts.steps
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / opts.steps
+    seconds = timed(lambda: [step() for _ in range(steps)])[0] / steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     digest = hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    print(RESULT + json.dumps({'s_per_step': seconds, 'faults_per_step': faults, 'digest': digest}), flush=True)
-
-
-RESULT = 'RESULT '  # how the allocator section's worker process reports
-
-
-def worker_result(command: list[str], section: str) -> dict:
-    """Run this script as a worker of ``section`` and return what it reported."""
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f'a worker of the {section} section failed:\n{done.stderr[-2000:]}')
-    return json.loads(lines[0][len(RESULT):])
+    return {'s_per_step': seconds, 'faults_per_step': faults, 'digest': digest}
 
 
 def allocator(opts, device: torch.device, work: str) -> list[Row]:
-    figures = {mode: worker_result([os.path.abspath(__file__), '--allocator_worker', mode, '--network', opts.network,
-                                    '--K', str(opts.K), '--steps', str(opts.steps), '--warmup', str(opts.warmup)],
-                                   f'allocator ({mode})')
-               for mode in ('default', 'kept')}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    figures = {}
+    for mode in ('default', 'kept'):  # each in a process of its own, started afresh (spawn), its allocator untouched
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+            figures[mode] = pool.submit(allocator_steps, opts.network, opts.K, opts.steps, opts.warmup,
+                                        mode == 'kept').result()
     default, kept = figures['default'], figures['kept']
     what = f'cpu {opts.network}, a training step of {5 * (opts.K + 15)} images in memory'
     same = default['digest'] == kept['digest']  # bit for bit the same weights
@@ -381,7 +372,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--cache_episodes', type=int, default=10000, help="cache: test.py's --n_testing_episodes")
     p.add_argument('--work_dir', default=None, help='where data is written (default: a temporary folder)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
-    p.add_argument('--allocator_worker', choices=['default', 'kept'], help=argparse.SUPPRESS)  # the allocator section's
     return p
 
 
@@ -408,8 +398,6 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     unknown = [name for name in opts.sections if name not in SECTIONS]
     if unknown:
         parser.error(f'unknown section {unknown[0]}: choose from {", ".join(SECTIONS)}')
-    if opts.allocator_worker:
-        return allocator_worker(opts)
     keep_freed_memory()  # as train.py, test.py and pretrain.py do
     if opts.json:
         check_output(opts.json, '--json', formats=['.json'])
