@@ -211,3 +211,9 @@ class SplitFeatures:
             self.cache = self.store() if self.store is not None else None
             self.features = load_or_encode(self.encoder, self.dataset, self.options, self.cache)
         return self.features
+
+
+def split_features(args, model, checkpoint: Optional[str], dataset, options: EvalOptions) -> SplitFeatures:
+    """The split's embeddings for the cached way, shared by every setting, stored under --save_dir/features for
+    ``checkpoint`` (``stored_features``)."""
+    return SplitFeatures(model.encoder, dataset, options, stored_features(args, checkpoint, dataset, options))

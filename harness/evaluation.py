@@ -205,8 +205,9 @@ def run_test(args, settings: list[tuple[int, int]], dataset, model: FewShotModel
             drawn = draw_episodes(args, dataset, torch.Generator().manual_seed(args.seed), args.n_testing_episodes,
                                    n, k)
             print(f'{n}-way {k}-shot: {describe_eval_mode(args, drawn, len(dataset))}')
-            features = features or (split_features(args, model, checkpoint, dataset, options) if drawn[1] == 'cached'
-                                    else None)  # encoded (or read) once for every setting evaluated the cached way
+            if features is None and drawn[1] == 'cached':  # encoded (or read) once for every cached setting
+                from harness.embeddings import split_features
+                features = split_features(args, model, checkpoint, dataset, options)
             results[n, k] = run_episodes(model, dataset, *drawn, options, features, desc=f'test {n}-way {k}-shot')
             print('\n'.join(result_lines(results[n, k], n, k, args.adaptor)))
     if len(settings) > 1:
@@ -216,13 +217,6 @@ def run_test(args, settings: list[tuple[int, int]], dataset, model: FewShotModel
             print(f'| {n} | {k} | {100 * mean:.2f} ± {100 * ci:.2f} |')
     end_of_test(args, features, {(n, k, None): r for (n, k), r in results.items()}, checkpoint=checkpoint)
     return results
-
-
-def split_features(args, model: FewShotModel, checkpoint: Optional[str], dataset, options: EvalOptions):
-    """The split's embeddings for the cached way, shared by every setting (harness.embeddings.SplitFeatures), stored
-    under --save_dir/features for ``checkpoint`` (``stored_features``)."""
-    from harness.embeddings import SplitFeatures, stored_features
-    return SplitFeatures(model.encoder, dataset, options, stored_features(args, checkpoint, dataset, options))
 
 
 def end_of_test(args, features, results: dict, **what) -> None:

@@ -7,7 +7,8 @@ import torch
 from harness.checkpoints import build_model
 from harness.device import place_model
 from harness.device import EvalOptions
-from harness.evaluation import end_of_test, result_lines, run_episodes, draw_episodes, split_features
+from harness.embeddings import split_features
+from harness.evaluation import draw_episodes, end_of_test, result_lines, run_episodes
 from arguments import with_setting
 
 

@@ -81,7 +81,7 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from arguments import parse_args  # noqa: E402
 from harness.checkpoints import atomic_save, build_optimizer, read_file  # noqa: E402
-from harness.evaluation import mean_ci  # noqa: E402
+from harness.evaluation import EpisodeResults, mean_ci  # noqa: E402
 from models.diagnostics import episode_values  # noqa: E402
 from models.diagnostics import (ACTING_STRENGTHS, ADAPTOR_RECORD, STRENGTHS, dead_since, record_episode,  # noqa: E402
                                 training_diagnostics)
@@ -325,11 +325,8 @@ def feature_stage(sigma: float, knob: float, tau: float, seed: int, data: tuple[
         values = test_head(model, test_features)
         accuracy, ci = mean_ci(100 * values[:, 0])
         figures = {'accuracy': accuracy, 'ci95': ci}
-        if isinstance(model, GLoFA):
-            alphas = values[:, 1:3]
-            figures.update(alpha_task=float(alphas[:, 0].mean()), alpha_cls=float(alphas[:, 1].mean()),
-                           alpha_task_active=float((alphas[:, 0] > 0).mean()),
-                           alpha_cls_active=float((alphas[:, 1] > 0).mean()),
+        if isinstance(model, GLoFA):  # the strengths summarised as evaluation does (EpisodeResults.diagnostics)
+            figures.update(EpisodeResults('batched', values[:, 0], values[:, 1:3], values[:, 3], values[:, 4]).diagnostics(),
                            acting=[STRENGTHS[i][0] for i in ACTING_STRENGTHS[args.adaptor]])
         if record is not None:
             last = max(1, len(train_features) // 10)
