@@ -161,16 +161,11 @@ def recorded(sampler, drawn: list):
         yield indices.tolist()  # plain numbers travel to the workers without sharing a tensor's memory
 
 
-def group_label(group: str) -> str:
-    """A root's folder name as it is; 'single-source tasks' and 'mixed tasks' under the class mix."""
-    return f'{group} tasks' if group in ('single-source', 'mixed') else group
-
-
 def result_lines(results: EpisodeResults, n_way: int, n_shot: int, adaptor: str = 'both') -> list[str]:
     """One setting's report: the accuracy, per root with several, the adaptor diagnostics, a warning if off."""
     lines = [accuracy_line('test', results.accuracies, n_way, n_shot)]
-    lines += [accuracy_line(f'{group_label(group)}: test', values, n_way, n_shot)
-              for group, values in results.group_accuracies().items()]
+    lines += [accuracy_line(f'{group} tasks: test' if group in ('single-source', 'mixed') else f'{group}: test',
+                            values, n_way, n_shot) for group, values in results.group_accuracies().items()]  # per root
     if results.has_adaptors:
         lines.append(diagnostics_line(results))
     if results.adaptors_off(adaptor):
