@@ -220,16 +220,8 @@ def check_data(args, train_set: SplitDataset, val_set: SplitDataset) -> None:
     if len(train_set) < args.batch_size:
         raise UserError(f'--batch_size {args.batch_size} is larger than the train split ({train_set.location}: '
                         f'{len(train_set)} images): there would be no full batch')
-    n_classes = len(val_set.class_names)
-    if n_classes < args.val_way:
-        raise UserError(f'the val split ({val_set.location}) has {n_classes} classes, fewer than --val_way '
-                        f'{args.val_way}: pass a smaller --val_way')
-    counts = np.bincount(val_set.labels, minlength=n_classes)
-    need = args.val_shot + args.val_query
-    if counts.min() < need:
-        name = val_set.class_names[int(counts.argmin())]
-        raise UserError(f'class {name} of the val split ({val_set.location}) has {counts.min()} images, fewer than '
-                        f'--val_shot + --val_query = {need}')
+    with flag_hint(f'--val_way {args.val_way}, --val_shot {args.val_shot} and --val_query {args.val_query}'):
+        episode_sampler(val_set, 1, args.val_way, args.val_shot + args.val_query, task_mix=args.task_mix)  # its checks
 
 
 # ------------------------------------------------------------------ outputs and state
