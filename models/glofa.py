@@ -65,9 +65,9 @@ class GLoFA(FewShotModel):
         """support: (..., N*K, d), shot-major; any leading dimensions (E episodes at once) are kept.
         Returns the masks, the strengths and the per-class scale."""
         per_class = support.unflatten(-2, (n_shot, n_way)).transpose(-3, -2)  # (..., N, K, d): class n's set
-        return self.adaptation(support, lambda: self.f_class(per_class))
+        return self.masks_and_strengths_of(support, lambda: self.f_class(per_class))
 
-    def adaptation(self, support: torch.Tensor, class_outputs) -> Adaptation:
+    def masks_and_strengths_of(self, support: torch.Tensor, class_outputs) -> Adaptation:
         """The masks, strengths and scale from all support embeddings (..., S, d) and ``class_outputs()``, f_class
         of each class's set (..., N, d); called in this order, as the reference computes them (so autograd sums
         the gradients reaching the support in the reference's order)."""
@@ -122,6 +122,6 @@ class GLoFA(FewShotModel):
     def uneven_logits(self, sets: list[torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, Adaptation]:
         """Classes with K_n support images each (sets: N tensors (K_n, d)), as the method defines them: f_class
         takes each class's set as it is, f_task and h the whole support (sums, in any order)."""
-        adaptation = self.adaptation(torch.cat(sets), lambda: torch.stack([self.f_class(s) for s in sets]))
+        adaptation = self.masks_and_strengths_of(torch.cat(sets), lambda: torch.stack([self.f_class(s) for s in sets]))
         mean_support = torch.stack([s.mean(dim=0) for s in sets])  # (N, d)
         return self.logits(query, mean_support, adaptation), adaptation
