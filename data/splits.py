@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from base.console import UserError
 try:
@@ -179,13 +179,10 @@ class SplitDataset(Dataset):
         note = small_image_note(self.image_path(i), image.size)
         if seed is None:
             x = self.transform(image)
-        elif get_worker_info() is None:  # main process: keep the global random state untouched
+        else:  # the transform under its own seed, the process's random state left as it was
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x = self.transform(image)
-        else:
-            torch.manual_seed(seed)
-            x = self.transform(image)
         return x, self.labels[i], note
 
     def image_path(self, i: int) -> str:
