@@ -208,9 +208,9 @@ class FewShotDataset(SplitDataset):
         self.csv_path = self.location = split_csv_path(data_path, split)
         self.filenames, self.labels, self.class_names = read_split(self.csv_path)
         self.transform = transform if transform is not None else eval_transform()
-        missing = missing_images(self.image_dir, self.csv_path, self.filenames) if check_files else []
+        missing = missing_images(self.image_dir, self.csv_path, self.filenames) if check_files else {}
         if missing:
-            raise UserError(missing[0])
+            raise UserError(next(iter(missing.values())))
 
     def image_path(self, i: int) -> str:
         return os.path.join(self.image_dir, self.filenames[i])
@@ -227,12 +227,12 @@ class FewShotDataset(SplitDataset):
             raise UserError(f'image {path} cannot be read or decoded ({too_large(error) or type(error).__name__})') from None
 
 
-def missing_images(image_dir: str, csv_path: str, filenames: Sequence[str], present: Optional[set] = None) -> list[str]:
-    """One line per image ``csv_path`` lists that ``image_dir`` lacks (``present``: its listing, when read already):
-    the reader refuses the first, scripts/check_dataset.py lists them all."""
+def missing_images(image_dir: str, csv_path: str, filenames: Sequence[str], present: Optional[set] = None) -> dict:
+    """{name: the line naming it} for each image ``csv_path`` lists that ``image_dir`` lacks (``present``: its
+    listing, when read already), in order: the reader refuses the first, scripts/check_dataset.py lists them all."""
     present = set(os.listdir(image_dir)) if present is None else present
-    return [f'image {name} listed in {csv_path} is missing from {image_dir}' for name in dict.fromkeys(filenames)
-            if name not in present and not os.path.isfile(os.path.join(image_dir, name))]
+    return {name: f'image {name} listed in {csv_path} is missing from {image_dir}' for name in dict.fromkeys(filenames)
+            if name not in present and not os.path.isfile(os.path.join(image_dir, name))}
 
 
 ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.zip', '.tar.bz2', '.tar.xz')

@@ -251,8 +251,8 @@ def check_folder(data_path: str, N: int, K: int, Q: int, decode: bool, sample: i
         if present is None:
             continue
         missing = missing_images(image_dir, csv_path, filenames, present)  # the reader's own check, every image
-        capped(problems, [f'{split}: {line}' for line in missing], f'images of {split} missing from {image_dir}')
-        found = [name for name in dict.fromkeys(filenames) if name in present or os.path.isfile(os.path.join(image_dir, name))]
+        capped(problems, [f'{split}: {line}' for line in missing.values()], f'images of {split} missing from {image_dir}')
+        found = [name for name in dict.fromkeys(filenames) if name not in missing]
         chosen = set(found if decode or len(found) <= sample else rng.sample(found, sample))
         to_read.extend((split, os.path.join(image_dir, name), name in chosen) for name in found)
 
